@@ -1,0 +1,28 @@
+# Quickstart: `make test` sets up a fresh machine (a virtualenv in .venv) and runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch: an unpinned torch would pull several GB of CUDA packages.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# pytest is run as a script, not `python -m pytest`: that would put the repo root on sys.path and expose
+# kernels/ as a top-level `kernels` module.
+test: setup
+	$(VENV)/bin/pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/bench_loss.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,362 @@
+"""The fused RFT loss: clipped policy gradient, KL to the reference, entropy bonus and refined-target cross-entropy,
+computed from the LM head's inputs without ever materialising the [N, V] logits.
+
+Layers, bottom up:
+  * fastrft.kernels.fused_rft   Triton kernels: per-row log-sum-exp, target logit and mean logit, and the gradients
+                                of hidden / weight / bias given dL/dlogp and dL/dentropy per row.
+  * _ChunkedTorchHead           the same contract in plain PyTorch, row chunk by row chunk (CPU and reference path).
+  * _LMHeadStatsFunction        autograd.Function: (hidden, weight, bias) -> (logp, entropy) of the selected rows.
+                                Its backward visits only rows whose incoming gradient is non-zero, so ignored,
+                                clipped and zero-advantage rows cost no gradient work.
+  * fused_rft_loss              validates input and writes the row loss of the contract on [R]-sized vectors; autograd
+                                turns it into the two per-row scalars the kernel needs.
+  * FusedRFTLoss                nn.Module over an LM head (nn.Linear, tied embeddings included).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+IMPLS = ("triton", "torch")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Rows per chunk of the torch path: about 8M fp32 logits (32 MB) per temporary.
+_TORCH_CHUNK_ELEMS = 1 << 23
+
+
+@dataclass
+class FusedRFTOutput:
+    loss: torch.Tensor        # scalar, differentiable w.r.t. hidden, weight and bias
+    logprobs: torch.Tensor    # float32, targets' shape, detached; 0 on ignored rows
+    entropy: torch.Tensor     # float32, targets' shape, detached; 0 on ignored rows
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class _ChunkedTorchHead:
+    """Pure-PyTorch twin of fastrft.kernels.fused_rft: same inputs, outputs and precision (fp32 logits), holding at
+    most one [chunk, V] block of logits at a time."""
+
+    @staticmethod
+    def _logits(hidden_rows, weight32, bias, inv_temperature):
+        logits = hidden_rows.float() @ weight32.T
+        if bias is not None:
+            logits += bias.float()
+        return logits.mul_(inv_temperature)
+
+    @staticmethod
+    def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature):
+        weight32 = weight.float()
+        chunk = max(1, _TORCH_CHUNK_ELEMS // weight.shape[0])
+        lse, target_logit, mean_logit = [], [], []
+        for rows_c in rows.split(chunk):
+            logits = _ChunkedTorchHead._logits(hidden[rows_c], weight32, bias, inv_temperature)
+            lse_c = torch.logsumexp(logits, dim=1)
+            lse.append(lse_c)
+            target_logit.append(logits.gather(1, targets[rows_c, None]).squeeze(1))
+            mean_logit.append((torch.softmax(logits, dim=1) * logits).sum(1))
+        if not lse:
+            empty = hidden.new_empty(0, dtype=torch.float32)
+            return empty, empty.clone(), empty.clone()
+        return torch.cat(lse), torch.cat(target_logit), torch.cat(mean_logit)
+
+    @staticmethod
+    def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlogp, dentropy, inv_temperature,
+                           weight_grad, bias_grad):
+        weight32 = weight.float()
+        grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight32) if weight_grad else None
+        grad_bias = torch.zeros(weight.shape[0], device=hidden.device, dtype=torch.float32) if bias_grad else None
+        chunk = max(1, _TORCH_CHUNK_ELEMS // weight.shape[0])
+        for start in range(0, rows.numel(), chunk):
+            sl = slice(start, start + chunk)
+            rows_c = rows[sl]
+            hidden_c = hidden[rows_c].float()
+            logits = _ChunkedTorchHead._logits(hidden_c, weight32, bias, inv_temperature)
+            probs = torch.exp(logits - lse[sl, None])
+            dlogits = probs.mul(-dlogp[sl, None])
+            dlogits.scatter_add_(1, targets[rows_c, None], dlogp[sl, None])
+            if dentropy is not None:
+                dlogits += dentropy[sl, None] * probs * (mean_logit[sl, None] - logits)
+            dlogits *= inv_temperature
+            grad_hidden.index_add_(0, rows_c, dlogits @ weight32)
+            if weight_grad:
+                grad_weight.addmm_(dlogits.T, hidden_c)
+            if bias_grad:
+                grad_bias += dlogits.sum(0)
+        return (
+            grad_hidden.to(hidden.dtype),
+            grad_weight.to(weight.dtype) if weight_grad else None,
+            grad_bias.to(bias.dtype) if bias_grad else None,
+        )
+
+
+def _backend(impl: str):
+    if impl == "torch":
+        return _ChunkedTorchHead
+    from fastrft.kernels import fused_rft
+
+    return fused_rft
+
+
+class _LMHeadStatsFunction(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], bias [V] | None) -> (logp [R], entropy [R]) for rows [R] (int64 indices)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows, inv_temperature, impl):
+        lse, target_logit, mean_logit = _backend(impl).fused_rft_forward(hidden, weight, bias, targets, rows,
+                                                                         inv_temperature)
+        ctx.save_for_backward(hidden, weight, bias, targets, rows, lse, mean_logit)
+        ctx.inv_temperature, ctx.impl = inv_temperature, impl
+        ctx.set_materialize_grads(False)
+        return target_logit - lse, lse - mean_logit
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, rows, lse, mean_logit = ctx.saved_tensors
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        active = grad_logp != 0
+        if grad_entropy is not None:
+            active |= grad_entropy != 0
+        keep = active.nonzero().squeeze(1)
+        dentropy = grad_entropy[keep].float().contiguous() if grad_entropy is not None else None
+        grad_hidden, grad_weight, grad_bias = _backend(ctx.impl).fused_rft_backward(
+            hidden, weight, bias, targets, rows[keep].contiguous(), lse[keep].contiguous(),
+            mean_logit[keep].contiguous(), grad_logp[keep].float().contiguous(), dentropy, ctx.inv_temperature,
+            ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        return (grad_hidden if ctx.needs_input_grad[0] else None), grad_weight, grad_bias, None, None, None, None
+
+
+def _resolve_impl(impl, device):
+    if impl is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+    if impl == "triton":
+        from fastrft.kernels.fused_rft import triton_available
+
+        if not triton_available(device):
+            raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU "
+                             "interpreter); use impl='torch' on the CPU")
+    return impl
+
+
+def _flatten_inputs(hidden, weight, targets, bias):
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be [N, H] or [..., H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be the LM-head weight [V, H], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"the LM-head weight is {weight.shape[1]} wide but the hidden size is {hidden.shape[-1]} "
+                         f"(weight {tuple(weight.shape)}, hidden {tuple(hidden.shape)}); weight must be [V, H]")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match the leading shape of hidden "
+                         f"{tuple(hidden.shape[:-1])} (hidden is {tuple(hidden.shape)})")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(f"targets must hold integer token ids, got {targets.dtype}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise ValueError(f"bias ({bias.dtype}, {bias.device}) must match hidden ({hidden.dtype}, {hidden.device})")
+        bias = bias.contiguous()
+    return hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(), targets.reshape(-1).long(), bias
+
+
+def _per_row(name, value, targets_shape, n, device, dtype=torch.float32):
+    """A per-token input as a flat [N] tensor, or None."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.shape != targets_shape and value.shape != (n,):
+        raise ValueError(f"{name} has shape {tuple(value.shape)} but targets has shape {tuple(targets_shape)}: "
+                         f"one value per token is expected")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but hidden is on {device}")
+    if dtype == torch.bool:
+        if value.dtype != torch.bool:
+            raise ValueError(f"{name} must be a bool tensor, got {value.dtype}")
+        return value.reshape(-1)
+    if not value.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a float tensor, got {value.dtype}")
+    return value.reshape(-1).to(dtype)
+
+
+def _check_targets(targets, vocab_size, ignore_index):
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target id {int(targets[i])} at row {i} is outside [0, {vocab_size}) and is not "
+                         f"ignore_index ({ignore_index}); {int(bad.sum())} such rows")
+
+
+def _check_scalars(clip_low, clip_high, kl_coef, kl_estimator, entropy_coef, temperature, normalizer):
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; expected one of {KL_ESTIMATORS}")
+    for name, v in (("clip_low", clip_low), ("clip_high", clip_high), ("kl_coef", kl_coef),
+                    ("entropy_coef", entropy_coef)):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    if clip_low >= 1:
+        raise ValueError(f"clip_low must be < 1 (the ratio is clipped at 1 - clip_low), got {clip_low}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if normalizer is not None and not isinstance(normalizer, torch.Tensor):
+        if not (math.isfinite(normalizer) and normalizer > 0):
+            raise ValueError(f"normalizer must be a finite number > 0, got {normalizer}")
+
+
+def _kl(logp, ref, estimator):
+    if estimator == "k1":
+        return logp - ref
+    if estimator == "k2":
+        return 0.5 * (logp - ref) ** 2
+    log_ratio = ref - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def _row_stats(hidden2d, weight, bias, targets_flat, ignore_index, temperature, impl):
+    """(rows [R] of non-ignored tokens, logp [R], entropy [R]) with logp/entropy differentiable."""
+    rows = (targets_flat != ignore_index).nonzero().squeeze(1)
+    logp, entropy = _LMHeadStatsFunction.apply(hidden2d, weight, bias, targets_flat, rows, 1.0 / temperature, impl)
+    return rows, logp, entropy
+
+
+def _scatter_rows(values, rows, shape):
+    out = torch.zeros(shape.numel(), device=values.device, dtype=torch.float32)
+    out[rows] = values.detach().float()
+    return out.view(shape)
+
+
+def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100, impl=None):
+    """log softmax((hidden @ weight.T + bias) / temperature)[targets] as float32 of targets' shape, without
+    gradient and without materialising the logits; 0 on ignored rows."""
+    hidden2d, weight, targets_flat, bias = _flatten_inputs(hidden, weight, targets, bias)
+    _check_scalars(0.2, 0.28, 0.0, "k3", 0.0, temperature, None)
+    _check_targets(targets_flat, weight.shape[0], ignore_index)
+    impl = _resolve_impl(impl, hidden2d.device)
+    with torch.no_grad():
+        rows, logp, _ = _row_stats(hidden2d, weight, bias, targets_flat, ignore_index, temperature, impl)
+    return _scatter_rows(logp, rows, targets.shape)
+
+
+def fused_rft_loss(
+    hidden, weight, targets, *, bias=None, advantages=None, pg_mask=None, old_logprobs=None, ref_logprobs=None,
+    sft_weights=None, clip_low=0.2, clip_high=0.28, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
+    temperature=1.0, normalizer=None, ignore_index=-100, impl=None,
+) -> FusedRFTOutput:
+    """Clipped policy gradient + KL + entropy bonus on policy-gradient rows, plus weighted cross-entropy on
+    refined rows, straight from the LM head's inputs.
+
+    Row i's loss is
+        pg_i * (-min(r_i A_i, clip(r_i, 1 - clip_low, 1 + clip_high) A_i) + kl_coef KL_i - entropy_coef H_i)
+        + w_i * (-logp_i)
+    with r_i = exp(logp_i - old_i) (1 when old_logprobs is None: on-policy, gradient -A_i), KL_i the k1/k2/k3
+    estimator of logp_i against ref_i, H_i the entropy of row i, and loss = sum_i loss_i / normalizer. The default
+    normalizer counts the non-ignored rows with a policy-gradient term or a non-zero sft weight (DAPO's token mean).
+
+    hidden [..., H] and weight [V, H] share a dtype (fp32/bf16/fp16); targets [...] are int64 ids; per-token inputs
+    (advantages, pg_mask, old_logprobs, ref_logprobs, sft_weights) have targets' shape or [N]. pg_mask defaults to
+    every non-ignored row when advantages are given. impl: "triton" (default on CUDA) or "torch" (chunked PyTorch,
+    default on CPU). Returns FusedRFTOutput(loss, logprobs, entropy, metrics).
+    """
+    hidden2d, weight, targets_flat, bias = _flatten_inputs(hidden, weight, targets, bias)
+    _check_scalars(clip_low, clip_high, kl_coef, kl_estimator, entropy_coef, temperature, normalizer)
+    n, device = targets_flat.numel(), hidden2d.device
+    per_row = {name: _per_row(name, value, targets.shape, n, device, dtype)
+               for name, value, dtype in (("advantages", advantages, torch.float32),
+                                          ("pg_mask", pg_mask, torch.bool),
+                                          ("old_logprobs", old_logprobs, torch.float32),
+                                          ("ref_logprobs", ref_logprobs, torch.float32),
+                                          ("sft_weights", sft_weights, torch.float32))}
+    if kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs (the reference model's log-probs of the targets)")
+    if (kl_coef > 0 or entropy_coef > 0) and advantages is None and pg_mask is None:
+        raise ValueError("kl_coef and entropy_coef act on policy-gradient rows, but neither advantages nor pg_mask "
+                         "was given")
+    _check_targets(targets_flat, weight.shape[0], ignore_index)
+    impl = _resolve_impl(impl, device)
+
+    rows, logp, entropy = _row_stats(hidden2d, weight, bias, targets_flat, ignore_index, temperature, impl)
+
+    def at_rows(name, default):
+        value = per_row[name]
+        return value[rows] if value is not None else default
+
+    zeros = torch.zeros_like(logp)
+    adv = at_rows("advantages", zeros)
+    pg = at_rows("pg_mask", torch.full_like(logp, advantages is not None, dtype=torch.bool)).float()
+    sft_w = at_rows("sft_weights", zeros)
+    old = at_rows("old_logprobs", None)
+    ref = at_rows("ref_logprobs", None)
+
+    # On-policy, old = logp detached: the ratio is 1 and its gradient flows through logp.
+    ratio = torch.exp(logp - (old if old is not None else logp.detach()))
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
+    pg_terms = -torch.minimum(unclipped, clipped)
+    kl_terms = _kl(logp, ref, kl_estimator) if ref is not None else zeros
+    row_loss = pg * (pg_terms + kl_coef * kl_terms) - sft_w * logp
+    if entropy_coef > 0:
+        row_loss = row_loss - pg * entropy_coef * entropy
+
+    if normalizer is None:
+        normalizer = ((pg > 0) | (sft_w != 0)).sum().clamp(min=1).float()
+    loss = row_loss.sum() / normalizer
+
+    with torch.no_grad():
+        n_pg = pg.sum().clamp(min=1)
+        stats = torch.stack([
+            (pg * pg_terms).sum() / normalizer,
+            (sft_w * -logp).sum() / normalizer,
+            (pg * kl_terms).sum() / n_pg,
+            kl_coef * (pg * kl_terms).sum() / normalizer,
+            (pg * (clipped < unclipped).float()).sum() / n_pg,
+            entropy.mean() if entropy.numel() else zeros.sum(),
+            torch.as_tensor(normalizer, dtype=torch.float32, device=device),
+            pg.sum(),
+            (sft_w != 0).sum().float(),
+        ]).tolist()
+    metrics = dict(zip(("pg_loss", "sft_loss", "kl", "kl_loss", "clip_frac", "entropy", "normalizer", "pg_tokens",
+                        "sft_tokens"), stats))
+    return FusedRFTOutput(loss, _scatter_rows(logp, rows, targets.shape), _scatter_rows(entropy, rows, targets.shape),
+                          metrics)
+
+
+class FusedRFTLoss(nn.Module):
+    """fused_rft_loss over an LM head: ``FusedRFTLoss(model.lm_head, clip_high=0.28)(hidden, targets, advantages=A)``.
+
+    The head is any module with a [V, H] ``weight`` (and optional ``bias``): an nn.Linear, tied to the input
+    embedding or not. Keyword arguments given at construction are defaults for every call; a frozen head
+    (requires_grad=False, as under LoRA) costs no weight-gradient work."""
+
+    def __init__(self, lm_head: nn.Module, **defaults):
+        super().__init__()
+        if not isinstance(getattr(lm_head, "weight", None), torch.Tensor) or lm_head.weight.dim() != 2:
+            raise ValueError("lm_head must be a module with a [V, H] weight, such as nn.Linear")
+        unknown = set(defaults) - set(fused_rft_loss.__kwdefaults__)
+        if unknown:
+            raise ValueError(f"unknown fused_rft_loss options: {sorted(unknown)}")
+        self.lm_head = lm_head
+        self.defaults = defaults
+
+    def forward(self, hidden, targets, **kwargs) -> FusedRFTOutput:
+        options = {**self.defaults, **kwargs}
+        return fused_rft_loss(hidden, self.lm_head.weight, targets, bias=getattr(self.lm_head, "bias", None),
+                              **options)

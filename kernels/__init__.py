@@ -1,0 +1,1 @@
+"""Triton kernels of fastrft, installed as ``fastrft.kernels``. One op per file."""

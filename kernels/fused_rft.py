@@ -1,0 +1,211 @@
+"""Fused LM-head pass for RL fine-tuning: log-probs, entropy and their gradients without materialising logits.
+
+Math, per selected row i (z are the tempered logits, never stored):
+    z_ij      = (h_i . W_j + b_j) / T                      h: hidden [N, H], W: weight [V, H], b: bias [V]
+    lse_i     = log sum_j exp(z_ij)
+    logp_i    = z_i,t_i - lse_i                            t: targets [N]
+    mean_z_i  = sum_j p_ij z_ij      (p = softmax(z))      entropy_i = lse_i - mean_z_i
+The loss of the caller is a function of (logp_i, entropy_i) only, so the backward pass needs just two scalars per
+row, dlogp_i = dL/dlogp_i and dent_i = dL/dentropy_i, to form the logit gradient
+    dL/dz_ij  = dlogp_i (1[j = t_i] - p_ij) + dent_i p_ij (mean_z_i - z_ij)
+and from it grad_h = (dL/dz / T) W, grad_W = (dL/dz / T)^T h, grad_b = colsum(dL/dz / T).
+
+Kernels:
+    _fused_rft_fwd_kernel   grid (row blocks,): one sweep over the vocabulary per row block with an online
+                            log-sum-exp; reads h once per vocab tile and W once per row block; writes 3 floats a row.
+    _fused_rft_bwd_kernel   grid (row blocks, vocab blocks): recomputes one [BLOCK_M, BLOCK_V] logit tile, turns it
+                            into dL/dz in registers and accumulates grad_h and grad_W tiles with fp32 atomics.
+Only the rows listed in `rows` are visited, so ignored rows and rows whose coefficients are exactly zero cost nothing.
+
+Work: forward 2*N*H*V FLOPs; backward 2*N*H*V to recompute the logits plus 2*N*H*V per gradient (grad_h, and
+grad_W unless the head is frozen). The floor with materialised logits is 6*N*H*V; recomputation costs one more
+2*N*H*V matmul in exchange for O(BLOCK_M * BLOCK_V) extra memory instead of an [N, V] tensor.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b (+ acc) in fp32. UPCAST: the Triton interpreter multiplies bf16 operands as raw integers, so there they
+    are widened first; bf16 x bf16 products are exact in fp32, so the result is the tensor-core one."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _logit_tile(
+    hidden_ptr, weight_ptr, bias_ptr, row_ids, row_ok, cols, col_ok, H, stride_h, stride_w, inv_temperature,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_V] tempered logits in fp32; -inf beyond the vocabulary."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        h = tl.load(hidden_ptr + row_ids[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(weight_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _mma(h, tl.trans(w), acc, DOT_PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))
+
+
+@triton.jit
+def _fused_rft_fwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, lse_ptr, target_logit_ptr, mean_logit_ptr,
+    n_rows, H, V, stride_h, stride_w, inv_temperature,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = slots < n_rows
+    row_ids = tl.load(rows_ptr + slots, mask=row_ok, other=0).to(tl.int64)
+    targets = tl.load(targets_ptr + row_ids, mask=row_ok, other=-1)
+
+    running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)       # sum_j exp(z_j - running_max)
+    running_zsum = tl.zeros((BLOCK_M,), dtype=tl.float32)      # sum_j exp(z_j - running_max) * z_j
+    target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, row_ids, row_ok, cols, col_ok, H, stride_h, stride_w,
+                        inv_temperature, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)
+        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
+        new_max = tl.maximum(running_max, tl.max(z, axis=1))
+        rescale = tl.exp(running_max - new_max)
+        p = tl.exp(z - new_max[:, None])
+        running_sum = running_sum * rescale + tl.sum(p, axis=1)
+        running_zsum = running_zsum * rescale + tl.sum(p * tl.where(col_ok[None, :], z, 0.0), axis=1)
+        running_max = new_max
+    tl.store(lse_ptr + slots, running_max + tl.log(running_sum), mask=row_ok)
+    tl.store(target_logit_ptr + slots, target_logit, mask=row_ok)
+    tl.store(mean_logit_ptr + slots, running_zsum / running_sum, mask=row_ok)
+
+
+@triton.jit
+def _fused_rft_bwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, lse_ptr, mean_logit_ptr, dlogp_ptr, dentropy_ptr,
+    grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
+    n_rows, H, V, stride_h, stride_w, stride_gh, stride_gw, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = slots < n_rows
+    row_ids = tl.load(rows_ptr + slots, mask=row_ok, other=0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+
+    z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, row_ids, row_ok, cols, col_ok, H, stride_h, stride_w,
+                    inv_temperature, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)
+    targets = tl.load(targets_ptr + row_ids, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + slots, mask=row_ok, other=0.0)
+    dlogp = tl.load(dlogp_ptr + slots, mask=row_ok, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    # (1[j = t] - p) is formed in fp32: in bf16 the target term cancels catastrophically when p_t is near 1.
+    dz = dlogp[:, None] * (tl.where(cols[None, :] == targets[:, None], 1.0, 0.0) - p)
+    if HAS_ENTROPY:
+        mean_logit = tl.load(mean_logit_ptr + slots, mask=row_ok, other=0.0)
+        dentropy = tl.load(dentropy_ptr + slots, mask=row_ok, other=0.0)
+        dz += dentropy[:, None] * p * (mean_logit[:, None] - tl.where(col_ok[None, :], z, 0.0))
+    dz = tl.where(row_ok[:, None] & col_ok[None, :], dz * inv_temperature, 0.0)
+
+    if BIAS_GRAD:
+        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_ok)
+    dz_in = dz.to(weight_ptr.dtype.element_ty)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        w = tl.load(weight_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        grad_h = _mma(dz_in, w, None, DOT_PRECISION, UPCAST)
+        tl.atomic_add(grad_hidden_ptr + row_ids[:, None] * stride_gh + ks[None, :], grad_h,
+                      mask=row_ok[:, None] & k_ok[None, :])
+        if WEIGHT_GRAD:
+            h = tl.load(hidden_ptr + row_ids[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            grad_w = _mma(tl.trans(dz_in), h, None, DOT_PRECISION, UPCAST)
+            tl.atomic_add(grad_weight_ptr + cols[:, None] * stride_gw + ks[None, :], grad_w,
+                          mask=col_ok[:, None] & k_ok[None, :])
+
+
+def _block_config(device: torch.device):
+    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages). Small tiles in the interpreter, where every tile is
+    emulated with numpy; bf16 tensor-core tiles on the GPU."""
+    if device.type != "cuda":
+        return 16, 32, 16, 1, 1
+    return 64, 128, 64, 8, 3
+
+
+def _dot_flags(tensor: torch.Tensor) -> dict:
+    # fp32 inputs get a true fp32 product: TF32's 10-bit mantissa would dominate the error of an fp32 loss.
+    return dict(DOT_PRECISION="ieee" if tensor.dtype == torch.float32 else "tf32",
+                UPCAST=tensor.device.type != "cuda" and tensor.dtype == torch.bfloat16)
+
+
+def _check(hidden, weight, bias, targets, rows):
+    if not (hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]):
+        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("hidden and weight must be contiguous along H")
+    if bias is not None and not bias.is_contiguous():
+        raise ValueError("bias must be contiguous")
+    if rows.dtype != torch.int64 or targets.dtype != torch.int64:
+        raise ValueError("rows and targets must be int64")
+
+
+def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature: float):
+    """Per selected row (rows: int64 [R] indices into hidden): (lse, target_logit, mean_logit), each fp32 [R].
+    targets[rows] must lie in [0, V): the caller validates them."""
+    _check(hidden, weight, bias, targets, rows)
+    n_rows, (V, H) = rows.numel(), weight.shape
+    lse, target_logit, mean_logit = (torch.empty(n_rows, device=hidden.device, dtype=torch.float32) for _ in range(3))
+    if n_rows == 0:
+        return lse, target_logit, mean_logit
+    block_m, block_v, block_k, num_warps, num_stages = _block_config(hidden.device)
+    _fused_rft_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        hidden, weight, bias if bias is not None else weight, targets, rows, lse, target_logit, mean_logit,
+        n_rows, H, V, hidden.stride(0), weight.stride(0), inv_temperature,
+        HAS_BIAS=bias is not None, **_dot_flags(hidden),
+        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    )
+    return lse, target_logit, mean_logit
+
+
+def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlogp, dentropy, inv_temperature: float,
+                       weight_grad: bool, bias_grad: bool):
+    """Gradients (hidden, weight or None, bias or None) in the inputs' dtypes for the loss whose derivatives with
+    respect to the selected rows' log-probs and entropies are dlogp and dentropy (fp32 [R], or dentropy None)."""
+    _check(hidden, weight, bias, targets, rows)
+    (V, H), device = weight.shape, hidden.device
+    grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32)
+    grad_weight = torch.zeros(weight.shape, device=device, dtype=torch.float32) if weight_grad else None
+    grad_bias = torch.zeros(V, device=device, dtype=torch.float32) if bias_grad else None
+    n_rows = rows.numel()
+    if n_rows:
+        block_m, block_v, block_k, num_warps, num_stages = _block_config(device)
+        _fused_rft_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(V, block_v))](
+            hidden, weight, bias if bias is not None else weight, targets, rows, lse, mean_logit, dlogp,
+            dentropy if dentropy is not None else dlogp,
+            grad_hidden, grad_weight if weight_grad else grad_hidden, grad_bias if bias_grad else grad_hidden,
+            n_rows, H, V, hidden.stride(0), weight.stride(0), grad_hidden.stride(0), H, inv_temperature,
+            HAS_BIAS=bias is not None, HAS_ENTROPY=dentropy is not None, WEIGHT_GRAD=weight_grad,
+            BIAS_GRAD=bias_grad, **_dot_flags(hidden),
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        )
+    return (
+        grad_hidden.to(hidden.dtype),
+        grad_weight.to(weight.dtype) if weight_grad else None,
+        grad_bias.to(bias.dtype) if bias_grad else None,
+    )
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

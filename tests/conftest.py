@@ -1,0 +1,29 @@
+"""Test set-up: without a GPU, Triton kernels run in the interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here, before the tests
+import fastrft."""
+import os
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if _HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

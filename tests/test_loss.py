@@ -1,0 +1,400 @@
+"""fused_rft_loss and token_logprobs against a float64 PyTorch reference written from the contract's formula.
+
+Both implementations are checked: "torch" (chunked PyTorch) and "triton" (the kernels; on a machine without a GPU
+they run in the Triton interpreter, which conftest.py switches on)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastrft
+from fastrft import loss as loss_module
+
+IMPLS = ["torch", "triton"]
+
+
+def reference(hidden, weight, targets, *, bias=None, advantages=None, pg_mask=None, old_logprobs=None,
+              ref_logprobs=None, sft_weights=None, clip_low=0.2, clip_high=0.28, kl_coef=0.0, kl_estimator="k3",
+              entropy_coef=0.0, temperature=1.0, normalizer=None, ignore_index=-100):
+    """The contract's formula in float64 with materialised logits. Returns (loss, logprobs, entropy, grads)."""
+    h = hidden.detach().double().requires_grad_(hidden.requires_grad)
+    w = weight.detach().double().requires_grad_(weight.requires_grad)
+    b = bias.detach().double().requires_grad_(bias.requires_grad) if bias is not None else None
+    logits = h @ w.T
+    if b is not None:
+        logits = logits + b
+    log_probs = torch.log_softmax(logits / temperature, dim=-1)
+    valid = targets != ignore_index
+    logp = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
+    entropy = -(log_probs.exp() * log_probs).sum(-1) * valid
+
+    def f64(x):
+        return x.detach().double().reshape(targets.shape) if x is not None else None
+
+    adv = f64(advantages) if advantages is not None else torch.zeros_like(logp)
+    if pg_mask is not None:
+        pg = pg_mask & valid
+    else:
+        pg = valid if advantages is not None else torch.zeros_like(valid)
+    pg = pg.double()
+    old = f64(old_logprobs) if old_logprobs is not None else logp.detach()
+    ratio = torch.exp(logp - old)
+    pg_term = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
+    if ref_logprobs is not None:
+        ref = f64(ref_logprobs)
+        kl = {"k1": logp - ref, "k2": (logp - ref) ** 2 / 2, "k3": torch.exp(ref - logp) - (ref - logp) - 1}[kl_estimator]
+    else:
+        kl = torch.zeros_like(logp)
+    sft = f64(sft_weights) * valid if sft_weights is not None else torch.zeros_like(logp)
+    row_loss = pg * (pg_term + kl_coef * kl - entropy_coef * entropy) + sft * (-logp)
+    if normalizer is None:
+        normalizer = max(1, int(((pg > 0) | (sft != 0)).sum()))
+    loss = row_loss.sum() / normalizer
+    params = [x for x in (h, w, b) if x is not None and x.requires_grad]
+    grads = torch.autograd.grad(loss, params) if params and loss.requires_grad else ()
+    grads = iter(grads)
+    grad_of = [next(grads, None) if x is not None and x.requires_grad else None for x in (h, w, b)]
+    return loss.detach(), logp.detach(), entropy.detach(), grad_of
+
+
+def make_inputs(n, h, v, *, dtype=torch.float32, bias=True, ignored=0.2, device="cpu", batch_shape=None):
+    shape = batch_shape or (n,)
+    hidden = torch.randn(*shape, h, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, device=device) / math.sqrt(h) * 3).to(dtype).requires_grad_()
+    b = (torch.randn(v, device=device) * 0.5).to(dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, v, shape, device=device)
+    targets[torch.rand(shape, device=device) < ignored] = -100
+    return hidden, weight, b, targets
+
+
+def run(impl, hidden, weight, targets, **kwargs):
+    for x in (hidden, weight, kwargs.get("bias")):
+        if x is not None:
+            x.grad = None
+    out = fastrft.fused_rft_loss(hidden, weight, targets, impl=impl, **kwargs)
+    out.loss.backward()
+    bias = kwargs.get("bias")
+    return out, [x.grad if x is not None else None for x in (hidden, weight, bias)]
+
+
+def assert_close(actual, expected, atol, rtol, what):
+    actual, expected = actual.double(), expected.double()
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    assert torch.allclose(actual, expected, atol=atol, rtol=rtol), f"{what}: max abs error {err:.3g}"
+
+
+def check_against_reference(impl, hidden, weight, targets, atol=2e-5, rtol=2e-4, **kwargs):
+    out, grads = run(impl, hidden, weight, targets, **kwargs)
+    ref_loss, ref_logp, ref_entropy, ref_grads = reference(hidden, weight, targets, **kwargs)
+    assert_close(out.loss, ref_loss, atol, rtol, "loss")
+    assert_close(out.logprobs, ref_logp, atol, rtol, "logprobs")
+    assert_close(out.entropy, ref_entropy, atol, rtol, "entropy")
+    assert out.logprobs.dtype == torch.float32 and out.logprobs.shape == targets.shape
+    for name, g, rg in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        if rg is None:
+            assert g is None, f"{name} has a gradient but needs none"
+        else:
+            assert g is not None and g.dtype == {"hidden": hidden, "weight": weight, "bias": kwargs.get("bias")}[name].dtype
+            scale = rg.abs().max().item() + 1e-12
+            assert_close(g, rg, atol * scale + atol, rtol, f"grad {name}")
+    return out
+
+
+# (N, H, V): N=1, V and H not multiples of any block (V prime), H below one block, a vocab of a single tile.
+SHAPES = [(1, 16, 17), (37, 45, 301), (50, 19, 1009), (8, 64, 32)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_all_terms_match_reference(impl, shape):
+    n, h, v = shape
+    hidden, weight, bias, targets = make_inputs(n, h, v)
+    with torch.no_grad():
+        logp = reference(hidden, weight, targets, bias=bias)[1]
+    # Old log-probs near the current ones, so that some rows are clipped and others not.
+    old = (logp + 0.4 * torch.randn(n)).float()
+    ref = (logp + 0.3 * torch.randn(n)).float()
+    out = check_against_reference(
+        impl, hidden, weight, targets, bias=bias, advantages=torch.randn(n), old_logprobs=old, ref_logprobs=ref,
+        sft_weights=torch.rand(n) * (torch.rand(n) < 0.5), kl_coef=0.05, entropy_coef=0.01, temperature=0.7,
+    )
+    assert set(out.metrics) >= {"pg_loss", "sft_loss", "kl", "clip_frac"}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "terms",
+    [
+        dict(advantages=True),
+        dict(advantages=True, old=True),
+        dict(sft=True),
+        dict(advantages=True, kl="k1"),
+        dict(advantages=True, kl="k2"),
+        dict(advantages=True, kl="k3", old=True),
+        dict(advantages=True, entropy=True),
+        dict(pg_mask=True, kl="k3", sft=True),
+        dict(advantages=True, sft=True, temperature=1.6, no_bias=True),
+        dict(advantages=True, pg_mask=True, normalizer=12.5),
+    ],
+    ids=lambda d: "-".join(f"{k}={v}" if v is not True else k for k, v in d.items()),
+)
+def test_each_term_on_and_off(impl, terms):
+    n, h, v = 29, 24, 211
+    hidden, weight, bias, targets = make_inputs(n, h, v, bias=not terms.get("no_bias"))
+    with torch.no_grad():
+        logp = reference(hidden, weight, targets, bias=bias)[1].float()
+    kwargs = dict(bias=bias, temperature=terms.get("temperature", 1.0))
+    if terms.get("advantages"):
+        kwargs["advantages"] = torch.randn(n)
+    if terms.get("pg_mask"):
+        kwargs["pg_mask"] = torch.rand(n) < 0.6
+    if terms.get("old"):
+        kwargs["old_logprobs"] = logp + 0.4 * torch.randn(n)
+    if terms.get("kl"):
+        kwargs.update(ref_logprobs=logp + 0.5 * torch.randn(n), kl_coef=0.2, kl_estimator=terms["kl"])
+    if terms.get("sft"):
+        kwargs["sft_weights"] = torch.rand(n) + 0.1
+    if terms.get("entropy"):
+        kwargs["entropy_coef"] = 0.05
+    if terms.get("normalizer"):
+        kwargs["normalizer"] = terms["normalizer"]
+    check_against_reference(impl, hidden, weight, targets, **kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_clipping_is_active_on_some_rows(impl):
+    n, h, v = 40, 16, 97
+    hidden, weight, bias, targets = make_inputs(n, h, v, ignored=0.0)
+    with torch.no_grad():
+        logp = reference(hidden, weight, targets, bias=bias)[1].float()
+    old = logp + torch.randn(n)  # ratios e^(+-1): many rows outside [0.8, 1.28]
+    adv = torch.randn(n)
+    out = check_against_reference(impl, hidden, weight, targets, bias=bias, advantages=adv, old_logprobs=old)
+    ratio = torch.exp(logp - old)
+    clipped = ((adv > 0) & (ratio > 1.28)) | ((adv < 0) & (ratio < 0.8))
+    assert 0 < clipped.sum() < n
+    assert out.metrics["clip_frac"] == pytest.approx(clipped.float().mean().item(), abs=1e-6)
+    # A clipped row has no gradient: its hidden state receives exactly zero.
+    assert (hidden.grad[clipped] == 0).all()
+    assert (hidden.grad[~clipped].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batched_leading_shape(impl):
+    hidden, weight, bias, targets = make_inputs(0, 20, 53, batch_shape=(3, 7))
+    check_against_reference(impl, hidden, weight, targets, bias=bias, advantages=torch.randn(3, 7),
+                            sft_weights=torch.rand(21))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_pytorch(impl, dtype):
+    """bf16/fp16 inputs: our error against float64 is at most a small multiple of plain PyTorch's own error (the
+    usual materialised-logits computation on the same low-precision inputs)."""
+    n, h, v = 48, 64, 509
+    hidden, weight, bias, targets = make_inputs(n, h, v, dtype=dtype)
+    kwargs = dict(bias=bias, advantages=torch.randn(n), sft_weights=torch.rand(n), temperature=0.9)
+    out, grads = run(impl, hidden, weight, targets, **kwargs)
+    ref_loss, ref_logp, _, ref_grads = reference(hidden, weight, targets, **kwargs)
+
+    # PyTorch's own error: the same formula with logits computed in the input dtype, then upcast to fp32.
+    h_lp = hidden.detach().clone().requires_grad_()
+    w_lp = weight.detach().clone().requires_grad_()
+    b_lp = bias.detach().clone().requires_grad_()
+    logits = (h_lp @ w_lp.T + b_lp).float() / 0.9
+    valid = targets != -100
+    logp_lp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1) * valid
+    adv = kwargs["advantages"]
+    ratio = torch.exp(logp_lp - logp_lp.detach())
+    rows = valid * -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.28) * adv) + kwargs["sft_weights"] * valid * -logp_lp
+    torch_loss = rows.sum() / valid.sum()
+    torch_loss.backward()
+
+    def err(x, y):
+        return (x.double() - y.double()).abs().max().item()
+
+    k, floor = 2.0, 1e-6
+    assert err(out.loss, ref_loss) <= k * err(torch_loss, ref_loss) + floor
+    assert err(out.logprobs, ref_logp) <= k * err(logp_lp, ref_logp) + floor
+    for g, g_lp, rg in zip(grads, (h_lp.grad, w_lp.grad, b_lp.grad), ref_grads):
+        assert g.dtype == dtype
+        assert err(g, rg) <= k * err(g_lp, rg) + floor
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rows_with_nothing_to_learn_cost_no_gradient_work(impl, monkeypatch):
+    n, h, v = 30, 16, 67
+    hidden, weight, bias, targets = make_inputs(n, h, v, ignored=0.0)
+    targets[:5] = -100                          # ignored rows
+    adv = torch.randn(n)
+    adv[5:15] = 0.0                             # zero advantage, no KL
+    sft = torch.zeros(n)
+    sft[15:18] = 1.0                            # refined rows (their advantage is zeroed too)
+    adv[15:18] = 0.0
+    seen = {}
+    backend = loss_module._backend(impl)
+    original = backend.fused_rft_backward
+
+    def spy(hidden, weight, bias, targets, rows, *args):
+        seen["rows"] = rows.clone()
+        return original(hidden, weight, bias, targets, rows, *args)
+
+    monkeypatch.setattr(backend, "fused_rft_backward", spy)
+    check_against_reference(impl, hidden, weight, targets, bias=bias, advantages=adv, sft_weights=sft)
+    assert sorted(seen["rows"].tolist()) == list(range(15, n))
+    assert (hidden.grad[:15] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frozen_head_computes_no_weight_gradient(impl, monkeypatch):
+    n, h, v = 12, 16, 41
+    hidden, weight, bias, targets = make_inputs(n, h, v)
+    weight.requires_grad_(False)
+    bias.requires_grad_(False)
+    flags = {}
+    backend = loss_module._backend(impl)
+    original = backend.fused_rft_backward
+
+    def spy(*args):
+        flags["weight_grad"], flags["bias_grad"] = args[-2], args[-1]
+        return original(*args)
+
+    monkeypatch.setattr(backend, "fused_rft_backward", spy)
+    check_against_reference(impl, hidden, weight, targets, bias=bias, advantages=torch.randn(n))
+    assert flags == {"weight_grad": False, "bias_grad": False}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_row_ignored_gives_zero_loss(impl):
+    hidden, weight, bias, targets = make_inputs(6, 8, 19)
+    targets[:] = -100
+    out, grads = run(impl, hidden, weight, targets, bias=bias, advantages=torch.randn(6), sft_weights=torch.rand(6))
+    assert out.loss.item() == 0.0
+    assert (out.logprobs == 0).all() and (grads[0] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_token_logprobs(impl):
+    hidden, weight, bias, targets = make_inputs(0, 24, 131, batch_shape=(2, 9))
+    lp = fastrft.token_logprobs(hidden, weight, targets, bias=bias, temperature=1.3, impl=impl)
+    expected = reference(hidden.detach(), weight.detach(), targets, bias=bias.detach(), temperature=1.3)[1]
+    assert lp.shape == targets.shape and lp.dtype == torch.float32 and not lp.requires_grad
+    assert_close(lp, expected, 2e-5, 2e-4, "token_logprobs")
+
+
+def test_largest_vocab():
+    """A 262,144-token vocabulary (the largest in the contract), through the chunked path. The gradient of hidden
+    is an fp32 sum over 262,144 vocabulary rows, hence the wider tolerance."""
+    hidden, weight, bias, targets = make_inputs(3, 8, 262_144, ignored=0.0)
+    check_against_reference("torch", hidden, weight, targets, atol=2e-4, bias=bias, advantages=torch.randn(3),
+                            sft_weights=torch.rand(3))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_module_with_tied_embeddings(impl):
+    vocab, width = 57, 20
+    embed = nn.Embedding(vocab, width)
+    head = nn.Linear(width, vocab, bias=False)
+    head.weight = embed.weight                  # tied
+    loss_fn = fastrft.FusedRFTLoss(head, clip_high=0.3, impl=impl)
+    ids = torch.randint(0, vocab, (4, 6))
+    hidden = torch.tanh(embed(ids[:, :-1]))
+    targets = ids[:, 1:]
+    adv = torch.randn(4, 5)
+    out = loss_fn(hidden, targets, advantages=adv)
+    out.loss.backward()
+    ref_loss = reference(hidden, embed.weight, targets, advantages=adv, clip_high=0.3)[0]
+    assert out.loss.item() == pytest.approx(ref_loss.item(), rel=1e-4, abs=1e-6)
+    # The tied weight receives both paths' gradients: compare against the same graph through the reference.
+    grad_fused = embed.weight.grad.clone()
+    embed.weight.grad = None
+    hidden = torch.tanh(embed(ids[:, :-1]))
+    logits = hidden @ embed.weight.T
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    (-(adv * torch.exp(logp - logp.detach()))).mean().backward()
+    assert torch.allclose(grad_fused, embed.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_default_impl_follows_device():
+    hidden, weight, bias, targets = make_inputs(4, 8, 11)
+    assert loss_module._resolve_impl(None, hidden.device) == "torch"
+
+
+BAD_INPUTS = [
+    (dict(targets_value=11), "outside \\[0, 11\\)"),
+    (dict(targets_value=-3), "outside \\[0, 11\\)"),
+    (dict(weight_shape=(11, 9)), "hidden size"),
+    (dict(targets_shape=(5,)), "targets shape"),
+    (dict(weight_dtype=torch.float64), "dtype"),
+    (dict(bias_shape=(10,)), "bias"),
+    (dict(kw=dict(kl_coef=0.1, advantages=torch.randn(4))), "ref_logprobs"),
+    (dict(kw=dict(kl_estimator="k4", advantages=torch.randn(4))), "kl_estimator"),
+    (dict(kw=dict(advantages=torch.randn(5))), "advantages has shape"),
+    (dict(kw=dict(pg_mask=torch.ones(4))), "pg_mask must be a bool"),
+    (dict(kw=dict(sft_weights=torch.ones(4, dtype=torch.long))), "sft_weights must be a float"),
+    (dict(kw=dict(temperature=0.0)), "temperature"),
+    (dict(kw=dict(clip_low=1.0)), "clip_low"),
+    (dict(kw=dict(normalizer=0.0)), "normalizer"),
+    (dict(kw=dict(entropy_coef=0.1)), "neither advantages nor pg_mask"),
+    (dict(kw=dict(impl="cuda")), "impl"),
+    (dict(targets_dtype=torch.float32), "integer token ids"),
+]
+
+
+@pytest.mark.parametrize("case,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_a_value_error_that_names_it(case, message):
+    hidden = torch.randn(4, 8)
+    weight = torch.randn(*case.get("weight_shape", (11, 8)), dtype=case.get("weight_dtype", torch.float32))
+    targets = torch.randint(0, 11, case.get("targets_shape", (4,))).to(case.get("targets_dtype", torch.int64))
+    if "targets_value" in case:
+        targets[2] = case["targets_value"]
+    bias = torch.randn(*case["bias_shape"]) if "bias_shape" in case else None
+    with pytest.raises(ValueError, match=message):
+        fastrft.fused_rft_loss(hidden, weight, targets, bias=bias, **case.get("kw", {}))
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA"):
+        loss_module._resolve_impl("triton", torch.device("cpu"))
+
+
+def test_convergence_matches_reference_path():
+    """A tiny policy trained a few steps with the fused loss (Triton kernels) and with the float64 reference formula
+    follows the same loss curve."""
+    vocab, width, steps = 37, 16, 6
+
+    def train(use_kernel):
+        torch.manual_seed(1)
+        embed, head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+        opt = torch.optim.SGD([*embed.parameters(), *head.parameters()], lr=0.5)
+        gen = torch.Generator().manual_seed(2)
+        curve = []
+        for _ in range(steps):
+            ids = torch.randint(0, vocab, (4, 9), generator=gen)
+            adv = torch.randn(4, 8, generator=gen)
+            hidden = torch.tanh(embed(ids[:, :-1]))
+            kwargs = dict(bias=head.bias, advantages=adv, sft_weights=(adv > 1).float(), entropy_coef=0.01)
+            if use_kernel:
+                loss = fastrft.fused_rft_loss(hidden, head.weight, ids[:, 1:], impl="triton", **kwargs).loss
+            else:
+                loss_ref = reference(hidden.reshape(-1, width), head.weight, ids[:, 1:].reshape(-1),
+                                     **{k: v.reshape(-1) if k != "bias" and torch.is_tensor(v) else v
+                                        for k, v in kwargs.items()})[0]
+                # reference() works on detached copies; rebuild the same loss on the live graph for the update.
+                logits = hidden @ head.weight.T + head.bias
+                log_probs = torch.log_softmax(logits, -1)
+                logp = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+                ent = -(log_probs.exp() * log_probs).sum(-1)
+                rows = -adv * torch.exp(logp - logp.detach()) - 0.01 * ent - (adv > 1).float() * logp
+                loss = rows.sum() / rows.numel()
+                assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-5)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        return curve
+
+    fused, ref = train(True), train(False)
+    assert fused == pytest.approx(ref, rel=1e-4, abs=1e-5)
