@@ -23,8 +23,8 @@ from torch import nn
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPLS = ("triton", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Rows per chunk of the torch path: about 8M fp32 logits (32 MB) per temporary.
-_TORCH_CHUNK_ELEMS = 1 << 23
+# Rows per chunk of the torch path: about 4M fp32 logits (16 MB) per temporary.
+_TORCH_CHUNK_ELEMS = 1 << 22
 
 
 @dataclass
@@ -56,7 +56,8 @@ class _ChunkedTorchHead:
             lse_c = torch.logsumexp(logits, dim=1)
             lse.append(lse_c)
             target_logit.append(logits.gather(1, targets[rows_c, None]).squeeze(1))
-            mean_logit.append((torch.softmax(logits, dim=1) * logits).sum(1))
+            probs = logits.sub(lse_c[:, None]).exp_()
+            mean_logit.append(probs.mul_(logits).sum(1))
         if not lse:
             empty = hidden.new_empty(0, dtype=torch.float32)
             return empty, empty.clone(), empty.clone()
@@ -75,11 +76,14 @@ class _ChunkedTorchHead:
             rows_c = rows[sl]
             hidden_c = hidden[rows_c].float()
             logits = _ChunkedTorchHead._logits(hidden_c, weight32, bias, inv_temperature)
-            probs = torch.exp(logits - lse[sl, None])
-            dlogits = probs.mul(-dlogp[sl, None])
+            probs = logits.sub(lse[sl, None]).exp_()
+            if dentropy is not None:
+                # dH/dz = p (mean_z - z), written over the logits, which are not needed after this.
+                entropy_term = logits.neg_().add_(mean_logit[sl, None]).mul_(probs).mul_(dentropy[sl, None])
+            dlogits = probs.mul_(-dlogp[sl, None])
             dlogits.scatter_add_(1, targets[rows_c, None], dlogp[sl, None])
             if dentropy is not None:
-                dlogits += dentropy[sl, None] * probs * (mean_logit[sl, None] - logits)
+                dlogits += entropy_term
             dlogits *= inv_temperature
             grad_hidden.index_add_(0, rows_c, dlogits @ weight32)
             if weight_grad:

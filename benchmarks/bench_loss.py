@@ -1,0 +1,305 @@
+"""How fast and how lean is the fused RFT loss against the other ways of computing it?
+
+Per shape (N tokens, H hidden, V vocab), in one process, fwd+bwd of the loss on the LM head (gradients of hidden and
+weight) for every provider that can run here:
+  naive           logits materialised by matmul, fp32 log-softmax, the RFT loss by autograd
+  naive_compile   the same under torch.compile
+  trl_selective   logits materialised, TRL's selective_log_softmax (its memory-saving log-prob path)
+  liger_grpo      Liger-Kernel's LigerFusedLinearGRPOLoss (policy-gradient part)
+  liger_flce      Liger-Kernel's fused linear cross-entropy (the cross-entropy part only)
+  cce             Apple's cut-cross-entropy linear_cross_entropy (the cross-entropy part only)
+  fastrft         fastrft.fused_rft_loss (Triton on CUDA; the chunked PyTorch path on the CPU)
+  fastrft_torch   fastrft.fused_rft_loss(impl="torch") on CUDA, to show what the kernels buy
+Each shape also runs with half the rows at zero coefficient (zero advantage, no refined target), which fastrft
+skips in the backward pass.
+
+Reported: median time over --repeat runs after --warmup (CUDA events on the GPU, perf_counter on the CPU); the floor
+6*N*H*V / (measured matmul rate in the same dtype) and each time as a multiple of it; peak memory beyond inputs and
+gradients (CUDA: max_memory_allocated; CPU: the process's peak RSS, reset through /proc/self/clear_refs, with glibc's
+mmap threshold fixed so that freed buffers leave the RSS). Prints a table, then one JSON line; writes
+benchmarks/results/bench_loss_<device>.{json,md}.
+
+    python benchmarks/bench_loss.py                      # the issue's shapes on CUDA, small ones on the CPU
+    python benchmarks/bench_loss.py --shapes 4096x2048x32000 --providers naive,fastrft
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if sys.platform == "linux" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+    # Fixed mmap threshold: large CPU buffers are returned to the OS when freed, so peak RSS measures peak memory.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch  # noqa: E402
+
+import fastrft  # noqa: E402
+
+GPU_SHAPES = ["8192x4096x131072", "16384x4096x151936", "8192x2304x256000", "32768x4096x128256"]
+CPU_SHAPES = ["1024x256x8192", "512x512x32000"]
+PROVIDERS = ["naive", "naive_compile", "trl_selective", "liger_grpo", "liger_flce", "cce", "fastrft", "fastrft_torch"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rft_loss_from_logp(logp, adv, sft_w, valid):
+    """The contract's loss, on-policy, for the providers that only produce log-probs."""
+    ratio = torch.exp(logp - logp.detach())
+    rows = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.28) * adv) - sft_w * logp
+    return (rows * valid).sum() / valid.sum().clamp(min=1)
+
+
+def make_provider(name, device):
+    """(fn(hidden, weight, targets, adv, sft_w) -> loss, note) or raises RuntimeError saying why it cannot run."""
+    on_cuda = device.type == "cuda"
+    if name == "naive":
+        def naive(h, w, t, adv, sft_w):
+            logp = torch.log_softmax((h @ w.T).float(), -1).gather(-1, t[:, None]).squeeze(-1)
+            return rft_loss_from_logp(logp, adv, sft_w, torch.ones_like(adv))
+        return naive, ""
+    if name == "naive_compile":
+        naive, _ = make_provider("naive", device)
+        return torch.compile(naive), ""
+    if name == "trl_selective":
+        try:
+            from trl.trainer.utils import selective_log_softmax
+        except ImportError as exc:
+            raise RuntimeError(f"trl not installed ({exc})") from None
+
+        def trl(h, w, t, adv, sft_w):
+            return rft_loss_from_logp(selective_log_softmax(h @ w.T, t), adv, sft_w, torch.ones_like(adv))
+        return trl, ""
+    if name in ("liger_grpo", "liger_flce", "cce") and not on_cuda:
+        raise RuntimeError("needs CUDA")
+    if name == "liger_grpo":
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        except ImportError as exc:
+            raise RuntimeError(f"liger-kernel not installed ({exc})") from None
+        grpo = LigerFusedLinearGRPOLoss(beta=0.0, epsilon_low=0.2, epsilon_high=0.28, loss_type="dapo")
+
+        def liger_grpo(h, w, t, adv, sft_w):
+            # One sequence per row block of 1024 tokens, advantages per sequence.
+            seq = 1024 if h.shape[0] % 1024 == 0 else h.shape[0]
+            b = h.shape[0] // seq
+            out = grpo(h.view(b, seq, -1), w, t.view(b, seq), torch.ones(b, seq, device=h.device), adv.view(b, seq)[:, 0])
+            return out[0] if isinstance(out, tuple) else out
+        return liger_grpo, "policy-gradient part, per-sequence advantages"
+    if name == "liger_flce":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError as exc:
+            raise RuntimeError(f"liger-kernel not installed ({exc})") from None
+        flce = LigerFusedLinearCrossEntropyLoss()
+        return (lambda h, w, t, adv, sft_w: flce(w, h, t)), "cross-entropy part only"
+    if name == "cce":
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except ImportError as exc:
+            raise RuntimeError(f"cut-cross-entropy not installed ({exc})") from None
+        return (lambda h, w, t, adv, sft_w: linear_cross_entropy(h, w, t)), "cross-entropy part only"
+    if name in ("fastrft", "fastrft_torch"):
+        if name == "fastrft_torch" and not on_cuda:
+            raise RuntimeError("on the CPU this is what 'fastrft' runs")
+        impl = "torch" if name == "fastrft_torch" else None
+
+        def fused(h, w, t, adv, sft_w):
+            return fastrft.fused_rft_loss(h, w, t, advantages=adv, sft_weights=sft_w, impl=impl).loss
+        return fused, "Triton" if on_cuda and impl is None else "chunked PyTorch"
+    raise ValueError(f"unknown provider {name!r}; known: {PROVIDERS}")
+
+
+def rss_bytes():
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+class Meter:
+    """Timing and peak memory of one callable on one device."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_ms(self, fn, warmup, repeat):
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(repeat):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def peak_extra_bytes(self, fn, grad_bytes):
+        """Peak memory of one call beyond what was allocated before it and the gradients it leaves."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - before - grad_bytes
+        if not Path("/proc/self/clear_refs").exists():
+            return None
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+        before = rss_bytes()["VmRSS"]
+        fn()
+        return rss_bytes()["VmHWM"] - before - grad_bytes
+
+
+def matmul_tflops(meter, n, h, v, dtype, device):
+    a = torch.randn(n, h, device=device, dtype=dtype)
+    b = torch.randn(h, v, device=device, dtype=dtype)
+    ms = meter.time_ms(lambda: a @ b, warmup=2, repeat=5)
+    return 2 * n * h * v / (ms * 1e-3) / 1e12
+
+
+def bench_shape(shape, providers, dtype, device, args, meter):
+    n, h, v = map(int, shape.split("x"))
+    torch.manual_seed(0)
+    hidden = (torch.randn(n, h, device=device) * 0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, device=device) / h**0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), device=device)
+    rate = matmul_tflops(meter, n, h, v, dtype, device)
+    floor_ms = 6 * n * h * v / (rate * 1e12) * 1e3
+    grad_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
+    rows = []
+    for zero_half in (False, True):
+        adv = torch.randn(n, device=device)
+        sft_w = (torch.rand(n, device=device) < 0.25).float()
+        if zero_half:
+            adv[: n // 2] = 0
+            sft_w[: n // 2] = 0
+        for name in providers:
+            row = dict(shape=shape, N=n, H=h, V=v, provider=name, zero_half=zero_half, floor_ms=floor_ms)
+            try:
+                fn, note = make_provider(name, device)
+
+                def step():
+                    hidden.grad = weight.grad = None
+                    fn(hidden, weight, targets, adv, sft_w).backward()
+
+                row["ms"] = meter.time_ms(step, args.warmup, args.repeat)
+                hidden.grad = weight.grad = None
+                peak = meter.peak_extra_bytes(step, grad_bytes)
+                row.update(x_floor=row["ms"] / floor_ms, peak_extra_mb=None if peak is None else peak / 2**20,
+                           note=note)
+            except Exception as exc:  # a provider that cannot run here (missing package, CUDA only, OOM, API)
+                row["skipped"] = str(exc).splitlines()[0][:120]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            hidden.grad = weight.grad = None
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rate, rows
+
+
+def format_row(r):
+    label = f"{r['shape']:>20} {'half-zero' if r['zero_half'] else 'all-rows':>9} {r['provider']:>14}"
+    if "skipped" in r:
+        return f"{label}  skipped: {r['skipped']}"
+    peak = f"{r['peak_extra_mb']:9.1f} MB" if r.get("peak_extra_mb") is not None else "        n/a"
+    return f"{label} {r['ms']:10.2f} ms {r['x_floor']:7.2f}x floor {peak}  {r.get('note', '')}"
+
+
+def environment(device):
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            return ""
+    import triton
+    return dict(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine()),
+        cpu_threads=torch.get_num_threads(), torch=torch.__version__, triton=triton.__version__,
+        python=platform.python_version(), commit=git("rev-parse", "--short", "HEAD"),
+        dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+        command="python " + " ".join(sys.argv),
+    )
+
+
+def write_results(env, rates, rows, tag):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = dict(env=env, matmul_tflops=rates, rows=rows)
+    (RESULTS / f"bench_loss_{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    lines = [f"# bench_loss on {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, python {env['python']}, commit {env['commit']}"
+             f"{' (dirty)' if env['dirty'] else ''}, {env['cpu_threads']} CPU threads", "",
+             f"Command: `{env['command']}`", "",
+             "Floor = 6*N*H*V / (measured matmul rate in the same dtype); peak = memory beyond inputs and gradients.",
+             "", "| shape NxHxV | rows | provider | fwd+bwd ms | x floor | peak extra MB | note |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['shape']} | {'half zero' if r['zero_half'] else 'all'} | {r['provider']} | - | - | - "
+                         f"| skipped: {r['skipped']} |")
+        else:
+            peak = f"{r['peak_extra_mb']:.1f}" if r.get("peak_extra_mb") is not None else "n/a"
+            lines.append(f"| {r['shape']} | {'half zero' if r['zero_half'] else 'all'} | {r['provider']} | "
+                         f"{r['ms']:.2f} | {r['x_floor']:.2f} | {peak} | {r['note']} |")
+    lines += ["", "Matmul rate used for the floor (TFLOP/s): "
+              + ", ".join(f"{k}: {v:.2f}" for k, v in rates.items())]
+    (RESULTS / f"bench_loss_{tag}.md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", help="comma-separated NxHxV (default: the issue's shapes on CUDA, small on CPU)")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--no-write", action="store_true", help="print only; write nothing under results/")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    shapes = args.shapes.split(",") if args.shapes else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    providers = args.providers.split(",")
+    for name in providers:
+        if name not in PROVIDERS:
+            parser.error(f"unknown provider {name!r}; known: {','.join(PROVIDERS)}")
+    meter = Meter(device)
+    env = environment(device)
+    env["dtype"] = str(dtype).replace("torch.", "")
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['dtype']} | commit {env['commit']}")
+    rates, rows = {}, []
+    for shape in shapes:
+        rates[shape], shape_rows = bench_shape(shape, providers, dtype, device, args, meter)
+        rows += shape_rows
+    print(f"\nmatmul rate for the floor: " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in rates.items()))
+    print("\n".join(format_row(r) for r in rows))
+    print(json.dumps(dict(env=env, matmul_tflops=rates, rows=rows)))
+    if not args.no_write:
+        write_results(env, rates, rows, "cuda" if device.type == "cuda" else "cpu")
+
+
+if __name__ == "__main__":
+    main()
