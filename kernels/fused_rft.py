@@ -44,12 +44,14 @@ def _logit_tile(
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_V] tempered logits in fp32; -inf beyond the vocabulary."""
+    h_rows = hidden_ptr + row_ids[:, None] * stride_h
+    w_rows = weight_ptr + cols.to(tl.int64)[:, None] * stride_w    # int64: V * H may pass 2**31
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
-        h = tl.load(hidden_ptr + row_ids[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(weight_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        h = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _mma(h, tl.trans(w), acc, DOT_PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -121,18 +123,18 @@ def _fused_rft_bwd_kernel(
     if BIAS_GRAD:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_ok)
     dz_in = dz.to(weight_ptr.dtype.element_ty)
+    cols64 = cols.to(tl.int64)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < H
-        w = tl.load(weight_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        row_k_ok = row_ok[:, None] & (ks < H)[None, :]
+        col_k_ok = col_ok[:, None] & (ks < H)[None, :]
+        w = tl.load(weight_ptr + cols64[:, None] * stride_w + ks[None, :], mask=col_k_ok, other=0.0)
         grad_h = _mma(dz_in, w, None, DOT_PRECISION, UPCAST)
-        tl.atomic_add(grad_hidden_ptr + row_ids[:, None] * stride_gh + ks[None, :], grad_h,
-                      mask=row_ok[:, None] & k_ok[None, :])
+        tl.atomic_add(grad_hidden_ptr + row_ids[:, None] * stride_gh + ks[None, :], grad_h, mask=row_k_ok)
         if WEIGHT_GRAD:
-            h = tl.load(hidden_ptr + row_ids[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            h = tl.load(hidden_ptr + row_ids[:, None] * stride_h + ks[None, :], mask=row_k_ok, other=0.0)
             grad_w = _mma(tl.trans(dz_in), h, None, DOT_PRECISION, UPCAST)
-            tl.atomic_add(grad_weight_ptr + cols[:, None] * stride_gw + ks[None, :], grad_w,
-                          mask=col_ok[:, None] & k_ok[None, :])
+            tl.atomic_add(grad_weight_ptr + cols64[:, None] * stride_gw + ks[None, :], grad_w, mask=col_k_ok)
 
 
 def _block_config(device: torch.device):

@@ -398,3 +398,22 @@ def test_convergence_matches_reference_path():
 
     fused, ref = train(True), train(False)
     assert fused == pytest.approx(ref, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled kernels at a real shape")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_kernels_at_a_real_shape(dtype):
+    """The compiled kernels (not the interpreter) on a vocabulary and width of a real model, against float64."""
+    n, h, v = 1024, 1536, 151_936
+    hidden, weight, bias, targets = make_inputs(n, h, v, dtype=dtype, bias=False, device="cuda")
+    kwargs = dict(advantages=torch.randn(n, device="cuda"), sft_weights=torch.rand(n, device="cuda"),
+                  entropy_coef=0.01, temperature=0.9)
+    out, grads = run("triton", hidden, weight, targets, **kwargs)
+    ref_loss, ref_logp, ref_entropy, ref_grads = reference(hidden, weight, targets, **kwargs)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert_close(out.loss, ref_loss, tol, tol, "loss")
+    assert_close(out.logprobs, ref_logp, tol, tol, "logprobs")
+    assert_close(out.entropy, ref_entropy, tol, tol, "entropy")
+    for name, g, rg in zip(("hidden", "weight"), grads, ref_grads):
+        scale = rg.abs().max().item()
+        assert_close(g, rg, tol * scale, tol, f"grad {name}")
