@@ -19,10 +19,12 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 # pytest is run as a script, not `python -m pytest`: that would put the repo root on sys.path and expose
 # kernels/ as a top-level `kernels` module.
 test: setup
+	@$(PY) -c "import fastrft._diff" || { echo "the C++ diff extension (csrc/) did not build"; exit 1; }
 	$(VENV)/bin/pytest -q tests
 
 bench: setup
 	$(PY) benchmarks/bench_loss.py
+	$(PY) benchmarks/bench_diff.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

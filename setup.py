@@ -7,7 +7,8 @@ setup(
         Extension(
             "fastrft._diff",
             sources=["csrc/diff.cpp"],
-            extra_compile_args=["-O3", "-std=c++17"],
+            extra_compile_args=["-O3", "-std=c++17", "-pthread"],
+            extra_link_args=["-pthread"],
             language="c++",
             optional=True,
         )

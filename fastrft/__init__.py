@@ -1,5 +1,9 @@
 """fastrft: kernel-level RL fine-tuning of language models with dynamic (refiner) constraints."""
+from fastrft.diff import DiffWeights, diff_mask, diff_masks, diff_weights
 from fastrft.loss import FusedRFTLoss, FusedRFTOutput, fused_rft_loss, token_logprobs
 
-__all__ = ["FusedRFTLoss", "FusedRFTOutput", "fused_rft_loss", "token_logprobs"]
+__all__ = [
+    "DiffWeights", "FusedRFTLoss", "FusedRFTOutput", "diff_mask", "diff_masks", "diff_weights", "fused_rft_loss",
+    "token_logprobs",
+]
 __version__ = "0.1.0"

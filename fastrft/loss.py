@@ -5,10 +5,10 @@ Layers, bottom up:
   * fastrft.kernels.fused_rft   Triton kernels: per-row log-sum-exp, target logit and mean logit, and the gradients
                                 of hidden / weight / bias given dL/dlogp and dL/dentropy per row.
   * _ChunkedTorchHead           the same contract in plain PyTorch, row chunk by row chunk (CPU and reference path).
-  * _LMHeadStatsFunction        autograd.Function: (hidden, weight, bias) -> (logp, entropy) of the selected rows.
-                                Its backward visits only rows whose incoming gradient is non-zero, so ignored,
-                                clipped and zero-advantage rows cost no gradient work.
-  * fused_rft_loss              validates input and writes the row loss of the contract on [R]-sized vectors; autograd
+  * fastrft::lm_head_stats      a torch custom op with autograd (whole under torch.compile): (hidden, weight, bias)
+                                -> per-row logp and entropy. Its backward visits only rows whose incoming gradient is
+                                non-zero, so ignored, clipped and zero-advantage rows cost no gradient work.
+  * fused_rft_loss              validates input and writes the row loss of the contract on [N]-sized vectors; autograd
                                 turns it into the two per-row scalars the kernel needs.
   * FusedRFTLoss                nn.Module over an LM head (nn.Linear, tied embeddings included).
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -105,33 +106,74 @@ def _backend(impl: str):
     return fused_rft
 
 
-class _LMHeadStatsFunction(torch.autograd.Function):
-    """(hidden [N, H], weight [V, H], bias [V] | None) -> (logp [R], entropy [R]) for rows [R] (int64 indices)."""
+@torch.library.custom_op("fastrft::lm_head_stats", mutates_args=())
+def _lm_head_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                   ignore_index: int, inv_temperature: float, impl: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [N, H], weight [V, H], bias [V] | None, targets [N]) -> (logp, entropy, lse, mean_logit), fp32 [N],
+    0 on ignored rows. A custom op, so that torch.compile keeps it whole in its graph; the ignored rows are dropped
+    here, inside the op, where a data-dependent shape costs the compiler nothing."""
+    _check_targets(targets, weight.shape[0], ignore_index)
+    rows = (targets != ignore_index).nonzero().squeeze(1)
+    lse, target_logit, mean_logit = _backend(impl).fused_rft_forward(hidden, weight, bias, targets, rows,
+                                                                     inv_temperature)
+    outputs = tuple(torch.zeros(targets.shape, device=hidden.device, dtype=torch.float32) for _ in range(4))
+    for output, values in zip(outputs, (target_logit - lse, lse - mean_logit, lse, mean_logit)):
+        output[rows] = values
+    return outputs
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows, inv_temperature, impl):
-        lse, target_logit, mean_logit = _backend(impl).fused_rft_forward(hidden, weight, bias, targets, rows,
-                                                                         inv_temperature)
-        ctx.save_for_backward(hidden, weight, bias, targets, rows, lse, mean_logit)
-        ctx.inv_temperature, ctx.impl = inv_temperature, impl
-        ctx.set_materialize_grads(False)
-        return target_logit - lse, lse - mean_logit
 
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, rows, lse, mean_logit = ctx.saved_tensors
-        if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
-        active = grad_logp != 0
-        if grad_entropy is not None:
-            active |= grad_entropy != 0
-        keep = active.nonzero().squeeze(1)
-        dentropy = grad_entropy[keep].float().contiguous() if grad_entropy is not None else None
-        grad_hidden, grad_weight, grad_bias = _backend(ctx.impl).fused_rft_backward(
-            hidden, weight, bias, targets, rows[keep].contiguous(), lse[keep].contiguous(),
-            mean_logit[keep].contiguous(), grad_logp[keep].float().contiguous(), dentropy, ctx.inv_temperature,
-            ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        return (grad_hidden if ctx.needs_input_grad[0] else None), grad_weight, grad_bias, None, None, None, None
+@_lm_head_stats.register_fake
+def _(hidden, weight, bias, targets, ignore_index, inv_temperature, impl):
+    return tuple(hidden.new_empty(targets.shape, dtype=torch.float32) for _ in range(4))
+
+
+@torch.library.custom_op("fastrft::lm_head_stats_backward", mutates_args=())
+def _lm_head_stats_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            targets: torch.Tensor, lse: torch.Tensor, mean_logit: torch.Tensor,
+                            grad_logp: torch.Tensor, grad_entropy: torch.Tensor, ignore_index: int,
+                            inv_temperature: float, impl: str, weight_grad: bool, bias_grad: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of hidden, weight and bias (empty tensors where not wanted). Only rows whose incoming gradient is
+    non-zero are visited: ignored, clipped and zero-coefficient rows cost no gradient work."""
+    valid = targets != ignore_index
+    has_entropy = bool((grad_entropy != 0).any())
+    active = valid & ((grad_logp != 0) | (grad_entropy != 0)) if has_entropy else valid & (grad_logp != 0)
+    rows = active.nonzero().squeeze(1)
+    grad_hidden, grad_weight, grad_bias = _backend(impl).fused_rft_backward(
+        hidden, weight, bias, targets, rows, lse[rows], mean_logit[rows], grad_logp[rows].float(),
+        grad_entropy[rows].float() if has_entropy else None, inv_temperature, weight_grad, bias_grad)
+    # A custom op's outputs may not alias: each absent gradient is its own empty tensor.
+    return grad_hidden, grad_weight if weight_grad else hidden.new_empty(0), grad_bias if bias_grad else hidden.new_empty(0)
+
+
+@_lm_head_stats_backward.register_fake
+def _(hidden, weight, bias, targets, lse, mean_logit, grad_logp, grad_entropy, ignore_index, inv_temperature, impl,
+      weight_grad, bias_grad):
+    return (torch.empty_like(hidden), torch.empty_like(weight) if weight_grad else hidden.new_empty(0),
+            torch.empty_like(bias) if bias_grad else hidden.new_empty(0))
+
+
+def _lm_head_stats_setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, ignore_index, inv_temperature, impl = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[2], output[3])
+    ctx.ignore_index, ctx.inv_temperature, ctx.impl = ignore_index, inv_temperature, impl
+
+
+def _lm_head_stats_autograd(ctx, grad_logp, grad_entropy, _grad_lse, _grad_mean_logit):
+    hidden, weight, bias, targets, lse, mean_logit = ctx.saved_tensors
+    grad_logp = grad_logp if grad_logp is not None else torch.zeros_like(lse)
+    grad_entropy = grad_entropy if grad_entropy is not None else torch.zeros_like(lse)
+    weight_grad = ctx.needs_input_grad[1]
+    bias_grad = bias is not None and ctx.needs_input_grad[2]
+    grad_hidden, grad_weight, grad_bias = _lm_head_stats_backward(
+        hidden, weight, bias, targets, lse, mean_logit, grad_logp, grad_entropy, ctx.ignore_index,
+        ctx.inv_temperature, ctx.impl, weight_grad, bias_grad)
+    return (grad_hidden if ctx.needs_input_grad[0] else None, grad_weight if weight_grad else None,
+            grad_bias if bias_grad else None, None, None, None, None)
+
+
+_lm_head_stats.register_autograd(_lm_head_stats_autograd, setup_context=_lm_head_stats_setup_context)
 
 
 def _resolve_impl(impl, device):
@@ -235,29 +277,15 @@ def _kl(logp, ref, estimator):
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def _row_stats(hidden2d, weight, bias, targets_flat, ignore_index, temperature, impl):
-    """(rows [R] of non-ignored tokens, logp [R], entropy [R]) with logp/entropy differentiable."""
-    rows = (targets_flat != ignore_index).nonzero().squeeze(1)
-    logp, entropy = _LMHeadStatsFunction.apply(hidden2d, weight, bias, targets_flat, rows, 1.0 / temperature, impl)
-    return rows, logp, entropy
-
-
-def _scatter_rows(values, rows, shape):
-    out = torch.zeros(shape.numel(), device=values.device, dtype=torch.float32)
-    out[rows] = values.detach().float()
-    return out.view(shape)
-
-
 def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100, impl=None):
     """log softmax((hidden @ weight.T + bias) / temperature)[targets] as float32 of targets' shape, without
     gradient and without materialising the logits; 0 on ignored rows."""
     hidden2d, weight, targets_flat, bias = _flatten_inputs(hidden, weight, targets, bias)
     _check_scalars(0.2, 0.28, 0.0, "k3", 0.0, temperature, None)
-    _check_targets(targets_flat, weight.shape[0], ignore_index)
     impl = _resolve_impl(impl, hidden2d.device)
     with torch.no_grad():
-        rows, logp, _ = _row_stats(hidden2d, weight, bias, targets_flat, ignore_index, temperature, impl)
-    return _scatter_rows(logp, rows, targets.shape)
+        logp = _lm_head_stats(hidden2d, weight, bias, targets_flat, ignore_index, 1.0 / temperature, impl)[0]
+    return logp.view(targets.shape)
 
 
 def fused_rft_loss(
@@ -278,7 +306,8 @@ def fused_rft_loss(
     hidden [..., H] and weight [V, H] share a dtype (fp32/bf16/fp16); targets [...] are int64 ids; per-token inputs
     (advantages, pg_mask, old_logprobs, ref_logprobs, sft_weights) have targets' shape or [N]. pg_mask defaults to
     every non-ignored row when advantages are given. impl: "triton" (default on CUDA) or "torch" (chunked PyTorch,
-    default on CPU). Returns FusedRFTOutput(loss, logprobs, entropy, metrics).
+    default on CPU). Returns FusedRFTOutput(loss, logprobs, entropy, metrics); under torch.compile the metrics are
+    0-dim tensors instead of floats, so that reading them does not break the graph.
     """
     hidden2d, weight, targets_flat, bias = _flatten_inputs(hidden, weight, targets, bias)
     _check_scalars(clip_low, clip_high, kl_coef, kl_estimator, entropy_coef, temperature, normalizer)
@@ -294,34 +323,34 @@ def fused_rft_loss(
     if (kl_coef > 0 or entropy_coef > 0) and advantages is None and pg_mask is None:
         raise ValueError("kl_coef and entropy_coef act on policy-gradient rows, but neither advantages nor pg_mask "
                          "was given")
-    _check_targets(targets_flat, weight.shape[0], ignore_index)
     impl = _resolve_impl(impl, device)
 
-    rows, logp, entropy = _row_stats(hidden2d, weight, bias, targets_flat, ignore_index, temperature, impl)
+    logp, entropy, _, _ = _lm_head_stats(hidden2d, weight, bias, targets_flat, ignore_index, 1.0 / temperature, impl)
 
-    def at_rows(name, default):
-        value = per_row[name]
-        return value[rows] if value is not None else default
-
+    valid = targets_flat != ignore_index
     zeros = torch.zeros_like(logp)
-    adv = at_rows("advantages", zeros)
-    pg = at_rows("pg_mask", torch.full_like(logp, advantages is not None, dtype=torch.bool)).float()
-    sft_w = at_rows("sft_weights", zeros)
-    old = at_rows("old_logprobs", None)
-    ref = at_rows("ref_logprobs", None)
-
-    # On-policy, old = logp detached: the ratio is 1 and its gradient flows through logp.
-    ratio = torch.exp(logp - (old if old is not None else logp.detach()))
+    pg_rows = valid & (per_row["pg_mask"] if pg_mask is not None else torch.full_like(valid, advantages is not None))
+    pg = pg_rows.float()
+    sft_w = torch.where(valid, per_row["sft_weights"], 0.0) if sft_weights is not None else zeros
+    # Rows off the policy gradient see advantage 0 and old = ref = logp: their padding values, however extreme,
+    # can then put neither inf nor NaN into the loss or its gradient.
+    adv = torch.where(pg_rows, per_row["advantages"], 0.0) if advantages is not None else zeros
+    detached = logp.detach()   # on-policy, old = logp detached: the ratio is 1 and its gradient flows through logp
+    old = torch.where(pg_rows, per_row["old_logprobs"], detached) if old_logprobs is not None else detached
+    ratio = torch.exp(logp - old)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
     pg_terms = -torch.minimum(unclipped, clipped)
-    kl_terms = _kl(logp, ref, kl_estimator) if ref is not None else zeros
+    if ref_logprobs is not None:
+        kl_terms = _kl(logp, torch.where(pg_rows, per_row["ref_logprobs"], detached), kl_estimator)
+    else:
+        kl_terms = zeros
     row_loss = pg * (pg_terms + kl_coef * kl_terms) - sft_w * logp
     if entropy_coef > 0:
         row_loss = row_loss - pg * entropy_coef * entropy
 
     if normalizer is None:
-        normalizer = ((pg > 0) | (sft_w != 0)).sum().clamp(min=1).float()
+        normalizer = (pg_rows | (sft_w != 0)).sum().clamp(min=1).float()
     loss = row_loss.sum() / normalizer
 
     with torch.no_grad():
@@ -332,15 +361,14 @@ def fused_rft_loss(
             (pg * kl_terms).sum() / n_pg,
             kl_coef * (pg * kl_terms).sum() / normalizer,
             (pg * (clipped < unclipped).float()).sum() / n_pg,
-            entropy.mean() if entropy.numel() else zeros.sum(),
+            entropy.sum() / valid.sum().clamp(min=1),
             torch.as_tensor(normalizer, dtype=torch.float32, device=device),
             pg.sum(),
             (sft_w != 0).sum().float(),
-        ]).tolist()
-    metrics = dict(zip(("pg_loss", "sft_loss", "kl", "kl_loss", "clip_frac", "entropy", "normalizer", "pg_tokens",
-                        "sft_tokens"), stats))
-    return FusedRFTOutput(loss, _scatter_rows(logp, rows, targets.shape), _scatter_rows(entropy, rows, targets.shape),
-                          metrics)
+        ])
+    names = ("pg_loss", "sft_loss", "kl", "kl_loss", "clip_frac", "entropy", "normalizer", "pg_tokens", "sft_tokens")
+    metrics = dict(zip(names, stats.unbind() if torch.compiler.is_compiling() else stats.tolist()))
+    return FusedRFTOutput(loss, detached.view(targets.shape), entropy.detach().view(targets.shape), metrics)
 
 
 class FusedRFTLoss(nn.Module):

@@ -1,0 +1,177 @@
+"""How fast is the minimal token diff? fastrft.diff_masks (C++, 1 thread and all threads; the Python twin on a few
+pairs) against difflib.SequenceMatcher, which is neither minimal nor fast.
+
+Cases: 256 pairs of 2048 tokens with 5% edits (substitutions, insertions, deletions; vocabulary 32000), and 16
+unrelated pairs of 4096 tokens: random tokens (caught by the multiset bound), a shuffle of the sample (same tokens,
+so only the budgeted search can stop) and a 64-token vocabulary. Median of repeated runs after a warm-up.
+
+    python benchmarks/bench_diff.py                    # all cores
+    taskset -c 0 python benchmarks/bench_diff.py       # the one-core numbers
+"""
+import argparse
+import difflib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from fastrft.diff import DEFAULT_MAX_D, cpp_available, diff_masks
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def edited(rng, tokens, rate, vocab):
+    out = []
+    for token, u, kind, new in zip(tokens.tolist(), rng.random(len(tokens)), rng.integers(0, 3, len(tokens)),
+                                   rng.integers(0, vocab, len(tokens)).tolist()):
+        if u >= rate:
+            out.append(token)
+        elif kind == 0:
+            out.append(new)
+        elif kind == 1:
+            out += [token, new]
+    return np.array(out, dtype=np.int64)
+
+
+def median_s(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def difflib_changed(samples, refineds):
+    changed = 0
+    for a, b in zip(samples, refineds):
+        matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+        changed += len(b) - sum(block.size for block in matcher.get_matching_blocks())
+    return changed
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    if not cpp_available():
+        sys.exit("fastrft._diff is not built: pip install -e . first")
+    rng = np.random.default_rng(0)
+    vocab = 32_000
+    samples = [rng.integers(0, vocab, 2048) for _ in range(256)]
+    refineds = [edited(rng, s, 0.05, vocab) for s in samples]
+    sample_lists, refined_lists = [s.tolist() for s in samples], [r.tolist() for r in refineds]
+    unrelated = {
+        "random tokens": ([rng.integers(0, vocab, 4096) for _ in range(16)],
+                          [rng.integers(0, vocab, 4096) for _ in range(16)]),
+    }
+    base = [rng.integers(0, vocab, 4096) for _ in range(16)]
+    unrelated["shuffled sample"] = (base, [rng.permutation(s) for s in base])
+    unrelated["vocab 64"] = ([rng.integers(0, 64, 4096) for _ in range(16)],
+                             [rng.integers(0, 64, 4096) for _ in range(16)])
+    cores = len(os.sched_getaffinity(0))
+    rows = []
+
+    def add(case, provider, seconds, changed=None, note=""):
+        rows.append({"case": case, "provider": provider, "ms": round(seconds * 1e3, 3),
+                     "changed_tokens": changed, "note": note})
+
+    case = "256 x 2048, 5% edits"
+    changed = sum(int(m.sum()) for m in diff_masks(samples, refineds, num_threads=1))
+    add(case, "fastrft C++ 1 thread (int64 arrays)",
+        median_s(lambda: diff_masks(samples, refineds, num_threads=1), args.repeats), changed)
+    add(case, "fastrft C++ 1 thread (lists)",
+        median_s(lambda: diff_masks(sample_lists, refined_lists, num_threads=1), args.repeats), changed)
+    add(case, f"fastrft C++ {cores} threads (int64 arrays)",
+        median_s(lambda: diff_masks(samples, refineds), args.repeats), changed)
+    few = 8
+    py_s = median_s(lambda: diff_masks(sample_lists[:few], refined_lists[:few], backend="python"), 2)
+    add(case, "fastrft Python twin", py_s * 256 / few, changed, f"measured on {few} pairs, scaled to 256")
+    add(case, "difflib.SequenceMatcher (autojunk=False)",
+        median_s(lambda: difflib_changed(sample_lists, refined_lists), 3),
+        difflib_changed(sample_lists, refined_lists), "no minimality guarantee")
+
+    for name, (a, b) in unrelated.items():
+        case = f"16 x 4096 unrelated, {name}"
+        masks = diff_masks(a, b, num_threads=1)
+        changed = sum(int(m.sum()) for m in masks)
+        add(case, "fastrft C++ 1 thread", median_s(lambda: diff_masks(a, b, num_threads=1), args.repeats), changed,
+            f"max_d={DEFAULT_MAX_D}")
+        add(case, f"fastrft C++ {cores} threads", median_s(lambda: diff_masks(a, b), args.repeats), changed,
+            f"max_d={DEFAULT_MAX_D}")
+        if name == "vocab 64":
+            exact = diff_masks(a, b, num_threads=1, max_d=8192)
+            add(case, "fastrft C++ 1 thread, exact (max_d=8192)",
+                median_s(lambda: diff_masks(a, b, num_threads=1, max_d=8192), 3),
+                sum(int(m.sum()) for m in exact), "minimal")
+        add(case, "difflib.SequenceMatcher (autojunk=False)",
+            median_s(lambda: difflib_changed([x.tolist() for x in a], [x.tolist() for x in b]), 1),
+            difflib_changed([x.tolist() for x in a], [x.tolist() for x in b]), "no minimality guarantee")
+
+    print(f"{'case':42s} {'provider':44s} {'ms':>10s} {'changed':>9s}  note")
+    for row in rows:
+        print(f"{row['case']:42s} {row['provider']:44s} {row['ms']:10.2f} {str(row['changed_tokens']):>9s}  "
+              f"{row['note']}")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(RESULTS)).stdout.strip()
+    except OSError:
+        commit = ""
+    meta = {
+        "cpu": cpu_model(), "cores_available": cores, "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "commit": commit, "default_max_d": DEFAULT_MAX_D,
+        "command": " ".join(["python"] + sys.argv),
+    }
+    result = {"meta": meta, "rows": rows}
+    print(json.dumps(result))
+    write_results(result)
+
+
+def write_results(result):
+    """bench_diff.json keeps one run per number of available cores (so the taskset -c 0 run and the all-core run
+    sit side by side); bench_diff.md is rebuilt from it."""
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, "bench_diff.json")
+    runs = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            runs = {str(run["meta"]["cores_available"]): run for run in json.load(f)["runs"]}
+    runs[str(result["meta"]["cores_available"])] = result
+    ordered = [runs[key] for key in sorted(runs, key=int)]
+    with open(path, "w") as f:
+        json.dump({"runs": ordered}, f, indent=1)
+    lines = ["# bench_diff: minimal token diff vs difflib", ""]
+    for run in ordered:
+        meta = run["meta"]
+        lines += [f"## {meta['cores_available']} core(s) available", "",
+                  f"CPU {meta['cpu']}; Python {meta['python']}, torch {meta['torch']}, numpy {meta['numpy']}; "
+                  f"commit {meta['commit']}; default max_d {meta['default_max_d']}.", "",
+                  f"Command: `{meta['command']}`", "",
+                  "| case | provider | ms (median) | changed tokens | note |", "|---|---|---:|---:|---|"]
+        lines += [f"| {r['case']} | {r['provider']} | {r['ms']:.2f} | {r['changed_tokens']} | {r['note']} |"
+                  for r in run["rows"]]
+        lines.append("")
+    with open(os.path.join(RESULTS, "bench_diff.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
