@@ -15,8 +15,8 @@ skips in the backward pass.
 
 Reported: median time over --repeat runs after --warmup (CUDA events on the GPU, perf_counter on the CPU); the floor
 6*N*H*V / (measured matmul rate in the same dtype) and each time as a multiple of it; peak memory beyond inputs and
-gradients (CUDA: max_memory_allocated; CPU: the process's peak RSS, reset through /proc/self/clear_refs, with glibc's
-mmap threshold fixed so that freed buffers leave the RSS). Prints a table, then one JSON line; writes
+gradients (CUDA: max_memory_allocated; CPU: the peak RSS of a fresh process per provider, reset through
+/proc/self/clear_refs after one warm-up call, with glibc's mmap threshold fixed so that freed buffers leave the RSS). Prints a table, then one JSON line; writes
 benchmarks/results/bench_loss_<device>.{json,md}.
 
     python benchmarks/bench_loss.py                      # the issue's shapes on CUDA, small ones on the CPU
@@ -182,44 +182,74 @@ def matmul_tflops(meter, n, h, v, dtype, device):
     return 2 * n * h * v / (ms * 1e-3) / 1e12
 
 
+def make_inputs(shape, dtype, device, zero_half):
+    """The same inputs for every provider (and in the memory-measuring child process)."""
+    n, h, v = map(int, shape.split("x"))
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = (torch.randn(n, h, device=device, generator=gen) * 0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, device=device, generator=gen) / h**0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), device=device, generator=gen)
+    adv = torch.randn(n, device=device, generator=gen)
+    sft_w = (torch.rand(n, device=device, generator=gen) < 0.25).float()
+    if zero_half:
+        adv[: n // 2] = 0
+        sft_w[: n // 2] = 0
+    return hidden, weight, targets, adv, sft_w
+
+
+def make_step(name, shape, dtype, device, zero_half):
+    """(fwd+bwd callable, note, bytes of the gradients it leaves)."""
+    hidden, weight, targets, adv, sft_w = make_inputs(shape, dtype, device, zero_half)
+    fn, note = make_provider(name, device)
+
+    def step():
+        hidden.grad = weight.grad = None
+        fn(hidden, weight, targets, adv, sft_w).backward()
+
+    return step, note, (hidden.numel() + weight.numel()) * hidden.element_size()
+
+
 def bench_shape(shape, providers, dtype, device, args, meter):
     n, h, v = map(int, shape.split("x"))
-    torch.manual_seed(0)
-    hidden = (torch.randn(n, h, device=device) * 0.5).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, device=device) / h**0.5).to(dtype).requires_grad_()
-    targets = torch.randint(0, v, (n,), device=device)
     rate = matmul_tflops(meter, n, h, v, dtype, device)
     floor_ms = 6 * n * h * v / (rate * 1e12) * 1e3
-    grad_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
     rows = []
     for zero_half in (False, True):
-        adv = torch.randn(n, device=device)
-        sft_w = (torch.rand(n, device=device) < 0.25).float()
-        if zero_half:
-            adv[: n // 2] = 0
-            sft_w[: n // 2] = 0
         for name in providers:
             row = dict(shape=shape, N=n, H=h, V=v, provider=name, zero_half=zero_half, floor_ms=floor_ms)
             try:
-                fn, note = make_provider(name, device)
-
-                def step():
-                    hidden.grad = weight.grad = None
-                    fn(hidden, weight, targets, adv, sft_w).backward()
-
+                step, note, grad_bytes = make_step(name, shape, dtype, device, zero_half)
                 row["ms"] = meter.time_ms(step, args.warmup, args.repeat)
-                hidden.grad = weight.grad = None
-                peak = meter.peak_extra_bytes(step, grad_bytes)
+                if device.type == "cuda":
+                    peak = meter.peak_extra_bytes(step, grad_bytes)
+                else:
+                    del step
+                    peak = measure_in_child(name, shape, dtype, zero_half)
                 row.update(x_floor=row["ms"] / floor_ms, peak_extra_mb=None if peak is None else peak / 2**20,
                            note=note)
             except Exception as exc:  # a provider that cannot run here (missing package, CUDA only, OOM, API)
                 row["skipped"] = str(exc).splitlines()[0][:120]
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            hidden.grad = weight.grad = None
             rows.append(row)
             print(format_row(row), flush=True)
     return rate, rows
+
+
+def measure_in_child(name, shape, dtype, zero_half):
+    """Peak memory on the CPU, measured in a fresh process (one warm-up call, then the measured one), so that no
+    other provider's freed memory is reused and hidden from the RSS."""
+    cmd = [sys.executable, __file__, "--measure-memory", name, shape, str(dtype).replace("torch.", ""),
+           str(int(zero_half))]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def child_measure_memory(name, shape, dtype_name, zero_half):
+    device = torch.device("cpu")
+    step, _, grad_bytes = make_step(name, shape, getattr(torch, dtype_name), device, zero_half == "1")
+    step()
+    print(json.dumps(dict(peak_extra_bytes=Meter(device).peak_extra_bytes(step, grad_bytes))))
 
 
 def format_row(r):
@@ -278,7 +308,11 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--no-write", action="store_true", help="print only; write nothing under results/")
+    parser.add_argument("--measure-memory", nargs=4, metavar=("PROVIDER", "SHAPE", "DTYPE", "ZERO_HALF"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure_memory:
+        return child_measure_memory(*args.measure_memory)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shapes = args.shapes.split(",") if args.shapes else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
