@@ -137,11 +137,12 @@ def _fused_rft_bwd_kernel(
             tl.atomic_add(grad_weight_ptr + cols64[:, None] * stride_gw + ks[None, :], grad_w, mask=col_k_ok)
 
 
-def _block_config(device: torch.device):
-    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages). Small tiles in the interpreter, where every tile is
-    emulated with numpy; bf16 tensor-core tiles on the GPU."""
+def _block_config(device: torch.device, vocab_size: int):
+    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages). In the interpreter, where each tile op is emulated with
+    numpy at a fixed cost, small tiles exercise the multi-tile paths at test shapes and wide vocabulary tiles keep
+    large vocabularies affordable; on the GPU, bf16 tensor-core tiles."""
     if device.type != "cuda":
-        return 16, 32, 16, 1, 1
+        return 16, (32 if vocab_size <= 4096 else 1024), 16, 1, 1
     return 64, 128, 64, 8, 3
 
 
@@ -170,7 +171,7 @@ def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature: floa
     lse, target_logit, mean_logit = (torch.empty(n_rows, device=hidden.device, dtype=torch.float32) for _ in range(3))
     if n_rows == 0:
         return lse, target_logit, mean_logit
-    block_m, block_v, block_k, num_warps, num_stages = _block_config(hidden.device)
+    block_m, block_v, block_k, num_warps, num_stages = _block_config(hidden.device, V)
     _fused_rft_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
         hidden, weight, bias if bias is not None else weight, targets, rows, lse, target_logit, mean_logit,
         n_rows, H, V, hidden.stride(0), weight.stride(0), inv_temperature,
@@ -191,7 +192,7 @@ def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlo
     grad_bias = torch.zeros(V, device=device, dtype=torch.float32) if bias_grad else None
     n_rows = rows.numel()
     if n_rows:
-        block_m, block_v, block_k, num_warps, num_stages = _block_config(device)
+        block_m, block_v, block_k, num_warps, num_stages = _block_config(device, V)
         _fused_rft_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(V, block_v))](
             hidden, weight, bias if bias is not None else weight, targets, rows, lse, mean_logit, dlogp,
             dentropy if dentropy is not None else dlogp,
