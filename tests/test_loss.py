@@ -12,6 +12,14 @@ import fastrft
 from fastrft import loss as loss_module
 
 IMPLS = ["torch", "triton"]
+# On a GPU machine every test runs on CUDA tensors (the compiled kernels); elsewhere on the CPU (the interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _default_device():
+    with torch.device(DEVICE):
+        yield
 
 
 def reference(hidden, weight, targets, *, bias=None, advantages=None, pg_mask=None, old_logprobs=None,
@@ -58,7 +66,7 @@ def reference(hidden, weight, targets, *, bias=None, advantages=None, pg_mask=No
     return loss.detach(), logp.detach(), entropy.detach(), grad_of
 
 
-def make_inputs(n, h, v, *, dtype=torch.float32, bias=True, ignored=0.2, device="cpu", batch_shape=None):
+def make_inputs(n, h, v, *, dtype=torch.float32, bias=True, ignored=0.2, device=DEVICE, batch_shape=None):
     shape = batch_shape or (n,)
     hidden = torch.randn(*shape, h, device=device).to(dtype).requires_grad_()
     weight = (torch.randn(v, h, device=device) / math.sqrt(h) * 3).to(dtype).requires_grad_()
@@ -319,8 +327,8 @@ def test_module_with_tied_embeddings(impl):
 
 
 def test_default_impl_follows_device():
-    hidden, weight, bias, targets = make_inputs(4, 8, 11)
-    assert loss_module._resolve_impl(None, hidden.device) == "torch"
+    assert loss_module._resolve_impl(None, torch.device("cpu")) == "torch"
+    assert loss_module._resolve_impl(None, torch.device("cuda")) == "triton"
 
 
 BAD_INPUTS = [
@@ -371,7 +379,7 @@ def test_convergence_matches_reference_path():
         torch.manual_seed(1)
         embed, head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
         opt = torch.optim.SGD([*embed.parameters(), *head.parameters()], lr=0.5)
-        gen = torch.Generator().manual_seed(2)
+        gen = torch.Generator(DEVICE).manual_seed(2)
         curve = []
         for _ in range(steps):
             ids = torch.randint(0, vocab, (4, 9), generator=gen)
