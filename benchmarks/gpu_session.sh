@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One run on a lent GPU machine: install the carried wheels (.whl/, from ../shared/gpu/prepare-wheels.sh) and
 # fastrft into /tmp/site, check correctness (the whole test suite on CUDA tensors, so the compiled kernels run at
-# every tested shape, plus the real-shape CUDA tests), then time bench_loss and bench_diff. Everything lands under
-# $OUT (at most 8 files come back); the short table comes last. Usage, from the repository root:  OUT=/some/dir bash benchmarks/gpu_session.sh
+# every tested shape, plus the real-shape CUDA tests), then time bench_loss. Everything lands under $OUT (at most
+# 8 files come back); the short table comes last. From the repository root: OUT=/some/dir bash benchmarks/gpu_session.sh
 set -euo pipefail
 : "${OUT:?set OUT to the folder for the results}"
 site=/tmp/site
