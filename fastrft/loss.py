@@ -144,7 +144,8 @@ def _lm_head_stats_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Op
         hidden, weight, bias, targets, rows, lse[rows], mean_logit[rows], grad_logp[rows].float(),
         grad_entropy[rows].float() if has_entropy else None, inv_temperature, weight_grad, bias_grad)
     # A custom op's outputs may not alias: each absent gradient is its own empty tensor.
-    return grad_hidden, grad_weight if weight_grad else hidden.new_empty(0), grad_bias if bias_grad else hidden.new_empty(0)
+    return (grad_hidden, grad_weight if weight_grad else hidden.new_empty(0),
+            grad_bias if bias_grad else hidden.new_empty(0))
 
 
 @_lm_head_stats_backward.register_fake
