@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,integrations]" "$(TORCH_SPEC)"
 	touch $@
 
 # pytest is run as a script, not `python -m pytest`: that would put the repo root on sys.path and expose

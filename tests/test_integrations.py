@@ -1,0 +1,385 @@
+"""fastrft inside other training stacks: TRL's GRPOTrainer, PEFT/LoRA, a plain PyTorch loop.
+
+Models are tiny Llamas built from a config and saved under tmp_path; the tokenizer is a character-level WordLevel
+vocabulary built offline. Nothing is downloaded. The reference for the TRL trainer is TRL's own compute_loss on the
+same model and batch; the reference for the LoRA test is the contract's formula in float64 over full logits.
+"""
+import copy
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastrft
+
+REPO = Path(__file__).resolve().parents[1]
+# transformers 5 renames gradient checkpointing, which TRL's config still enables by that name.
+pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="transformers is not installed (pip install 'fastrft[integrations]')")
+needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None,
+                               reason="trl is not installed (pip install 'fastrft[integrations]')")
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                reason="peft is not installed (pip install 'fastrft[integrations]')")
+
+CHARS = "abcdefghijklmnopqrstuvwxyz "
+LORA_TARGETS = ["q_proj", "v_proj"]
+
+
+def tiny_llama(tie_word_embeddings=False, **config_overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=4 + len(CHARS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie_word_embeddings, **config_overrides)
+    return LlamaForCausalLM(config)
+
+
+def char_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: 4 + i for i, c in enumerate(CHARS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny untied Llama and its tokenizer, saved locally."""
+    path = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def count_a(completions, **kwargs):
+    return [float(c.count("a")) for c in completions]
+
+
+def make_trainer(model, tmp_path, peft_config=None, **config):
+    """A FastRFTGRPOTrainer on `model` (a path, or a model saved under tmp_path first: with beta > 0 TRL loads the
+    reference model from the policy's path)."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from fastrft.integrations import FastRFTGRPOTrainer
+
+    defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+                    max_completion_length=6, learning_rate=1e-2, report_to="none", logging_steps=1,
+                    save_strategy="no", use_cpu=True, disable_tqdm=True, gradient_accumulation_steps=2,
+                    steps_per_generation=4)
+    args = GRPOConfig(**{**defaults, **config})
+    if not isinstance(model, str):
+        path = tmp_path / "policy"
+        model.save_pretrained(path)
+        model = str(path)
+    dataset = Dataset.from_dict({"prompt": ["abc", "hello", "xyz ab", "qq"] * 4})
+    return FastRFTGRPOTrainer(model=model, reward_funcs=count_a, args=args, train_dataset=dataset,
+                              processing_class=char_tokenizer(), peft_config=peft_config)
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0)
+
+
+class LMHeadCalls:
+    """Records the number of positions each call of the LM head projects: the loss must never need more than one."""
+
+    def __init__(self, head):
+        self.positions = []
+        self._handle = head.register_forward_hook(lambda module, args, out: self.positions.append(args[0].shape[-2]))
+
+    def close(self):
+        self._handle.remove()
+
+
+# ----------------------------------------------------------------------------------------------------- TRL trainer
+
+@needs_trl
+@pytest.mark.parametrize("setup", ["grpo-kl-offpolicy", "dapo-lora-tied"])
+def test_trainer_trains(setup, model_dir, tmp_path):
+    if setup == "grpo-kl-offpolicy":  # num_iterations=2: TRL computes old log-probs, the ratio is not 1
+        trainer = make_trainer(model_dir, tmp_path, max_steps=2, loss_type="grpo", beta=0.1,
+                               use_bias_correction_kl=False, num_iterations=2)
+    else:
+        pytest.importorskip("peft", reason="peft is not installed (pip install 'fastrft[integrations]')")
+        trainer = make_trainer(tiny_llama(tie_word_embeddings=True), tmp_path, peft_config=lora_config(),
+                               max_steps=2, loss_type="dapo")
+    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    head_calls = LMHeadCalls(trainer._causal_lm(trainer.model).get_output_embeddings())
+    trainer.train()
+    head_calls.close()
+
+    logs = [entry for entry in trainer.state.log_history if "fastrft/pg_loss" in entry]
+    assert len(logs) == 2, "every optimiser step logs fastrft's metrics"
+    for entry in logs:
+        assert all(torch.isfinite(torch.tensor(entry[k])) for k in ("loss", "entropy", "clip_ratio/region_mean"))
+    if setup == "grpo-kl-offpolicy":
+        assert all("kl" in entry for entry in logs)
+    params = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(params[n], before) for n, before in trainable.items()), "no trainable weight moved"
+    assert all(torch.equal(params[n], before) for n, before in frozen.items()), "a frozen weight moved"
+    # Generation projects one position per call; the fused loss never calls the head on the completion.
+    assert head_calls.positions and max(head_calls.positions) == 1
+
+
+# Each case: loss_type, beta, and what else differs from the plain off-policy batch.
+EQUIVALENCE_CASES = [(loss_type, beta, "off-policy") for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+                     for beta in (0.0, 0.1)] + [
+    ("grpo", 0.0, "on-policy"),         # no old log-probs: ratio 1, gradient -A
+    ("dapo", 0.1, "eval"),              # evaluation: no accumulation scaling, dapo's eval normaliser
+    ("bnpo", 0.1, "entropy-bonus"),     # entropy_coef: expressible with bnpo
+    ("dapo", 0.1, "vllm-is-tool-mask"),  # vLLM importance-sampling correction folded into A, and a tool mask
+    ("grpo", 0.1, "lora-tied"),         # PEFT adapters, frozen head tied to the input embedding
+]
+
+
+def equivalence_batch(trainer, case, n_seq=4, prompt_len=3, n_tokens=5):
+    """A TRL-shaped micro-batch with left-padded prompts, ragged completions (one empty) and off-policy ratios wide
+    enough to clip on both sides."""
+    generator = torch.Generator().manual_seed(1)
+    vocab = trainer.model.config.vocab_size
+    prompt_ids = torch.randint(4, vocab, (n_seq, prompt_len), generator=generator)
+    prompt_mask = torch.ones(n_seq, prompt_len, dtype=torch.long)
+    prompt_mask[1, 0] = prompt_mask[2, :2] = 0
+    prompt_ids[prompt_mask == 0] = 0
+    completion_ids = torch.randint(4, vocab, (n_seq, n_tokens), generator=generator)
+    lengths = torch.tensor([5, 3, 3, 0])
+    completion_mask = (torch.arange(n_tokens)[None] < lengths[:, None]).long()
+    completion_ids[completion_mask == 0] = 0
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1),
+            n_tokens)
+    inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                  completion_mask=completion_mask, advantages=torch.tensor([1.2, -0.7, 0.4, -1.0]),
+                  num_items_in_batch=completion_mask.sum() * 3)
+    if case != "on-policy":
+        inputs["old_per_token_logps"] = logps + 0.4 * torch.randn(logps.shape, generator=generator)
+    if trainer.beta != 0.0:
+        inputs["ref_per_token_logps"] = logps + 0.5 * torch.randn(logps.shape, generator=generator)
+    if case == "vllm-is-tool-mask":
+        inputs["importance_sampling_ratio"] = torch.rand(logps.shape, generator=generator) * 1.5
+        inputs["tool_mask"] = torch.ones_like(completion_mask)
+        inputs["tool_mask"][0, 1:3] = 0
+    return inputs
+
+
+def loss_and_grads(compute_loss, trainer, inputs):
+    trainer.model.zero_grad(set_to_none=True)
+    loss = compute_loss(trainer, trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@needs_trl
+@pytest.mark.parametrize("loss_type,beta,case", EQUIVALENCE_CASES)
+def test_loss_and_gradients_match_trl(loss_type, beta, case, tmp_path):
+    from trl import GRPOTrainer
+
+    from fastrft.integrations import FastRFTGRPOTrainer
+
+    torch.manual_seed(0)
+    # fp32 throughout: under TRL's default bf16 autocast its own LM head runs in bf16, ours in fp32.
+    config = dict(loss_type=loss_type, beta=beta, use_bias_correction_kl=False, temperature=0.7, epsilon=0.2,
+                  epsilon_high=0.28, bf16=False)
+    if case == "entropy-bonus":
+        config["entropy_coef"] = 0.05
+    if case == "lora-tied":
+        pytest.importorskip("peft", reason="peft is not installed (pip install 'fastrft[integrations]')")
+        trainer = make_trainer(tiny_llama(tie_word_embeddings=True), tmp_path, peft_config=lora_config(), **config)
+    else:
+        trainer = make_trainer(tiny_llama(), tmp_path, **config)
+    trainer.current_gradient_accumulation_steps = 2  # set by Trainer.train(); the normalisers depend on it
+    if case == "vllm-is-tool-mask":  # the vLLM path of compute_loss, without a vLLM server
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    trainer.model.train(case != "eval")
+    inputs = equivalence_batch(trainer, case)
+
+    trl_loss, trl_grads = loss_and_grads(GRPOTrainer.compute_loss, trainer, inputs)
+    head_calls = LMHeadCalls(trainer._causal_lm(trainer.model).get_output_embeddings())
+    our_loss, our_grads = loss_and_grads(FastRFTGRPOTrainer.compute_loss, trainer, inputs)
+    head_calls.close()
+
+    assert head_calls.positions == [1], "the loss must run the LM head on one position only (never full logits)"
+    assert trl_loss.abs() > 1e-4, "a vanishing loss would make the comparison vacuous"
+    torch.testing.assert_close(our_loss, trl_loss, rtol=1e-5, atol=1e-7)
+    assert our_grads.keys() == trl_grads.keys()
+    for name, trl_grad in trl_grads.items():
+        scale = trl_grad.abs().max().clamp(min=1e-12)
+        torch.testing.assert_close(our_grads[name] / scale, trl_grad / scale, rtol=1e-4, atol=1e-5, msg=name)
+    if case == "lora-tied":
+        head = trainer._causal_lm(trainer.model).get_output_embeddings()
+        assert head.weight is trainer._causal_lm(trainer.model).get_input_embeddings().weight
+        assert head.weight.grad is None
+    # TRL's compute_loss logged first, ours second, under the same names.
+    metrics = trainer._metrics["eval" if case == "eval" else "train"]
+    shared = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+              "clip_ratio/low_min", "clip_ratio/high_max"] + (["kl"] if beta else []) + (
+              ["policy_loss"] if case == "entropy-bonus" else [])
+    for name in shared:
+        assert len(metrics[name]) == 2, name
+        assert metrics[name][1] == pytest.approx(metrics[name][0], rel=1e-4, abs=1e-6), name
+    assert metrics["fastrft/pg_loss"]
+    if case != "on-policy":
+        assert metrics["clip_ratio/region_mean"][-1] > 0, "the batch must clip on some tokens"
+
+
+UNSUPPORTED_OPTIONS = [
+    (dict(loss_type="cispo"), "loss_type='cispo'"),
+    (dict(loss_type="sapo"), "loss_type='sapo'"),
+    (dict(loss_type="vespo"), "loss_type='vespo'"),
+    (dict(importance_sampling_level="sequence"), "importance_sampling_level='sequence'"),
+    (dict(delta=2.0), "GRPOConfig.delta=2.0"),
+    (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
+    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
+    (dict(beta=0.1), "use_bias_correction_kl=True .* set use_bias_correction_kl=False"),
+    (dict(entropy_coef=0.01, loss_type="dapo"), "entropy_coef=0.01 .*loss_type='bnpo' only"),
+    (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
+]
+
+
+@needs_trl
+@pytest.mark.parametrize("options,message", UNSUPPORTED_OPTIONS)
+def test_unsupported_options_fail_at_construction(options, message, model_dir, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(model_dir, tmp_path, **options)
+
+
+@needs_trl
+def test_unsupported_models_fail_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        make_trainer(tiny_llama(final_logit_softcapping=30.0), tmp_path)
+    pytest.importorskip("peft", reason="peft is not installed (pip install 'fastrft[integrations]')")
+    from peft import LoraConfig
+
+    head_adapter = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, modules_to_save=["lm_head"],
+                              lora_dropout=0.0)
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        make_trainer(tiny_llama(), tmp_path, peft_config=head_adapter)
+
+
+@needs_trl
+def test_malformed_batches_raise_actionable_errors(tmp_path):
+    from fastrft.integrations import FastRFTGRPOTrainer
+
+    trainer = make_trainer(tiny_llama(), tmp_path, loss_type="bnpo")
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = equivalence_batch(trainer, "off-policy")
+    bad_old = {**inputs, "old_per_token_logps": inputs["old_per_token_logps"][:, :-1]}
+    with pytest.raises(ValueError, match=r"old_logprobs has shape \(4, 4\) but targets has shape \(4, 5\)"):
+        FastRFTGRPOTrainer.compute_loss(trainer, trainer.model, bad_old)
+    bad_advantages = {**inputs, "advantages": torch.zeros(4, 6)}
+    with pytest.raises(ValueError, match=r"advantages must have shape \(4,\) or \(4, 5\)"):
+        FastRFTGRPOTrainer.compute_loss(trainer, trainer.model, bad_advantages)
+
+
+def test_missing_trl_gives_one_clear_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` now raises ImportError
+    monkeypatch.delitem(sys.modules, "fastrft.integrations.trl", raising=False)
+    import fastrft.integrations
+
+    with pytest.raises(ImportError, match=r'pip install "fastrft\[integrations\]"'):
+        fastrft.integrations.FastRFTGRPOTrainer
+
+
+# ---------------------------------------------------------------------------------------------------- PEFT / LoRA
+
+def reference_loss64(hidden, weight, targets, advantages, old_logprobs, clip_low, clip_high):
+    """The contract's policy-gradient loss in float64 from full logits: token mean of -min(rA, clip(r)A)."""
+    logp = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1)
+    valid = targets != -100
+    logp_t = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    ratio = torch.exp(logp_t - old_logprobs.double())
+    adv = advantages.double()
+    rows = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+    return rows[valid].sum() / valid.sum()
+
+
+@needs_peft
+@needs_transformers
+@pytest.mark.parametrize("tie_word_embeddings", [False, True])
+def test_lora_frozen_head_gets_no_gradient(tie_word_embeddings):
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(tie_word_embeddings=tie_word_embeddings), lora_config())
+    for name, param in model.named_parameters():  # LoRA's B starts at 0; move it so the adapters change the output
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    reference = copy.deepcopy(model).double()
+    head = model.get_base_model().get_output_embeddings()
+    assert not head.weight.requires_grad
+    if tie_word_embeddings:
+        assert head.weight is model.get_base_model().get_input_embeddings().weight
+
+    ids = torch.randint(4, model.config.vocab_size, (3, 9))
+    targets = ids[:, 1:].clone()
+    targets[0, :3] = -100  # prompt tokens
+    advantages = torch.randn(3)[:, None].expand_as(targets)
+    old_logprobs = -3.5 + 0.5 * torch.randn(targets.shape)
+    loss_fn = fastrft.FusedRFTLoss(head, clip_low=0.2, clip_high=0.28)
+
+    hidden = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]
+    loss_fn(hidden, targets, advantages=advantages, old_logprobs=old_logprobs).loss.backward()
+    hidden64 = reference(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]
+    head64 = reference.get_base_model().get_output_embeddings()
+    reference_loss64(hidden64, head64.weight, targets, advantages, old_logprobs, 0.2, 0.28).backward()
+
+    assert head.weight.grad is None
+    lora_grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert lora_grads and all("lora_" in n for n in lora_grads)
+    reference_grads = dict(reference.named_parameters())
+    for name, grad in lora_grads.items():
+        expected = reference_grads[name].grad
+        assert expected.abs().max() > 0, name
+        torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item(),
+                                   msg=name)
+
+
+# ---------------------------------------------------------------------------- errors a user of another trainer meets
+
+@needs_transformers
+def test_wiring_mistakes_raise_actionable_errors():
+    model = tiny_llama()
+    ids = torch.randint(4, model.config.vocab_size, (2, 7))
+    hidden = model.model(input_ids=ids).last_hidden_state  # [2, 7, 32]
+    loss_fn = fastrft.FusedRFTLoss(model.lm_head)
+    targets = ids[:, 1:]  # [2, 6]
+    advantages = torch.randn(2)
+
+    # Hidden states not shifted to the positions that predict the targets.
+    with pytest.raises(ValueError, match=r"targets shape \(2, 6\) does not match the leading shape of hidden \(2, 7\)"):
+        loss_fn(hidden, targets, advantages=advantages[:, None].expand_as(targets))
+    # The head's weight handed over transposed ([H, V] instead of [V, H]).
+    with pytest.raises(ValueError, match=r"LM-head weight is 31 wide but the hidden size is 32.*must be \[V, H\]"):
+        fastrft.fused_rft_loss(hidden[:, :-1], model.lm_head.weight.T, targets, advantages=torch.ones(targets.shape))
+    # One advantage per sequence where one per token is expected.
+    with pytest.raises(ValueError, match=r"advantages has shape \(2,\) but targets has shape \(2, 6\): one value per "
+                                         r"token"):
+        loss_fn(hidden[:, :-1], targets, advantages=advantages)
+    with pytest.raises(ValueError, match=r"old_logprobs has shape \(2, 7\) but targets has shape \(2, 6\)"):
+        loss_fn(hidden[:, :-1], targets, advantages=torch.ones(targets.shape), old_logprobs=torch.zeros(2, 7))
+
+
+# ---------------------------------------------------------------------------------------------- plain PyTorch loop
+
+@needs_transformers
+def test_plain_pytorch_example_runs_and_learns():
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "plain_pytorch.py"), "--steps", "12"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rewards = [float(r) for r in re.findall(r"reward ([0-9.]+)", result.stdout)]
+    assert len(rewards) == 12
+    assert sum(rewards[-3:]) > 2 * sum(rewards[:3]), f"the toy reward should rise: {rewards}"
