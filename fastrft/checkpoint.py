@@ -1,0 +1,325 @@
+"""Checkpoints of a training run, written atomically, and a clean stop on SIGINT/SIGTERM.
+
+    save_checkpoint(run_dir, step, model=, optimizer=, scheduler=, state=)   -> run_dir/checkpoints/step_00000006/
+    load_checkpoint(run_dir, model=, optimizer=, scheduler=)                 -> (step, state)
+    latest_checkpoint(run_dir)                                              -> the directory load_checkpoint would read
+    StopSignal()                                                            SIGINT/SIGTERM -> a flag, while active
+
+Layout of one checkpoint (run_dir/checkpoints/step_{step:08d}/):
+    model.pt         model.state_dict() (torch.save: tied weights stay tied, which safetensors would refuse)
+    optimizer.pt     optimizer.state_dict(), when an optimizer was given
+    scheduler.pt     scheduler.state_dict(), when a scheduler was given
+    rng.pt           python `random`, numpy's global generator, torch CPU and every CUDA device
+    state.json       the trainer's own JSON-able state (data position, counters, ...)
+    checkpoint.json  manifest, written last: step and the files above. A directory without it is not a checkpoint.
+and run_dir/checkpoints/latest holds the name of the newest one.
+
+Atomicity: everything is written into a hidden sibling (.tmp-step_...), each file fsynced, then the directory is
+renamed into place and `latest` replaced (write + fsync + os.replace). A crash at any point leaves the previous
+checkpoint intact and `latest` naming it; leftovers of the crash are removed by the next save. Re-saving a step that
+already exists moves the old directory aside first: a crash in that instant loses that step and `latest` falls back to
+the previous one.
+
+Simplified: one writer per run directory (no locking); everything is saved from this process (no sharded or
+distributed state); the files are loaded with torch.load(weights_only=True), so an optimizer or scheduler whose state
+holds arbitrary Python objects cannot be restored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+MANIFEST_FILE = "checkpoint.json"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_TMP_PREFIX = ".tmp-"
+
+
+def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    state: dict | None = None, keep: int | None = 2) -> Path:
+    """Write a checkpoint of `step` under run_dir/checkpoints/ and return its directory.
+
+    Keeps the newest `keep` checkpoints (by step; None keeps all), never the one just written nor the one `latest`
+    names. `state` must be JSON-serialisable: it comes back as-is from load_checkpoint."""
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1 or None, got {keep}")
+    try:  # before touching the disk, so a bad state costs nothing
+        state_json = json.dumps({} if state is None else state, indent=2, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"state must be JSON-serialisable: {e}") from e
+
+    ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(ckpt_root)
+    name = f"step_{step:08d}"
+    final_dir = ckpt_root / name
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=ckpt_root))
+    try:
+        files = ["model.pt", "rng.pt", "state.json"]
+        _write_torch(tmp_dir / "model.pt", model.state_dict())
+        if optimizer is not None:
+            _write_torch(tmp_dir / "optimizer.pt", optimizer.state_dict())
+            files.append("optimizer.pt")
+        if scheduler is not None:
+            _write_torch(tmp_dir / "scheduler.pt", scheduler.state_dict())
+            files.append("scheduler.pt")
+        _write_torch(tmp_dir / "rng.pt", _rng_state())
+        _write_bytes(tmp_dir / "state.json", state_json.encode())
+        manifest = {"step": step, "files": sorted(files), "torch": torch.__version__}
+        _write_bytes(tmp_dir / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+        _fsync_dir(tmp_dir)
+
+        if final_dir.exists():  # the same step saved again (say a periodic save, then a stop at that step)
+            old_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{name}-", dir=ckpt_root))
+            os.replace(final_dir, old_dir / name)
+            os.replace(tmp_dir, final_dir)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        else:
+            os.replace(tmp_dir, final_dir)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+    latest_tmp = ckpt_root / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
+    _write_bytes(latest_tmp, f"{name}\n".encode())
+    os.replace(latest_tmp, ckpt_root / LATEST_FILE)
+    _fsync_dir(ckpt_root)
+
+    if keep is not None:
+        _prune(ckpt_root, keep, protect={name})
+    return final_dir
+
+
+def load_checkpoint(run_dir, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    map_location="cpu") -> tuple[int, dict]:
+    """Restore model, optimizer, scheduler and RNG states from the newest complete checkpoint; return (step, state).
+
+    `run_dir` is a run directory (the checkpoint `latest` names, else the highest complete step_* directory) or one
+    checkpoint directory. Raises FileNotFoundError when there is no checkpoint or a file is missing, ValueError when
+    one is unreadable or does not fit the model/optimizer. Nothing is modified unless every file reads back."""
+    ckpt_dir = latest_checkpoint(run_dir)
+    if ckpt_dir is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}: expected {Path(run_dir) / CHECKPOINTS_DIR}/step_*/"
+                                f"{MANIFEST_FILE} (or {MANIFEST_FILE} in {run_dir} itself)")
+    manifest = _read_manifest(ckpt_dir)
+    if optimizer is not None and "optimizer.pt" not in manifest["files"]:
+        raise FileNotFoundError(f"{ckpt_dir} holds no optimizer state (it was saved without an optimizer)")
+    if scheduler is not None and "scheduler.pt" not in manifest["files"]:
+        raise FileNotFoundError(f"{ckpt_dir} holds no scheduler state (it was saved without a scheduler)")
+
+    # Read everything first, so a corrupt file leaves the model and optimizer untouched.
+    model_sd = _read_torch(ckpt_dir / "model.pt", map_location)
+    optim_sd = _read_torch(ckpt_dir / "optimizer.pt", map_location) if optimizer is not None else None
+    sched_sd = _read_torch(ckpt_dir / "scheduler.pt", map_location) if scheduler is not None else None
+    rng = _read_torch(ckpt_dir / "rng.pt", "cpu")
+    state_path = ckpt_dir / "state.json"
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"corrupt checkpoint file {state_path}: {e}") from e
+
+    try:
+        model.load_state_dict(model_sd)
+        if optimizer is not None:
+            optimizer.load_state_dict(optim_sd)
+        if scheduler is not None:
+            scheduler.load_state_dict(sched_sd)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"checkpoint {ckpt_dir} does not fit the model/optimizer/scheduler given: {e}") from e
+    _set_rng_state(rng)
+    return manifest["step"], state
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The checkpoint directory load_checkpoint(run_dir) would read, or None when there is none."""
+    run_dir = Path(run_dir)
+    if (run_dir / MANIFEST_FILE).is_file():
+        return run_dir
+    ckpt_root = run_dir / CHECKPOINTS_DIR
+    if not ckpt_root.is_dir():
+        return None
+    latest_path = ckpt_root / LATEST_FILE
+    if latest_path.is_file():
+        name = latest_path.read_text().strip()
+        if _STEP_DIR.match(name) and (ckpt_root / name / MANIFEST_FILE).is_file():
+            return ckpt_root / name
+        warnings.warn(f"{latest_path} names {name!r}, which is not a complete checkpoint; "
+                      f"falling back to the highest complete step directory", stacklevel=2)
+    complete = [d for _, d in _step_dirs(ckpt_root) if (d / MANIFEST_FILE).is_file()]
+    return complete[-1] if complete else None
+
+
+class StopSignal:
+    """While active, SIGINT and SIGTERM set `.requested` (and `.signal_name`) instead of stopping the process.
+
+        with StopSignal() as stop:
+            for step in ...:
+                train_step()
+                if stop.requested:
+                    save_checkpoint(...)
+                    break
+
+    A second SIGINT while a stop is pending raises KeyboardInterrupt, so Ctrl-C twice still quits at once. The previous
+    handlers come back on exit. Signal handlers can only be installed from the main thread: elsewhere this is a no-op
+    and `.requested` stays False."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous: dict | None = None
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self._previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt(f"second SIGINT while a stop ({self.signal_name}) was pending")
+        if not self.requested:
+            self.requested = True
+            self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is None:
+            return
+        for signum, handler in self._previous.items():
+            # None: a handler installed outside Python; the default action is the closest we can restore.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous = None
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_torch(path: Path, obj) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the renames inside `path` durable; some filesystems cannot open a directory, and there is nothing to do.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_torch(path: Path, map_location):
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file missing: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, ...: torch raises several types
+        raise ValueError(f"corrupt checkpoint file {path}: {e}") from e
+
+
+def _read_manifest(ckpt_dir: Path) -> dict:
+    path = ckpt_dir / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+        step, files = int(manifest["step"]), list(manifest["files"])
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"corrupt checkpoint manifest {path}: {e}") from e
+    for name in files:
+        if not (ckpt_dir / name).is_file():
+            raise FileNotFoundError(f"checkpoint file missing: {ckpt_dir / name} (listed in {path})")
+    return {"step": step, "files": files}
+
+
+def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every step_* directory, complete or not, by increasing step."""
+    found = []
+    for entry in ckpt_root.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def _remove_leftovers(ckpt_root: Path) -> None:
+    """Temporary directories and pointer files left by a save that crashed."""
+    for entry in ckpt_root.iterdir():
+        if entry.name.startswith(_TMP_PREFIX):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _prune(ckpt_root: Path, keep: int, protect: set[str]) -> None:
+    latest_path = ckpt_root / LATEST_FILE
+    if latest_path.is_file():
+        protect = protect | {latest_path.read_text().strip()}
+    complete = [d for _, d in _step_dirs(ckpt_root) if (d / MANIFEST_FILE).is_file()]
+    for ckpt_dir in complete[:-keep]:
+        if ckpt_dir.name not in protect:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    # Plain lists and tensors only, so that torch.load(weights_only=True) reads it back.
+    version, internal, gauss_next = random.getstate()
+    rng = {"python": [version, list(internal), gauss_next], "torch_cpu": torch.get_rng_state()}
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    if np is not None:
+        kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+        rng["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)]
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng_state(rng: dict) -> None:
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    torch.set_rng_state(rng["torch_cpu"])
+    if "numpy" in rng:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached_gaussian = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    cuda_states = rng.get("torch_cuda", [])
+    if cuda_states and torch.cuda.is_available():
+        if len(cuda_states) != torch.cuda.device_count():
+            warnings.warn(f"checkpoint has CUDA RNG states for {len(cuda_states)} devices, this process sees "
+                          f"{torch.cuda.device_count()}; restoring the first ones", stacklevel=3)
+        for device, cuda_state in enumerate(cuda_states[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)

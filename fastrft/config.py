@@ -1,0 +1,211 @@
+"""The run configuration: one dataclass, readable from YAML, overridable with key=value pairs.
+
+    cfg = load_config("run.yaml", ["lr=3e-5", "constraint=kl", "kl_coef=0.1"])
+
+Unknown keys are errors that name the key (with the closest known ones); values are converted to the field's type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONSTRAINTS = ("none", "kl", "refiner", "kl+refiner")
+OVERLONG = ("none", "mask", "penalty")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass
+class TrainConfig:
+    # What to train, on what.
+    model: str = ""                        # local path of the policy's initial weights (a Hugging Face model dir)
+    ref_model: str | None = None           # local path of the frozen reference / refiner; default: model
+    task: str = "demo"                     # "demo" or "package.module:function" returning a fastrft.tasks.Task
+    dataset: str | None = None             # local .jsonl / .parquet replacing the task's training prompts
+    eval_dataset: str | None = None        # local .jsonl / .parquet replacing the task's held-out prompts
+    output_dir: str = "runs/run"
+    seed: int = 0
+    device: str = "auto"                   # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+
+    # 1. Rollout.
+    steps: int = 100
+    prompts_per_step: int = 16
+    group_size: int = 8                    # G samples per prompt
+    max_new_tokens: int | None = None      # default: the task's
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generation_batch_size: int = 256       # sequences per generate() call
+
+    # 3. Advantages.
+    scale_rewards: bool = True             # GRPO: divide by the group's reward std
+    dynamic_sampling: bool = True          # DAPO: drop zero-variance groups, refill from further prompts
+    max_resample_rounds: int = 2
+    overlong: str = "none"                 # "mask": truncated samples carry no loss; "penalty": DAPO soft penalty
+    overlong_buffer: int = 4               # tokens before max_new_tokens where the soft penalty ramps up
+    overlong_penalty: float = 1.0
+
+    # 4. Constraint.
+    constraint: str = "refiner"            # "none" | "kl" | "refiner" | "kl+refiner"
+    kl_coef: float = 0.05
+    kl_estimator: str = "k3"
+    refine_coef: float = 1.0               # sft weight of each token the refiner changed
+    refine_kept_weight: float = 0.0        # sft weight of the refinement's unchanged tokens (1 = plain SFT on it)
+    refine_context: int = 0                # also weight this many tokens before each change
+    refine_max_new_tokens: int | None = None   # default: max_new_tokens
+    refine_template: str | None = None     # default: the task's; str.format(prompt=..., response=...)
+
+    # 5. Update.
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    entropy_coef: float = 0.0
+    ppo_epochs: int = 1                    # passes over each rollout
+    minibatches: int = 1                   # optimizer steps per pass; > 1 (or ppo_epochs > 1) stores old log-probs
+    optimizer: str = "adamw"               # "adamw" (torch's fused one on CUDA) | "adamw8bit" (bitsandbytes, CUDA)
+
+    # Memory.
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    packing: bool = True                   # one packed row per forward (position_ids restart), no padding
+    liger: bool = False                    # Liger-Kernel's layer kernels (CUDA)
+    ref_quantization: str = "none"         # "8bit" | "4bit" through bitsandbytes (CUDA)
+
+    # Logging and checkpoints.
+    eval_every: int = 10
+    eval_size: int | None = None           # held-out prompts per evaluation; default: all
+    save_every: int = 50
+    progress: bool = True
+    plots: bool = True                     # draw plots/ at the end of the run (fastrft plot RUN_DIR redraws them)
+    extra: dict = field(default_factory=dict)  # task options, passed to the task loader
+
+    def __post_init__(self):
+        for name, allowed in (("constraint", CONSTRAINTS), ("overlong", OVERLONG), ("lr_schedule", LR_SCHEDULES),
+                              ("dtype", DTYPES), ("optimizer", OPTIMIZERS), ("ref_quantization", QUANTIZATIONS),
+                              ("kl_estimator", KL_ESTIMATORS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("steps", "prompts_per_step", "group_size", "generation_batch_size", "ppo_epochs", "minibatches",
+                     "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_new_tokens", "refine_max_new_tokens", "eval_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or unset, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError("group_size must be >= 2: GRPO's advantages compare samples of the same prompt")
+        if not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        for name in ("lr", "kl_coef", "refine_coef", "refine_kept_weight", "grad_clip", "entropy_coef",
+                     "weight_decay", "overlong_penalty", "refine_context", "warmup_steps", "max_resample_rounds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.prompts_per_step * self.group_size < self.minibatches:
+            raise ValueError(f"minibatches={self.minibatches} exceeds the {self.prompts_per_step * self.group_size} "
+                             f"samples of a step")
+
+    @property
+    def uses_kl(self) -> bool:
+        return self.constraint in ("kl", "kl+refiner")
+
+    @property
+    def uses_refiner(self) -> bool:
+        return self.constraint in ("refiner", "kl+refiner")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, object]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _convert(key: str, value, annotation):
+    """A YAML value or a command-line string as the field's type."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, _UnionType) else ()
+    if options:  # X | None
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        annotation = next(t for t in options if t is not type(None))
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} must be a mapping, got {value!r}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"config key {key!r} must be a boolean (true/false), got {value!r}")
+    try:
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if annotation is float:
+            return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r} must be {annotation.__name__}, got {value!r}") from None
+    return str(value)
+
+
+_UnionType = type(int | None)
+
+
+def _unknown_key(key: str, known) -> ValueError:
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), **values) -> TrainConfig:
+    """TrainConfig from a YAML file (optional), then keyword values, then `key=value` overrides, in that order.
+    `extra.NAME=value` sets a task option."""
+    types = _field_types()
+    merged: dict = {}
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of keys to values")
+        merged.update(data)
+    merged.update(values)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value")
+        if key.startswith("extra."):
+            import yaml
+
+            # Task options are typed the way YAML would type them: extra.n_eval=64 is an int.
+            merged["extra"] = {**merged.get("extra", {}), key[len("extra."):]: yaml.safe_load(value)}
+            continue
+        merged[key] = value
+    kwargs = {}
+    for key, value in merged.items():
+        if key not in types:
+            raise _unknown_key(key, list(types))
+        kwargs[key] = _convert(key, value, types[key])
+    return TrainConfig(**kwargs)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    import yaml
+
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -1,0 +1,326 @@
+"""Checkpoints: resume gives bit-identical weights, saves are atomic, old ones are pruned, SIGINT/SIGTERM become a flag.
+
+The reference is an uninterrupted run: 6 steps in one go against 3 steps, save, load into fresh objects in a
+scrambled process state, 3 more steps. The step draws from torch (dropout), numpy (input noise) and python `random`
+(loss scale), so every RNG state must come back for the weights to match."""
+import json
+import os
+import random
+import re
+import signal
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fastrft import checkpoint
+from fastrft.checkpoint import StopSignal, latest_checkpoint, load_checkpoint, save_checkpoint
+
+DATA = torch.linspace(-1.0, 1.0, 40 * 6, dtype=torch.float64).reshape(40, 6).float()  # fixed dataset, 40 rows
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+                                       torch.nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _make():
+    model = Tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    # Warm-up then decay: the learning rate depends on the scheduler's step count.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 4) * 0.9 ** s)
+    return model, optimizer, scheduler
+
+
+def _train_step(model, optimizer, scheduler, state):
+    pos = state["data_pos"]
+    x = DATA[torch.arange(pos, pos + 4) % len(DATA)]
+    x = x + torch.from_numpy(np.random.normal(0.0, 0.1, size=x.shape)).float()  # numpy RNG
+    loss_scale = random.uniform(0.5, 1.5)                                       # python RNG
+    loss = loss_scale * (model(x) - x.sum(dim=1, keepdim=True)).pow(2).mean()  # dropout: torch RNG
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    state["data_pos"] = pos + 4
+    state["samples_seen"] = state["samples_seen"] + len(x)
+
+
+def _seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _run_straight(steps=6):
+    _seed_all(1)
+    model, optimizer, scheduler = _make()
+    _seed_all(0)
+    state = {"data_pos": 0, "samples_seen": 0}
+    for _ in range(steps):
+        _train_step(model, optimizer, scheduler, state)
+    return _weights(model), state
+
+
+def _run_resumed(run_dir, first=3, then=3):
+    _seed_all(1)
+    model, optimizer, scheduler = _make()
+    _seed_all(0)
+    state = {"data_pos": 0, "samples_seen": 0}
+    for _ in range(first):
+        _train_step(model, optimizer, scheduler, state)
+    save_checkpoint(run_dir, first, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
+
+    # A new process: other initial weights, other RNG states, fresh optimizer and scheduler.
+    _seed_all(12345)
+    model, optimizer, scheduler = _make()
+    step, state = load_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+    assert step == first
+    for _ in range(then):
+        _train_step(model, optimizer, scheduler, state)
+    return _weights(model), state
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _differs(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight, straight_state = _run_straight()
+    resumed, resumed_state = _run_resumed(tmp_path)
+    _assert_same(straight, resumed)
+    assert resumed_state == straight_state == {"data_pos": 24, "samples_seen": 24}
+
+
+@pytest.mark.parametrize("source", ["python", "numpy", "torch"])
+def test_resume_needs_every_rng(tmp_path, monkeypatch, source):
+    # The test above is only meaningful if each RNG changes the weights: clobber one after the restore.
+    restore = checkpoint._set_rng_state
+    reseed = {"python": random.seed, "numpy": np.random.seed, "torch": torch.manual_seed}[source]
+
+    def restore_then_clobber(rng):
+        restore(rng)
+        reseed(777)
+
+    monkeypatch.setattr(checkpoint, "_set_rng_state", restore_then_clobber)
+    straight, _ = _run_straight()
+    resumed, _ = _run_resumed(tmp_path)
+    assert _differs(straight, resumed)
+
+
+def test_resume_needs_optimizer_and_scheduler(tmp_path):
+    straight, _ = _run_straight()
+    _run_resumed(tmp_path / "a", first=3, then=0)
+    for drop in ("optimizer", "scheduler"):
+        _seed_all(0)
+        model, optimizer, scheduler = _make()
+        kwargs = {"optimizer": optimizer, "scheduler": scheduler}
+        kwargs.pop(drop)
+        _, state = load_checkpoint(tmp_path / "a", model=model, **kwargs)
+        for _ in range(3):
+            _train_step(model, optimizer, scheduler, state)
+        assert _differs(straight, _weights(model)), drop
+
+
+def test_layout_and_latest(tmp_path):
+    model, optimizer, scheduler = _make()
+    ckpt_dir = save_checkpoint(tmp_path, 7, model=model, optimizer=optimizer, scheduler=scheduler,
+                               state={"data_pos": 3})
+    assert ckpt_dir == tmp_path / "checkpoints" / "step_00000007"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
+        "checkpoint.json", "model.pt", "optimizer.pt", "rng.pt", "scheduler.pt", "state.json"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000007"
+    assert json.loads((ckpt_dir / "state.json").read_text()) == {"data_pos": 3}
+    assert latest_checkpoint(tmp_path) == ckpt_dir
+    # A checkpoint directory itself is accepted too.
+    assert load_checkpoint(ckpt_dir, model=Tiny())[0] == 7
+
+
+def test_model_only_checkpoint(tmp_path):
+    model = Tiny()
+    save_checkpoint(tmp_path, 1, model=model, state=None)
+    fresh = Tiny()
+    assert load_checkpoint(tmp_path, model=fresh) == (1, {})
+    _assert_same(_weights(model), _weights(fresh))
+    _, optimizer, _ = _make()
+    with pytest.raises(FileNotFoundError, match="no optimizer state"):
+        load_checkpoint(tmp_path, model=fresh, optimizer=optimizer)
+
+
+def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
+    model, optimizer, scheduler = _make()
+    save_checkpoint(tmp_path, 3, model=model, optimizer=optimizer, scheduler=scheduler, state={"data_pos": 12})
+    good = _weights(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    # A hard crash while writing step 6: model.pt and optimizer.pt are on disk, nothing cleans up.
+    write = checkpoint._write_torch
+
+    def write_then_crash(path, obj):
+        if path.name == "scheduler.pt":
+            raise SystemExit("killed")
+        write(path, obj)
+
+    monkeypatch.setattr(checkpoint, "_write_torch", write_then_crash)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *args, **kwargs: None)
+    with pytest.raises(SystemExit):
+        save_checkpoint(tmp_path, 6, model=model, optimizer=optimizer, scheduler=scheduler, state={"data_pos": 24})
+    monkeypatch.undo()
+
+    leftovers = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "model.pt").is_file()
+    assert not (tmp_path / "checkpoints" / "step_00000006").exists()
+
+    fresh, fresh_optimizer, fresh_scheduler = _make()
+    assert load_checkpoint(tmp_path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler) == (
+        3, {"data_pos": 12})
+    _assert_same(good, _weights(fresh))
+
+    save_checkpoint(tmp_path, 6, model=model, optimizer=optimizer, scheduler=scheduler, state={"data_pos": 24})
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000003", "step_00000006"]
+    assert load_checkpoint(tmp_path, model=fresh)[0] == 6
+
+
+def test_exception_mid_save_cleans_up(tmp_path, monkeypatch):
+    model, optimizer, _ = _make()
+    save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer)
+    monkeypatch.setattr(checkpoint, "_rng_state", lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+
+
+def test_keep_prunes_oldest(tmp_path):
+    model, optimizer, scheduler = _make()
+    for step in (2, 4, 6, 8):
+        save_checkpoint(tmp_path, step, model=model, optimizer=optimizer, scheduler=scheduler, keep=2)
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert steps == ["step_00000006", "step_00000008"]
+    # Saving an older step (a rewound run) keeps the newest `keep` by step and never what was just written.
+    save_checkpoint(tmp_path, 5, model=model, keep=1)
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert steps == ["step_00000005", "step_00000008"]
+    assert latest_checkpoint(tmp_path).name == "step_00000005"
+    # keep=None keeps everything.
+    for step in (10, 11, 12):
+        save_checkpoint(tmp_path, step, model=model, keep=None)
+    assert len(list((tmp_path / "checkpoints").glob("step_*"))) == 5
+    with pytest.raises(ValueError, match="keep"):
+        save_checkpoint(tmp_path, 13, model=model, keep=0)
+
+
+def test_resave_same_step_overwrites(tmp_path):
+    model = Tiny()
+    save_checkpoint(tmp_path, 4, model=model, state={"v": 1})
+    save_checkpoint(tmp_path, 4, model=model, state={"v": 2})
+    assert load_checkpoint(tmp_path, model=model) == (4, {"v": 2})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000004"]
+
+
+def test_missing_and_corrupt(tmp_path):
+    model = Tiny()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
+        load_checkpoint(tmp_path, model=model)
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path, model=model)
+
+    first = save_checkpoint(tmp_path, 1, model=model, keep=None)
+    second = save_checkpoint(tmp_path, 2, model=model, keep=None)
+
+    before = _weights(model)
+    (second / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=re.escape(str(second / "model.pt"))):
+        load_checkpoint(tmp_path, model=model)
+    _assert_same(before, _weights(model))
+    (second / "rng.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="rng.pt"):
+        load_checkpoint(tmp_path, model=model)
+    (second / "checkpoint.json").write_text("{trunc")
+    with pytest.raises(ValueError, match="manifest"):
+        load_checkpoint(second, model=model)
+
+    # `latest` naming a directory that is gone: fall back to the highest complete one, and say so.
+    checkpoint.shutil.rmtree(second)
+    with pytest.warns(UserWarning, match="falling back"):
+        assert load_checkpoint(tmp_path, model=model)[0] == 1
+    (tmp_path / "checkpoints" / "latest").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert latest_checkpoint(tmp_path) == first
+
+    with pytest.raises(ValueError, match="does not fit"):
+        load_checkpoint(tmp_path, model=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="JSON"):
+        save_checkpoint(tmp_path, 3, model=model, state={"x": object()})
+    assert not (tmp_path / "checkpoints" / "step_00000003").exists()
+
+
+def _wait_for(predicate, timeout_s=2.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return predicate()
+
+
+def test_stop_signal_sigterm_sets_flag():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with StopSignal() as stop:
+        assert not stop.requested and stop.signal_name is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert _wait_for(lambda: stop.requested)
+        assert stop.signal_name == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM is absorbed as well
+        time.sleep(0.01)
+    assert {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} == before
+
+
+def test_stop_signal_double_sigint_raises():
+    before = signal.getsignal(signal.SIGINT)
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with StopSignal() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert _wait_for(lambda: stop.requested)
+            reached.append(stop.signal_name)  # the first SIGINT did not interrupt
+            os.kill(os.getpid(), signal.SIGINT)
+            _wait_for(lambda: False, timeout_s=1.0)
+            reached.append("not interrupted")
+    assert reached == ["SIGINT"]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_stop_signal_off_main_thread_is_noop():
+    before = signal.getsignal(signal.SIGTERM)
+    seen = {}
+
+    def worker():
+        with StopSignal() as stop:
+            seen["handler"] = signal.getsignal(signal.SIGTERM)
+            seen["requested"] = stop.requested
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == {"handler": before, "requested": False}
