@@ -1,11 +1,12 @@
-# Quickstart: `make test` sets up a fresh machine (a virtualenv in .venv) and runs the tests.
+# Quickstart: `make demo` sets up a fresh machine (a virtualenv in .venv) and runs the embedded default run;
+# `make test` sets up and runs the tests.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch: an unpinned torch would pull several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test bench clean
+.PHONY: setup demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -15,6 +16,9 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,integrations]" "$(TORCH_SPEC)"
 	touch $@
+
+demo: setup
+	$(VENV)/bin/fastrft demo
 
 # pytest is run as a script, not `python -m pytest`: that would put the repo root on sys.path and expose
 # kernels/ as a top-level `kernels` module.

@@ -108,7 +108,7 @@ def load_models(cfg: TrainConfig, device: torch.device):
         ref = ref.to(device)
     ref.eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        enable_activation_checkpointing(policy)
     if cfg.liger:
         if device.type == "cuda":
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -117,6 +117,12 @@ def load_models(cfg: TrainConfig, device: torch.device):
         else:
             _note_once("liger=true needs CUDA: Liger-Kernel's layer kernels are not applied")
     return policy, ref
+
+
+def enable_activation_checkpointing(model) -> None:
+    # transformers 5 renamed gradient_checkpointing_enable; older releases only have the old name.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def make_optimizer(cfg: TrainConfig, model, device: torch.device):
