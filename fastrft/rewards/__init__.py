@@ -1,0 +1,121 @@
+"""Rule-based reward helpers in TRL's convention, reusable by any task.
+
+A reward function is called as ``f(prompts, completions, **columns) -> list[float | None]``: ``prompts`` and
+``completions`` are lists of strings, each dataset column arrives as a list aligned with them, and ``None`` means
+"no reward for this sample" (the sample is left out of the average, not scored 0).
+
+    format_reward(pattern)        1.0 when the completion fully matches a regex, else 0.0
+    length_penalty(max_chars)     0.0 up to max_chars, then -(excess / max_chars), floored at -1
+    repetition_penalty(n=3)       minus the fraction of the completion's n-grams that repeat an earlier one
+    combine_rewards(...)          the weighted total and each function's values, None-aware
+    is_degenerate(completion)     "empty" | "truncated" | "looping" | None
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+RewardFunc = Callable[..., list]
+
+
+def format_reward(pattern: str) -> RewardFunc:
+    """1.0 for a completion (stripped of surrounding whitespace) that fully matches ``pattern``, else 0.0."""
+    regex = re.compile(pattern, re.DOTALL)
+
+    def format_reward(prompts, completions, **columns):
+        return [1.0 if regex.fullmatch(c.strip()) else 0.0 for c in completions]
+
+    format_reward.__name__ = f"format_reward({pattern!r})"
+    return format_reward
+
+
+def length_penalty(max_chars: int) -> RewardFunc:
+    """0.0 for completions of at most ``max_chars`` characters, then linearly down to -1.0 at twice that."""
+    if max_chars <= 0:
+        raise ValueError(f"length_penalty: max_chars must be positive, got {max_chars}")
+
+    def length_penalty(prompts, completions, **columns):
+        return [-min(1.0, max(0, len(c) - max_chars) / max_chars) for c in completions]
+
+    length_penalty.__name__ = f"length_penalty({max_chars})"
+    return length_penalty
+
+
+def _repeated_ngram_fraction(tokens: Sequence, n: int) -> float:
+    """Share of the n-grams of ``tokens`` that equal an earlier n-gram (0.0 when there are none)."""
+    ngrams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    if not ngrams:
+        return 0.0
+    return 1.0 - len(set(ngrams)) / len(ngrams)
+
+
+def repetition_penalty(n: int = 3) -> RewardFunc:
+    """Minus the fraction of repeated word n-grams (characters when the completion has fewer than n words)."""
+    if n < 1:
+        raise ValueError(f"repetition_penalty: n must be at least 1, got {n}")
+
+    def repetition_penalty(prompts, completions, **columns):
+        values = []
+        for c in completions:
+            words = c.split()
+            values.append(-_repeated_ngram_fraction(words if len(words) >= n else c, n))
+        return values
+
+    repetition_penalty.__name__ = f"repetition_penalty({n})"
+    return repetition_penalty
+
+
+def _func_name(func) -> str:
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+def combine_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float], prompts: Sequence[str],
+                    completions: Sequence[str], **columns):
+    """Weighted sum of reward functions: ``(rewards, per_func)``.
+
+    ``rewards[i]`` is ``sum_k weights[k] * funcs[k](...)[i]``, or None when any function returned None for sample i.
+    ``per_func`` maps each function's name to its raw values (duplicate names get a ``#k`` suffix), for logging.
+    A function that returns the wrong number of values raises a ValueError naming it.
+    """
+    if len(funcs) != len(weights):
+        raise ValueError(f"combine_rewards: {len(funcs)} reward functions but {len(weights)} weights")
+    if len(prompts) != len(completions):
+        raise ValueError(f"combine_rewards: {len(prompts)} prompts but {len(completions)} completions")
+    for name, column in columns.items():
+        if len(column) != len(completions):
+            raise ValueError(f"combine_rewards: column {name!r} has {len(column)} values for {len(completions)} "
+                             "completions")
+    rewards: list[float | None] = [0.0] * len(completions)
+    per_func: dict[str, list] = {}
+    for k, (func, weight) in enumerate(zip(funcs, weights)):
+        name = _func_name(func)
+        values = list(func(prompts=list(prompts), completions=list(completions), **columns))
+        if len(values) != len(completions):
+            raise ValueError(f"reward function {name!r} returned {len(values)} values for {len(completions)} "
+                             "completions")
+        per_func[name if name not in per_func else f"{name}#{k}"] = values
+        for i, value in enumerate(values):
+            if value is None or rewards[i] is None:
+                rewards[i] = None
+            else:
+                rewards[i] += weight * float(value)
+    return rewards, per_func
+
+
+def is_degenerate(completion: str, *, max_chars: int | None = None, truncated: bool = False,
+                  ngram: int = 3) -> str | None:
+    """Why a completion is degenerate, or None when it is not.
+
+    "empty": nothing but whitespace. "truncated": generation hit its token limit (``truncated``) or the text is
+    longer than ``max_chars``. "looping": at least half of its ``ngram``-grams (words, or characters for texts of
+    few words) repeat an earlier one, over at least 4 n-grams.
+    """
+    if not completion.strip():
+        return "empty"
+    if truncated or (max_chars is not None and len(completion) > max_chars):
+        return "truncated"
+    words = completion.split()
+    tokens = words if len(words) >= ngram + 3 else completion
+    if len(tokens) - ngram + 1 >= 4 and _repeated_ngram_fraction(tokens, ngram) >= 0.5:
+        return "looping"
+    return None

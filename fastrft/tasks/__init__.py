@@ -1,0 +1,96 @@
+"""Tasks: prompts, reward functions and the refiner's format, behind one small dataclass.
+
+    load_task("demo")                       the embedded digit-sorting task (fastrft.tasks.demo)
+    load_task("my_pkg.my_mod:make_task")    any callable returning a Task, called with the options
+    load_rows("data.jsonl")                 local rows for a task: JSONL or Parquet, each row with a "prompt"
+
+Reward functions follow TRL's convention (see fastrft.rewards): ``f(prompts, completions, **columns)`` where every
+column of the rows other than "prompt" arrives as a list aligned with the prompts.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass
+class Task:
+    name: str
+    train_rows: list[dict]        # each {"prompt": str, **columns}
+    eval_rows: list[dict]         # held-out split, same format
+    reward_funcs: list[Callable]  # f(prompts, completions, **columns) -> list[float | None]
+    reward_weights: list[float]
+    refine_template: str          # .format(prompt=..., response=...) -> the text the refiner continues greedily
+    parse_refinement: Callable[[str], str | None]  # refiner continuation (decoded, up to EOS) -> response | None
+    max_new_tokens: int           # generation length that fits the task
+
+
+def _demo_task(**options) -> Task:
+    from fastrft.tasks.demo import demo_task
+
+    return demo_task(**options)
+
+
+TASKS: dict[str, Callable[..., Task]] = {"demo": _demo_task}
+
+
+def load_task(spec: str, **options) -> Task:
+    """A registered task by name, or ``"package.module:function"`` (a callable returning a Task) called with
+    ``options``."""
+    if spec in TASKS:
+        task = TASKS[spec](**options)
+    elif ":" in spec:
+        module_name, _, func_name = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"task {spec!r}: cannot import module {module_name!r} ({e})") from e
+        factory = getattr(module, func_name, None)
+        if not callable(factory):
+            raise ValueError(f"task {spec!r}: module {module_name!r} has no callable {func_name!r}")
+        task = factory(**options)
+    else:
+        raise ValueError(f"unknown task {spec!r}: known tasks are {sorted(TASKS)}, or pass 'package.module:function'")
+    if not isinstance(task, Task):
+        raise ValueError(f"task {spec!r} returned {type(task).__name__}, not a fastrft.tasks.Task")
+    return task
+
+
+def _check_row(row, path: Path, line: int) -> dict:
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
+    if not isinstance(row.get("prompt"), str):
+        raise ValueError(f"{path}:{line}: row has no string 'prompt' field (keys: {sorted(row)})")
+    return row
+
+
+def load_rows(path) -> list[dict]:
+    """Rows of a local ``.jsonl`` (one JSON object per line, blank lines skipped) or ``.parquet`` file.
+
+    Every row needs a string "prompt"; its other fields become reward-function columns. Errors name the file and
+    the (1-based) line, or row for Parquet.
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_number}: malformed JSON ({e.msg})") from e
+                rows.append(_check_row(row, path, line_number))
+        return rows
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError("reading .parquet rows needs pyarrow: pip install pyarrow") from e
+        records = pq.read_table(path).to_pylist()
+        return [_check_row(row, path, i) for i, row in enumerate(records, start=1)]
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")

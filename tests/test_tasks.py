@@ -1,0 +1,251 @@
+"""Tasks and rewards: the demo task's tokenizer, rows, rewards and refinement format; load_task / load_rows;
+the rule-based reward helpers; and a few steps of reference training saved and loaded back."""
+import json
+
+import pytest
+import torch
+
+from fastrft.rewards import combine_rewards, format_reward, is_degenerate, length_penalty, repetition_penalty
+from fastrft.tasks import load_rows, load_task
+from fastrft.tasks import demo
+
+transformers = pytest.importorskip("transformers")
+
+
+CUSTOM_TASK_MODULE = """
+from fastrft.rewards import format_reward
+from fastrft.tasks import Task
+
+def make_task(greeting="hi"):
+    return Task(name="custom-" + greeting, train_rows=[{"prompt": greeting}], eval_rows=[{"prompt": greeting}],
+                reward_funcs=[format_reward(r"[0-9]+")], reward_weights=[1.0], refine_template="{prompt}{response}",
+                parse_refinement=str.strip, max_new_tokens=4)
+
+not_callable = 3
+"""
+
+
+@pytest.fixture
+def custom_task_module(tmp_path, monkeypatch):
+    (tmp_path / "my_custom_task.py").write_text(CUSTOM_TASK_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_custom_task"
+
+
+# --- demo task -------------------------------------------------------------------------------------------------
+
+def test_tokenizer_round_trip(tmp_path):
+    tokenizer = demo.make_tokenizer()
+    text = demo.REFINE_TEMPLATE.format(prompt="sort 7391=", response="1739")
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == len(text) + 1  # one token per character
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    tokenizer.save_pretrained(tmp_path)
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded(text)["input_ids"] == ids
+    assert loaded.decode(ids, skip_special_tokens=True) == text
+    assert (loaded.pad_token_id, loaded.eos_token_id, loaded.bos_token_id) == (
+        tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+    assert loaded.padding_side == "left"
+    batch = loaded(["sort 12=", "sort 1234="], padding=True)["input_ids"]
+    assert batch[0][:2] == [loaded.pad_token_id] * 2 and batch[1][0] == loaded.bos_token_id
+
+
+def test_model_is_tiny_llama():
+    tokenizer = demo.make_tokenizer()
+    model = demo.make_model(tokenizer, seed=3)
+    assert isinstance(model, transformers.LlamaForCausalLM)
+    assert model.config.vocab_size == len(tokenizer)
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    same = demo.make_model(tokenizer, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
+
+
+def test_demo_rows():
+    task = load_task("demo", seed=1, n_train=500, n_eval=50)
+    assert task.name == "demo" and len(task.train_rows) == 500 and len(task.eval_rows) == 50
+    for row in task.train_rows[:50] + task.eval_rows:
+        digits = row["prompt"][len("sort "):-1]
+        assert row["prompt"] == f"sort {digits}=" and digits.isdigit()
+        assert demo.MIN_DIGITS <= len(digits) <= demo.MAX_DIGITS
+        assert row["answer"] == "".join(sorted(digits))
+    assert not {r["prompt"] for r in task.train_rows} & {r["prompt"] for r in task.eval_rows}
+    assert task.max_new_tokens >= demo.MAX_DIGITS + 1  # room for the answer and EOS
+    again = load_task("demo", seed=1, n_train=500, n_eval=50)
+    assert again.train_rows == task.train_rows and again.eval_rows == task.eval_rows
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("1379", 1.0),                 # exact
+    (" 1379 ", 1.0),               # surrounding whitespace is ignored
+    ("1739", 0.5 * 3 / 4),         # one swap: LCS 3 of 4, not exact
+    ("137", 0.5 * 3 / 4),          # one digit dropped
+    ("13799", 0.5 * 4 / 5),        # one digit too many
+    ("", 0.0),                     # empty
+    ("13x9", 0.0),                 # non-digit
+    ("fix sort", 0.0),             # garbage
+])
+def test_sort_reward(completion, expected):
+    task = load_task("demo", n_train=10, n_eval=10)
+    rewards, per_func = combine_rewards(task.reward_funcs, task.reward_weights, ["sort 7391="], [completion],
+                                        answer=["1379"])
+    assert rewards[0] == pytest.approx(expected)
+    assert per_func["exact_match"] == [float(expected == 1.0)]
+
+
+def test_lcs_against_brute_force():
+    from itertools import combinations
+
+    def brute(a, b):
+        return max(k for k in range(len(a) + 1) for c in combinations(a, k) if _is_subsequence(c, b))
+
+    def _is_subsequence(c, b):
+        it = iter(b)
+        return all(x in it for x in c)
+
+    for a, b in [("1379", "1739"), ("", "12"), ("112233", "123123"), ("90817", "17089"), ("5", "5")]:
+        assert demo._lcs_length(a, b) == brute(a, b)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1379", "1379"), (" 1379\n", "1379"), ("", None), ("13 79", None), ("fix", None), ("12>", None),
+])
+def test_parse_refinement(text, expected):
+    assert demo.parse_refinement(text) == expected
+
+
+def test_refine_template_and_corruption():
+    task = load_task("demo", n_train=10, n_eval=10)
+    assert task.refine_template.format(prompt="sort 7391=", response="1739") == "fix sort 7391=1739>"
+    import random
+    rng = random.Random(0)
+    corrupted = [demo.corrupt("0123456", rng) for _ in range(200)]
+    assert all(c and c.isdigit() for c in corrupted)
+    assert sum(c != "0123456" for c in corrupted) > 150  # a swap of equal digits can leave it unchanged
+
+
+# --- load_task / load_rows -------------------------------------------------------------------------------------
+
+def test_load_task_module_function(custom_task_module):
+    task = load_task(f"{custom_task_module}:make_task", greeting="yo")
+    assert task.name == "custom-yo" and task.train_rows == [{"prompt": "yo"}]
+    assert task.reward_funcs[0]([task.train_rows[0]["prompt"]], ["42"]) == [1.0]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope", "unknown task 'nope': known tasks are \\['demo'\\]"),
+    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+    ("{module}:missing", "no callable 'missing'"),
+    ("{module}:not_callable", "no callable 'not_callable'"),
+    ("json:dumps", "returned str, not a fastrft.tasks.Task"),
+])
+def test_load_task_errors(spec, message, custom_task_module):
+    options = {"obj": 1} if spec == "json:dumps" else {}
+    with pytest.raises(ValueError, match=message):
+        load_task(spec.format(module=custom_task_module), **options)
+
+
+def test_load_rows_jsonl(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b", "answer": "2"}\n')
+    assert load_rows(path) == [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]
+
+    path.write_text('{"prompt": "a"}\n{"prompt": "b",\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: malformed JSON"):
+        load_rows(path)
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"question": "c"}\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:3: row has no string 'prompt'"):
+        load_rows(path)
+    path.write_text('["prompt"]\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:1: expected a JSON object"):
+        load_rows(path)
+    with pytest.raises(ValueError, match="unsupported file type"):
+        load_rows(tmp_path / "rows.csv")
+
+
+def test_load_rows_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is needed to read .parquet rows")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "answer": ["1", "2"]}), path)
+    assert load_rows(path) == [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]
+    pq.write_table(pa.table({"question": ["a"]}), path)
+    with pytest.raises(ValueError, match=r"rows\.parquet:1: row has no string 'prompt'"):
+        load_rows(path)
+
+
+# --- reward helpers --------------------------------------------------------------------------------------------
+
+def test_format_length_repetition():
+    prompts = ["p"] * 4
+    completions = ["123", " 45 ", "12a", "aaaaaaaaaa"]
+    assert format_reward(r"\d+")(prompts, completions) == [1.0, 1.0, 0.0, 0.0]
+    assert length_penalty(5)(prompts, completions) == [0.0, 0.0, 0.0, -1.0]
+    assert length_penalty(4)(prompts, ["abcdef"]) == [-0.5]
+    # words "a b c a b c": 4 trigrams, (a b c) repeats once -> 1/4; characters for short texts
+    assert repetition_penalty(3)(["p", "p"], ["a b c a b c", "abcd"]) == [-0.25, -0.0]
+    with pytest.raises(ValueError):
+        length_penalty(0)
+
+
+def test_combine_rewards_weights_and_none():
+    def half(prompts, completions, **columns):
+        return [0.5] * len(completions)
+
+    def maybe(prompts, completions, keep, **columns):
+        return [1.0 if k else None for k in keep]
+
+    rewards, per_func = combine_rewards([half, maybe], [2.0, -1.0], ["p", "q"], ["x", "y"], keep=[True, False])
+    assert rewards == [pytest.approx(0.0), None]
+    assert per_func == {"half": [0.5, 0.5], "maybe": [1.0, None]}
+    rewards, per_func = combine_rewards([half, half], [1.0, 1.0], ["p"], ["x"])
+    assert rewards == [1.0] and set(per_func) == {"half", "half#1"}
+
+
+def test_combine_rewards_errors():
+    def short(prompts, completions, **columns):
+        return [1.0]
+
+    with pytest.raises(ValueError, match="'short' returned 1 values for 2"):
+        combine_rewards([short], [1.0], ["p", "q"], ["x", "y"])
+    with pytest.raises(ValueError, match="1 reward functions but 2 weights"):
+        combine_rewards([short], [1.0, 2.0], ["p"], ["x"])
+    with pytest.raises(ValueError, match="column 'answer' has 1 values"):
+        combine_rewards([short], [1.0], ["p", "q"], ["x", "y"], answer=["1"])
+
+
+@pytest.mark.parametrize("completion, options, expected", [
+    ("", {}, "empty"),
+    ("  \n", {}, "empty"),
+    ("1379", {}, None),
+    ("1379", {"truncated": True}, "truncated"),
+    ("123456", {"max_chars": 5}, "truncated"),
+    ("ababababab", {}, "looping"),
+    ("the cat sat the cat sat the cat sat", {}, "looping"),
+    ("the quick brown fox jumps over the lazy dog", {}, None),
+    ("abab", {}, None),  # too short to call a loop
+])
+def test_is_degenerate(completion, options, expected):
+    assert is_degenerate(completion, **options) == expected
+
+
+# --- reference training ----------------------------------------------------------------------------------------
+
+def test_train_reference_tiny_budget(tmp_path):
+    stats = demo.train_reference(tmp_path / "ref", seed=1, max_steps=4, batch_size=16, n_eval=16, log_every=0)
+    assert stats["steps"] == 4 and not stats["stopped_by_time"]
+    saved = json.loads((tmp_path / "ref" / demo.REFERENCE_FILE).read_text())
+    assert saved["steps"] == 4 and 0.0 <= saved["eval_reward"] <= 1.0 and 0.0 <= saved["refiner_parse_rate"] <= 1.0
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ref")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "ref")
+    assert tokenizer.eos_token_id == demo.make_tokenizer().eos_token_id
+    batch = tokenizer(["sort 321=", "sort 98765="], return_tensors="pt", padding=True)
+    assert model(**batch).logits.shape == (2, batch["input_ids"].shape[1], len(tokenizer))
+    # same seed, same weights; ensure_reference reuses the complete checkpoint without training
+    demo.train_reference(tmp_path / "again", seed=1, max_steps=4, batch_size=16, n_eval=16, log_every=0)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    marker = (tmp_path / "ref" / "model.safetensors").stat().st_mtime_ns
+    assert demo.ensure_reference(tmp_path / "ref") == tmp_path / "ref"
+    assert (tmp_path / "ref" / "model.safetensors").stat().st_mtime_ns == marker
