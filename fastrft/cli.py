@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 # The embedded demo: RL from the project's own reference model on the synthetic sorting task, on the CPU.
-DEMO_DEFAULTS = dict(task="demo", device="cpu", steps=60, prompts_per_step=16, group_size=8, temperature=1.0,
+DEMO_DEFAULTS = dict(task="demo", device="cpu", steps=100, prompts_per_step=16, group_size=8, temperature=1.0,
                      lr=3e-4, constraint="refiner", refine_coef=0.5, eval_every=10, save_every=30,
                      generation_batch_size=256, output_dir="runs/demo")
 
@@ -44,7 +44,7 @@ def _demo(args) -> int:
 
     t0 = time.perf_counter()
     print("fastrft demo: reference model (trained once by fastrft.tasks.demo, then cached)", flush=True)
-    reference = ensure_reference(Path(args.cache_dir))
+    reference = ensure_reference(Path(args.cache_dir), max_steps=args.reference_steps)
     cfg = load_config(None, args.overrides, **{**DEMO_DEFAULTS, "model": str(reference)})
     summary = train(cfg)
     total_s = time.perf_counter() - t0
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train.set_defaults(func=_train)
     p_demo = sub.add_parser("demo", help="the embedded default run (tiny model, synthetic task, CPU)")
     p_demo.add_argument("--cache-dir", default="runs/demo_reference", help="where the reference model is kept")
+    p_demo.add_argument("--reference-steps", type=int, default=500,
+                        help="training steps of the reference model when it is not cached yet")
     p_demo.add_argument("overrides", nargs="*", metavar="key=value")
     p_demo.set_defaults(func=_demo)
     p_plot = sub.add_parser("plot", help="redraw a run's plots")
