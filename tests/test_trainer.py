@@ -238,3 +238,43 @@ def test_config_errors_name_the_key(tmp_path):
     path.write_text("steps: 7\nconstraint: kl\nmax_new_tokens: null\n")
     cfg = load_config(path, ["kl_coef=0.2", "packing=false", "extra.n_eval=5"])
     assert (cfg.steps, cfg.constraint, cfg.kl_coef, cfg.packing, cfg.extra) == (7, "kl", 0.2, False, {"n_eval": 5})
+
+
+def test_minibatch_updates_store_old_logprobs(tiny_model, tmp_path, monkeypatch):
+    task = load_task("demo")
+    # The untrained model scores 0 everywhere; a reward that varies with the completion gives advantages.
+    task.reward_funcs = [lambda prompts, completions, **kw: [len(c) % 3 / 2 for c in completions]]
+    task.reward_weights = [1.0]
+    monkeypatch.setattr(trainer_module, "load_task", lambda spec, **kw: task)
+    cfg = config(tiny_model, tmp_path, "steps=1", "ppo_epochs=2", "minibatches=2", "lr=1e-2", "constraint=kl")
+    train(cfg)
+    record = read_metrics(tmp_path / "run")[-1]
+    assert record["nonfinite_updates"] == 0 and math.isfinite(record["pg_loss"])
+    # After the first of four optimizer steps the ratio moves away from 1: some rows are clipped.
+    assert record["clip_frac"] > 0
+
+
+def test_bfloat16_run(tiny_model, tmp_path):
+    train(config(tiny_model, tmp_path, "steps=1", "dtype=bfloat16", "constraint=kl+refiner"))
+    record = read_metrics(tmp_path / "run")[-1]
+    assert math.isfinite(record["pg_loss"]) and record["skipped_steps"] == 0
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tiny_model, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from fastrft.checkpoint import latest_checkpoint
+
+    real_step = trainer_module.run_step
+
+    def step_then_sigterm(cfg, step, *args, **kwargs):
+        record = real_step(cfg, step, *args, **kwargs)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    monkeypatch.setattr(trainer_module, "run_step", step_then_sigterm)
+    summary = train(config(tiny_model, tmp_path, "steps=10", "save_every=100"))
+    assert summary["steps"] == 2 and summary["stopped_by"] == "SIGTERM"
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000002"
