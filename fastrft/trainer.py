@@ -298,6 +298,7 @@ def evaluate(model, tokenizer, task, rows: list[dict], cfg: TrainConfig, max_new
     samples = generate(model, tokenizer, encode_prompts(tokenizer, [r["prompt"] for r in rows]),
                        max_new_tokens=max_new_tokens, greedy=True, batch_size=cfg.generation_batch_size)
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
+    columns["truncated"] = samples.truncated
     rewards, per_func = combine_rewards(task.reward_funcs, task.reward_weights, [r["prompt"] for r in rows],
                                         samples.texts, **columns)
     scored = [r for r in rewards if r is not None]
@@ -415,6 +416,7 @@ def run_step(cfg, step, policy, ref, tokenizer, task, stream, optimizer, schedul
         t0 = time.perf_counter()
         expanded = [r for r in rows for _ in range(cfg.group_size)]
         columns = {k: [r.get(k) for r in expanded] for k in rows[0] if k != "prompt"}
+        columns["truncated"] = samples.truncated   # stopped by max_new_tokens: tasks may treat it as degenerate
         rewards, _ = combine_rewards(task.reward_funcs, task.reward_weights, [r["prompt"] for r in expanded],
                                      samples.texts, **columns)
         timers["reward"] = timers.get("reward", 0.0) + time.perf_counter() - t0

@@ -133,7 +133,7 @@ def test_load_task_module_function(custom_task_module):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("nope", "unknown task 'nope': known tasks are \\['demo'\\]"),
+    ("nope", "unknown task 'nope': known tasks are \\['code', 'demo', 'dialogue'\\]"),
     ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
     ("{module}:missing", "no callable 'missing'"),
     ("{module}:not_callable", "no callable 'not_callable'"),

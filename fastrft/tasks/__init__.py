@@ -1,6 +1,8 @@
 """Tasks: prompts, reward functions and the refiner's format, behind one small dataclass.
 
     load_task("demo")                       the embedded digit-sorting task (fastrft.tasks.demo)
+    load_task("code")                       APPS-format problems scored by unit tests in the sandbox (33 embedded)
+    load_task("dialogue", reward_model=P)   chat prompts scored by a local reward model
     load_task("my_pkg.my_mod:make_task")    any callable returning a Task, called with the options
     load_rows("data.jsonl")                 local rows for a task: JSONL or Parquet, each row with a "prompt"
 
@@ -34,7 +36,19 @@ def _demo_task(**options) -> Task:
     return demo_task(**options)
 
 
-TASKS: dict[str, Callable[..., Task]] = {"demo": _demo_task}
+def _code_task(**options) -> Task:
+    from fastrft.tasks.code import code_task
+
+    return code_task(**options)
+
+
+def _dialogue_task(**options) -> Task:
+    from fastrft.tasks.dialogue import dialogue_task
+
+    return dialogue_task(**options)
+
+
+TASKS: dict[str, Callable[..., Task]] = {"demo": _demo_task, "code": _code_task, "dialogue": _dialogue_task}
 
 
 def load_task(spec: str, **options) -> Task:

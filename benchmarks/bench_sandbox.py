@@ -1,0 +1,107 @@
+"""How many trivial programs per second does the sandbox run from a thread pool?
+
+    python benchmarks/bench_sandbox.py [--programs 240] [--workers 8] [--repeats 3]
+
+Each program reads a line of stdin and prints it reversed; every result is checked. Providers side by side:
+the bubblewrap sandbox with 1 worker and with ``--workers``, and (for scale only) the same programs run without
+isolation (``unsafe=True``). Prints a table, then one JSON line; writes benchmarks/results/bench_sandbox.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from fastrft import sandbox
+
+SOURCE = "import sys\nprint(sys.stdin.readline().strip()[::-1])"
+
+
+def _bwrap_version() -> str:
+    try:
+        return subprocess.run(["bwrap", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        return "missing"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def measure(programs: int, workers: int, repeats: int, unsafe: bool) -> dict:
+    jobs = [(SOURCE, f"program {i}\n") for i in range(programs)]
+    expected = [f"program {i}"[::-1] + "\n" for i in range(programs)]
+    sandbox.run_many(jobs[:workers], workers=workers, unsafe=unsafe)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        results = sandbox.run_many(jobs, workers=workers, unsafe=unsafe)
+        elapsed_s = time.perf_counter() - start
+        bad = [r for r, want in zip(results, expected) if r.status != "ok" or r.stdout != want]
+        if bad:
+            raise RuntimeError(f"{len(bad)} programs failed, first: {bad[0]}")
+        rates.append(programs / elapsed_s)
+    wall = [r.wall_s for r in results]
+    return {"provider": "unsafe (no isolation)" if unsafe else "bwrap sandbox", "workers": workers,
+            "programs": programs, "programs_per_s": statistics.median(rates), "runs_per_s": rates,
+            "median_program_wall_ms": 1000 * statistics.median(wall)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--programs", type=int, default=240)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_sandbox"))
+    args = parser.parse_args()
+    if not sandbox.sandbox_available():
+        sys.exit("bubblewrap is missing or not working: apt-get install bubblewrap")
+
+    rows = [measure(args.programs, 1, args.repeats, unsafe=False),
+            measure(args.programs, args.workers, args.repeats, unsafe=False)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rows.append(measure(args.programs, args.workers, args.repeats, unsafe=True))
+
+    print(f"{'provider':<24}{'workers':>8}{'programs/s':>12}{'median wall ms':>16}")
+    for row in rows:
+        print(f"{row['provider']:<24}{row['workers']:>8}{row['programs_per_s']:>12.1f}"
+              f"{row['median_program_wall_ms']:>16.1f}")
+    record = {
+        "question": "trivial sandboxed programs per second from a thread pool",
+        "command": "python " + " ".join([os.path.relpath(__file__, Path.cwd())] + sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine()},
+        "versions": {"python": platform.python_version(), "sandbox_python": sandbox._python(),
+                     "bwrap": _bwrap_version(), "commit": _commit(), "prlimit_available": bool(shutil.which("prlimit"))},
+        "program": SOURCE,
+        "results": rows,
+    }
+    print(json.dumps(record))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [f"# {record['question']}", "", f"`{record['command']}` on {record['machine']['affinity']} CPUs "
+             f"({record['machine']['processor']}, {record['machine']['platform']}), {record['versions']['bwrap']}, "
+             f"commit {record['versions']['commit']}.", "", f"Program: `{SOURCE!r}`, every output checked; median of "
+             f"{args.repeats} runs of {args.programs} programs after a warm-up.", "",
+             "| provider | workers | programs/s | median wall per program (ms) |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['provider']} | {r['workers']} | {r['programs_per_s']:.1f} | {r['median_program_wall_ms']:.1f} |"
+              for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
