@@ -328,7 +328,7 @@ def main():
     for shape in shapes:
         rates[shape], shape_rows = bench_shape(shape, providers, dtype, device, args, meter)
         rows += shape_rows
-    print(f"\nmatmul rate for the floor: " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in rates.items()))
+    print("\nmatmul rate for the floor: " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in rates.items()))
     print("\n".join(format_row(r) for r in rows))
     print(json.dumps(dict(env=env, matmul_tflops=rates, rows=rows)))
     if not args.no_write:

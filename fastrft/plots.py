@@ -16,10 +16,11 @@ metric. matplotlib is used through its object API with the Agg canvas: no pyplot
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
+
+from fastrft.jsonl import read_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"
@@ -36,21 +37,8 @@ _NOT_PLOTTED = {"step", "epoch", "time", "timestamp", "wall_time_s"}  # x-like c
 
 
 def read_metrics(path) -> list[dict]:
-    """The JSON objects of a JSON-lines file, blank lines skipped. ValueError naming file and line on a bad line."""
-    path = Path(path)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}): {line.strip()[:80]!r}") from e
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
+    """The records of a metrics.jsonl file; ValueError naming file and line on a bad line."""
+    return [record for _, record in read_jsonl(path)]
 
 
 def plot_run(run_dir) -> list[Path]:

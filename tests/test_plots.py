@@ -96,12 +96,12 @@ def test_empty_file_draws_nothing(tmp_path):
 def test_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "reward_mean": 0.5}\n\n{"step": 2, "reward_mean": \n')
-    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 3"):
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:3: malformed JSON"):
         read_metrics(path)
-    with pytest.raises(ValueError, match=r"line 3"):
+    with pytest.raises(ValueError, match=r":3: malformed JSON"):
         plot_run(tmp_path)
     path.write_text('{"step": 1}\n[1, 2]\n')
-    with pytest.raises(ValueError, match=r"line 2: expected a JSON object"):
+    with pytest.raises(ValueError, match=r":2: expected a JSON object"):
         read_metrics(path)
 
 

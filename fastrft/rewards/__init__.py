@@ -119,3 +119,13 @@ def is_degenerate(completion: str, *, max_chars: int | None = None, truncated: b
     if len(tokens) - ngram + 1 >= 4 and _repeated_ngram_fraction(tokens, ngram) >= 0.5:
         return "looping"
     return None
+
+
+def truncated_flags(n: int, truncated=None, completion_ids=None, max_new_tokens: int | None = None) -> list[bool]:
+    """Per-sample truncation at the length limit: the fastrft trainer's ``truncated`` column, or TRL's
+    ``completion_ids`` that reached ``max_new_tokens``; none when neither is known."""
+    if truncated is not None:
+        return [bool(t) for t in truncated]
+    if completion_ids is not None and max_new_tokens:
+        return [len(ids) >= max_new_tokens for ids in completion_ids]
+    return [False] * n

@@ -12,10 +12,11 @@ column of the rows other than "prompt" arrives as a list aligned with the prompt
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from fastrft.jsonl import read_jsonl
 
 
 @dataclass
@@ -89,17 +90,7 @@ def load_rows(path) -> list[dict]:
     """
     path = Path(path)
     if path.suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_number}: malformed JSON ({e.msg})") from e
-                rows.append(_check_row(row, path, line_number))
-        return rows
+        return [_check_row(row, path, line_number) for line_number, row in read_jsonl(path)]
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastrft import sandbox
-from fastrft.rewards import is_degenerate
+from fastrft.jsonl import read_jsonl
+from fastrft.rewards import is_degenerate, truncated_flags
 from fastrft.tasks import Task
 
 DEFAULT_PROBLEMS = Path(__file__).parent / "data" / "code_problems.jsonl"
@@ -232,20 +233,11 @@ class CodeScorer:
         return [self._cache[key] for key in keys]
 
 
-def _truncated_flags(n: int, truncated=None, completion_ids=None, max_new_tokens: int | None = None):
-    """Per-sample truncation: the trainer's ``truncated`` column, or TRL's ``completion_ids`` at the length limit."""
-    if truncated is not None:
-        return [bool(t) for t in truncated]
-    if completion_ids is not None and max_new_tokens:
-        return [len(ids) >= max_new_tokens for ids in completion_ids]
-    return [False] * n
-
-
 def make_reward_funcs(scorer: CodeScorer, *, degenerate_reward: float = -0.5, max_new_tokens: int | None = None):
     """[pass_rate, all_pass, degenerate_empty, degenerate_truncated, degenerate_looping, degenerate_unparseable]."""
 
     def scores(completions, tests, truncated, completion_ids):
-        flags = _truncated_flags(len(completions), truncated, completion_ids, max_new_tokens)
+        flags = truncated_flags(len(completions), truncated, completion_ids, max_new_tokens)
         return scorer.score(list(completions), list(tests), flags)
 
     def pass_rate(prompts, completions, tests, truncated=None, completion_ids=None, **columns):
@@ -319,16 +311,12 @@ def load_problems(path) -> list[dict]:
     """APPS-format problems from a JSONL file; errors name the file and line."""
     path = Path(path)
     problems = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                problem = json.loads(line)
-                problem_to_row(problem)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{path}:{line_number}: {e}") from e
-            problems.append(problem)
+    for line_number, problem in read_jsonl(path):
+        try:
+            problem_to_row(problem)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}:{line_number}: {e}") from e
+        problems.append(problem)
     return problems
 
 

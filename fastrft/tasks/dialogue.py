@@ -21,7 +21,7 @@ import threading
 
 import torch
 
-from fastrft.rewards import is_degenerate
+from fastrft.rewards import is_degenerate, truncated_flags
 from fastrft.tasks import Task, load_rows
 
 DEGENERATE_KINDS = ("empty", "truncated", "looping")
@@ -111,20 +111,12 @@ class RewardModelScorer:
         return scores
 
 
-def _truncated_flags(n: int, truncated=None, completion_ids=None, max_new_tokens: int | None = None):
-    if truncated is not None:
-        return [bool(t) for t in truncated]
-    if completion_ids is not None and max_new_tokens:
-        return [len(ids) >= max_new_tokens for ids in completion_ids]
-    return [False] * n
-
-
 def make_reward_funcs(scorer: RewardModelScorer, *, degenerate_reward: float = -5.0,
                       max_new_tokens: int | None = None):
     """[reward_model, degenerate_empty, degenerate_truncated, degenerate_looping]."""
 
     def kinds(completions, truncated, completion_ids):
-        flags = _truncated_flags(len(completions), truncated, completion_ids, max_new_tokens)
+        flags = truncated_flags(len(completions), truncated, completion_ids, max_new_tokens)
         return [is_degenerate(c, truncated=t) for c, t in zip(completions, flags)]
 
     def reward_model(prompts, completions, truncated=None, completion_ids=None, **columns):

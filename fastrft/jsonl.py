@@ -1,0 +1,23 @@
+"""JSON-lines files: one JSON object per line, blank lines skipped, errors naming the file and the line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_jsonl(path) -> list[tuple[int, dict]]:
+    """(1-based line number, object) for each non-blank line of path."""
+    path = Path(path)
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: malformed JSON ({e.msg}): {line.strip()[:80]!r}") from e
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            records.append((line_number, record))
+    return records
