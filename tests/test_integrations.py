@@ -63,9 +63,9 @@ def count_a(completions, **kwargs):
     return [float(c.count("a")) for c in completions]
 
 
-def make_trainer(model, tmp_path, peft_config=None, **config):
+def make_trainer(model, tmp_path, peft_config=None, refiner=None, **config):
     """A FastRFTGRPOTrainer on `model` (a path, or a model saved under tmp_path first: with beta > 0 TRL loads the
-    reference model from the policy's path)."""
+    reference model from the policy's path); refiner: the trainer's refine_* keyword arguments."""
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -82,7 +82,7 @@ def make_trainer(model, tmp_path, peft_config=None, **config):
         model = str(path)
     dataset = Dataset.from_dict({"prompt": ["abc", "hello", "xyz ab", "qq"] * 4})
     return FastRFTGRPOTrainer(model=model, reward_funcs=count_a, args=args, train_dataset=dataset,
-                              processing_class=char_tokenizer(), peft_config=peft_config)
+                              processing_class=char_tokenizer(), peft_config=peft_config, **(refiner or {}))
 
 
 def lora_config():
@@ -292,6 +292,225 @@ def test_missing_trl_gives_one_clear_message(monkeypatch):
 
     with pytest.raises(ImportError, match=r'pip install "fastrft\[integrations\]"'):
         fastrft.integrations.FastRFTGRPOTrainer
+
+
+# --------------------------------------------------------------------------------------------- TRL trainer: refiner
+
+REFINE_TEMPLATE = "fix {prompt} then {response} as"
+CORRECTION = "aaa"
+
+
+class EveryFourthFails:
+    """parse_refinement that ignores the refiner's text (an untrained refiner writes noise) and returns CORRECTION,
+    except on every fourth call: None, a failed refinement."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, text):
+        self.calls += 1
+        return None if self.calls % 4 == 0 else CORRECTION
+
+
+@pytest.fixture
+def finished_refiner(monkeypatch):
+    """The refiner's real generation, with every output marked finished (an untrained model never writes EOS, and an
+    unfinished refinement fails); records the model and whether PEFT adapters were disabled at each call."""
+    import fastrft.refiner
+
+    calls = []
+    real_generate = fastrft.refiner.generate
+
+    def generate(model, *args, **kwargs):
+        adapters = [m.disable_adapters for m in model.modules() if hasattr(m, "lora_A")]
+        calls.append((model, bool(adapters) and all(adapters)))
+        samples = real_generate(model, *args, **kwargs)
+        samples.truncated = [False] * len(samples.truncated)
+        return samples
+
+    monkeypatch.setattr(fastrft.refiner, "generate", generate)
+    return calls
+
+
+@needs_trl
+@pytest.mark.parametrize("setup", ["dapo-copy", "grpo-kl-lora"])
+def test_trainer_trains_with_refiner(setup, finished_refiner, model_dir, tmp_path):
+    refiner = dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE, parse_refinement=EveryFourthFails())
+    if setup == "dapo-copy":  # beta == 0: the refiner is a frozen copy of the initial policy, loaded from its path
+        trainer = make_trainer(model_dir, tmp_path, refiner=refiner, max_steps=2, loss_type="dapo")
+        assert trainer.refiner_model is not None and trainer.refiner_model is not trainer.model
+        refiner_before = {n: p.detach().clone() for n, p in trainer.refiner_model.named_parameters()}
+        policy_before = dict(trainer.model.named_parameters())
+        assert all(torch.equal(p, policy_before[n]) for n, p in refiner_before.items()), "not the initial policy"
+        assert not any(p.requires_grad for p in trainer.refiner_model.parameters())
+    else:  # PEFT: the refiner is the policy with its adapters disabled
+        pytest.importorskip("peft", reason="peft is not installed (pip install 'fastrft[integrations]')")
+        trainer = make_trainer(tiny_llama(), tmp_path, peft_config=lora_config(), refiner=refiner, max_steps=2,
+                               loss_type="grpo", beta=0.1, use_bias_correction_kl=False)
+        assert trainer.refiner_model is None
+    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+
+    # 2 optimiser steps x 2 accumulation steps = 4 micro-batches = one generation batch (steps_per_generation=4):
+    # the refiner runs once, on all 16 samples.
+    assert len(finished_refiner) == 1
+    refiner_used, adapters_disabled = finished_refiner[0]
+    if setup == "dapo-copy":
+        assert refiner_used is trainer.refiner_model
+        assert all(torch.equal(p, refiner_before[n]) for n, p in trainer.refiner_model.named_parameters())
+    else:
+        assert adapters_disabled, "the PEFT refiner must generate with its adapters disabled"
+        assert not any(m.disable_adapters for m in trainer.model.modules() if hasattr(m, "lora_A"))
+    params = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(params[n], before) for n, before in trainable.items()), "no trainable weight moved"
+
+    logs = [entry for entry in trainer.state.log_history if "fastrft/sft_loss" in entry]
+    assert len(logs) == 2
+    refine_logs = [entry for entry in logs if "refine/rate" in entry]
+    assert len(refine_logs) == 1, "one generation batch, one set of refine metrics"
+    # One parse in four fails; the others replace a sample without EOS by "aaa</s>", which always changes it.
+    assert refine_logs[0]["refine/failed"] == pytest.approx(0.25)
+    assert refine_logs[0]["refine/rate"] == pytest.approx(0.75)
+    assert 0 < refine_logs[0]["refine/changed_token_frac"] <= 1
+    assert sum(entry["fastrft/sft_loss"] for entry in logs) > 0
+    assert all(entry["fastrft/sft_loss"] >= 0 and torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+
+    # The refinements travel with their samples: the correction's tokens, cut after the last weighted one.
+    correction_ids = trainer._tokenizer(CORRECTION, add_special_tokens=False)["input_ids"] + [2]
+    n_refined = 0
+    for batch in trainer._buffered_inputs:
+        for ids, row_mask, weights in zip(batch["refined_ids"], batch["refined_mask"], batch["refined_weights"]):
+            length = int(row_mask.sum())
+            if length:
+                n_refined += 1
+                assert ids[:length].tolist() == correction_ids[:length]
+                assert weights[length - 1] == 0.5 and set(weights[:length].tolist()) <= {0.0, 0.5}
+                assert not weights[length:].any()
+    assert n_refined == 12
+
+
+def refined_batch(trainer, case):
+    """equivalence_batch (4 samples of 5 tokens, lengths 5, 3, 3, 0) with refinements: sample 0's is longer than any
+    sample and has unweighted tokens inside, sample 1 has none, sample 3's sample is empty."""
+    inputs = equivalence_batch(trainer, case)
+    vocab = trainer.model.config.vocab_size
+    generator = torch.Generator().manual_seed(2)
+    weights = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.1, 0.5],
+                            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                            [0.5, 0.5, 0.0, 0.0, 0.0, 0.0],
+                            [0.1, 0.5, 0.1, 0.5, 0.0, 0.0]])
+    lengths = torch.tensor([6, 0, 2, 4])
+    refined_mask = (torch.arange(6)[None] < lengths[:, None]).long()
+    refined_ids = torch.randint(4, vocab, (4, 6), generator=generator).masked_fill(refined_mask == 0, 0)
+    return dict(inputs, refined_ids=refined_ids, refined_mask=refined_mask, refined_weights=weights,
+                refined_items_in_batch=(weights != 0).sum() * 3)
+
+
+def reference_refined_loss64(model64, inputs, trainer, accumulation, entropy_coef=0.0):
+    """TRL's loss for trainer.loss_type with the refined rows as documented, in float64 from full logits: the sample
+    rows and the refined rows in separate forwards. Returns (loss, the refined rows' term)."""
+    prompt_len = inputs["prompt_ids"].size(1)
+
+    def token_logps(ids, ids_mask):  # [B, L] log-probs of ids after the prompt and the entropies there
+        logits = model64(input_ids=torch.cat([inputs["prompt_ids"], ids], 1),
+                         attention_mask=torch.cat([inputs["prompt_mask"], ids_mask], 1)).logits
+        logp = torch.log_softmax(logits[:, prompt_len - 1:-1] / trainer.temperature, dim=-1)
+        return logp.gather(-1, ids[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+    logp, entropy = token_logps(inputs["completion_ids"], inputs["completion_mask"])
+    mask = inputs["completion_mask"].double()
+    ratio = torch.exp(logp - inputs["old_per_token_logps"].double())
+    adv = inputs["advantages"].double()[:, None]
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - trainer.epsilon_low, 1 + trainer.epsilon_high) * adv)
+    if trainer.beta:
+        log_ratio = inputs["ref_per_token_logps"].double() - logp
+        per_token = per_token + trainer.beta * (torch.exp(log_ratio) - log_ratio - 1)
+    refined_logp, _ = token_logps(inputs["refined_ids"], inputs["refined_mask"])
+    weights = inputs["refined_weights"].double()
+    sft = (weights * -refined_logp).sum(-1)                        # [B]: each refined row's weighted sum
+    pg = (per_token * mask).sum(-1)                                # [B]: each sample's summed loss
+    tokens = mask.sum(-1) + (weights != 0).sum(-1)                 # [B]: sample + weighted refined tokens
+    n_seq = mask.size(0)
+    normalizer = {  # per sequence [B] or one number; accumulation scaling below
+        "grpo": n_seq * tokens.clamp(min=1),
+        "bnpo": tokens.sum().clamp(min=1),
+        "dr_grpo": n_seq * trainer.max_completion_length,
+        "dapo": (inputs["num_items_in_batch"] + inputs["refined_items_in_batch"]).double()
+                / trainer.args.steps_per_generation,
+        "luspo": n_seq,
+    }[trainer.loss_type]
+    loss = ((pg + sft) / normalizer).sum() / accumulation
+    if entropy_coef:  # TRL's bonus: the mean entropy over the sample tokens
+        loss = loss - entropy_coef * (entropy * mask).sum() / mask.sum() / accumulation
+    return loss, ((sft / normalizer).sum() / accumulation).detach()
+
+
+@pytest.fixture(scope="module")
+def refiner_trainer(tmp_path_factory):
+    """One trainer (beta > 0, refiner on) shared by the loss checks; each sets the loss type it checks."""
+    pytest.importorskip("trl", reason="trl is not installed (pip install 'fastrft[integrations]')")
+    torch.manual_seed(0)
+    refiner = dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE)
+    return make_trainer(tiny_llama(), tmp_path_factory.mktemp("refiner"), refiner=refiner, beta=0.1,
+                        use_bias_correction_kl=False, temperature=0.7, epsilon=0.2, epsilon_high=0.28, bf16=False)
+
+
+@needs_trl
+@pytest.mark.parametrize("loss_type,entropy_coef", [("grpo", 0.0), ("bnpo", 0.05), ("dr_grpo", 0.0),
+                                                    ("dapo", 0.0), ("luspo", 0.0)])
+def test_refined_rows_loss_and_gradients_match_reference(loss_type, entropy_coef, refiner_trainer):
+    from transformers import LlamaForCausalLM
+
+    from fastrft.integrations import FastRFTGRPOTrainer
+
+    trainer = refiner_trainer
+    assert trainer.refiner_model is trainer.ref_model, "with beta > 0 the refiner is TRL's reference model"
+    trainer.loss_type = loss_type
+    trainer.entropy_coef = entropy_coef
+    trainer._entropy_bonus_enabled = entropy_coef != 0.0
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.model.train()
+    inputs = refined_batch(trainer, "off-policy")
+
+    model64 = LlamaForCausalLM(trainer.model.config).double()
+    model64.load_state_dict(trainer.model.state_dict())
+    model64.train()  # dropout is 0; the same mode as the policy
+    ref_loss, ref_sft = reference_refined_loss64(model64, inputs, trainer, accumulation=2, entropy_coef=entropy_coef)
+    ref_loss.backward()
+    head_calls = LMHeadCalls(trainer.model.get_output_embeddings())
+    our_loss, our_grads = loss_and_grads(FastRFTGRPOTrainer.compute_loss, trainer, inputs)
+    head_calls.close()
+
+    assert head_calls.positions == [1], "sample and refined rows share one forward, the LM head on one position"
+    assert ref_sft > 0.05 * ref_loss.abs(), "the refined rows must weigh in the loss"
+    torch.testing.assert_close(our_loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-7)
+    assert trainer._metrics["train"]["fastrft/sft_loss"][-1] == pytest.approx(ref_sft.item(), rel=1e-5)
+    reference_grads = dict(model64.named_parameters())
+    assert our_grads.keys() == {n for n, p in reference_grads.items() if p.grad is not None}
+    for name, grad in our_grads.items():
+        expected = reference_grads[name].grad
+        scale = expected.abs().max().clamp(min=1e-12)
+        torch.testing.assert_close(grad.double() / scale, expected / scale, rtol=1e-4, atol=1e-5, msg=name)
+
+
+REFINER_ERRORS = [
+    (dict(refine_coef=0.5), "refine_coef > 0 needs refine_template"),
+    (dict(refine_coef=-0.5, refine_template=REFINE_TEMPLATE), "refine_coef must be a finite number >= 0"),
+    (dict(refine_coef=0.5, refine_template="fix {response} for {task}"), r"fields are \{prompt\}.*\['response', "
+                                                                          r"'task'\]"),
+    (dict(refine_coef=0.5, refine_template="fix {prompt}"), r"\{response\}"),
+    (dict(refine_kept_weight=float("nan")), "refine_kept_weight"),
+    (dict(refine_context=-1), "refine_context must be an int >= 0"),
+    (dict(refine_max_new_tokens=0), "refine_max_new_tokens must be an int >= 1"),
+    (dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE, parse_refinement="json"), "parse_refinement"),
+]
+
+
+@needs_trl
+@pytest.mark.parametrize("refiner,message", REFINER_ERRORS)
+def test_refiner_options_fail_at_construction(refiner, message, model_dir, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(model_dir, tmp_path, refiner=refiner)
 
 
 # ---------------------------------------------------------------------------------------------------- PEFT / LoRA
