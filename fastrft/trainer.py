@@ -405,6 +405,7 @@ def run_step(cfg, step, policy, ref, tokenizer, task, stream, optimizer, schedul
 
     # 1-3. Rollout, reward, advantages; dynamic sampling refills zero-variance groups from further prompts.
     groups, all_rewards, degenerate, none_rewards, dropped_groups = [], [], 0, 0, 0
+    per_func_rewards: dict[str, list[float]] = {}
     needed, rounds = cfg.prompts_per_step, 0
     while needed > 0:
         rows = stream.take(needed)
@@ -417,8 +418,10 @@ def run_step(cfg, step, policy, ref, tokenizer, task, stream, optimizer, schedul
         expanded = [r for r in rows for _ in range(cfg.group_size)]
         columns = {k: [r.get(k) for r in expanded] for k in rows[0] if k != "prompt"}
         columns["truncated"] = samples.truncated   # stopped by max_new_tokens: tasks may treat it as degenerate
-        rewards, _ = combine_rewards(task.reward_funcs, task.reward_weights, [r["prompt"] for r in expanded],
-                                     samples.texts, **columns)
+        rewards, per_func = combine_rewards(task.reward_funcs, task.reward_weights, [r["prompt"] for r in expanded],
+                                            samples.texts, **columns)
+        for name, values in per_func.items():
+            per_func_rewards.setdefault(name, []).extend(v for v in values if v is not None)
         timers["reward"] = timers.get("reward", 0.0) + time.perf_counter() - t0
         for g, row in enumerate(rows):
             members = []
@@ -454,7 +457,9 @@ def run_step(cfg, step, policy, ref, tokenizer, task, stream, optimizer, schedul
     record = {"step": step, "reward_mean": _mean(all_rewards), "reward_std": _std(all_rewards),
               "reward_none": none_rewards, "groups_used": len(groups), "groups_dropped": dropped_groups,
               "degenerate_frac": degenerate / max(1, len(all_rewards) + none_rewards),
-              "response_len": _mean([len(r.target_ids) for r in sample_rows]) if sample_rows else 0.0}
+              "response_len": _mean([len(r.target_ids) for r in sample_rows]) if sample_rows else 0.0,
+              # each reward function's mean, weighted or not: a task's degenerate-output rates are logged this way
+              **{f"reward_{name}": _mean(values) for name, values in per_func_rewards.items()}}
 
     # 4. Constraint: reference log-probs (KL term and kl_ref in every mode), then the refiner's rows.
     refined_rows = []

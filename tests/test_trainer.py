@@ -52,6 +52,7 @@ def test_real_steps_in_every_mode(tiny_model, tmp_path, constraint):
                 "peak_mem_gb"}
     for record in steps:
         assert required <= set(record), required - set(record)
+        assert {"reward_sort_reward", "reward_exact_match"} <= set(record)   # each reward function's mean
         assert math.isfinite(record["kl_ref"]) and record["kl_ref"] >= 0
     assert "eval_reward" in steps[-1]
     if constraint in ("none", "kl"):
