@@ -4,6 +4,8 @@
     fastrft train --resume RUN_DIR [key=value ...]       continue a run from its last checkpoint (e.g. steps=200)
     fastrft demo [key=value ...]                         the embedded default: tiny model, synthetic task, CPU
     fastrft plot RUN_DIR                                 redraw a run's plots
+    fastrft compare (--config run.yaml | --demo) --modes none,kl,refiner [--kl-coefs 0.01,0.1] [--seeds 3]
+                    [--out DIR] [key=value ...]          every mode x seed, resumable; comparison.json/.md, plots
 """
 from __future__ import annotations
 
@@ -75,6 +77,45 @@ def _plot(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    import shlex
+
+    from fastrft.compare import compare, expand_variants
+    from fastrft.config import load_config
+
+    for item in args.overrides:
+        key = item.partition("=")[0]
+        if key in ("constraint", "seed", "output_dir"):
+            raise ValueError(f"{key} is set by the comparison (--modes, --seeds, --out), not by {item!r}")
+    if args.demo == bool(args.config):
+        raise SystemExit("fastrft compare: give --config RUN_YAML or --demo (one of them)")
+    try:
+        kl_coefs = [float(c) for c in args.kl_coefs.split(",")] if args.kl_coefs else None
+    except ValueError:
+        raise ValueError(f"--kl-coefs must be comma-separated numbers, got {args.kl_coefs!r}") from None
+    expand_variants(args.modes.split(","), kl_coefs)   # mode errors before the demo's reference is trained
+    if args.demo:
+        from fastrft.tasks.demo import ensure_reference
+
+        reference = ensure_reference(Path(args.cache_dir), max_steps=args.reference_steps)
+        cfg = load_config(None, args.overrides, **{**DEMO_DEFAULTS, "model": str(reference)})
+    else:
+        cfg = load_config(args.config, args.overrides)
+    command = ["fastrft", "compare", *(["--demo"] if args.demo else ["--config", args.config]), "--modes", args.modes,
+               *(["--kl-coefs", args.kl_coefs] if args.kl_coefs else []), "--seeds", str(args.seeds), "--out",
+               args.out, *args.overrides]
+    try:
+        result = compare(cfg, modes=args.modes.split(","), kl_coefs=kl_coefs, seeds=args.seeds, out_dir=args.out,
+                         command=shlex.join(command))
+    except KeyboardInterrupt as exc:
+        print(f"fastrft compare: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
+    print((Path(args.out) / "comparison.md").read_text())
+    plots = ", ".join(Path(p).name for p in result.get("plots", []))
+    print(f"written to {args.out}: comparison.json, comparison.md{', ' + plots if plots else ''}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastrft", description="RL fine-tuning with dynamic (refiner) constraints")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +130,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="training steps of the reference model when it is not cached yet")
     p_demo.add_argument("overrides", nargs="*", metavar="key=value")
     p_demo.set_defaults(func=_demo)
+    p_compare = sub.add_parser("compare", help="the same run under several constraints and seeds, side by side")
+    p_compare.add_argument("--config", help="YAML file of TrainConfig keys shared by every run")
+    p_compare.add_argument("--demo", action="store_true", help="the embedded demo's settings instead of --config")
+    p_compare.add_argument("--modes", required=True, help="comma-separated: none, kl, refiner, kl+refiner")
+    p_compare.add_argument("--kl-coefs", help="comma-separated KL coefficients: one variant per KL mode and value")
+    p_compare.add_argument("--seeds", type=int, default=3, help="seeds per variant (seed, seed+1, ...)")
+    p_compare.add_argument("--out", default="runs/compare", help="comparison directory (runs/ inside it)")
+    p_compare.add_argument("--cache-dir", default="runs/demo_reference", help="--demo: where the reference is kept")
+    p_compare.add_argument("--reference-steps", type=int, default=500,
+                           help="--demo: training steps of the reference model when it is not cached yet")
+    p_compare.add_argument("overrides", nargs="*", metavar="key=value")
+    p_compare.set_defaults(func=_compare)
     p_plot = sub.add_parser("plot", help="redraw a run's plots")
     p_plot.add_argument("run_dir")
     p_plot.set_defaults(func=_plot)

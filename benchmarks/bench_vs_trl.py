@@ -1,0 +1,320 @@
+"""How fast and how lean is fastrft's update step against TRL's GRPOTrainer loss path, on the same model and batch?
+
+One update micro-batch, forward + backward (no optimizer step, no generation), for each provider:
+  trl       trl.GRPOTrainer.compute_loss (TRL's own loss path: the policy's logits over the completion positions,
+            selective_log_softmax, its per-token clipped loss, loss_type="dapo") on a trainer built around the model
+  fastrft   fastrft.trainer.build_batch (packed rows) + fastrft.trainer.rft_loss (the policy to its final hidden
+            states, then fastrft.fused_rft_loss) + backward: what each step of `fastrft train` runs in its update
+The loss is the same on both sides: on-policy clipped policy gradient (clip 0.2 / 0.28), no KL term (beta = 0, so TRL
+loads no reference model), temperature 1, DAPO's token-level mean. B sequences, every completion of the full length
+L (so both sides see the same tokens; TRL pads the prompts, fastrft packs the rows), random token ids, random
+advantages, a randomly initialised model (nothing downloaded):
+  --model tiny           Llama, hidden 256, 4 layers, vocab 32000 (the CPU default)
+  --model qwen2.5-1.5b   the Qwen2.5-1.5B shape: hidden 1536, 28 layers, 12/2 heads, vocab 151936, tied embeddings
+                         (the CUDA default, bf16)
+
+Reported per (provider, L): update tokens/s (B * L / median fwd+bwd time over --repeat runs after --warmup) and peak
+memory beyond what was allocated before the step and the gradients it leaves (CUDA: max_memory_allocated; CPU: peak
+RSS, VmHWM after resetting it through /proc/self/clear_refs, with glibc's mmap threshold fixed so that freed buffers
+leave the RSS). Each (provider, L) runs in a fresh process, so no provider reuses another's freed memory. Then, per
+provider, the longest L whose peak stays within --budget-gb (lengths double until both providers exceed it or
+--max-length is reached). Prints a table and one JSON line; writes benchmarks/results/bench_vs_trl_<device>.{json,md}.
+
+    python benchmarks/bench_vs_trl.py                               # CPU: tiny model; CUDA: Qwen2.5-1.5B shape
+    python benchmarks/bench_vs_trl.py --device cpu --batch 8 --prompt-len 32 --budget-gb 1
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if sys.platform == "linux" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+    # Fixed mmap threshold: large CPU buffers are returned to the OS when freed, so peak RSS measures peak memory.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROVIDERS = ("trl", "fastrft")
+CHARS = "abcdefghijklmnopqrstuvwxyz "
+
+
+def model_config(name: str, max_len: int):
+    from transformers import LlamaConfig, Qwen2Config
+
+    if name == "tiny":
+        return LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_len,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if name == "qwen2.5-1.5b":
+        return Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                           num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=max(max_len, 32768),
+                           rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2)
+    raise ValueError(f"unknown model {name!r}: tiny or qwen2.5-1.5b")
+
+
+def char_tokenizer():
+    """A tokenizer TRL can hold; the benchmark feeds token ids directly, so its vocabulary does not matter."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: 4 + i for i, c in enumerate(CHARS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def make_step(provider: str, args, length: int, device: torch.device):
+    """step(): one forward + backward of the update loss, the previous gradients freed first."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = model_config(args.model, args.prompt_len + length + 8)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device)
+    vocab = config.vocab_size
+    generator = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(4, vocab, (args.batch, args.prompt_len), generator=generator)
+    completion_ids = torch.randint(4, vocab, (args.batch, length), generator=generator)
+    advantages = torch.randn(args.batch, generator=generator)
+
+    if provider == "fastrft":
+        from fastrft.config import TrainConfig
+        from fastrft.trainer import Row, build_batch, rft_loss
+
+        cfg = TrainConfig(constraint="none", clip_low=0.2, clip_high=0.28, temperature=1.0)
+        rows = [Row(p.tolist(), c.tolist(), advantage=float(a), pg=True)
+                for p, c, a in zip(prompt_ids, completion_ids, advantages)]
+        model.train()
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            batch = build_batch(rows, device, packed=True)
+            rft_loss(model, batch, cfg, use_old=False).loss.backward()
+        return step
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    out_dir = tempfile.mkdtemp(prefix="bench_vs_trl_")
+    trl_args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=args.batch, num_generations=args.batch,
+                          max_completion_length=length, loss_type="dapo", beta=0.0, epsilon=0.2, epsilon_high=0.28,
+                          temperature=1.0, report_to="none", save_strategy="no", use_cpu=device.type != "cuda",
+                          bf16=device.type == "cuda", disable_tqdm=True, gradient_accumulation_steps=1)
+    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                          args=trl_args, train_dataset=Dataset.from_dict({"prompt": ["abc"] * args.batch}),
+                          processing_class=char_tokenizer())
+    trainer.current_gradient_accumulation_steps = 1   # set by Trainer.train(); the dapo normaliser reads it
+    trainer.model.train()
+    inputs = dict(prompt_ids=prompt_ids.to(device), prompt_mask=torch.ones_like(prompt_ids, device=device),
+                  completion_ids=completion_ids.to(device),
+                  completion_mask=torch.ones_like(completion_ids, device=device),
+                  advantages=advantages.to(device), num_items_in_batch=torch.tensor(args.batch * length))
+
+    def step():
+        trainer.model.zero_grad(set_to_none=True)
+        GRPOTrainer.compute_loss(trainer, trainer.model, inputs).backward()
+    return step
+
+
+def rss_bytes() -> dict:
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_extra_bytes(step, device) -> int | None:
+    """Peak memory of one step beyond what was allocated before it and the gradients it leaves. The step frees the
+    previous step's gradients first and leaves new ones of the same size, so that is its peak minus the memory
+    before it."""
+    step()          # warm-up: caches, lazy initialisation, the first gradients
+    sync(device)
+    gc.collect()
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated() - before
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    before = rss_bytes()["VmRSS"]
+    step()
+    return rss_bytes()["VmHWM"] - before
+
+
+def child(provider: str, length: int, args) -> dict:
+    device = torch.device(args.device)
+    try:
+        step = make_step(provider, args, length, device)
+        peak = peak_extra_bytes(step, device)
+        for _ in range(args.warmup):
+            step()
+        times = []
+        for _ in range(args.repeat):
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        return {"provider": provider, "length": length, "oom": True}
+    ms = statistics.median(times) * 1e3
+    return {"provider": provider, "length": length, "ms": ms, "tokens_per_s": args.batch * length / (ms / 1e3),
+            "peak_extra_gb": None if peak is None else peak / 2**30, "oom": False}
+
+
+def run_child(provider: str, length: int, argv: list[str]) -> dict:
+    cmd = [sys.executable, __file__, *argv, "--child", provider, str(length)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = result.stderr.strip().splitlines()[-3:]
+        return {"provider": provider, "length": length, "error": " | ".join(tail)}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def fits(row, budget_gb) -> bool:
+    return not row.get("oom") and "error" not in row and row.get("peak_extra_gb") is not None \
+        and row["peak_extra_gb"] <= budget_gb
+
+
+def environment(args, device) -> dict:
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            return ""
+    import transformers
+    import trl
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else cpu,
+                cpu_threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
+                trl=trl.__version__, python=platform.python_version(), commit=git("rev-parse", "--short", "HEAD"),
+                dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+                load_average=" / ".join(f"{x:.2f}" for x in os.getloadavg()),
+                command="python " + " ".join(sys.argv))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default=None, help="tiny | qwen2.5-1.5b (default: tiny on the CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per micro-batch (CPU 8, CUDA 8)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (CPU 32, CUDA 256)")
+    parser.add_argument("--lengths", default=None, help="completion lengths to time (CPU 64,256; CUDA 1024,4096)")
+    parser.add_argument("--budget-gb", type=float, default=None, help="memory budget (CPU 1, CUDA 40)")
+    parser.add_argument("--max-length", type=int, default=None, help="longest length tried (CPU 2048, CUDA 65536)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--child", nargs=2, metavar=("PROVIDER", "LENGTH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    on_cuda = args.device.startswith("cuda")
+    defaults = dict(model="qwen2.5-1.5b" if on_cuda else "tiny", batch=8, prompt_len=256 if on_cuda else 32,
+                    lengths="1024,4096" if on_cuda else "64,256", budget_gb=40.0 if on_cuda else 1.0,
+                    max_length=65536 if on_cuda else 2048)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]), args)))
+        return
+    argv = ["--device", args.device, "--model", args.model, "--batch", str(args.batch), "--prompt-len",
+            str(args.prompt_len)]
+    timing_argv = argv + ["--warmup", str(args.warmup), "--repeat", str(args.repeat)]
+    budget_argv = argv + ["--warmup", "0", "--repeat", "1"]   # the memory search needs no stable timing
+    device = torch.device(args.device)
+
+    timed = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        for provider in PROVIDERS:
+            row = run_child(provider, length, timing_argv)
+            timed.append(row)
+            print(format_row(row), flush=True)
+
+    longest = {}
+    for provider in PROVIDERS:
+        length, best, tried = 64, None, []
+        while length <= args.max_length:
+            row = next((r for r in timed if r["provider"] == provider and r["length"] == length), None) \
+                or run_child(provider, length, budget_argv)
+            tried.append(row)
+            print("budget " + format_row(row), flush=True)
+            if not fits(row, args.budget_gb):
+                break
+            best, length = length, length * 2
+        longest[provider] = {"longest_length": best, "tried": tried}
+
+    env = environment(args, device)
+    payload = dict(env=env, model=args.model, batch=args.batch, prompt_len=args.prompt_len, budget_gb=args.budget_gb,
+                   max_length=args.max_length, rows=timed,
+                   longest={p: v["longest_length"] for p, v in longest.items()},
+                   budget_rows={p: v["tried"] for p, v in longest.items()})
+    write_results(payload, "cuda" if on_cuda else "cpu")
+    print(json.dumps(payload))
+
+
+def format_row(r) -> str:
+    label = f"{r['provider']:>8} L={r['length']:>6}"
+    if "error" in r:
+        return f"{label}  error: {r['error']}"
+    if r.get("oom"):
+        return f"{label}  out of memory"
+    peak = "n/a" if r["peak_extra_gb"] is None else f"{r['peak_extra_gb'] * 1024:9.1f} MB"
+    return f"{label} {r['ms']:10.1f} ms {r['tokens_per_s']:10.0f} tok/s  peak extra {peak}"
+
+
+def write_results(payload, tag):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    env = payload["env"]
+    (RESULTS / f"bench_vs_trl_{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    lines = [f"# bench_vs_trl on {env['device']}", "",
+             f"torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}, python {env['python']}, "
+             f"commit {env['commit']}{' (dirty)' if env['dirty'] else ''}, {env['cpu_threads']} CPU threads, load "
+             f"average {env['load_average']}", "", f"Command: `{env['command']}`", "",
+             f"Model {payload['model']} (random weights), {payload['batch']} sequences of {payload['prompt_len']} "
+             f"prompt + L completion tokens; one forward + backward of the update loss. Peak = memory beyond what "
+             f"was allocated before the step and the gradients it leaves.", "",
+             "| provider | L | fwd+bwd ms | update tokens/s | peak extra MB |", "|---|---:|---:|---:|---:|"]
+    for r in payload["rows"]:
+        if "error" in r or r.get("oom"):
+            lines.append(f"| {r['provider']} | {r['length']} | - | - | {r.get('error', 'out of memory')} |")
+            continue
+        peak = "n/a" if r["peak_extra_gb"] is None else f"{r['peak_extra_gb'] * 1024:.1f}"
+        lines.append(f"| {r['provider']} | {r['length']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {peak} |")
+    lines += ["", f"Longest completion length (powers of two from 64, up to {payload['max_length']}) whose peak "
+              f"stays within {payload['budget_gb']} GB: "
+              + ", ".join(f"{p}: {v if v is not None else 'none'}" for p, v in payload["longest"].items()) + "."]
+    (RESULTS / f"bench_vs_trl_{tag}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

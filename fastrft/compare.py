@@ -1,0 +1,539 @@
+"""The same run under several constraints and seeds, side by side.
+
+    result = compare(base_cfg, modes=["none", "kl", "refiner"], kl_coefs=[0.01, 0.05], seeds=2, out_dir="cmp")
+
+Each variant (a constraint mode, and for KL modes given `kl_coefs` one variant per coefficient, named `kl@0.05`) runs
+once per seed in out_dir/runs/<variant>_seed<k>/ with the base configuration apart from constraint, kl_coef, seed and
+output_dir. For a given seed every variant starts from the same weights and draws prompts in the same order (the
+prompt stream is seeded by cfg.seed); with dynamic_sampling on, how many extra prompts a step draws depends on the
+policy, so the streams agree until the first refill. A run whose summary.json says it finished cfg.steps steps is
+not run again, a run with a checkpoint resumes from it, any other run starts afresh: running the same comparison
+again picks up where an interrupted one stopped. SIGINT/SIGTERM stop the current run at a checkpoint (the trainer's
+StopSignal) and the comparison raises KeyboardInterrupt before starting the next.
+
+Written to out_dir: comparison.json (definitions, configuration, environment, per-run numbers, per-variant mean and
+std over seeds, per-step curves), comparison.md (the table) and reward.png, refine_rate.png, kl_ref.png,
+policy.png.
+
+Definitions (per run, then mean +- sample std over seeds; std is null with one seed):
+    training time      cumulative step_time_s; held-out evaluation is not counted; the step-0 evaluation is at 0 s
+    final / best       held-out (greedy) eval_reward at the last step / the highest one logged, step 0 included
+    equal time         the eval_reward of the last evaluation at or before a shared budget T of training time,
+                       T = the median total training time over the seeds of the fastest variant (the variant with
+                       the smallest such median): what each variant had reached when the fastest one was done. The
+                       last measured evaluation, not an interpolation, so it is a reward some checkpoint really had.
+    KL at the end      mean kl_ref (k3 estimate of KL(policy || reference) on the sampled tokens) over the last 10%
+                       of the steps (at least one step); the same "last 10%" window for degenerate_frac and entropy
+    refine rate        share of the samples the refiner changed, per step: its mean over the first and the last
+                       10% of steps (the constraint's strength early and late) and over the run
+    stability          max_drop: the largest fall of eval_reward below its running best; the run is flagged
+                       collapsed when max_drop exceeds COLLAPSE_FRACTION of its gain (best - initial) or when its
+                       final eval_reward is below the initial one (the reference's score). With no gain at all, any
+                       fall below the initial reward counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fastrft.config import CONSTRAINTS, TrainConfig, load_config
+
+COLLAPSE_FRACTION = 0.5     # a drop of more than half the gain over the initial reward is a collapse
+TAIL_FRACTION = 0.1         # "at the end" = the last 10% of the steps
+RUNS_DIR = "runs"
+PLOT_FILES = ("reward.png", "refine_rate.png", "kl_ref.png", "policy.png")
+# Keys that may differ between a run's saved config.yaml and the comparison's config for the same run.
+_MAY_DIFFER = {"progress", "plots", "output_dir"}
+# Per-step metrics averaged over seeds into curves.
+CURVE_KEYS = ("eval_reward", "reward_mean", "refine_rate", "kl_ref", "entropy", "degenerate_frac", "train_time_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str           # "refiner", "kl@0.05", ...
+    constraint: str
+    kl_coef: float
+
+
+def expand_variants(modes, kl_coefs=None, default_kl_coef: float = 0.05) -> list[Variant]:
+    """Modes -> variants: a KL mode becomes one variant per coefficient when kl_coefs is given."""
+    modes = [m.strip() for m in modes if m.strip()]
+    if not modes:
+        raise ValueError(f"no modes given: choose among {', '.join(CONSTRAINTS)}")
+    for mode in modes:
+        if mode not in CONSTRAINTS:
+            raise ValueError(f"unknown mode {mode!r}: choose among {', '.join(CONSTRAINTS)}")
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"a mode is listed twice: {', '.join(modes)}")
+    kl_modes = [m for m in modes if m in ("kl", "kl+refiner")]
+    if kl_coefs is not None:
+        kl_coefs = [float(c) for c in kl_coefs]
+        if not kl_coefs:
+            raise ValueError("kl_coefs is empty")
+        if any(not math.isfinite(c) or c < 0 for c in kl_coefs):
+            raise ValueError(f"KL coefficients must be finite and >= 0, got {kl_coefs}")
+        if len(set(kl_coefs)) != len(kl_coefs):
+            raise ValueError(f"a KL coefficient is listed twice: {kl_coefs}")
+        if not kl_modes:
+            raise ValueError("KL coefficients were given but no mode uses KL (kl or kl+refiner)")
+    variants = []
+    for mode in modes:
+        if mode in kl_modes and kl_coefs is not None:
+            variants += [Variant(f"{mode}@{c:g}", mode, c) for c in kl_coefs]
+        else:
+            variants.append(Variant(mode, mode, default_kl_coef))
+    return variants
+
+
+def seed_list(base_seed: int, seeds) -> list[int]:
+    """seeds: a count (base_seed, base_seed + 1, ...) or explicit seeds."""
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {seeds}")
+        return [base_seed + k for k in range(seeds)]
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and non-empty, got {seeds}")
+    return seeds
+
+
+def run_name(variant: Variant, seed: int) -> str:
+    return f"{variant.name}_seed{seed}"
+
+
+def run_config(base_cfg: TrainConfig, variant: Variant, seed: int, out_dir: Path) -> TrainConfig:
+    return dataclasses.replace(base_cfg, constraint=variant.constraint, kl_coef=variant.kl_coef, seed=seed,
+                               output_dir=str(out_dir / RUNS_DIR / run_name(variant, seed)))
+
+
+def run_state(cfg: TrainConfig) -> str:
+    """"finished", "resume" (a checkpoint to continue from) or "start"; ValueError when the directory holds a run
+    with other settings, or one that went past cfg.steps."""
+    from fastrft.checkpoint import latest_checkpoint
+
+    run_dir = Path(cfg.output_dir)
+    if (run_dir / "config.yaml").is_file():
+        saved = load_config(run_dir / "config.yaml").to_dict()
+        wanted = cfg.to_dict()
+        differ = sorted(k for k in wanted if k not in _MAY_DIFFER and k != "steps" and saved.get(k) != wanted[k])
+        if differ:
+            shown = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in differ)
+            raise ValueError(f"{run_dir} holds a run with other settings ({shown}); use another output directory")
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        done = json.loads(summary_path.read_text()).get("steps")
+        if done == cfg.steps:
+            return "finished"
+        if isinstance(done, int) and done > cfg.steps:
+            raise ValueError(f"{run_dir} already ran {done} steps, more than steps={cfg.steps}")
+    return "resume" if latest_checkpoint(run_dir) is not None else "start"
+
+
+def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, command: str | None = None,
+            train_fn=None) -> dict:
+    """Run (or resume, or skip when finished) every variant x seed, then aggregate; returns what comparison.json
+    holds. train_fn defaults to fastrft.trainer.train (the tests spy on it)."""
+    if train_fn is None:
+        from fastrft.trainer import train as train_fn
+
+    out_dir = Path(out_dir)
+    variants = expand_variants(modes, kl_coefs, base_cfg.kl_coef)
+    seeds = seed_list(base_cfg.seed, seeds)
+    plan = [(v, s, run_config(base_cfg, v, s, out_dir)) for v in variants for s in seeds]
+    states = [run_state(cfg) for _, _, cfg in plan]   # every run directory checked before any training
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load_start = _loadavg()
+    t_start = time.perf_counter()
+    trained = []
+    for i, ((variant, seed, cfg), state) in enumerate(zip(plan, states), start=1):
+        name = run_name(variant, seed)
+        if state == "finished":
+            print(f"fastrft compare [{i}/{len(plan)}] {name}: finished earlier, kept", flush=True)
+            continue
+        print(f"fastrft compare [{i}/{len(plan)}] {name}: "
+              f"{'resuming from its last checkpoint' if state == 'resume' else 'training'}", flush=True)
+        summary = train_fn(cfg, resume=state == "resume")
+        trained.append(name)
+        if summary.get("stopped_by"):
+            raise KeyboardInterrupt(f"stopped by {summary['stopped_by']} during {name} (checkpoint saved); run the "
+                                    f"same command again to continue the comparison")
+    result = aggregate(base_cfg, variants, seeds, out_dir)
+    result["command"] = command
+    result["environment"] = environment()
+    # One entry per call that wrote this directory: an interrupted comparison's earlier calls stay on record.
+    previous = out_dir / "comparison.json"
+    calls = json.loads(previous.read_text()).get("calls", []) if previous.is_file() else []
+    result["calls"] = calls + [{"wall_time_s": time.perf_counter() - t_start, "runs_trained": trained,
+                                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                "load_average_start": load_start, "load_average_end": _loadavg()}]
+    (out_dir / "comparison.json").write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+    (out_dir / "comparison.md").write_text(markdown(result))
+    try:
+        result["plots"] = [str(p) for p in plot_comparison(result, out_dir)]
+    except ImportError as exc:
+        print(f"fastrft compare: plots skipped: {exc}", file=sys.stderr)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- per run
+
+def read_run(run_dir) -> list[dict]:
+    """metrics.jsonl as one record per step, sorted by step; a step logged twice (a resumed run) keeps later
+    values."""
+    from fastrft.plots import read_metrics
+
+    by_step: dict[int, dict] = {}
+    for record in read_metrics(Path(run_dir) / "metrics.jsonl"):
+        by_step.setdefault(record["step"], {}).update(record)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def run_numbers(records: list[dict]) -> dict:
+    """The per-run numbers of the module docstring, plus the run's curves (step -> value)."""
+    train_steps = [r for r in records if r["step"] >= 1]
+    if not train_steps:
+        raise ValueError("the run logged no training step")
+    time_at, total = {0: 0.0}, 0.0
+    for r in train_steps:
+        total += r.get("step_time_s", 0.0)
+        time_at[r["step"]] = total
+    evals = [(r["step"], time_at[r["step"]], r["eval_reward"]) for r in records if "eval_reward" in r]
+    tail = train_steps[-max(1, math.ceil(TAIL_FRACTION * len(train_steps))):]
+    head = train_steps[:max(1, math.ceil(TAIL_FRACTION * len(train_steps)))]
+
+    out = {"steps": train_steps[-1]["step"], "train_time_s": total,
+           "kl_ref_end": _mean_of(tail, "kl_ref"),
+           "refine_rate_first": _mean_of(head, "refine_rate"), "refine_rate_last": _mean_of(tail, "refine_rate"),
+           "refine_rate_mean": _mean_of(train_steps, "refine_rate"),
+           "degenerate_frac_end": _mean_of(tail, "degenerate_frac"),
+           "degenerate_frac_mean": _mean_of(train_steps, "degenerate_frac"),
+           "entropy_end": _mean_of(tail, "entropy"),
+           "reward_mean_end": _mean_of(tail, "reward_mean")}
+    if evals:
+        rewards = [v for _, _, v in evals]
+        initial = rewards[0] if evals[0][0] == 0 else None
+        best_so_far, max_drop, drop_step = -math.inf, 0.0, None
+        for step, _, value in evals:
+            best_so_far = max(best_so_far, value)
+            if best_so_far - value > max_drop:
+                max_drop, drop_step = best_so_far - value, step
+        out.update(eval_reward_initial=initial, eval_reward_final=rewards[-1], eval_reward_best=max(rewards),
+                   max_drop=max_drop, max_drop_step=drop_step)
+        if initial is not None:
+            gain = max(rewards) - initial
+            out["collapsed"] = rewards[-1] < initial or max_drop > COLLAPSE_FRACTION * gain
+    out["curves"] = {key: {r["step"]: r[key] for r in records if _finite(r.get(key))}
+                     for key in CURVE_KEYS if key != "train_time_s"}
+    out["curves"]["train_time_s"] = time_at
+    out["evals"] = evals
+    return out
+
+
+def eval_at_time(evals: list[tuple[int, float, float]], budget_s: float) -> float | None:
+    """The eval_reward of the last evaluation at or before budget_s of training time."""
+    reached = [value for _, t, value in evals if t <= budget_s * (1 + 1e-12)]
+    return reached[-1] if reached else None
+
+
+# ----------------------------------------------------------------------------------------------- across seeds
+
+def mean_std(values) -> dict:
+    values = [float(v) for v in values if _finite(v)]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+SCALARS = ("eval_reward_initial", "eval_reward_final", "eval_reward_best", "eval_reward_at_equal_time",
+           "kl_ref_end", "refine_rate_first", "refine_rate_last", "refine_rate_mean", "degenerate_frac_end",
+           "degenerate_frac_mean", "entropy_end", "reward_mean_end", "max_drop", "train_time_s")
+
+
+def aggregate(base_cfg: TrainConfig, variants: list[Variant], seeds: list[int], out_dir: Path) -> dict:
+    per_variant = []
+    for variant in variants:
+        runs = []
+        for seed in seeds:
+            numbers = run_numbers(read_run(out_dir / RUNS_DIR / run_name(variant, seed)))
+            runs.append({"name": run_name(variant, seed), "seed": seed, **numbers})
+        per_variant.append((variant, runs))
+    medians = {v.name: statistics.median(r["train_time_s"] for r in runs) for v, runs in per_variant}
+    fastest = min(medians, key=medians.get)
+    budget_s = medians[fastest]
+
+    variants_out = []
+    for variant, runs in per_variant:
+        for run in runs:
+            run["eval_reward_at_equal_time"] = eval_at_time(run["evals"], budget_s)
+        summary = {key: mean_std(run.get(key) for run in runs) for key in SCALARS}
+        flags = [run["collapsed"] for run in runs if "collapsed" in run]
+        summary["collapsed"] = {"count": sum(flags), "n": len(flags)}
+        variants_out.append({
+            "name": variant.name, "constraint": variant.constraint,
+            "kl_coef": variant.kl_coef if variant.constraint in ("kl", "kl+refiner") else None,
+            "summary": summary, "curves": _mean_curves(runs),
+            "runs": [{k: v for k, v in run.items() if k not in ("curves", "evals")} for run in runs],
+        })
+    config = base_cfg.to_dict()
+    for key in ("output_dir", "constraint", "seed"):
+        config.pop(key)
+    return {
+        "format": 1,
+        "variants": variants_out,
+        "seeds": seeds,
+        "equal_time": {"budget_s": budget_s, "variant": fastest, "median_train_time_s": medians},
+        "config": config,
+        "varied": ["constraint", "kl_coef", "seed"],
+        "definitions": {
+            "train_time_s": "cumulative step_time_s (evaluation excluded)",
+            "eval_reward_at_equal_time": "eval_reward of the last evaluation at or before equal_time.budget_s of "
+                                         "training time; budget = median total training time of the fastest variant",
+            "kl_ref_end": f"mean kl_ref over the last {TAIL_FRACTION:.0%} of steps",
+            "refine_rate_first/last": f"mean refine_rate over the first/last {TAIL_FRACTION:.0%} of steps",
+            "max_drop": "largest fall of eval_reward below its running best (step 0 included)",
+            "collapsed": f"max_drop > {COLLAPSE_FRACTION} * (best - initial) or final < initial",
+            "std": "sample standard deviation over seeds (null with one seed)",
+        },
+    }
+
+
+def _mean_curves(runs: list[dict]) -> dict:
+    """key -> {"step": [...], "mean": [...], "std": [...], "n": [...]} over the seeds that logged each step."""
+    curves = {}
+    for key in CURVE_KEYS:
+        steps = sorted({s for run in runs for s in run["curves"][key]})
+        rows = [mean_std(run["curves"][key][s] for run in runs if s in run["curves"][key]) for s in steps]
+        curves[key] = {"step": steps, "mean": [r["mean"] for r in rows], "std": [r["std"] for r in rows],
+                       "n": [r["n"] for r in rows]}
+    return curves
+
+
+# ----------------------------------------------------------------------------------------------- reports
+
+TABLE = (  # (column, summary key, digits)
+    ("final eval reward", "eval_reward_final", 3),
+    ("best eval reward", "eval_reward_best", 3),
+    ("eval reward @ equal time", "eval_reward_at_equal_time", 3),
+    ("KL to ref (end)", "kl_ref_end", 3),
+    ("refine rate first -> last 10%", ("refine_rate_first", "refine_rate_last"), 3),
+    ("degenerate (end)", "degenerate_frac_end", 3),
+    ("entropy (end)", "entropy_end", 3),
+    ("max drop", "max_drop", 3),
+    ("collapsed", "collapsed", 0),
+    ("train time (s)", "train_time_s", 0),
+)
+
+
+def _cell(summary: dict, key, digits: int) -> str:
+    if isinstance(key, tuple):
+        return " -> ".join(_cell(summary, k, digits) for k in key)
+    if key == "collapsed":
+        return f"{summary[key]['count']}/{summary[key]['n']}"
+    stat = summary[key]
+    if stat["mean"] is None:
+        return "n/a"
+    text = f"{stat['mean']:.{digits}f}"
+    return text if stat["std"] is None else f"{text} ± {stat['std']:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    env = result.get("environment") or {}
+    seeds = result["seeds"]
+    lines = ["# fastrft compare", ""]
+    if result.get("command"):
+        lines += ["```", result["command"], "```", ""]
+    initial = result["variants"][0]["summary"]["eval_reward_initial"]["mean"]
+    lines += [f"{len(result['variants'])} variants x {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
+              f"{result['config']['steps']} steps each; mean ± std over seeds. Held-out reward of the reference "
+              f"(step 0): {'n/a' if initial is None else f'{initial:.3f}'}. Equal time = "
+              f"{result['equal_time']['budget_s']:.1f} s of training (median of the fastest variant, "
+              f"{result['equal_time']['variant']}).", ""]
+    lines.append("| variant | " + " | ".join(col for col, _, _ in TABLE) + " |")
+    lines.append("|---|" + "---|" * len(TABLE))
+    for v in result["variants"]:
+        name = v["name"] if v["kl_coef"] is None or "@" in v["name"] else f"{v['name']} (kl_coef {v['kl_coef']:g})"
+        lines.append(f"| {name} | " + " | ".join(_cell(v["summary"], k, d) for _, k, d in TABLE) + " |")
+    lines += ["", "![held-out reward](reward.png)", "",
+              "![refine rate](refine_rate.png) ![KL to the reference](kl_ref.png)", "", "## Definitions", ""]
+    lines += [f"- `{k}`: {text}" for k, text in result["definitions"].items()]
+    defaults = TrainConfig().to_dict()
+    varied = ", ".join(result["varied"])
+    fixed = ", ".join(f"{k}={v}" for k, v in result["config"].items()
+                      if k not in result["varied"] and v != defaults.get(k))
+    lines += ["", "## Settings", "", f"Varied: {varied}. Shared, where not TrainConfig's default: {fixed} (all of "
+              f"them in comparison.json). Runs of one seed start from the same weights and draw prompts in the "
+              f"same seeded order.", ""]
+    if env:
+        lines += ["## Machine", ""]
+        lines += [f"- {k}: {v}" for k, v in env.items()]
+        lines.append("")
+    lines += ["## Calls", "", "Each call that wrote this directory (the load average is the machine's, other "
+              "work included: training times are only comparable under similar load).", "",
+              "| finished at | wall time (s) | load average 1/5/15 min, start -> end | runs trained |",
+              "|---|---:|---|---|"]
+    lines += [f"| {c['finished_at']} | {c['wall_time_s']:.0f} | {_load(c['load_average_start'])} -> "
+              f"{_load(c['load_average_end'])} | {', '.join(c['runs_trained']) or 'none'} |"
+              for c in result.get("calls", [])]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
+    """reward.png (eval reward vs step and vs training time), refine_rate.png, kl_ref.png, policy.png (entropy,
+    degenerate rate): per variant the mean over seeds with a +- std band."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
+
+    n_seeds = len(result["seeds"])
+    written = []
+
+    def band(ax, xs, curve, label, marker=None, floor=None):
+        mean = curve["mean"]
+        line, = ax.plot(xs, mean, label=label, marker=marker)
+        if n_seeds > 1:
+            std = [s or 0.0 for s in curve["std"]]
+            low = [m - s if floor is None else max(m - s, floor) for m, s in zip(mean, std)]
+            ax.fill_between(xs, low, [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2)
+
+    def save(fig, name):
+        FigureCanvasAgg(fig)
+        path, tmp = out_dir / name, out_dir / f".{name}.tmp"
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+        written.append(path)
+
+    title = f"mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}"
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    by_step, by_time = fig.subplots(1, 2)
+    for v in result["variants"]:
+        curve = v["curves"]["eval_reward"]
+        band(by_step, curve["step"], curve, v["name"], marker=".")
+        times = dict(zip(v["curves"]["train_time_s"]["step"], v["curves"]["train_time_s"]["mean"]))
+        band(by_time, [times[s] for s in curve["step"]], curve, v["name"], marker=".")
+    by_time.axvline(result["equal_time"]["budget_s"], color="grey", linestyle=":", label="equal-time budget")
+    by_step.set(xlabel="step", ylabel="held-out reward")
+    by_time.set(xlabel="training time (s, mean over seeds; evaluation excluded)", ylabel="held-out reward")
+    for ax in (by_step, by_time):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"Held-out reward - {title}")
+    save(fig, "reward.png")
+
+    for key, label, name in (("refine_rate", "refine rate (share of samples changed)", "refine_rate.png"),
+                             ("kl_ref", "KL(policy || reference), k3, log scale", "kl_ref.png")):
+        fig = Figure(figsize=(7, 3.5), layout="constrained")
+        ax = fig.add_subplot()
+        floor = None
+        if key == "kl_ref":
+            # KL spans decades and spikes; on a log axis a band reaching below 0 is drawn down to a floor a decade
+            # under the smallest positive mean.
+            positive = [m for v in result["variants"] for m in v["curves"][key]["mean"] if m > 0]
+            if positive:
+                floor = min(positive) / 10
+                ax.set_yscale("log")
+        for v in result["variants"]:
+            band(ax, v["curves"][key]["step"], v["curves"][key], v["name"], floor=floor)
+        ax.set(xlabel="step", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.suptitle(f"{label} - {title}")
+        save(fig, name)
+
+    fig = Figure(figsize=(11, 3.5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, key in zip(axes, ("entropy", "degenerate_frac")):
+        for v in result["variants"]:
+            band(ax, v["curves"][key]["step"], v["curves"][key], v["name"])
+        ax.set(xlabel="step", ylabel=key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"Policy - {title}")
+    save(fig, "policy.png")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def environment() -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+           "cpu": _cpu_name(), "cores available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           else os.cpu_count(), "torch threads": torch.get_num_threads(),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")}
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    env.update(_git_commit())
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> dict:
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit + (" (with uncommitted changes)" if dirty else "")}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def _load(values) -> str:
+    return "n/a" if values is None else " / ".join(f"{x:.2f}" for x in values)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _mean_of(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if _finite(r.get(key))]
+    return statistics.fmean(values) if values else None
+
+
+def _json_safe(obj):
+    """Floats that JSON cannot hold become null; int keys (steps) become strings, as json would make them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj

@@ -1,0 +1,280 @@
+"""fastrft compare: variants and seeds, the directory it writes, resuming an interrupted comparison, and the
+aggregation (equal-time reward, stability and collapse, mean and std over seeds) on hand-written metrics."""
+import json
+import math
+
+import pytest
+import torch
+
+from fastrft import compare as compare_module
+from fastrft.cli import main
+from fastrft.compare import Variant, compare, expand_variants, run_config, run_state
+from fastrft.config import load_config, save_config
+from fastrft.tasks.demo import make_model, make_tokenizer
+from fastrft.trainer import train
+
+FAST = ["steps=2", "prompts_per_step=2", "group_size=4", "eval_size=4", "eval_every=1", "save_every=1",
+        "progress=false", "plots=false", "dynamic_sampling=false", "device=cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A tiny model on a shared 2-core machine: a second intra-op thread only adds contention (15x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("compare_model")
+    tokenizer = make_tokenizer()
+    make_model(tokenizer, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+class Spy:
+    """Wraps a train function and records (run directory name, resume) of each call."""
+
+    def __init__(self, fn=train):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, cfg, resume=False):
+        self.calls.append((cfg.output_dir.rsplit("/", 1)[-1], resume))
+        return self.fn(cfg, resume=resume)
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+# ----------------------------------------------------------------------------------------------- variants
+
+def test_kl_coefficients_expand_each_kl_mode():
+    variants = expand_variants(["none", "kl", "refiner", "kl+refiner"], [0.01, 0.1])
+    assert [v.name for v in variants] == ["none", "kl@0.01", "kl@0.1", "refiner", "kl+refiner@0.01",
+                                          "kl+refiner@0.1"]
+    assert [v.kl_coef for v in variants if v.constraint in ("kl", "kl+refiner")] == [0.01, 0.1, 0.01, 0.1]
+    assert expand_variants(["kl"], None, default_kl_coef=0.2) == [Variant("kl", "kl", 0.2)]
+
+
+@pytest.mark.parametrize("modes, kl_coefs, message", [
+    (["none", "ppo"], None, "unknown mode 'ppo'"),
+    ([], None, "no modes given"),
+    (["kl", "kl"], None, "listed twice"),
+    (["none", "refiner"], [0.1], "no mode uses KL"),
+    (["kl"], [0.1, -1.0], "finite and >= 0"),
+    (["kl"], [0.1, 0.1], "listed twice"),
+])
+def test_bad_modes_are_errors(modes, kl_coefs, message):
+    with pytest.raises(ValueError, match=message):
+        expand_variants(modes, kl_coefs)
+
+
+def test_cli_errors(tiny_model, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model}\n")
+    out = str(tmp_path / "cmp")
+    assert main(["compare", "--config", str(config), "--modes", "none,ppo", "--out", out, *FAST]) == 2
+    assert "unknown mode 'ppo'" in capsys.readouterr().err
+    assert main(["compare", "--config", str(config), "--modes", "none", "--out", out, "constraint=kl"]) == 2
+    assert "set by the comparison" in capsys.readouterr().err
+    assert main(["compare", "--config", str(config), "--modes", "kl", "--kl-coefs", "0.1,x", "--out", out]) == 2
+    assert "--kl-coefs must be comma-separated numbers" in capsys.readouterr().err
+    # With --demo, a bad mode is reported before the reference model is trained.
+    assert main(["compare", "--demo", "--modes", "kl+ppo", "--cache-dir", str(tmp_path / "ref"), "--out", out]) == 2
+    assert "unknown mode 'kl+ppo'" in capsys.readouterr().err and not (tmp_path / "ref").exists()
+    with pytest.raises(SystemExit, match="--config RUN_YAML or --demo"):
+        main(["compare", "--modes", "none", "--out", out])
+    assert not (tmp_path / "cmp" / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------------- real runs
+
+def test_cli_end_to_end_layout_and_rerun_skips(tiny_model, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model}\n")
+    out = tmp_path / "cmp"
+    argv = ["compare", "--config", str(config), "--modes", "none,kl", "--kl-coefs", "0.01,0.1", "--seeds", "2",
+            "--out", str(out), *FAST]
+    assert main(argv) == 0
+    names = [f"{v}_seed{s}" for v in ("none", "kl@0.01", "kl@0.1") for s in (0, 1)]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(names)
+    assert {p.name for p in out.iterdir()} >= {"comparison.json", "comparison.md", "reward.png", "refine_rate.png",
+                                               "kl_ref.png", "policy.png"}
+
+    # Identical settings apart from constraint, kl_coef, seed (and the directory).
+    configs = {n: load_config(out / "runs" / n / "config.yaml").to_dict() for n in names}
+    for n, cfg in configs.items():
+        assert cfg["steps"] == 2 and cfg["seed"] == int(n[-1])
+        differing = {k for k in cfg if cfg[k] != configs["none_seed0"][k]}
+        assert differing <= {"constraint", "kl_coef", "seed", "output_dir"}
+    assert configs["kl@0.1_seed1"]["kl_coef"] == 0.1 and configs["kl@0.1_seed1"]["constraint"] == "kl"
+    # Same seed, same initial weights: the same step-0 (reference) score in every variant.
+    assert len({records(out / "runs" / n)[0]["eval_reward"] for n in names}) == 1
+
+    result = json.loads((out / "comparison.json").read_text())
+    assert [v["name"] for v in result["variants"]] == ["none", "kl@0.01", "kl@0.1"]
+    assert result["seeds"] == [0, 1] and result["config"]["steps"] == 2
+    for v in result["variants"]:
+        assert [r["name"] for r in v["runs"]] == [f"{v['name']}_seed0", f"{v['name']}_seed1"]
+        finals = [r["eval_reward_final"] for r in v["runs"]]
+        assert v["summary"]["eval_reward_final"]["mean"] == pytest.approx(sum(finals) / 2)
+        assert v["curves"]["eval_reward"]["step"] == [0, 1, 2]
+    md = (out / "comparison.md").read_text()
+    assert "| variant | final eval reward |" in md
+    assert all(f"| {v} |" in md for v in ("none", "kl@0.01", "kl@0.1"))
+    assert "![held-out reward](reward.png)" in md and "--kl-coefs 0.01,0.1" in md
+    assert "fastrft compare" in capsys.readouterr().out
+
+    # Running the same comparison again trains nothing and rewrites the report.
+    mtimes = {n: (out / "runs" / n / "metrics.jsonl").stat().st_mtime_ns for n in names}
+    spy = Spy()
+    cfg = load_config(config, FAST)
+    again = compare(cfg, modes=["none", "kl"], kl_coefs=[0.01, 0.1], seeds=2, out_dir=out, train_fn=spy)
+    assert spy.calls == []
+    assert [c["runs_trained"] for c in again["calls"]] == [names, []]
+    assert mtimes == {n: (out / "runs" / n / "metrics.jsonl").stat().st_mtime_ns for n in names}
+
+
+def test_interrupted_comparison_resumes_where_it_stopped(tiny_model, tmp_path):
+    out = tmp_path / "cmp"
+    base = load_config(None, FAST, model=tiny_model)
+    cfgs = [run_config(base, Variant("refiner", "refiner", 0.05), seed, out) for seed in (0, 1, 2)]
+    # seed 0: finished. seed 1: stopped after step 1 with a checkpoint, before writing its summary. seed 2: nothing.
+    train(cfgs[0])
+    train(load_config(None, ["steps=1"], **{**cfgs[1].to_dict(), "steps": 1}))
+    (out / "runs" / "refiner_seed1" / "summary.json").unlink()
+    step1 = records(out / "runs" / "refiner_seed1")[1]
+    assert [run_state(c) for c in cfgs] == ["finished", "resume", "start"]
+    finished_mtime = (out / "runs" / "refiner_seed0" / "metrics.jsonl").stat().st_mtime_ns
+
+    spy = Spy()
+    result = compare(base, modes=["refiner"], seeds=3, out_dir=out, train_fn=spy)
+    assert spy.calls == [("refiner_seed1", True), ("refiner_seed2", False)]
+    assert (out / "runs" / "refiner_seed0" / "metrics.jsonl").stat().st_mtime_ns == finished_mtime
+    resumed = records(out / "runs" / "refiner_seed1")
+    assert [r["step"] for r in resumed] == [0, 1, 2]
+    assert resumed[1] == step1                      # the step before the checkpoint was kept, not re-run
+    assert json.loads((out / "runs" / "refiner_seed1" / "summary.json").read_text())["steps"] == 2
+    assert [r["steps"] for r in result["variants"][0]["runs"]] == [2, 2, 2]
+
+
+def test_a_stop_signal_ends_the_comparison_after_the_current_run(tiny_model, tmp_path):
+    calls = []
+
+    def stopped(cfg, resume=False):
+        calls.append(cfg.seed)
+        return {"steps": 1, "stopped_by": "SIGINT"}
+
+    base = load_config(None, FAST, model=tiny_model)
+    with pytest.raises(KeyboardInterrupt, match="run the same command again"):
+        compare(base, modes=["none", "kl"], seeds=2, out_dir=tmp_path / "cmp", train_fn=stopped)
+    assert calls == [0]
+    assert not (tmp_path / "cmp" / "comparison.json").exists()
+
+
+def test_a_run_directory_with_other_settings_is_refused(tiny_model, tmp_path):
+    base = load_config(None, FAST, model=tiny_model)
+    cfg = run_config(base, Variant("none", "none", 0.05), 0, tmp_path)
+    (tmp_path / "runs" / "none_seed0").mkdir(parents=True)
+    save_config(load_config(None, ["lr=0.5"], **cfg.to_dict()), tmp_path / "runs" / "none_seed0" / "config.yaml")
+    with pytest.raises(ValueError, match="other settings.*lr: 0.5 there"):
+        compare(base, modes=["none"], seeds=1, out_dir=tmp_path, train_fn=Spy(lambda *a, **k: pytest.fail()))
+
+
+# ----------------------------------------------------------------------------------------------- aggregation
+
+def _write_run(out, base, variant, seed, step_time_s, evals, kl, refine, degenerate):
+    """A finished run from hand-written per-step numbers: 10 steps, evaluations at the steps in `evals`."""
+    cfg = run_config(base, variant, seed, out)
+    run_dir = out / "runs" / f"{variant.name}_seed{seed}"
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    lines = [{"step": 0, "eval_reward": evals[0]}]
+    for step in range(1, 11):
+        record = {"step": step, "reward_mean": 0.1 * step, "step_time_s": step_time_s, "kl_ref": kl * step,
+                  "refine_rate": refine(step), "degenerate_frac": degenerate, "entropy": 1.0 / step}
+        if step in evals:
+            record["eval_reward"] = evals[step]
+        lines.append(record)
+    # A stale record of step 10 (a resumed run re-logs it): the later one wins.
+    lines.insert(-1, {"step": 10, "eval_reward": -5.0, "kl_ref": 99.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 10, "stopped_by": None}))
+
+
+def test_aggregation_on_hand_written_metrics(tmp_path):
+    base = load_config(None, ["steps=10", "plots=false"], model="unused")
+    none, kl = Variant("none", "none", 0.05), Variant("kl@0.1", "kl", 0.1)
+    # none: 10 steps of 1.0 s (seed 0) and 1.2 s (seed 1): median total 11 s, the fastest variant.
+    _write_run(tmp_path, base, none, 0, 1.0, {0: 0.5, 5: 0.8, 10: 0.7}, 0.01, lambda s: 0.0, 0.0)
+    _write_run(tmp_path, base, none, 1, 1.2, {0: 0.5, 5: 0.9, 10: 0.3}, 0.02, lambda s: 0.0, 0.2)
+    # kl@0.1: 2.0 s per step, 20 s in all.
+    _write_run(tmp_path, base, kl, 0, 2.0, {0: 0.5, 5: 0.6, 10: 0.9}, 0.001, lambda s: 1.0 - s / 10, 0.0)
+    _write_run(tmp_path, base, kl, 1, 2.0, {0: 0.5, 5: 0.7, 10: 0.8}, 0.003, lambda s: 0.5, 0.0)
+
+    result = compare(base, modes=["none", "kl"], kl_coefs=[0.1], seeds=2, out_dir=tmp_path,
+                     train_fn=Spy(lambda *a, **k: pytest.fail("a finished run was trained again")))
+    assert result["equal_time"]["budget_s"] == pytest.approx(11.0)
+    assert result["equal_time"]["variant"] == "none"
+    by_name = {v["name"]: v for v in result["variants"]}
+    n0, n1 = by_name["none"]["runs"]
+    k0, k1 = by_name["kl@0.1"]["runs"]
+
+    # Equal time (11 s): none seed 0 ended at 10 s (its final eval); none seed 1 reached step 5 at 6 s and step 10
+    # only at 12 s; kl reached step 5 at 10 s and step 10 at 20 s.
+    assert [r["eval_reward_at_equal_time"] for r in (n0, n1, k0, k1)] == [0.7, 0.9, 0.6, 0.7]
+    assert [r["train_time_s"] for r in (n0, n1, k0, k1)] == pytest.approx([10.0, 12.0, 20.0, 20.0])
+
+    # Stability: none seed 0 fell 0.1 below its best of 0.8, less than half its gain of 0.3: stable. None seed 1
+    # fell 0.6 and ended below the initial 0.5: collapsed. kl never fell.
+    assert (n0["max_drop"], n0["max_drop_step"], n0["collapsed"]) == (pytest.approx(0.1), 10, False)
+    assert (n1["max_drop"], n1["collapsed"]) == (pytest.approx(0.6), True)
+    assert (k0["max_drop"], k0["collapsed"], k1["collapsed"]) == (0.0, False, False)
+    assert by_name["none"]["summary"]["collapsed"] == {"count": 1, "n": 2}
+
+    # Mean and sample std over seeds, from the formula.
+    def mean_std(a, b):
+        m = (a + b) / 2
+        return m, math.sqrt((a - m) ** 2 + (b - m) ** 2)
+
+    summary = by_name["none"]["summary"]
+    for key, (a, b) in {"eval_reward_final": (0.7, 0.3), "eval_reward_best": (0.8, 0.9),
+                        "eval_reward_at_equal_time": (0.7, 0.9), "max_drop": (0.1, 0.6),
+                        "kl_ref_end": (0.01 * 10, 0.02 * 10),          # last 10% of 10 steps = step 10
+                        "degenerate_frac_end": (0.0, 0.2), "entropy_end": (0.1, 0.1)}.items():
+        m, s = mean_std(a, b)
+        assert summary[key]["mean"] == pytest.approx(m), key
+        assert summary[key]["std"] == pytest.approx(s, abs=1e-12), key
+        assert summary[key]["n"] == 2
+    ks = by_name["kl@0.1"]["summary"]
+    assert ks["refine_rate_first"]["mean"] == pytest.approx((0.9 + 0.5) / 2)     # step 1
+    assert ks["refine_rate_last"]["mean"] == pytest.approx((0.0 + 0.5) / 2)      # step 10
+    assert ks["refine_rate_mean"]["mean"] == pytest.approx((0.45 + 0.5) / 2)
+    assert by_name["kl@0.1"]["kl_coef"] == 0.1 and by_name["none"]["kl_coef"] is None
+
+    # Curves: per step mean over seeds; training time accumulates step_time_s.
+    curves = by_name["none"]["curves"]
+    assert curves["eval_reward"]["step"] == [0, 5, 10]
+    assert curves["eval_reward"]["mean"] == pytest.approx([0.5, 0.85, 0.5])
+    assert curves["train_time_s"]["mean"][-1] == pytest.approx(11.0)
+    assert curves["kl_ref"]["mean"][-1] == pytest.approx(0.15)
+
+    written = json.loads((tmp_path / "comparison.json").read_text())
+    assert written["variants"][0]["summary"]["eval_reward_final"]["mean"] == pytest.approx(0.5)
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| none | 0.500 ± 0.283 | 0.850 ± 0.071 | 0.800 ± 0.141 |" in md
+    assert "| 1/2 |" in md and "| kl@0.1 |" in md
+    for name in compare_module.PLOT_FILES:
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_one_seed_has_no_std(tmp_path):
+    base = load_config(None, ["steps=10", "plots=false"], model="unused")
+    _write_run(tmp_path, base, Variant("none", "none", 0.05), 0, 1.0, {0: 0.5, 10: 0.6}, 0.01, lambda s: 0.0, 0.0)
+    result = compare(base, modes=["none"], seeds=1, out_dir=tmp_path, train_fn=Spy(lambda *a, **k: pytest.fail()))
+    assert result["variants"][0]["summary"]["eval_reward_final"] == {"mean": 0.6, "std": None, "n": 1}
+    assert "| none | 0.600 | 0.600 |" in (tmp_path / "comparison.md").read_text()
