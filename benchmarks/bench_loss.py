@@ -157,7 +157,7 @@ class Meter:
         return statistics.median(times)
 
     def peak_extra_bytes(self, fn, grad_bytes):
-        """Peak memory of one call beyond what was allocated before it and the gradients it leaves."""
+        """Peak memory of one call beyond what was allocated before it and the gradients it creates."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -198,13 +198,15 @@ def make_inputs(shape, dtype, device, zero_half):
 
 
 def make_step(name, shape, dtype, device, zero_half):
-    """(fwd+bwd callable, note, bytes of the gradients it leaves)."""
+    """(fwd+bwd callable, note, bytes of the gradients it creates)."""
     hidden, weight, targets, adv, sft_w = make_inputs(shape, dtype, device, zero_half)
     fn, note = make_provider(name, device)
 
     def step():
-        hidden.grad = weight.grad = None
         fn(hidden, weight, targets, adv, sft_w).backward()
+        # Freed here, not at the next call's start: a measured call then starts without gradients, and its peak
+        # minus the gradients it creates is what the loss itself needs.
+        hidden.grad = weight.grad = None
 
     return step, note, (hidden.numel() + weight.numel()) * hidden.element_size()
 
