@@ -27,3 +27,15 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The demo's untrained tiny model and its tokenizer, saved locally: a model directory for the trainer's tests."""
+    from fastrft.tasks.demo import make_model, make_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    tokenizer = make_tokenizer()
+    make_model(tokenizer, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

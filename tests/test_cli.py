@@ -4,19 +4,9 @@ import json
 import pytest
 
 from fastrft.cli import main
-from fastrft.tasks.demo import make_model, make_tokenizer
 
 FAST = ["steps=2", "prompts_per_step=2", "group_size=4", "eval_size=4", "eval_every=2", "progress=false",
         "dynamic_sampling=false", "device=cpu"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli_model")
-    tokenizer = make_tokenizer()
-    make_model(tokenizer, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_train_resume_and_plot(tiny_model, tmp_path, capsys):

@@ -10,7 +10,6 @@ from fastrft import compare as compare_module
 from fastrft.cli import main
 from fastrft.compare import Variant, compare, expand_variants, run_config, run_state
 from fastrft.config import load_config, save_config
-from fastrft.tasks.demo import make_model, make_tokenizer
 from fastrft.trainer import train
 
 FAST = ["steps=2", "prompts_per_step=2", "group_size=4", "eval_size=4", "eval_every=1", "save_every=1",
@@ -24,15 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("compare_model")
-    tokenizer = make_tokenizer()
-    make_model(tokenizer, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 class Spy:

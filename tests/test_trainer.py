@@ -16,15 +16,6 @@ SMALL = ["prompts_per_step=3", "group_size=4", "eval_size=4", "eval_every=2", "s
          "device=cpu", "plots=false", "dynamic_sampling=false"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_model")
-    tokenizer = make_tokenizer()
-    make_model(tokenizer, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def config(tiny_model, tmp_path, *overrides, **values):
     return load_config(None, [*SMALL, *overrides], model=tiny_model, output_dir=str(tmp_path / "run"), **values)
 
