@@ -116,6 +116,13 @@ def _compare(args) -> int:
     return 0
 
 
+def _add_reference_args(parser) -> None:
+    """The demo's reference model: where it is cached, and its training budget when it is not cached yet."""
+    parser.add_argument("--cache-dir", default="runs/demo_reference", help="where the demo's reference model is kept")
+    parser.add_argument("--reference-steps", type=int, default=500,
+                        help="training steps of the demo's reference model when it is not cached yet")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastrft", description="RL fine-tuning with dynamic (refiner) constraints")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("overrides", nargs="*", metavar="key=value")
     p_train.set_defaults(func=_train)
     p_demo = sub.add_parser("demo", help="the embedded default run (tiny model, synthetic task, CPU)")
-    p_demo.add_argument("--cache-dir", default="runs/demo_reference", help="where the reference model is kept")
-    p_demo.add_argument("--reference-steps", type=int, default=500,
-                        help="training steps of the reference model when it is not cached yet")
+    _add_reference_args(p_demo)
     p_demo.add_argument("overrides", nargs="*", metavar="key=value")
     p_demo.set_defaults(func=_demo)
     p_compare = sub.add_parser("compare", help="the same run under several constraints and seeds, side by side")
@@ -137,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p_compare.add_argument("--kl-coefs", help="comma-separated KL coefficients: one variant per KL mode and value")
     p_compare.add_argument("--seeds", type=int, default=3, help="seeds per variant (seed, seed+1, ...)")
     p_compare.add_argument("--out", default="runs/compare", help="comparison directory (runs/ inside it)")
-    p_compare.add_argument("--cache-dir", default="runs/demo_reference", help="--demo: where the reference is kept")
-    p_compare.add_argument("--reference-steps", type=int, default=500,
-                           help="--demo: training steps of the reference model when it is not cached yet")
+    _add_reference_args(p_compare)
     p_compare.add_argument("overrides", nargs="*", metavar="key=value")
     p_compare.set_defaults(func=_compare)
     p_plot = sub.add_parser("plot", help="redraw a run's plots")
