@@ -269,6 +269,9 @@ def train_reference(out_dir, *, seed: int = 0, max_steps: int = 500, max_seconds
              "final_loss": loss.item() if step else math.nan}
     stats.update(evaluate_reference(model, tokenizer, demo_task(seed=seed, n_eval=n_eval), seed=seed))
     out_dir.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()   # the demo's own lines and progress bar are enough
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / REFERENCE_FILE).write_text(json.dumps(stats, indent=2) + "\n")  # written last: marks completion
