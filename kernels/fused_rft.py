@@ -13,8 +13,10 @@ and from it grad_h = (dL/dz / T) W, grad_W = (dL/dz / T)^T h, grad_b = colsum(dL
 Kernels:
     _fused_rft_fwd_kernel   grid (row blocks,): one sweep over the vocabulary per row block with an online
                             log-sum-exp; reads h once per vocab tile and W once per row block; writes 3 floats a row.
-    _fused_rft_bwd_kernel   grid (row blocks, vocab blocks): recomputes one [BLOCK_M, BLOCK_V] logit tile, turns it
-                            into dL/dz in registers and accumulates grad_h and grad_W tiles with fp32 atomics.
+    _fused_rft_bwd_kernel   grid (row blocks, vocab blocks of one slab): recomputes one [BLOCK_M, BLOCK_V] logit
+                            tile, turns it into dL/dz in registers and accumulates grad_h and grad_W tiles with fp32
+                            atomics. Extra memory: an fp32 grad_h [N, H]; grad_W accumulates in place for fp32
+                            weights, else in an fp32 buffer of one vocabulary slab (GRAD_WEIGHT_SLAB_BYTES) per launch.
 Only the rows listed in `rows` are visited, so ignored rows and rows whose coefficients are exactly zero cost nothing.
 
 Work: forward 2*N*H*V FLOPs; backward 2*N*H*V to recompute the logits plus 2*N*H*V per gradient (grad_h, and
@@ -95,7 +97,7 @@ def _fused_rft_fwd_kernel(
 def _fused_rft_bwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, lse_ptr, mean_logit_ptr, dlogp_ptr, dentropy_ptr,
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
-    n_rows, H, V, stride_h, stride_w, stride_gh, stride_gw, inv_temperature,
+    n_rows, H, V, vocab_start, vocab_end, stride_h, stride_w, stride_gh, stride_gw, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -103,8 +105,9 @@ def _fused_rft_bwd_kernel(
     slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = slots < n_rows
     row_ids = tl.load(rows_ptr + slots, mask=row_ok, other=0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
+    # This launch covers the vocabulary slab [vocab_start, vocab_end); grad_weight_ptr points at the slab's row 0.
+    cols = vocab_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < vocab_end
 
     z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, row_ids, row_ok, cols, col_ok, H, stride_h, stride_w,
                     inv_temperature, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)
@@ -134,7 +137,8 @@ def _fused_rft_bwd_kernel(
         if WEIGHT_GRAD:
             h = tl.load(hidden_ptr + row_ids[:, None] * stride_h + ks[None, :], mask=row_k_ok, other=0.0)
             grad_w = _mma(tl.trans(dz_in), h, None, DOT_PRECISION, UPCAST)
-            tl.atomic_add(grad_weight_ptr + cols64[:, None] * stride_gw + ks[None, :], grad_w, mask=col_k_ok)
+            tl.atomic_add(grad_weight_ptr + (cols64 - vocab_start)[:, None] * stride_gw + ks[None, :], grad_w,
+                          mask=col_k_ok)
 
 
 def _block_config(device: torch.device, vocab_size: int):
@@ -188,25 +192,45 @@ def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlo
     _check(hidden, weight, bias, targets, rows)
     (V, H), device = weight.shape, hidden.device
     grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32)
-    grad_weight = torch.zeros(weight.shape, device=device, dtype=torch.float32) if weight_grad else None
     grad_bias = torch.zeros(V, device=device, dtype=torch.float32) if bias_grad else None
+    # fp32 weights accumulate straight into their gradient; lower precisions into an fp32 buffer of one vocabulary
+    # slab at a time, cast into the gradient after the slab's launch, instead of an fp32 copy of all of [V, H].
+    grad_weight = torch.zeros(weight.shape, device=device, dtype=weight.dtype) if weight_grad else None
+    slab_buffered = weight_grad and weight.dtype != torch.float32
+    slab = _grad_weight_slab_rows(H) if slab_buffered else V
+    slab_buffer = torch.empty(min(slab, V), H, device=device, dtype=torch.float32) if slab_buffered else None
     n_rows = rows.numel()
-    if n_rows:
-        block_m, block_v, block_k, num_warps, num_stages = _block_config(device, V)
-        _fused_rft_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(V, block_v))](
+    block_m, block_v, block_k, num_warps, num_stages = _block_config(device, V)
+    for vocab_start in range(0, V if n_rows else 0, slab):
+        vocab_end = min(V, vocab_start + slab)
+        if slab_buffered:
+            slab_grad = slab_buffer[:vocab_end - vocab_start].zero_()
+        else:
+            slab_grad = grad_weight if weight_grad else grad_hidden   # grad_hidden: a placeholder, never written
+        _fused_rft_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(vocab_end - vocab_start, block_v))](
             hidden, weight, bias if bias is not None else weight, targets, rows, lse, mean_logit, dlogp,
             dentropy if dentropy is not None else dlogp,
-            grad_hidden, grad_weight if weight_grad else grad_hidden, grad_bias if bias_grad else grad_hidden,
-            n_rows, H, V, hidden.stride(0), weight.stride(0), grad_hidden.stride(0), H, inv_temperature,
-            HAS_BIAS=bias is not None, HAS_ENTROPY=dentropy is not None, WEIGHT_GRAD=weight_grad,
+            grad_hidden, slab_grad, grad_bias if bias_grad else grad_hidden,
+            n_rows, H, V, vocab_start, vocab_end, hidden.stride(0), weight.stride(0), grad_hidden.stride(0), H,
+            inv_temperature, HAS_BIAS=bias is not None, HAS_ENTROPY=dentropy is not None, WEIGHT_GRAD=weight_grad,
             BIAS_GRAD=bias_grad, **_dot_flags(hidden),
             BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )
+        if slab_buffered:
+            grad_weight[vocab_start:vocab_end] = slab_grad
     return (
         grad_hidden.to(hidden.dtype),
-        grad_weight.to(weight.dtype) if weight_grad else None,
+        grad_weight,
         grad_bias.to(bias.dtype) if bias_grad else None,
     )
+
+
+# Bytes of the fp32 buffer holding one vocabulary slab of a bf16/fp16 weight's gradient.
+GRAD_WEIGHT_SLAB_BYTES = 32 << 20
+
+
+def _grad_weight_slab_rows(hidden_size: int) -> int:
+    return max(1, GRAD_WEIGHT_SLAB_BYTES // (4 * hidden_size))
 
 
 def triton_available(device: torch.device) -> bool:

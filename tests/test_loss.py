@@ -230,6 +230,21 @@ def test_low_precision_no_worse_than_pytorch(impl, dtype):
         assert err(g, rg) <= k * err(g_lp, rg) + floor
 
 
+def test_low_precision_weight_gradient_accumulates_in_vocabulary_slabs(monkeypatch):
+    """bf16 weights: the kernels accumulate grad_W one vocabulary slab at a time (here 40 rows, not a multiple of the
+    vocabulary tile) in fp32; the result equals the one-slab accumulation."""
+    from fastrft.kernels import fused_rft as kernels
+
+    hidden, weight, bias, targets = make_inputs(33, 24, 211, dtype=torch.bfloat16)
+    kwargs = dict(bias=bias, advantages=torch.randn(33), sft_weights=torch.rand(33), entropy_coef=0.02)
+    one_slab = [g.clone() for g in run("triton", hidden, weight, targets, **kwargs)[1]]
+    monkeypatch.setattr(kernels, "GRAD_WEIGHT_SLAB_BYTES", 4 * 24 * 40)
+    assert kernels._grad_weight_slab_rows(24) == 40
+    slabs = run("triton", hidden, weight, targets, **kwargs)[1]
+    assert torch.equal(slabs[1], one_slab[1]) and torch.equal(slabs[2], one_slab[2])
+    assert torch.allclose(slabs[0].float(), one_slab[0].float(), rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_rows_with_nothing_to_learn_cost_no_gradient_work(impl, monkeypatch):
     n, h, v = 30, 16, 67
