@@ -25,9 +25,7 @@ benchmarks/results/bench_loss_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -35,10 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-if sys.platform == "linux" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-    # Fixed mmap threshold: large CPU buffers are returned to the OS when freed, so peak RSS measures peak memory.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+from memory import fix_malloc_mmap_threshold, peak_extra_bytes
+
+fix_malloc_mmap_threshold()
 
 import torch  # noqa: E402
 
@@ -117,18 +114,8 @@ def make_provider(name, device):
     raise ValueError(f"unknown provider {name!r}; known: {PROVIDERS}")
 
 
-def rss_bytes():
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-
 class Meter:
-    """Timing and peak memory of one callable on one device."""
+    """Timing of one callable on one device."""
 
     def __init__(self, device):
         self.device = device
@@ -155,24 +142,6 @@ class Meter:
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
-
-    def peak_extra_bytes(self, fn, grad_bytes):
-        """Peak memory of one call beyond what was allocated before it and the gradients it creates."""
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            fn()
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - before - grad_bytes
-        if not Path("/proc/self/clear_refs").exists():
-            return None
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-        before = rss_bytes()["VmRSS"]
-        fn()
-        return rss_bytes()["VmHWM"] - before - grad_bytes
 
 
 def matmul_tflops(meter, n, h, v, dtype, device):
@@ -223,7 +192,7 @@ def bench_shape(shape, providers, dtype, device, args, meter):
                 step, note, grad_bytes = make_step(name, shape, dtype, device, zero_half)
                 row["ms"] = meter.time_ms(step, args.warmup, args.repeat)
                 if device.type == "cuda":
-                    peak = meter.peak_extra_bytes(step, grad_bytes)
+                    peak = peak_extra_bytes(step, device, minus_bytes=grad_bytes)
                 else:
                     del step
                     peak = measure_in_child(name, shape, dtype, zero_half)
@@ -251,7 +220,7 @@ def child_measure_memory(name, shape, dtype_name, zero_half):
     device = torch.device("cpu")
     step, _, grad_bytes = make_step(name, shape, getattr(torch, dtype_name), device, zero_half == "1")
     step()
-    print(json.dumps(dict(peak_extra_bytes=Meter(device).peak_extra_bytes(step, grad_bytes))))
+    print(json.dumps(dict(peak_extra_bytes=peak_extra_bytes(step, device, minus_bytes=grad_bytes))))
 
 
 def format_row(r):

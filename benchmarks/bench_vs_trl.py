@@ -26,7 +26,6 @@ provider, the longest L whose peak stays within --budget-gb (lengths double unti
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -37,10 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-if sys.platform == "linux" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-    # Fixed mmap threshold: large CPU buffers are returned to the OS when freed, so peak RSS measures peak memory.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+from memory import fix_malloc_mmap_threshold, peak_extra_bytes as measure_peak
+
+fix_malloc_mmap_threshold()
 
 import torch  # noqa: E402
 
@@ -129,16 +127,6 @@ def make_step(provider: str, args, length: int, device: torch.device):
     return step
 
 
-def rss_bytes() -> dict:
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -150,20 +138,7 @@ def peak_extra_bytes(step, device) -> int | None:
     before it."""
     step()          # warm-up: caches, lazy initialisation, the first gradients
     sync(device)
-    gc.collect()
-    if device.type == "cuda":
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        sync(device)
-        return torch.cuda.max_memory_allocated() - before
-    if not Path("/proc/self/clear_refs").exists():
-        return None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-    before = rss_bytes()["VmRSS"]
-    step()
-    return rss_bytes()["VmHWM"] - before
+    return measure_peak(step, device)
 
 
 def child(provider: str, length: int, args) -> dict:

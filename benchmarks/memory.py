@@ -1,0 +1,48 @@
+"""Peak memory of one call, shared by the benchmarks: the CUDA allocator's peak, or on the CPU the process's peak
+RSS (reset through /proc/self/clear_refs), with glibc's mmap threshold fixed so that freed buffers leave the RSS."""
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from pathlib import Path
+
+
+def fix_malloc_mmap_threshold() -> None:
+    """Re-executes the script once with a fixed mmap threshold: large CPU buffers are then returned to the OS when
+    freed, so the peak RSS measures peak memory. Call before importing torch."""
+    if sys.platform == "linux" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def rss_bytes() -> dict:
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def peak_extra_bytes(fn, device, *, minus_bytes: int = 0) -> int | None:
+    """Peak memory during fn() beyond what was allocated before it, less minus_bytes (e.g. the gradients it
+    creates); None where the CPU peak cannot be reset."""
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before - minus_bytes
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    before = rss_bytes()["VmRSS"]
+    fn()
+    return rss_bytes()["VmHWM"] - before - minus_bytes
