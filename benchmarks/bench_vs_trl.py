@@ -44,7 +44,6 @@ import torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROVIDERS = ("trl", "fastrft")
-CHARS = "abcdefghijklmnopqrstuvwxyz "
 
 
 def model_config(name: str, max_len: int):
@@ -60,18 +59,6 @@ def model_config(name: str, max_len: int):
                            rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0,
                            bos_token_id=1, eos_token_id=2)
     raise ValueError(f"unknown model {name!r}: tiny or qwen2.5-1.5b")
-
-
-def char_tokenizer():
-    """A tokenizer TRL can hold; the benchmark feeds token ids directly, so its vocabulary does not matter."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: 4 + i for i, c in enumerate(CHARS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
 
 
 def make_step(provider: str, args, length: int, device: torch.device):
@@ -106,6 +93,8 @@ def make_step(provider: str, args, length: int, device: torch.device):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    from fastrft.tasks.demo import make_tokenizer   # any tokenizer TRL can hold: the step feeds token ids directly
+
     out_dir = tempfile.mkdtemp(prefix="bench_vs_trl_")
     trl_args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=args.batch, num_generations=args.batch,
                           max_completion_length=length, loss_type="dapo", beta=0.0, epsilon=0.2, epsilon_high=0.28,
@@ -113,7 +102,7 @@ def make_step(provider: str, args, length: int, device: torch.device):
                           bf16=device.type == "cuda", disable_tqdm=True, gradient_accumulation_steps=1)
     trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
                           args=trl_args, train_dataset=Dataset.from_dict({"prompt": ["abc"] * args.batch}),
-                          processing_class=char_tokenizer())
+                          processing_class=make_tokenizer())
     trainer.current_gradient_accumulation_steps = 1   # set by Trainer.train(); the dapo normaliser reads it
     trainer.model.train()
     inputs = dict(prompt_ids=prompt_ids.to(device), prompt_mask=torch.ones_like(prompt_ids, device=device),
