@@ -8,7 +8,10 @@ weight) for every provider that can run here:
   liger_grpo      Liger-Kernel's LigerFusedLinearGRPOLoss (policy-gradient part)
   liger_flce      Liger-Kernel's fused linear cross-entropy (the cross-entropy part only)
   cce             Apple's cut-cross-entropy linear_cross_entropy (the cross-entropy part only)
-  fastrft         fastrft.fused_rft_loss (Triton on CUDA; the chunked PyTorch path on the CPU)
+  fastrft         fastrft.fused_rft_loss (Triton on CUDA, within its default 48 MB of backward scratch; the chunked
+                  PyTorch path on the CPU)
+  fastrft_1sweep  the same with the scratch budget raised to hold the fp32 hidden gradient of every row: one backward
+                  sweep over the logits instead of two at large N, for more memory (CUDA only)
   fastrft_torch   fastrft.fused_rft_loss(impl="torch") on CUDA, to show what the kernels buy
 Each shape also runs with half the rows at zero coefficient (zero advantage, no refined target), which fastrft
 skips in the backward pass.
@@ -25,6 +28,7 @@ benchmarks/results/bench_loss_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -43,7 +47,8 @@ import fastrft  # noqa: E402
 
 GPU_SHAPES = ["8192x4096x131072", "16384x4096x151936", "8192x2304x256000", "32768x4096x128256"]
 CPU_SHAPES = ["1024x256x8192", "512x512x32000"]
-PROVIDERS = ["naive", "naive_compile", "trl_selective", "liger_grpo", "liger_flce", "cce", "fastrft", "fastrft_torch"]
+PROVIDERS = ["naive", "naive_compile", "trl_selective", "liger_grpo", "liger_flce", "cce", "fastrft", "fastrft_1sweep",
+             "fastrft_torch"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -103,6 +108,13 @@ def make_provider(name, device):
         except ImportError as exc:
             raise RuntimeError(f"cut-cross-entropy not installed ({exc})") from None
         return (lambda h, w, t, adv, sft_w: linear_cross_entropy(h, w, t)), "cross-entropy part only"
+    if name == "fastrft_1sweep":
+        if not on_cuda:
+            raise RuntimeError("the Triton kernels' scratch trade-off is measured on CUDA only")
+
+        def fused_one_sweep(h, w, t, adv, sft_w):
+            return fastrft.fused_rft_loss(h, w, t, advantages=adv, sft_weights=sft_w).loss
+        return fused_one_sweep, "Triton, scratch for one backward sweep"
     if name in ("fastrft", "fastrft_torch"):
         if name == "fastrft_torch" and not on_cuda:
             raise RuntimeError("on the CPU this is what 'fastrft' runs")
@@ -110,7 +122,10 @@ def make_provider(name, device):
 
         def fused(h, w, t, adv, sft_w):
             return fastrft.fused_rft_loss(h, w, t, advantages=adv, sft_weights=sft_w, impl=impl).loss
-        return fused, "Triton" if on_cuda and impl is None else "chunked PyTorch"
+        if on_cuda and impl is None:
+            from fastrft.kernels.fused_rft import WORKSPACE_BYTES
+            return fused, f"Triton, {WORKSPACE_BYTES >> 20} MB scratch"
+        return fused, "chunked PyTorch"
     raise ValueError(f"unknown provider {name!r}; known: {PROVIDERS}")
 
 
@@ -166,13 +181,31 @@ def make_inputs(shape, dtype, device, zero_half):
     return hidden, weight, targets, adv, sft_w
 
 
+@contextlib.contextmanager
+def scratch_budget(name, hidden):
+    """fastrft_1sweep: the Triton backward's scratch budget raised so that it sweeps the logits once at any N (the
+    fp32 hidden gradient of every row in scratch); every other provider runs as it is."""
+    if name != "fastrft_1sweep":
+        yield
+        return
+    from fastrft.kernels import fused_rft as kernels
+
+    budget = kernels.WORKSPACE_BYTES
+    kernels.WORKSPACE_BYTES = 2 * 4 * hidden.numel() + budget
+    try:
+        yield
+    finally:
+        kernels.WORKSPACE_BYTES = budget
+
+
 def make_step(name, shape, dtype, device, zero_half):
     """(fwd+bwd callable, note, bytes of the gradients it creates)."""
     hidden, weight, targets, adv, sft_w = make_inputs(shape, dtype, device, zero_half)
     fn, note = make_provider(name, device)
 
     def step():
-        fn(hidden, weight, targets, adv, sft_w).backward()
+        with scratch_budget(name, hidden):
+            fn(hidden, weight, targets, adv, sft_w).backward()
         # Freed here, not at the next call's start: a measured call then starts without gradients, and its peak
         # minus the gradients it creates is what the loss itself needs.
         hidden.grad = weight.grad = None

@@ -13,15 +13,21 @@ and from it grad_h = (dL/dz / T) W, grad_W = (dL/dz / T)^T h, grad_b = colsum(dL
 Kernels:
     _fused_rft_fwd_kernel   grid (row blocks,): one sweep over the vocabulary per row block with an online
                             log-sum-exp; reads h once per vocab tile and W once per row block; writes 3 floats a row.
-    _fused_rft_bwd_kernel   grid (row blocks, vocab blocks of one slab): recomputes one [BLOCK_M, BLOCK_V] logit
-                            tile, turns it into dL/dz in registers and accumulates grad_h and grad_W tiles with fp32
-                            atomics. Extra memory: an fp32 grad_h [N, H]; grad_W accumulates in place for fp32
-                            weights, else in an fp32 buffer of one vocabulary slab (GRAD_WEIGHT_SLAB_BYTES) per launch.
+    _fused_rft_bwd_kernel   grid (row blocks, vocab blocks): recomputes one [BLOCK_M, BLOCK_V] logit tile, turns it
+                            into dL/dz in registers and accumulates grad_h and/or grad_W tiles with fp32 atomics into
+                            the gradient itself (fp32 inputs) or into fp32 scratch covering one slab of rows (grad_h)
+                            or of vocabulary entries (grad_W), which the launcher casts into the gradient.
 Only the rows listed in `rows` are visited, so ignored rows and rows whose coefficients are exactly zero cost nothing.
 
-Work: forward 2*N*H*V FLOPs; backward 2*N*H*V to recompute the logits plus 2*N*H*V per gradient (grad_h, and
-grad_W unless the head is frozen). The floor with materialised logits is 6*N*H*V; recomputation costs one more
-2*N*H*V matmul in exchange for O(BLOCK_M * BLOCK_V) extra memory instead of an [N, V] tensor.
+Work, in units of one 2*N*H*V matmul: forward 1. Backward: recomputing the logits 1, grad_h 1, grad_W 1 (none for a
+frozen head). The floor with materialised logits is 3 units (6*N*H*V); recomputation costs one more in exchange for
+never holding an [N, V] tensor. The backward's extra memory is bounded by WORKSPACE_BYTES of fp32 scratch:
+  * fp32 inputs accumulate in place: no scratch, 3 units (2 for a frozen head).
+  * 16-bit inputs whose fp32 grad_h [N, H] fits in half the workspace: one sweep (3 units) with grad_h in scratch and
+    grad_W one vocabulary slab at a time in the other half.
+  * otherwise grad_h row slab by row slab, then grad_W vocabulary slab by vocabulary slab: 4 units (2 when frozen),
+    every gradient element still summed in fp32 and rounded once.
+(Backward units; add 1 for the forward.)
 """
 import os
 
@@ -97,15 +103,16 @@ def _fused_rft_fwd_kernel(
 def _fused_rft_bwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, lse_ptr, mean_logit_ptr, dlogp_ptr, dentropy_ptr,
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
-    n_rows, H, V, vocab_start, vocab_end, stride_h, stride_w, stride_gh, stride_gw, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    n_rows, H, V, row_base, vocab_start, vocab_end, stride_h, stride_w, stride_gh, stride_gw, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, HIDDEN_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = slots < n_rows
     row_ids = tl.load(rows_ptr + slots, mask=row_ok, other=0).to(tl.int64)
-    # This launch covers the vocabulary slab [vocab_start, vocab_end); grad_weight_ptr points at the slab's row 0.
+    # This launch covers the vocabulary slab [vocab_start, vocab_end). grad_hidden_ptr points at row row_base of
+    # grad_h and grad_weight_ptr at row vocab_start of grad_W: both may be scratch holding one slab.
     cols = vocab_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < vocab_end
 
@@ -131,9 +138,11 @@ def _fused_rft_bwd_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         row_k_ok = row_ok[:, None] & (ks < H)[None, :]
         col_k_ok = col_ok[:, None] & (ks < H)[None, :]
-        w = tl.load(weight_ptr + cols64[:, None] * stride_w + ks[None, :], mask=col_k_ok, other=0.0)
-        grad_h = _mma(dz_in, w, None, DOT_PRECISION, UPCAST)
-        tl.atomic_add(grad_hidden_ptr + row_ids[:, None] * stride_gh + ks[None, :], grad_h, mask=row_k_ok)
+        if HIDDEN_GRAD:
+            w = tl.load(weight_ptr + cols64[:, None] * stride_w + ks[None, :], mask=col_k_ok, other=0.0)
+            grad_h = _mma(dz_in, w, None, DOT_PRECISION, UPCAST)
+            tl.atomic_add(grad_hidden_ptr + (row_ids - row_base)[:, None] * stride_gh + ks[None, :], grad_h,
+                          mask=row_k_ok)
         if WEIGHT_GRAD:
             h = tl.load(hidden_ptr + row_ids[:, None] * stride_h + ks[None, :], mask=row_k_ok, other=0.0)
             grad_w = _mma(tl.trans(dz_in), h, None, DOT_PRECISION, UPCAST)
@@ -185,52 +194,82 @@ def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature: floa
     return lse, target_logit, mean_logit
 
 
+# Bytes of fp32 scratch the backward may hold beyond its inputs and gradients (16-bit inputs only). Smaller values
+# trade a second logit recomputation (see the module docstring) for memory; tests shrink it to reach every path.
+WORKSPACE_BYTES = 48 << 20
+
+
 def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlogp, dentropy, inv_temperature: float,
                        weight_grad: bool, bias_grad: bool):
     """Gradients (hidden, weight or None, bias or None) in the inputs' dtypes for the loss whose derivatives with
-    respect to the selected rows' log-probs and entropies are dlogp and dentropy (fp32 [R], or dentropy None)."""
+    respect to the selected rows' log-probs and entropies are dlogp and dentropy (fp32 [R], or dentropy None).
+    rows must be strictly increasing (as torch.nonzero gives them): grad_h scratch covers a contiguous id range."""
     _check(hidden, weight, bias, targets, rows)
-    (V, H), device = weight.shape, hidden.device
-    grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32)
-    grad_bias = torch.zeros(V, device=device, dtype=torch.float32) if bias_grad else None
-    # fp32 weights accumulate straight into their gradient; lower precisions into an fp32 buffer of one vocabulary
-    # slab at a time, cast into the gradient after the slab's launch, instead of an fp32 copy of all of [V, H].
-    grad_weight = torch.zeros(weight.shape, device=device, dtype=weight.dtype) if weight_grad else None
-    slab_buffered = weight_grad and weight.dtype != torch.float32
-    slab = _grad_weight_slab_rows(H) if slab_buffered else V
-    slab_buffer = torch.empty(min(slab, V), H, device=device, dtype=torch.float32) if slab_buffered else None
+    (V, H), N, device = weight.shape, hidden.shape[0], hidden.device
     n_rows = rows.numel()
+    if n_rows > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        raise ValueError("rows must be strictly increasing")
+    grad_hidden = torch.zeros(hidden.shape, device=device, dtype=hidden.dtype)
+    grad_weight = torch.zeros(weight.shape, device=device, dtype=weight.dtype) if weight_grad else None
+    grad_bias = torch.zeros(V, device=device, dtype=torch.float32) if bias_grad else None
     block_m, block_v, block_k, num_warps, num_stages = _block_config(device, V)
-    for vocab_start in range(0, V if n_rows else 0, slab):
-        vocab_end = min(V, vocab_start + slab)
-        if slab_buffered:
-            slab_grad = slab_buffer[:vocab_end - vocab_start].zero_()
-        else:
-            slab_grad = grad_weight if weight_grad else grad_hidden   # grad_hidden: a placeholder, never written
-        _fused_rft_bwd_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(vocab_end - vocab_start, block_v))](
-            hidden, weight, bias if bias is not None else weight, targets, rows, lse, mean_logit, dlogp,
-            dentropy if dentropy is not None else dlogp,
-            grad_hidden, slab_grad, grad_bias if bias_grad else grad_hidden,
-            n_rows, H, V, vocab_start, vocab_end, hidden.stride(0), weight.stride(0), grad_hidden.stride(0), H,
-            inv_temperature, HAS_BIAS=bias is not None, HAS_ENTROPY=dentropy is not None, WEIGHT_GRAD=weight_grad,
-            BIAS_GRAD=bias_grad, **_dot_flags(hidden),
+
+    def launch(row_range, grad_h, row_base, grad_w, vocab_start, vocab_end, with_bias):
+        """One kernel over rows[row_range] x [vocab_start, vocab_end): grad_h (rows from row_base on) and/or
+        grad_w (entries from vocab_start on), either None for "not this launch"."""
+        rows_l = rows[row_range]
+        if rows_l.numel() == 0:
+            return
+        vectors = [t[row_range] for t in (lse, mean_logit, dlogp, dentropy if dentropy is not None else dlogp)]
+        placeholder = grad_hidden     # never written: the flags below switch its uses off
+        grid = (triton.cdiv(rows_l.numel(), block_m), triton.cdiv(vocab_end - vocab_start, block_v))
+        _fused_rft_bwd_kernel[grid](
+            hidden, weight, bias if bias is not None else weight, targets, rows_l, *vectors,
+            grad_h if grad_h is not None else placeholder, grad_w if grad_w is not None else placeholder,
+            grad_bias if with_bias else placeholder,
+            rows_l.numel(), H, V, row_base, vocab_start, vocab_end, hidden.stride(0), weight.stride(0), H, H,
+            inv_temperature, HAS_BIAS=bias is not None, HAS_ENTROPY=dentropy is not None,
+            HIDDEN_GRAD=grad_h is not None, WEIGHT_GRAD=grad_w is not None, BIAS_GRAD=with_bias, **_dot_flags(hidden),
             BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )
-        if slab_buffered:
-            grad_weight[vocab_start:vocab_end] = slab_grad
-    return (
-        grad_hidden.to(hidden.dtype),
-        grad_weight,
-        grad_bias.to(bias.dtype) if bias_grad else None,
-    )
 
-
-# Bytes of the fp32 buffer holding one vocabulary slab of a bf16/fp16 weight's gradient.
-GRAD_WEIGHT_SLAB_BYTES = 32 << 20
-
-
-def _grad_weight_slab_rows(hidden_size: int) -> int:
-    return max(1, GRAD_WEIGHT_SLAB_BYTES // (4 * hidden_size))
+    all_rows = slice(0, n_rows)
+    if n_rows == 0:
+        return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if bias_grad else None
+    if hidden.dtype == torch.float32:
+        # fp32 gradients are their own accumulators: one sweep, no scratch.
+        launch(all_rows, grad_hidden, 0, grad_weight, 0, V, bias_grad)
+    else:
+        scratch_rows = max(1, WORKSPACE_BYTES // (4 * H))
+        if weight_grad and 2 * N <= scratch_rows:
+            # One sweep: grad_h for every row in fp32 scratch, grad_W one vocabulary slab at a time beside it.
+            scratch = torch.zeros(N + min(scratch_rows - N, V), H, device=device, dtype=torch.float32)
+            hidden_acc, weight_acc = scratch[:N], scratch[N:]
+            for vocab_start in range(0, V, weight_acc.shape[0]):
+                vocab_end = min(V, vocab_start + weight_acc.shape[0])
+                slab = weight_acc[:vocab_end - vocab_start].zero_()
+                launch(all_rows, hidden_acc, 0, slab, vocab_start, vocab_end, bias_grad)
+                grad_weight[vocab_start:vocab_end].copy_(slab)
+            grad_hidden.copy_(hidden_acc)
+        else:
+            # grad_h row slab by row slab, then grad_W vocabulary slab by vocabulary slab, in the same scratch:
+            # one more logit recomputation than a single sweep, but each sum is still whole in fp32.
+            scratch = torch.empty(min(scratch_rows, max(N, V if weight_grad else 0)), H, device=device, dtype=torch.float32)
+            row_starts = list(range(0, N, scratch_rows))
+            bounds = torch.searchsorted(rows, torch.tensor(row_starts + [N], device=device)).tolist()
+            for i, row_start in enumerate(row_starts):
+                row_end = min(N, row_start + scratch_rows)
+                if bounds[i] == bounds[i + 1]:
+                    continue
+                slab = scratch[:row_end - row_start].zero_()
+                launch(slice(bounds[i], bounds[i + 1]), slab, row_start, None, 0, V, bias_grad and not weight_grad)
+                grad_hidden[row_start:row_end].copy_(slab)
+            for vocab_start in range(0, V if weight_grad else 0, scratch_rows):
+                vocab_end = min(V, vocab_start + scratch_rows)
+                slab = scratch[:vocab_end - vocab_start].zero_()
+                launch(all_rows, None, 0, slab, vocab_start, vocab_end, bias_grad)
+                grad_weight[vocab_start:vocab_end].copy_(slab)
+    return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if bias_grad else None
 
 
 def triton_available(device: torch.device) -> bool:
