@@ -52,7 +52,7 @@ def _weighted_tile(changed_ptr, offs, length, next_change, CONTEXT: tl.constexpr
 def _count_weighted_kernel(changed_ptr, lengths_ptr, counts_ptr, stride_row, width,
                            CONTEXT: tl.constexpr, HAS_CONTEXT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    length = tl.load(lengths_ptr + row)
+    length = tl.load(lengths_ptr + row).to(tl.int32)   # as width: positions stay int32 in every loop-carried value
     changed_row = changed_ptr + row.to(tl.int64) * stride_row
     next_change = width + CONTEXT + 1
     count = tl.zeros([BLOCK], dtype=tl.int32)
@@ -70,7 +70,7 @@ def _diff_weights_kernel(changed_ptr, lengths_ptr, scale_ptr, weights_ptr, last_
                          CONTEXT: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_SCALE: tl.constexpr,
                          BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    length = tl.load(lengths_ptr + row)
+    length = tl.load(lengths_ptr + row).to(tl.int32)   # as width: positions stay int32 in every loop-carried value
     changed_row = changed_ptr + row.to(tl.int64) * stride_row
     weights_row = weights_ptr + row.to(tl.int64) * width
     if HAS_SCALE:

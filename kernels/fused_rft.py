@@ -130,8 +130,9 @@ def _fused_rft_bwd_kernel(
         dz += dentropy[:, None] * p * (mean_logit[:, None] - tl.where(col_ok[None, :], z, 0.0))
     dz = tl.where(row_ok[:, None] & col_ok[None, :], dz * inv_temperature, 0.0)
 
+    # The sums are read only after the kernel ends: relaxed atomics (fire-and-forget reductions), no fences.
     if BIAS_GRAD:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_ok)
+        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
     dz_in = dz.to(weight_ptr.dtype.element_ty)
     cols64 = cols.to(tl.int64)
     for k0 in range(0, H, BLOCK_K):
@@ -142,21 +143,22 @@ def _fused_rft_bwd_kernel(
             w = tl.load(weight_ptr + cols64[:, None] * stride_w + ks[None, :], mask=col_k_ok, other=0.0)
             grad_h = _mma(dz_in, w, None, DOT_PRECISION, UPCAST)
             tl.atomic_add(grad_hidden_ptr + (row_ids - row_base)[:, None] * stride_gh + ks[None, :], grad_h,
-                          mask=row_k_ok)
+                          mask=row_k_ok, sem="relaxed")
         if WEIGHT_GRAD:
             h = tl.load(hidden_ptr + row_ids[:, None] * stride_h + ks[None, :], mask=row_k_ok, other=0.0)
             grad_w = _mma(tl.trans(dz_in), h, None, DOT_PRECISION, UPCAST)
             tl.atomic_add(grad_weight_ptr + (cols64 - vocab_start)[:, None] * stride_gw + ks[None, :], grad_w,
-                          mask=col_k_ok)
+                          mask=col_k_ok, sem="relaxed")
 
 
-def _block_config(device: torch.device, vocab_size: int):
+def _block_config(device: torch.device, vocab_size: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages). In the interpreter, where each tile op is emulated with
     numpy at a fixed cost, small tiles exercise the multi-tile paths at test shapes and wide vocabulary tiles keep
-    large vocabularies affordable; on the GPU, bf16 tensor-core tiles."""
+    large vocabularies affordable; on the GPU, bf16 tensor-core tiles. fp32 operands take half the K depth: three
+    pipeline stages of 64-deep fp32 tiles need 144 KB of shared memory, past the 99 KB of sm_89 (L40, RTX 4090)."""
     if device.type != "cuda":
         return 16, (32 if vocab_size <= 4096 else 1024), 16, 1, 1
-    return 64, 128, 64, 8, 3
+    return 64, 128, 32 if dtype == torch.float32 else 64, 8, 3
 
 
 def _dot_flags(tensor: torch.Tensor) -> dict:
@@ -184,7 +186,7 @@ def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature: floa
     lse, target_logit, mean_logit = (torch.empty(n_rows, device=hidden.device, dtype=torch.float32) for _ in range(3))
     if n_rows == 0:
         return lse, target_logit, mean_logit
-    block_m, block_v, block_k, num_warps, num_stages = _block_config(hidden.device, V)
+    block_m, block_v, block_k, num_warps, num_stages = _block_config(hidden.device, V, hidden.dtype)
     _fused_rft_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
         hidden, weight, bias if bias is not None else weight, targets, rows, lse, target_logit, mean_logit,
         n_rows, H, V, hidden.stride(0), weight.stride(0), inv_temperature,
@@ -212,7 +214,7 @@ def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlo
     grad_hidden = torch.zeros(hidden.shape, device=device, dtype=hidden.dtype)
     grad_weight = torch.zeros(weight.shape, device=device, dtype=weight.dtype) if weight_grad else None
     grad_bias = torch.zeros(V, device=device, dtype=torch.float32) if bias_grad else None
-    block_m, block_v, block_k, num_warps, num_stages = _block_config(device, V)
+    block_m, block_v, block_k, num_warps, num_stages = _block_config(device, V, hidden.dtype)
 
     def launch(row_range, grad_h, row_base, grad_w, vocab_start, vocab_end, with_bias):
         """One kernel over rows[row_range] x [vocab_start, vocab_end): grad_h (rows from row_base on) and/or
