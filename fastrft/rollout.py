@@ -30,6 +30,12 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
     return encoded
 
 
+def cache_implementation(device: torch.device):
+    """transformers' KV cache for generate(): on CUDA the static cache, whose fixed shapes let transformers compile
+    the decoding step; elsewhere the dynamic one, which grows only as far as the batch does."""
+    return "static" if device.type == "cuda" else None
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, num_samples: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, batch_size: int = 256) -> Samples:
@@ -44,7 +50,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
         top_p=None if greedy else top_p, top_k=None, eos_token_id=eos_id, pad_token_id=pad_id,
-        cache_implementation="static" if device.type == "cuda" else None,
+        cache_implementation=cache_implementation(device),
     )
     expanded = [ids for ids in prompt_ids for _ in range(num_samples)]
     samples = Samples([], [], [], [])
