@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from fastrft.compare import cpu_name
 from fastrft.diff import DEFAULT_MAX_D, cpp_available, diff_masks
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -55,17 +56,6 @@ def difflib_changed(samples, refineds):
         matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
         changed += len(b) - sum(block.size for block in matcher.get_matching_blocks())
     return changed
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main():
@@ -136,7 +126,7 @@ def main():
     except OSError:
         commit = ""
     meta = {
-        "cpu": cpu_model(), "cores_available": cores, "python": platform.python_version(), "torch": torch.__version__,
+        "cpu": cpu_name(), "cores_available": cores, "python": platform.python_version(), "torch": torch.__version__,
         "numpy": np.__version__, "commit": commit, "default_max_d": DEFAULT_MAX_D,
         "command": " ".join(["python"] + sys.argv),
     }

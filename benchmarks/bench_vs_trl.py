@@ -42,6 +42,8 @@ fix_malloc_mmap_threshold()
 
 import torch  # noqa: E402
 
+from fastrft.compare import cpu_name  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PROVIDERS = ("trl", "fastrft")
 
@@ -175,12 +177,7 @@ def environment(args, device) -> dict:
     import transformers
     import trl
 
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else cpu,
+    return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
                 cpu_threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
                 trl=trl.__version__, python=platform.python_version(), commit=git("rev-parse", "--short", "HEAD"),
                 dirty=bool(git("status", "--porcelain", "--untracked-files=no")),

@@ -470,7 +470,7 @@ def environment() -> dict:
     import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-           "cpu": _cpu_name(), "cores available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           "cpu": cpu_name(), "cores available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
            else os.cpu_count(), "torch threads": torch.get_num_threads(),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")}
     try:
@@ -485,7 +485,8 @@ def environment() -> dict:
     return env
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name, for the environment line of results (also used by benchmarks/)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
