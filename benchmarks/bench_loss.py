@@ -11,7 +11,7 @@ weight) for every provider that can run here:
   fastrft         fastrft.fused_rft_loss (Triton on CUDA, within its default 48 MB of backward scratch; the chunked
                   PyTorch path on the CPU)
   fastrft_1sweep  the same with the scratch budget raised to hold the fp32 hidden gradient of every row: one backward
-                  sweep over the logits instead of two at large N, for more memory (CUDA only)
+                  sweep over the logits instead of two at large N, for N*H*12 more bytes (CUDA only)
   fastrft_torch   fastrft.fused_rft_loss(impl="torch") on CUDA, to show what the kernels buy
 Each shape also runs with half the rows at zero coefficient (zero advantage, no refined target), which fastrft
 skips in the backward pass.
@@ -191,7 +191,7 @@ def scratch_budget(name, hidden):
     from fastrft.kernels import fused_rft as kernels
 
     budget = kernels.WORKSPACE_BYTES
-    kernels.WORKSPACE_BYTES = 2 * 4 * hidden.numel() + budget
+    kernels.WORKSPACE_BYTES = 2 * (4 + hidden.element_size()) * hidden.numel() + budget   # see fused_rft_backward
     try:
         yield
     finally:

@@ -13,21 +13,23 @@ and from it grad_h = (dL/dz / T) W, grad_W = (dL/dz / T)^T h, grad_b = colsum(dL
 Kernels:
     _fused_rft_fwd_kernel   grid (row blocks,): one sweep over the vocabulary per row block with an online
                             log-sum-exp; reads h once per vocab tile and W once per row block; writes 3 floats a row.
-    _fused_rft_bwd_kernel   grid (row blocks, vocab blocks): recomputes one [BLOCK_M, BLOCK_V] logit tile, turns it
-                            into dL/dz in registers and accumulates grad_h and/or grad_W tiles with fp32 atomics into
-                            the gradient itself (fp32 inputs) or into fp32 scratch covering one slab of rows (grad_h)
-                            or of vocabulary entries (grad_W), which the launcher casts into the gradient.
-Only the rows listed in `rows` are visited, so ignored rows and rows whose coefficients are exactly zero cost nothing.
+    _fused_rft_bwd_kernel   grid (row blocks, vocab blocks) of one slab: recomputes a [BLOCK_M, BLOCK_V] logit tile,
+                            forms dL/dz in fp32 registers and stores it, in the weight's dtype, into a bounded slab
+                            of dL/dz (rows x vocabulary entries); the [N, V] logits never exist.
+    _slab_matmul_kernel     C (+)= A @ B[rows] with fp32 accumulation and one owner per C tile: grad_h += dL/dz @ W
+                            into an fp32 accumulator, grad_W = (dL/dz)^T @ h[rows] straight into the gradient.
+No atomics on the gradients: every element is one program's fp32 sum, rounded once, and the results are the same
+from run to run. Only the rows listed in `rows` are visited, so ignored rows and rows whose coefficients are
+exactly zero cost nothing.
 
-Work, in units of one 2*N*H*V matmul: forward 1. Backward: recomputing the logits 1, grad_h 1, grad_W 1 (none for a
-frozen head). The floor with materialised logits is 3 units (6*N*H*V); recomputation costs one more in exchange for
-never holding an [N, V] tensor. The backward's extra memory is bounded by WORKSPACE_BYTES of fp32 scratch:
-  * fp32 inputs accumulate in place: no scratch, 3 units (2 for a frozen head).
-  * 16-bit inputs whose fp32 grad_h [N, H] fits in half the workspace: one sweep (3 units) with grad_h in scratch and
-    grad_W one vocabulary slab at a time in the other half.
-  * otherwise grad_h row slab by row slab, then grad_W vocabulary slab by vocabulary slab: 4 units (2 when frozen),
-    every gradient element still summed in fp32 and rounded once.
-(Backward units; add 1 for the forward.)
+Work, in units of one 2*N*H*V matmul: forward 1; backward, recomputing dL/dz 1 per pass plus 1 per gradient. The
+floor with materialised logits is 3 units (6*N*H*V). Extra memory is bounded by WORKSPACE_BYTES (48 MB): the fp32
+grad_h accumulator of one row slab and a dL/dz slab. Pass A goes row slab by row slab, summing grad_h over
+vocabulary slabs; when one row slab holds every selected row (or the weights are fp32, whose gradient accumulates
+in place), the same dL/dz slabs give grad_W: 3 backward units (2 for a frozen head). Otherwise a 16-bit grad_W
+would need one rounding per row slab, so pass B recomputes dL/dz vocabulary slab by vocabulary slab for every row
+and writes each grad_W slab once: 4 backward units. The single sweep holds up to about WORKSPACE_BYTES / (12 H)
+rows in 16 bits (about 1000 at H = 4096, 2700 at H = 1536).
 """
 import os
 
@@ -102,18 +104,16 @@ def _fused_rft_fwd_kernel(
 @triton.jit
 def _fused_rft_bwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, lse_ptr, mean_logit_ptr, dlogp_ptr, dentropy_ptr,
-    grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
-    n_rows, H, V, row_base, vocab_start, vocab_end, stride_h, stride_w, stride_gh, stride_gw, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, HIDDEN_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    dlogits_ptr, n_rows, H, vocab_start, vocab_end, stride_h, stride_w, stride_dl, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """dL/dz for rows[0:n_rows] x [vocab_start, vocab_end), in the weight's dtype, into the slab at dlogits_ptr."""
     slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = slots < n_rows
     row_ids = tl.load(rows_ptr + slots, mask=row_ok, other=0).to(tl.int64)
-    # This launch covers the vocabulary slab [vocab_start, vocab_end). grad_hidden_ptr points at row row_base of
-    # grad_h and grad_weight_ptr at row vocab_start of grad_W: both may be scratch holding one slab.
-    cols = vocab_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    slab_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = vocab_start + slab_cols
     col_ok = cols < vocab_end
 
     z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, row_ids, row_ok, cols, col_ok, H, stride_h, stride_w,
@@ -128,37 +128,82 @@ def _fused_rft_bwd_kernel(
         mean_logit = tl.load(mean_logit_ptr + slots, mask=row_ok, other=0.0)
         dentropy = tl.load(dentropy_ptr + slots, mask=row_ok, other=0.0)
         dz += dentropy[:, None] * p * (mean_logit[:, None] - tl.where(col_ok[None, :], z, 0.0))
-    dz = tl.where(row_ok[:, None] & col_ok[None, :], dz * inv_temperature, 0.0)
+    tl.store(dlogits_ptr + slots[:, None] * stride_dl + slab_cols[None, :],
+             (dz * inv_temperature).to(dlogits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    # The sums are read only after the kernel ends: relaxed atomics (fire-and-forget reductions), no fences.
-    if BIAS_GRAD:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
-    dz_in = dz.to(weight_ptr.dtype.element_ty)
-    cols64 = cols.to(tl.int64)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        row_k_ok = row_ok[:, None] & (ks < H)[None, :]
-        col_k_ok = col_ok[:, None] & (ks < H)[None, :]
-        if HIDDEN_GRAD:
-            w = tl.load(weight_ptr + cols64[:, None] * stride_w + ks[None, :], mask=col_k_ok, other=0.0)
-            grad_h = _mma(dz_in, w, None, DOT_PRECISION, UPCAST)
-            tl.atomic_add(grad_hidden_ptr + (row_ids - row_base)[:, None] * stride_gh + ks[None, :], grad_h,
-                          mask=row_k_ok, sem="relaxed")
-        if WEIGHT_GRAD:
-            h = tl.load(hidden_ptr + row_ids[:, None] * stride_h + ks[None, :], mask=row_k_ok, other=0.0)
-            grad_w = _mma(tl.trans(dz_in), h, None, DOT_PRECISION, UPCAST)
-            tl.atomic_add(grad_weight_ptr + (cols64 - vocab_start)[:, None] * stride_gw + ks[None, :], grad_w,
-                          mask=col_k_ok, sem="relaxed")
+
+@triton.jit
+def _slab_matmul_kernel(
+    a_ptr, b_ptr, b_rows_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_b, stride_c,
+    A_TRANSPOSED: tl.constexpr, GATHER_B: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """C[i, j] (+)= sum_k A[i, k] B[r(k), j] with fp32 accumulation, r(k) = b_rows[k] if GATHER_B else k.
+    A_TRANSPOSED: A is stored k-major (A[i, k] at i + k * stride_ak), as dL/dz^T is. Each C tile belongs to one
+    program, so the result is deterministic; ACCUMULATE adds to C (fp32) instead of overwriting it."""
+    # Grouped launch order: GROUP_M row blocks share each B column block while it is in L2.
+    pid = tl.program_id(0)
+    blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * blocks_n)
+    first_m = group * GROUP_M
+    group_size = min(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % group_size
+    pid_n = (pid % (GROUP_M * blocks_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    # Pointers advance by a scalar each K step (int32 tile offsets, 64-bit pointers): far fewer registers than
+    # recomputing [BLOCK, BLOCK_K] int64 offsets every step.
+    if A_TRANSPOSED:
+        a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_m[None, :]
+    else:
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_k[:, None] * stride_b + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = k0 + offs_k < K
+        if A_TRANSPOSED:
+            a = tl.trans(tl.load(a_ptrs, mask=k_ok[:, None] & m_ok[None, :], other=0.0))
+            a_ptrs += BLOCK_K * stride_ak
+        else:
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            a_ptrs += BLOCK_K
+        if GATHER_B:
+            b_rows = tl.load(b_rows_ptr + k0 + offs_k, mask=k_ok, other=0)
+            b = tl.load(b_ptr + b_rows[:, None] * stride_b + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            b_ptrs += BLOCK_K * stride_b
+        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_c + offs_n[None, :]
+    c_ok = m_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_ok, other=0.0)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
 
 
 def _block_config(device: torch.device, vocab_size: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages). In the interpreter, where each tile op is emulated with
-    numpy at a fixed cost, small tiles exercise the multi-tile paths at test shapes and wide vocabulary tiles keep
-    large vocabularies affordable; on the GPU, bf16 tensor-core tiles. fp32 operands take half the K depth: three
-    pipeline stages of 64-deep fp32 tiles need 144 KB of shared memory, past the 99 KB of sm_89 (L40, RTX 4090)."""
+    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) of the logit kernels. In the interpreter, where each tile
+    op is emulated with numpy at a fixed cost, small tiles exercise the multi-tile paths at test shapes and wide
+    vocabulary tiles keep large vocabularies affordable; on the GPU, bf16 tensor-core tiles. fp32 operands take half
+    the K depth: three pipeline stages of 64-deep fp32 tiles need 144 KB of shared memory, past the 99 KB of sm_89
+    (L40, RTX 4090)."""
     if device.type != "cuda":
         return 16, (32 if vocab_size <= 4096 else 1024), 16, 1, 1
     return 64, 128, 32 if dtype == torch.float32 else 64, 8, 3
+
+
+def _matmul_config(device: torch.device, M: int, K: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of _slab_matmul_kernel for an [M, K] @ [K, *]
+    product: Triton's H100 bf16 GEMM tiles on the GPU (fp32 at half the K depth, as above); in the interpreter small
+    tiles, tall ones for a large vocabulary's M and long K steps for its reduction."""
+    if device.type != "cuda":
+        return (16 if M <= 4096 else 1024), 16, (16 if K <= 4096 else 512), 4, 1, 1
+    return 128, 128, 32 if dtype == torch.float32 else 64, 8, 8, 3
 
 
 def _dot_flags(tensor: torch.Tensor) -> dict:
@@ -196,81 +241,92 @@ def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature: floa
     return lse, target_logit, mean_logit
 
 
-# Bytes of fp32 scratch the backward may hold beyond its inputs and gradients (16-bit inputs only). Smaller values
-# trade a second logit recomputation (see the module docstring) for memory; tests shrink it to reach every path.
+# Bytes of scratch the backward may hold beyond its inputs and gradients: slabs of dL/dz and fp32 accumulators of
+# grad_h. Tests shrink it to reach every path; users trade memory for speed with it (see the module docstring).
 WORKSPACE_BYTES = 48 << 20
+
+
+def _matmul(a, b, c, *, a_transposed: bool, b_rows=None, accumulate: bool):
+    """c (+)= a @ b[b_rows] (a: [M, K], or its transpose stored [K, M] when a_transposed; b: [*, N]; c: [M, N])."""
+    M, N = c.shape
+    K = a.shape[0] if a_transposed else a.shape[1]
+    block_m, block_n, block_k, group_m, num_warps, num_stages = _matmul_config(c.device, M, K, a.dtype)
+    _slab_matmul_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
+        a, b, b_rows if b_rows is not None else a, c, M, N, K, a.stride(0), a.stride(0), b.stride(0), c.stride(0),
+        A_TRANSPOSED=a_transposed, GATHER_B=b_rows is not None, ACCUMULATE=accumulate, **_dot_flags(a),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=num_warps,
+        num_stages=num_stages,
+    )
 
 
 def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlogp, dentropy, inv_temperature: float,
                        weight_grad: bool, bias_grad: bool):
     """Gradients (hidden, weight or None, bias or None) in the inputs' dtypes for the loss whose derivatives with
     respect to the selected rows' log-probs and entropies are dlogp and dentropy (fp32 [R], or dentropy None).
-    rows must be strictly increasing (as torch.nonzero gives them): grad_h scratch covers a contiguous id range."""
+    rows must not repeat (torch.nonzero's are unique)."""
     _check(hidden, weight, bias, targets, rows)
-    (V, H), N, device = weight.shape, hidden.shape[0], hidden.device
-    n_rows = rows.numel()
-    if n_rows > 1 and not bool((rows[1:] > rows[:-1]).all()):
-        raise ValueError("rows must be strictly increasing")
-    grad_hidden = torch.zeros(hidden.shape, device=device, dtype=hidden.dtype)
-    grad_weight = torch.zeros(weight.shape, device=device, dtype=weight.dtype) if weight_grad else None
+    (V, H), device, dtype = weight.shape, hidden.device, hidden.dtype
+    n_rows, elem = rows.numel(), hidden.element_size()
+    grad_hidden = torch.zeros(hidden.shape, device=device, dtype=dtype)
+    # fp32 weight gradients accumulate in place over row slabs; 16-bit ones are written once per vocabulary slab.
+    grad_weight = torch.zeros(weight.shape, device=device, dtype=dtype) if weight_grad else None
     grad_bias = torch.zeros(V, device=device, dtype=torch.float32) if bias_grad else None
-    block_m, block_v, block_k, num_warps, num_stages = _block_config(device, V, hidden.dtype)
-
-    def launch(row_range, grad_h, row_base, grad_w, vocab_start, vocab_end, with_bias):
-        """One kernel over rows[row_range] x [vocab_start, vocab_end): grad_h (rows from row_base on) and/or
-        grad_w (entries from vocab_start on), either None for "not this launch"."""
-        rows_l = rows[row_range]
-        if rows_l.numel() == 0:
-            return
-        vectors = [t[row_range] for t in (lse, mean_logit, dlogp, dentropy if dentropy is not None else dlogp)]
-        placeholder = grad_hidden     # never written: the flags below switch its uses off
-        grid = (triton.cdiv(rows_l.numel(), block_m), triton.cdiv(vocab_end - vocab_start, block_v))
-        _fused_rft_bwd_kernel[grid](
-            hidden, weight, bias if bias is not None else weight, targets, rows_l, *vectors,
-            grad_h if grad_h is not None else placeholder, grad_w if grad_w is not None else placeholder,
-            grad_bias if with_bias else placeholder,
-            rows_l.numel(), H, V, row_base, vocab_start, vocab_end, hidden.stride(0), weight.stride(0), H, H,
-            inv_temperature, HAS_BIAS=bias is not None, HAS_ENTROPY=dentropy is not None,
-            HIDDEN_GRAD=grad_h is not None, WEIGHT_GRAD=grad_w is not None, BIAS_GRAD=with_bias, **_dot_flags(hidden),
-            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-        )
-
-    all_rows = slice(0, n_rows)
     if n_rows == 0:
         return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if bias_grad else None
-    if hidden.dtype == torch.float32:
-        # fp32 gradients are their own accumulators: one sweep, no scratch.
-        launch(all_rows, grad_hidden, 0, grad_weight, 0, V, bias_grad)
-    else:
-        scratch_rows = max(1, WORKSPACE_BYTES // (4 * H))
-        if weight_grad and 2 * N <= scratch_rows:
-            # One sweep: grad_h for every row in fp32 scratch, grad_W one vocabulary slab at a time beside it.
-            scratch = torch.zeros(N + min(scratch_rows - N, V), H, device=device, dtype=torch.float32)
-            hidden_acc, weight_acc = scratch[:N], scratch[N:]
-            for vocab_start in range(0, V, weight_acc.shape[0]):
-                vocab_end = min(V, vocab_start + weight_acc.shape[0])
-                slab = weight_acc[:vocab_end - vocab_start].zero_()
-                launch(all_rows, hidden_acc, 0, slab, vocab_start, vocab_end, bias_grad)
-                grad_weight[vocab_start:vocab_end].copy_(slab)
-            grad_hidden.copy_(hidden_acc)
-        else:
-            # grad_h row slab by row slab, then grad_W vocabulary slab by vocabulary slab, in the same scratch:
-            # one more logit recomputation than a single sweep, but each sum is still whole in fp32.
-            scratch = torch.empty(min(scratch_rows, max(N, V if weight_grad else 0)), H, device=device, dtype=torch.float32)
-            row_starts = list(range(0, N, scratch_rows))
-            bounds = torch.searchsorted(rows, torch.tensor(row_starts + [N], device=device)).tolist()
-            for i, row_start in enumerate(row_starts):
-                row_end = min(N, row_start + scratch_rows)
-                if bounds[i] == bounds[i + 1]:
-                    continue
-                slab = scratch[:row_end - row_start].zero_()
-                launch(slice(bounds[i], bounds[i + 1]), slab, row_start, None, 0, V, bias_grad and not weight_grad)
-                grad_hidden[row_start:row_end].copy_(slab)
-            for vocab_start in range(0, V if weight_grad else 0, scratch_rows):
-                vocab_end = min(V, vocab_start + scratch_rows)
-                slab = scratch[:vocab_end - vocab_start].zero_()
-                launch(all_rows, None, 0, slab, vocab_start, vocab_end, bias_grad)
-                grad_weight[vocab_start:vocab_end].copy_(slab)
+    block_m, block_v, block_k, num_warps, num_stages = _block_config(device, V, dtype)
+    dentropy_or_any = dentropy if dentropy is not None else dlogp
+
+    def dlogits_slab(out, row_start, vocab_start):
+        """dL/dz of rows[row_start : row_start + out.shape[0]] x [vocab_start, vocab_start + out.shape[1]) into out."""
+        rows_s = slice(row_start, row_start + out.shape[0])
+        grid = (triton.cdiv(out.shape[0], block_m), triton.cdiv(out.shape[1], block_v))
+        _fused_rft_bwd_kernel[grid](
+            hidden, weight, bias if bias is not None else weight, targets, rows[rows_s], lse[rows_s],
+            mean_logit[rows_s], dlogp[rows_s], dentropy_or_any[rows_s], out, out.shape[0], H, vocab_start,
+            vocab_start + out.shape[1], hidden.stride(0), weight.stride(0), out.stride(0), inv_temperature,
+            HAS_BIAS=bias is not None, HAS_ENTROPY=dentropy is not None, **_dot_flags(hidden),
+            BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+    # Pass A, row slab by row slab: grad_h summed over vocabulary slabs in an fp32 accumulator (half the budget,
+    # with the 16-bit copy it is cast into), dL/dz slabs in the other half. When one slab holds every row, or the
+    # weight gradient is fp32 and accumulates in place, the same dL/dz slabs also give grad_W.
+    cast_bytes = 0 if dtype == torch.float32 else elem
+    slab_rows = max(1, min(n_rows, WORKSPACE_BYTES // 2 // ((4 + cast_bytes) * H)))
+    weight_in_pass_a = weight_grad and (slab_rows == n_rows or dtype == torch.float32)
+
+    def pass_a():
+        slab_vocab = max(1, min(V, WORKSPACE_BYTES // 2 // (slab_rows * elem)))
+        hidden_acc = torch.empty(slab_rows, H, device=device, dtype=torch.float32)
+        dlogits = torch.empty(slab_rows, slab_vocab, device=device, dtype=dtype)
+        for row_start in range(0, n_rows, slab_rows):
+            rows_a = rows[row_start:row_start + slab_rows]
+            acc = hidden_acc[:rows_a.numel()].zero_()
+            for vocab_start in range(0, V, slab_vocab):
+                vocab_end = min(V, vocab_start + slab_vocab)
+                dz = dlogits_slab(dlogits[:rows_a.numel(), :vocab_end - vocab_start], row_start, vocab_start)
+                _matmul(dz, weight[vocab_start:vocab_end], acc, a_transposed=False, accumulate=True)
+                if weight_in_pass_a:
+                    _matmul(dz, hidden, grad_weight[vocab_start:vocab_end], a_transposed=True, b_rows=rows_a,
+                            accumulate=dtype == torch.float32)
+                if bias_grad:
+                    grad_bias[vocab_start:vocab_end] += dz.sum(0, dtype=torch.float32)
+            grad_hidden.index_copy_(0, rows_a, acc.to(dtype))
+
+    # Pass B, for a 16-bit weight gradient when pass A took several row slabs: vocabulary slab by vocabulary slab,
+    # dL/dz of every row recomputed (one more logit matmul) so that each grad_W element is one whole fp32 sum.
+    def pass_b():
+        slab_vocab = max(1, min(V, WORKSPACE_BYTES // (n_rows * elem)))
+        dlogits = torch.empty(n_rows, slab_vocab, device=device, dtype=dtype)
+        for vocab_start in range(0, V, slab_vocab):
+            vocab_end = min(V, vocab_start + slab_vocab)
+            dz = dlogits_slab(dlogits[:, :vocab_end - vocab_start], 0, vocab_start)
+            _matmul(dz, hidden, grad_weight[vocab_start:vocab_end], a_transposed=True, b_rows=rows, accumulate=False)
+
+    pass_a()    # each pass's scratch is freed when it returns
+    if weight_grad and not weight_in_pass_a:
+        pass_b()
     return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if bias_grad else None
 
 
