@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One run on a lent GPU machine: install the carried wheels (.whl/, from ../shared/gpu/prepare-wheels.sh) and
-# fastrft into /tmp/site, check correctness (the whole test suite on CUDA tensors, so the compiled kernels run at
-# every tested shape, plus the real-shape CUDA tests), then time bench_loss. Everything lands under $OUT (at most
-# 8 files come back); the short table comes last. From the repository root: OUT=/some/dir bash benchmarks/gpu_session.sh
+# One run on a lent GPU machine: install the carried wheels (.whl/, from ../shared/gpu/prepare-wheels.sh, plus
+# `trl accelerate datasets dill multiprocess xxhash` there for bench_vs_trl where the 64 MB carry allows) and fastrft
+# into /tmp/site, check correctness (the whole test suite on CUDA tensors, so the compiled kernels run at every
+# tested shape, plus the real-shape CUDA tests), then time bench_loss (issue 2), bench_step (issue 4) and
+# bench_vs_trl (issue 6), each under its own time limit so that the whole fits one 600 s command. Everything lands
+# under $OUT; the short tables come last. From the repository root: OUT=/some/dir bash benchmarks/gpu_session.sh
 set -euo pipefail
 : "${OUT:?set OUT to the folder for the results}"
 site=/tmp/site
@@ -20,8 +22,17 @@ export PYTHONPATH=$site
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt"
 # Run from tests/ so that the source tree (where kernels/ is not yet fastrft.kernels) is not on sys.path.
-(cd tests && python3 -m pytest -q -p no:cacheprovider . 2>&1 | tee "$OUT/pytest.log" | tail -5)
-python3 benchmarks/bench_loss.py > "$OUT/bench_loss.log" 2>&1 || echo "bench_loss failed: see bench_loss.log"
-cp benchmarks/results/bench_loss_cuda.* "$OUT/" 2>/dev/null || true
+(cd tests && timeout 150 python3 -m pytest -q -p no:cacheprovider . 2>&1 | tee "$OUT/pytest.log" | tail -5)
+run_bench() {   # name, seconds, arguments...
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" python3 "benchmarks/$name.py" "$@" > "$OUT/$name.log" 2>&1 || echo "$name failed or ran out of time: see $name.log"
+    cp benchmarks/results/"$name"_cuda.* "$OUT/" 2>/dev/null || true
+}
+run_bench bench_loss 220
+run_bench bench_step 100
+if python3 -c "import trl" 2>/dev/null; then run_bench bench_vs_trl 100; else echo "trl not carried: bench_vs_trl skipped"; fi
 cat "$OUT/gpu.txt"
-grep -v '^{' "$OUT/bench_loss.log" | tail -40
+for name in bench_loss bench_step bench_vs_trl; do
+    [ -f "$OUT/$name.log" ] && { echo "== $name"; grep -v '^{' "$OUT/$name.log" | tail -30; }
+done

@@ -11,8 +11,10 @@ row, dlogp_i = dL/dlogp_i and dent_i = dL/dentropy_i, to form the logit gradient
 and from it grad_h = (dL/dz / T) W, grad_W = (dL/dz / T)^T h, grad_b = colsum(dL/dz / T).
 
 Kernels:
-    _fused_rft_fwd_kernel   grid (row blocks,): one sweep over the vocabulary per row block with an online
-                            log-sum-exp; reads h once per vocab tile and W once per row block; writes 3 floats a row.
+    _fused_rft_fwd_kernel   grid (row blocks, vocabulary splits): one sweep over its split of the vocabulary per
+                            row block with an online log-sum-exp; reads h once per vocab tile and W once per row
+                            block; writes 4 floats a row and split, merged on the host side (splits fill the GPU
+                            when there are few row blocks).
     _fused_rft_bwd_kernel   grid (row blocks, vocab blocks) of one slab: recomputes a [BLOCK_M, BLOCK_V] logit tile,
                             forms dL/dz in fp32 registers and stores it, in the weight's dtype, into a bounded slab
                             of dL/dz (rows x vocabulary entries); the [N, V] logits never exist.
@@ -31,6 +33,7 @@ would need one rounding per row slab, so pass B recomputes dL/dz vocabulary slab
 and writes each grad_W slab once: 4 backward units. The single sweep holds up to about WORKSPACE_BYTES / (12 H)
 rows in 16 bits (about 1000 at H = 4096, 2700 at H = 1536).
 """
+import functools
 import os
 
 import torch
@@ -70,23 +73,27 @@ def _logit_tile(
 
 @triton.jit
 def _fused_rft_fwd_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, lse_ptr, target_logit_ptr, mean_logit_ptr,
-    n_rows, H, V, stride_h, stride_w, inv_temperature,
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, max_ptr, sum_ptr, zsum_ptr, target_logit_ptr,
+    n_rows, H, V, split_width, stride_h, stride_w, inv_temperature,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Online softmax statistics of rows[block] over the vocabulary split program_id(1) (split_width entries),
+    written to row (split * n_rows + slot) of the [splits, n_rows] partials."""
     slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = slots < n_rows
     row_ids = tl.load(rows_ptr + slots, mask=row_ok, other=0).to(tl.int64)
     targets = tl.load(targets_ptr + row_ids, mask=row_ok, other=-1)
+    split_start = tl.program_id(1) * split_width
+    split_end = tl.minimum(split_start + split_width, V)
 
     running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)       # sum_j exp(z_j - running_max)
     running_zsum = tl.zeros((BLOCK_M,), dtype=tl.float32)      # sum_j exp(z_j - running_max) * z_j
     target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(split_start, split_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
+        col_ok = cols < split_end
         z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, row_ids, row_ok, cols, col_ok, H, stride_h, stride_w,
                         inv_temperature, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
@@ -96,9 +103,11 @@ def _fused_rft_fwd_kernel(
         running_sum = running_sum * rescale + tl.sum(p, axis=1)
         running_zsum = running_zsum * rescale + tl.sum(p * tl.where(col_ok[None, :], z, 0.0), axis=1)
         running_max = new_max
-    tl.store(lse_ptr + slots, running_max + tl.log(running_sum), mask=row_ok)
-    tl.store(target_logit_ptr + slots, target_logit, mask=row_ok)
-    tl.store(mean_logit_ptr + slots, running_zsum / running_sum, mask=row_ok)
+    out = tl.program_id(1) * n_rows + slots
+    tl.store(max_ptr + out, running_max, mask=row_ok)
+    tl.store(sum_ptr + out, running_sum, mask=row_ok)
+    tl.store(zsum_ptr + out, running_zsum, mask=row_ok)
+    tl.store(target_logit_ptr + out, target_logit, mask=row_ok)
 
 
 @triton.jit
@@ -223,22 +232,47 @@ def _check(hidden, weight, bias, targets, rows):
         raise ValueError("rows and targets must be int64")
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _vocab_splits(device: torch.device, row_blocks: int, vocab_tiles: int) -> int:
+    """How many programs share each row block's sweep over the vocabulary. One per row block leaves most of the GPU
+    idle below ~64 * SMs rows (8192 on an H100), so the sweep is split until about two programs run per SM; the
+    partial statistics are merged in fused_rft_forward. The interpreter splits in three to exercise the merge."""
+    if device.type != "cuda":
+        return min(3, vocab_tiles)
+    return max(1, min(vocab_tiles, triton.cdiv(2 * _multiprocessors(device), row_blocks)))
+
+
 def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature: float):
     """Per selected row (rows: int64 [R] indices into hidden): (lse, target_logit, mean_logit), each fp32 [R].
     targets[rows] must lie in [0, V): the caller validates them."""
     _check(hidden, weight, bias, targets, rows)
     n_rows, (V, H) = rows.numel(), weight.shape
-    lse, target_logit, mean_logit = (torch.empty(n_rows, device=hidden.device, dtype=torch.float32) for _ in range(3))
     if n_rows == 0:
-        return lse, target_logit, mean_logit
+        return tuple(torch.empty(0, device=hidden.device, dtype=torch.float32) for _ in range(3))
     block_m, block_v, block_k, num_warps, num_stages = _block_config(hidden.device, V, hidden.dtype)
-    _fused_rft_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-        hidden, weight, bias if bias is not None else weight, targets, rows, lse, target_logit, mean_logit,
-        n_rows, H, V, hidden.stride(0), weight.stride(0), inv_temperature,
+    row_blocks, vocab_tiles = triton.cdiv(n_rows, block_m), triton.cdiv(V, block_v)
+    splits = _vocab_splits(hidden.device, row_blocks, vocab_tiles)
+    split_width = triton.cdiv(vocab_tiles, splits) * block_v
+    splits = triton.cdiv(V, split_width)   # no split left empty
+    partial_max, partial_sum, partial_zsum, partial_target = torch.empty(
+        4, splits, n_rows, device=hidden.device, dtype=torch.float32)
+    _fused_rft_fwd_kernel[(row_blocks, splits)](
+        hidden, weight, bias if bias is not None else weight, targets, rows, partial_max, partial_sum, partial_zsum,
+        partial_target, n_rows, H, V, split_width, hidden.stride(0), weight.stride(0), inv_temperature,
         HAS_BIAS=bias is not None, **_dot_flags(hidden),
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
-    return lse, target_logit, mean_logit
+    # Merge the splits' online-softmax states: rescale each to the overall maximum.
+    row_max = partial_max.max(0).values
+    scale = torch.exp(partial_max - row_max)
+    total = (partial_sum * scale).sum(0)
+    lse = row_max + torch.log(total)
+    mean_logit = (partial_zsum * scale).sum(0) / total
+    return lse, partial_target.sum(0), mean_logit
 
 
 # Bytes of scratch the backward may hold beyond its inputs and gradients: slabs of dL/dz and fp32 accumulators of

@@ -30,6 +30,8 @@ def _compile(kernel, arg_types, constexprs, arch, num_warps, num_stages=None):
     from triton.compiler import ASTSource
 
     names = kernel.arg_names
+    untyped = [n for n in names if n.endswith("_ptr") and n not in arg_types]
+    assert not untyped, f"no element type given for {untyped}"
     signature = {name: "constexpr" if name in constexprs else arg_types.get(name, "i32") for name in names}
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
                if signature[n].startswith("*") or signature[n] == "i32"}
@@ -52,7 +54,8 @@ def fused_rft_variants():
         launch = dict(num_warps=num_warps, num_stages=num_stages)
         types = {"hidden_ptr": f"*{name}", "weight_ptr": f"*{name}", "bias_ptr": f"*{name}", "targets_ptr": "*i64",
                  "rows_ptr": "*i64", "dlogits_ptr": f"*{name}", "inv_temperature": "fp32"}
-        types |= {p: "*fp32" for p in ("lse_ptr", "target_logit_ptr", "mean_logit_ptr", "dlogp_ptr", "dentropy_ptr")}
+        types |= {p: "*fp32" for p in ("max_ptr", "sum_ptr", "zsum_ptr", "target_logit_ptr", "lse_ptr",
+                                        "mean_logit_ptr", "dlogp_ptr", "dentropy_ptr")}
         yield f"fwd {name}", fused_rft._fused_rft_fwd_kernel, types, dict(HAS_BIAS=True, **dot, **blocks), launch
         yield (f"bwd {name}", fused_rft._fused_rft_bwd_kernel, types, dict(HAS_BIAS=True, HAS_ENTROPY=True) | dot
                | blocks, launch)
