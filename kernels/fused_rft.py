@@ -275,9 +275,21 @@ def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature: floa
     return lse, partial_target.sum(0), mean_logit
 
 
+def _workspace_bytes_from_env() -> int:
+    value = os.environ.get("FASTRFT_WORKSPACE_MB", "48")
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = -1.0
+    if not 0 < megabytes < float("inf"):
+        raise ValueError(f"FASTRFT_WORKSPACE_MB must be a positive number of megabytes, got {value!r}")
+    return int(megabytes * (1 << 20))
+
+
 # Bytes of scratch the backward may hold beyond its inputs and gradients: slabs of dL/dz and fp32 accumulators of
-# grad_h. Tests shrink it to reach every path; users trade memory for speed with it (see the module docstring).
-WORKSPACE_BYTES = 48 << 20
+# grad_h. Users trade memory for speed with it (see the module docstring), through FASTRFT_WORKSPACE_MB or by
+# setting it; tests shrink it to reach every path.
+WORKSPACE_BYTES = _workspace_bytes_from_env()
 
 
 def _matmul(a, b, c, *, a_transposed: bool, b_rows=None, accumulate: bool):

@@ -541,3 +541,15 @@ def test_whole_under_torch_compile():
     assert torch.is_tensor(clip_frac)
     for g, rg in zip(compiled_grads, ref_grads):
         assert_close(g, rg, 2e-5, 2e-4, "compiled grad")
+
+
+@pytest.mark.parametrize("value,expected", [("48", 48 << 20), ("0.5", 1 << 19), ("0", None), ("inf", None), ("lots", None)])
+def test_workspace_budget_from_the_environment(monkeypatch, value, expected):
+    from fastrft.kernels import fused_rft as kernels
+
+    monkeypatch.setenv("FASTRFT_WORKSPACE_MB", value)
+    if expected is None:
+        with pytest.raises(ValueError, match="FASTRFT_WORKSPACE_MB"):
+            kernels._workspace_bytes_from_env()
+    else:
+        assert kernels._workspace_bytes_from_env() == expected
