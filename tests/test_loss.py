@@ -276,13 +276,15 @@ class LiveAllocations(TorchDispatchMode):
 BUDGETS = {"one sweep": 11520, "row slabs then vocabulary slabs": 3456}
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("regime", BUDGETS)
 @pytest.mark.parametrize("frozen_head", [False, True], ids=["trained head", "frozen head"])
-def test_low_precision_backward_stays_within_its_scratch_budget(dtype, regime, frozen_head, monkeypatch):
-    """16-bit inputs: whatever the budget, the backward holds at most WORKSPACE_BYTES beyond its gradients (and
-    O(N + V) vectors) at any time, and every gradient element is still summed whole in fp32 and rounded once: equal
-    to the run with the default budget up to fp32 summation order, within one unit in the last place."""
+def test_backward_stays_within_its_scratch_budget(dtype, regime, frozen_head, monkeypatch):
+    """Whatever the budget, the backward holds at most WORKSPACE_BYTES beyond its gradients (and O(N + V) vectors)
+    at any time, and every gradient element is still summed whole in fp32 and rounded once: equal to the run with
+    the default budget up to fp32 summation order, within one unit in the last place of a 16-bit result. (fp32
+    inputs take smaller accumulator rows, so the tight budget gives them 2 row slabs, over which grad_W accumulates
+    in place: equal up to fp32 summation order.)"""
     from fastrft.kernels import fused_rft as kernels
 
     n, h, v = 40, 24, 211
@@ -306,7 +308,7 @@ def test_low_precision_backward_stays_within_its_scratch_budget(dtype, regime, f
     monkeypatch.setattr(kernels, "fused_rft_backward", logged)
     bounded = run("triton", hidden, weight, targets, **kwargs)[1]
     assert 0 < extra["bytes"] <= budget + 8 * v + 16 * n, extra   # + grad_b in fp32 and its slab sums, row flags
-    ulp = torch.finfo(dtype).eps
+    ulp = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
     assert bounded[0] is not None and all((g is None) == frozen_head for g in bounded[1:])
     for g, g_ref in zip(bounded, unbounded):
         if g is not None:
