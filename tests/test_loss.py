@@ -507,8 +507,13 @@ def test_convergence_matches_reference_path():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled kernels at a real shape")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_kernels_at_a_real_shape(dtype):
-    """The compiled kernels (not the interpreter) on a vocabulary and width of a real model, against float64."""
+@pytest.mark.parametrize("workspace_mb", [48, 8], ids=["one sweep", "row slabs then vocabulary slabs"])
+def test_cuda_kernels_at_a_real_shape(dtype, workspace_mb, monkeypatch):
+    """The compiled kernels (not the interpreter) on a vocabulary and width of a real model, against float64, in
+    both backward regimes (8 MB: three row slabs, then a 16-bit grad_W in its own sweep)."""
+    from fastrft.kernels import fused_rft as kernels
+
+    monkeypatch.setattr(kernels, "WORKSPACE_BYTES", workspace_mb << 20)
     n, h, v = 1024, 1536, 151_936
     hidden, weight, bias, targets = make_inputs(n, h, v, dtype=dtype, bias=False, device="cuda")
     kwargs = dict(advantages=torch.randn(n, device="cuda"), sft_weights=torch.rand(n, device="cuda"),
