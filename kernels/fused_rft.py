@@ -30,8 +30,8 @@ grad_h accumulator of one row slab and a dL/dz slab. Pass A goes row slab by row
 vocabulary slabs; when one row slab holds every selected row (or the weights are fp32, whose gradient accumulates
 in place), the same dL/dz slabs give grad_W: 3 backward units (2 for a frozen head). Otherwise a 16-bit grad_W
 would need one rounding per row slab, so pass B recomputes dL/dz vocabulary slab by vocabulary slab for every row
-and writes each grad_W slab once: 4 backward units. The single sweep holds up to about WORKSPACE_BYTES / (12 H)
-rows in 16 bits (about 1000 at H = 4096, 2700 at H = 1536).
+and writes each grad_W slab once: 4 backward units. The single sweep holds up to about WORKSPACE_BYTES / (8.5 H)
+rows in 16 bits (about 1450 at H = 4096, 3850 at H = 1536).
 """
 import functools
 import os
@@ -336,10 +336,12 @@ def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlo
         return out
 
     # Pass A, row slab by row slab: grad_h summed over vocabulary slabs in an fp32 accumulator (half the budget,
-    # with the 16-bit copy it is cast into), dL/dz slabs in the other half. When one slab holds every row, or the
-    # weight gradient is fp32 and accumulates in place, the same dL/dz slabs also give grad_W.
-    cast_bytes = 0 if dtype == torch.float32 else elem
-    slab_rows = max(1, min(n_rows, WORKSPACE_BYTES // 2 // ((4 + cast_bytes) * H)))
+    # with the 16-bit copies it is cast into, an eighth of it at a time), dL/dz slabs in the other half. When one
+    # slab holds every row, or the weight gradient is fp32 and accumulates in place, the same dL/dz slabs also give
+    # grad_W.
+    cast_pieces = 1 if dtype == torch.float32 else 8
+    row_bytes = 4 * H + (0 if dtype == torch.float32 else elem * H / cast_pieces)
+    slab_rows = max(1, min(n_rows, int(WORKSPACE_BYTES // 2 // row_bytes)))
     weight_in_pass_a = weight_grad and (slab_rows == n_rows or dtype == torch.float32)
 
     def pass_a():
@@ -358,7 +360,8 @@ def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlo
                             accumulate=dtype == torch.float32)
                 if bias_grad:
                     grad_bias[vocab_start:vocab_end] += dz.sum(0, dtype=torch.float32)
-            grad_hidden.index_copy_(0, rows_a, acc.to(dtype))
+            for piece, rows_p in zip(acc.tensor_split(cast_pieces), rows_a.tensor_split(cast_pieces)):
+                grad_hidden.index_copy_(0, rows_p, piece.to(dtype))
 
     # Pass B, for a 16-bit weight gradient when pass A took several row slabs: vocabulary slab by vocabulary slab,
     # dL/dz of every row recomputed (one more logit matmul) so that each grad_W element is one whole fp32 sum.

@@ -269,10 +269,10 @@ class LiveAllocations(TorchDispatchMode):
             del self.storages[ptr]
 
 
-# Budgets in bytes for n = 40 rows (about 32 selected), H = 24, V = 211 in 16 bits, where a row's fp32 grad_h
-# accumulator and its cast take 144 bytes: 11520 give one row slab (one sweep, grad_W from the same dL/dz slabs of
-# 72 vocabulary entries); 3456 give row slabs of 12, then grad_W in slabs of at least 54 entries (none a multiple of
-# a tile).
+# Budgets in bytes for n = 40 rows (about 32 selected), H = 24, V = 211, where a row's fp32 grad_h accumulator
+# (and an eighth of its 16-bit cast) take 102 bytes (96 in fp32): 11520 give one row slab (one sweep, grad_W from
+# the same dL/dz slabs of about 90 vocabulary entries); 3456 give row slabs of 16 (18 in fp32), then a 16-bit grad_W
+# in slabs of about 54 entries (none a multiple of a tile).
 BUDGETS = {"one sweep": 11520, "row slabs then vocabulary slabs": 3456}
 
 
