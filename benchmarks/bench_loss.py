@@ -19,7 +19,8 @@ skips in the backward pass.
 Reported: median time over --repeat runs after --warmup (CUDA events on the GPU, perf_counter on the CPU); the floor
 6*N*H*V / (measured matmul rate in the same dtype) and each time as a multiple of it; peak memory beyond inputs and
 gradients (CUDA: max_memory_allocated; CPU: the peak RSS of a fresh process per provider, reset through
-/proc/self/clear_refs after one warm-up call, with glibc's mmap threshold fixed so that freed buffers leave the RSS). Prints a table, then one JSON line; writes
+/proc/self/clear_refs after one warm-up call, with glibc's mmap threshold fixed so that freed buffers leave the
+RSS). Prints a table, then one JSON line; writes
 benchmarks/results/bench_loss_<device>.{json,md}.
 
     python benchmarks/bench_loss.py                      # the shapes on CUDA, small ones on the CPU

@@ -137,8 +137,9 @@ def _fused_rft_bwd_kernel(
         mean_logit = tl.load(mean_logit_ptr + slots, mask=row_ok, other=0.0)
         dentropy = tl.load(dentropy_ptr + slots, mask=row_ok, other=0.0)
         dz += dentropy[:, None] * p * (mean_logit[:, None] - tl.where(col_ok[None, :], z, 0.0))
-    tl.store(dlogits_ptr + slots[:, None] * stride_dl + slab_cols[None, :],
-             (dz * inv_temperature).to(dlogits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    slab_offsets = slots.to(tl.int64)[:, None] * stride_dl + slab_cols[None, :]   # a large slab may pass 2**31
+    tl.store(dlogits_ptr + slab_offsets, (dz * inv_temperature).to(dlogits_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit

@@ -550,7 +550,8 @@ def test_whole_under_torch_compile():
         assert_close(g, rg, 2e-5, 2e-4, "compiled grad")
 
 
-@pytest.mark.parametrize("value,expected", [("48", 48 << 20), ("0.5", 1 << 19), ("0", None), ("inf", None), ("lots", None)])
+@pytest.mark.parametrize("value,expected",
+                         [("48", 48 << 20), ("0.5", 1 << 19), ("0", None), ("inf", None), ("lots", None)])
 def test_workspace_budget_from_the_environment(monkeypatch, value, expected):
     from fastrft.kernels import fused_rft as kernels
 
