@@ -11,7 +11,7 @@ weight) for every provider that can run here:
   fastrft         fastrft.fused_rft_loss (Triton on CUDA, within its default 48 MB of backward scratch; the chunked
                   PyTorch path on the CPU)
   fastrft_1sweep  the same with the scratch budget raised to hold the fp32 hidden gradient of every row: one backward
-                  sweep over the logits instead of two at large N, for N*H*12 more bytes (CUDA only)
+                  sweep over the logits instead of two at large N, for about 8.5*N*H more bytes (CUDA only)
   fastrft_torch   fastrft.fused_rft_loss(impl="torch") on CUDA, to show what the kernels buy
 Each shape also runs with half the rows at zero coefficient (zero advantage, no refined target), which fastrft
 skips in the backward pass.
@@ -192,7 +192,8 @@ def scratch_budget(name, hidden):
     from fastrft.kernels import fused_rft as kernels
 
     budget = kernels.WORKSPACE_BYTES
-    kernels.WORKSPACE_BYTES = 2 * (4 + hidden.element_size()) * hidden.numel() + budget   # see fused_rft_backward
+    # Pass A's accumulator rows (fp32, plus an eighth of their 16-bit cast) for every row in half the budget.
+    kernels.WORKSPACE_BYTES = int(2 * (4 + hidden.element_size() / 8) * hidden.numel()) + budget
     try:
         yield
     finally:
