@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One run on a lent GPU machine: install the carried wheels (.whl/, from ../shared/gpu/prepare-wheels.sh, plus
-# `trl accelerate datasets dill multiprocess xxhash` there for bench_vs_trl where the 64 MB carry allows) and fastrft
+# One run on a lent GPU machine: install the carried wheels (.whl/, from ../shared/gpu/prepare-wheels.sh) and fastrft
 # into /tmp/site, check correctness (the whole test suite on CUDA tensors, so the compiled kernels run at every
 # tested shape, plus the real-shape CUDA tests), then time bench_loss (issue 2), bench_step (issue 4) and
 # bench_vs_trl (issue 6), each under its own time limit so that the whole fits one 600 s command. Everything lands
 # under $OUT; the short tables come last. From the repository root: OUT=/some/dir bash benchmarks/gpu_session.sh
+# The carry is 64 MB: bitsandbytes is 43 MB and pyarrow (for TRL's datasets) 55 MB, so bench_vs_trl needs a
+# carry of its own, without bitsandbytes: liger-kernel cut-cross-entropy trl accelerate datasets dill multiprocess
+# xxhash pyarrow (about 59 MB, measured 2026-11-25; pandas, 12 MB more, must already be on the machine).
 set -euo pipefail
 : "${OUT:?set OUT to the folder for the results}"
 site=/tmp/site
