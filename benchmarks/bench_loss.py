@@ -289,7 +289,7 @@ def write_results(env, rates, rows, tag):
     lines = [f"# bench_loss on {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, python {env['python']}, commit {env['commit']}"
              f"{' (dirty)' if env['dirty'] else ''}, {env['cpu_threads']} CPU threads", "",
-             f"Command: `{env['command']}`", "",
+             f"Command: `{env['command']}` (shapes done: {env['shapes_done']})", "",
              "Floor = 6*N*H*V / (measured matmul rate in the same dtype); peak = memory beyond inputs and gradients.",
              "", "| shape NxHxV | rows | provider | fwd+bwd ms | x floor | peak extra MB | note |",
              "|---|---|---|---:|---:|---:|---|"]
@@ -331,14 +331,16 @@ def main():
     env["dtype"] = str(dtype).replace("torch.", "")
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['dtype']} | commit {env['commit']}")
     rates, rows = {}, []
-    for shape in shapes:
+    for done, shape in enumerate(shapes, 1):
         rates[shape], shape_rows = bench_shape(shape, providers, dtype, device, args, meter)
         rows += shape_rows
+        print("\n".join(format_row(r) for r in shape_rows), flush=True)
+        if not args.no_write:   # after every shape, so that a run stopped by a time limit still leaves its results
+            env["shapes_done"] = f"{done} of {len(shapes)}"
+            write_results(env, rates, rows, "cuda" if device.type == "cuda" else "cpu")
     print("\nmatmul rate for the floor: " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in rates.items()))
     print("\n".join(format_row(r) for r in rows))
     print(json.dumps(dict(env=env, matmul_tflops=rates, rows=rows)))
-    if not args.no_write:
-        write_results(env, rates, rows, "cuda" if device.type == "cuda" else "cpu")
 
 
 if __name__ == "__main__":
