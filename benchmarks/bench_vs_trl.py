@@ -214,16 +214,27 @@ def main():
     budget_argv = argv + ["--warmup", "0", "--repeat", "1"]   # the memory search needs no stable timing
     device = torch.device(args.device)
 
-    timed = []
+    env = environment(args, device)
+    timed, longest = [], {}
+
+    def payload():
+        return dict(env=env, model=args.model, batch=args.batch, prompt_len=args.prompt_len,
+                    budget_gb=args.budget_gb, max_length=args.max_length, rows=timed,
+                    longest={p: v["longest_length"] for p, v in longest.items()},
+                    budget_rows={p: v["tried"] for p, v in longest.items()})
+
+    # Results are written after each stage, so that a run stopped by a time limit keeps what it measured.
     for length in (int(x) for x in args.lengths.split(",")):
         for provider in PROVIDERS:
             row = run_child(provider, length, timing_argv)
             timed.append(row)
             print(format_row(row), flush=True)
+    write_results(payload(), "cuda" if on_cuda else "cpu")
 
-    longest = {}
     for provider in PROVIDERS:
-        length, best, tried = 64, None, []
+        # Doubling from the longest timed length that fitted (each try is a fresh process), else from 64.
+        fitted = [r["length"] for r in timed if r["provider"] == provider and fits(r, args.budget_gb)]
+        length, best, tried = max(fitted, default=64), None, []
         while length <= args.max_length:
             row = next((r for r in timed if r["provider"] == provider and r["length"] == length), None) \
                 or run_child(provider, length, budget_argv)
@@ -233,14 +244,8 @@ def main():
                 break
             best, length = length, length * 2
         longest[provider] = {"longest_length": best, "tried": tried}
-
-    env = environment(args, device)
-    payload = dict(env=env, model=args.model, batch=args.batch, prompt_len=args.prompt_len, budget_gb=args.budget_gb,
-                   max_length=args.max_length, rows=timed,
-                   longest={p: v["longest_length"] for p, v in longest.items()},
-                   budget_rows={p: v["tried"] for p, v in longest.items()})
-    write_results(payload, "cuda" if on_cuda else "cpu")
-    print(json.dumps(payload))
+        write_results(payload(), "cuda" if on_cuda else "cpu")
+    print(json.dumps(payload()))
 
 
 def format_row(r) -> str:
