@@ -316,6 +316,39 @@ def test_backward_stays_within_its_scratch_budget(dtype, regime, frozen_head, mo
             assert torch.allclose(g.float(), g_ref.float(), rtol=ulp, atol=ulp * scale * 1e-2)
 
 
+@pytest.mark.parametrize("dtype,budget,frozen_head,sweeps", [
+    (torch.bfloat16, 11520, False, 1),   # one row slab: both gradients from one sweep of dL/dz
+    (torch.bfloat16, 3456, False, 2),    # row slabs: a 16-bit grad_W takes a second sweep
+    (torch.bfloat16, 3456, True, 1),     # frozen head: grad_h only
+    (torch.float32, 3456, False, 1),     # fp32 grad_W accumulates in place over the row slabs
+])
+def test_backward_recomputes_the_logits_as_often_as_documented(dtype, budget, frozen_head, sweeps, monkeypatch):
+    """The cost model of kernels/fused_rft.py: dL/dz of every selected (row, vocabulary entry) pair is computed once
+    per backward sweep, and the number of sweeps is 1, or 2 for a 16-bit weight gradient past one row slab."""
+    from fastrft.kernels import fused_rft as kernels
+
+    n, h, v = 40, 24, 211
+    hidden, weight, bias, targets = make_inputs(n, h, v, dtype=dtype)
+    weight.requires_grad_(not frozen_head)
+    bias.requires_grad_(not frozen_head)
+    monkeypatch.setattr(kernels, "WORKSPACE_BYTES", budget)
+    computed = []
+    kernel = kernels._fused_rft_bwd_kernel
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                n_rows, vocab_start, vocab_end = args[10], args[12], args[13]
+                computed.append(n_rows * (vocab_end - vocab_start))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernels, "_fused_rft_bwd_kernel", CountingKernel())
+    run("triton", hidden, weight, targets, bias=bias, advantages=torch.randn(n))
+    selected = int((targets != -100).sum())
+    assert sum(computed) == sweeps * selected * v
+
+
 def test_backward_is_reproducible_bit_for_bit():
     """No atomics on the gradients: the same inputs give the same bits (on a GPU, where programs race, too)."""
     hidden, weight, bias, targets = make_inputs(70, 40, 333, dtype=torch.bfloat16)
