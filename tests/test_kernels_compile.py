@@ -42,8 +42,9 @@ def _compile(kernel, arg_types, constexprs, arch, num_warps, num_stages=None):
 
 
 def fused_rft_variants():
-    """(name, kernel, arg types, constexprs, launch options) for every kernel and flag combination the launchers in
-    kernels/fused_rft.py can produce, in each input dtype."""
+    """(name, kernel, arg types, constexprs, launch options) for each kernel of kernels/fused_rft.py in each input
+    dtype, with every optional input on (bias, entropy: switching one off only removes code), and each matmul the
+    launcher runs (grad_h into fp32; grad_W stored, or accumulated for fp32 weights)."""
     from fastrft.kernels import fused_rft
 
     cuda = torch.device("cuda")
