@@ -315,8 +315,10 @@ def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlo
     (V, H), device, dtype = weight.shape, hidden.device, hidden.dtype
     n_rows, elem = rows.numel(), hidden.element_size()
     grad_hidden = torch.zeros(hidden.shape, device=device, dtype=dtype)
-    # fp32 weight gradients accumulate in place over row slabs; 16-bit ones are written once per vocabulary slab.
-    grad_weight = torch.zeros(weight.shape, device=device, dtype=dtype) if weight_grad else None
+    grad_weight = None
+    if weight_grad:   # fp32: accumulated in place over row slabs; 16-bit: written whole, slab by slab
+        fill = torch.zeros if dtype == torch.float32 or n_rows == 0 else torch.empty
+        grad_weight = fill(weight.shape, device=device, dtype=dtype)
     grad_bias = torch.zeros(V, device=device, dtype=torch.float32) if bias_grad else None
     if n_rows == 0:
         return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if bias_grad else None
