@@ -109,24 +109,18 @@ def make_provider(name, device):
         except ImportError as exc:
             raise RuntimeError(f"cut-cross-entropy not installed ({exc})") from None
         return (lambda h, w, t, adv, sft_w: linear_cross_entropy(h, w, t)), "cross-entropy part only"
-    if name == "fastrft_1sweep":
-        if not on_cuda:
-            raise RuntimeError("the Triton kernels' scratch trade-off is measured on CUDA only")
-
-        def fused_one_sweep(h, w, t, adv, sft_w):
-            return fastrft.fused_rft_loss(h, w, t, advantages=adv, sft_weights=sft_w).loss
-        return fused_one_sweep, "Triton, scratch for one backward sweep"
-    if name in ("fastrft", "fastrft_torch"):
-        if name == "fastrft_torch" and not on_cuda:
-            raise RuntimeError("on the CPU this is what 'fastrft' runs")
+    if name in ("fastrft", "fastrft_1sweep", "fastrft_torch"):
+        if name != "fastrft" and not on_cuda:
+            raise RuntimeError("on the CPU 'fastrft' runs the chunked PyTorch path; this variant is CUDA only")
         impl = "torch" if name == "fastrft_torch" else None
 
         def fused(h, w, t, adv, sft_w):
             return fastrft.fused_rft_loss(h, w, t, advantages=adv, sft_weights=sft_w, impl=impl).loss
-        if on_cuda and impl is None:
-            from fastrft.kernels.fused_rft import WORKSPACE_BYTES
-            return fused, f"Triton, {WORKSPACE_BYTES >> 20} MB scratch"
-        return fused, "chunked PyTorch"
+        if not on_cuda or impl == "torch":
+            return fused, "chunked PyTorch"
+        from fastrft.kernels.fused_rft import WORKSPACE_BYTES
+        return fused, ("Triton, scratch for one backward sweep" if name == "fastrft_1sweep"
+                       else f"Triton, {WORKSPACE_BYTES >> 20} MB scratch")
     raise ValueError(f"unknown provider {name!r}; known: {PROVIDERS}")
 
 
@@ -192,8 +186,8 @@ def scratch_budget(name, hidden):
     from fastrft.kernels import fused_rft as kernels
 
     budget = kernels.WORKSPACE_BYTES
-    # Pass A's accumulator rows (fp32, plus an eighth of their 16-bit cast) for every row in half the budget.
-    kernels.WORKSPACE_BYTES = int(2 * (4 + hidden.element_size() / 8) * hidden.numel()) + budget
+    n, h = hidden.shape
+    kernels.WORKSPACE_BYTES = int(2 * n * kernels.accumulator_row_bytes(h, hidden.dtype)) + budget
     try:
         yield
     finally:

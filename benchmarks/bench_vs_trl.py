@@ -215,6 +215,7 @@ def main():
     device = torch.device(args.device)
 
     env = environment(args, device)
+    tag = "cuda" if on_cuda else "cpu"
     timed, longest = [], {}
 
     def payload():
@@ -229,7 +230,7 @@ def main():
             row = run_child(provider, length, timing_argv)
             timed.append(row)
             print(format_row(row), flush=True)
-    write_results(payload(), "cuda" if on_cuda else "cpu")
+    write_results(payload(), tag)
 
     for provider in PROVIDERS:
         # Doubling from the longest timed length that fitted (each try is a fresh process), else from 64.
@@ -244,7 +245,7 @@ def main():
                 break
             best, length = length, length * 2
         longest[provider] = {"longest_length": best, "tried": tried}
-        write_results(payload(), "cuda" if on_cuda else "cpu")
+        write_results(payload(), tag)
     print(json.dumps(payload()))
 
 

@@ -306,6 +306,17 @@ def _matmul(a, b, c, *, a_transposed: bool, b_rows=None, accumulate: bool):
     )
 
 
+# grad_h is cast from its fp32 accumulator into a 16-bit gradient this many pieces at a time.
+_CAST_PIECES = 8
+
+
+def accumulator_row_bytes(hidden_size: int, dtype: torch.dtype) -> float:
+    """Scratch bytes one row of the backward's pass A holds: its fp32 grad_h accumulator and, in 16 bits, its share
+    of the cast. A single backward sweep needs WORKSPACE_BYTES >= 2 * rows * this."""
+    cast = 0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8 * hidden_size / _CAST_PIECES
+    return 4 * hidden_size + cast
+
+
 def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlogp, dentropy, inv_temperature: float,
                        weight_grad: bool, bias_grad: bool):
     """Gradients (hidden, weight or None, bias or None) in the inputs' dtypes for the loss whose derivatives with
@@ -342,9 +353,8 @@ def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlo
     # with the 16-bit copies it is cast into, an eighth of it at a time), dL/dz slabs in the other half. When one
     # slab holds every row, or the weight gradient is fp32 and accumulates in place, the same dL/dz slabs also give
     # grad_W.
-    cast_pieces = 1 if dtype == torch.float32 else 8
-    row_bytes = 4 * H + (0 if dtype == torch.float32 else elem * H / cast_pieces)
-    slab_rows = max(1, min(n_rows, int(WORKSPACE_BYTES // 2 // row_bytes)))
+    cast_pieces = 1 if dtype == torch.float32 else _CAST_PIECES
+    slab_rows = max(1, min(n_rows, int(WORKSPACE_BYTES // 2 // accumulator_row_bytes(H, dtype))))
     weight_in_pass_a = weight_grad and (slab_rows == n_rows or dtype == torch.float32)
 
     def pass_a():

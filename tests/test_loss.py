@@ -276,6 +276,14 @@ class LiveAllocations(TorchDispatchMode):
 BUDGETS = {"one sweep": 11520, "row slabs then vocabulary slabs": 3456}
 
 
+def budget_test_inputs(dtype, frozen_head):
+    """The n = 40, H = 24, V = 211 head the budgets above are sized for, trained or frozen."""
+    hidden, weight, bias, targets = make_inputs(40, 24, 211, dtype=dtype)
+    weight.requires_grad_(not frozen_head)
+    bias.requires_grad_(not frozen_head)
+    return hidden, weight, bias, targets
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("regime", BUDGETS)
 @pytest.mark.parametrize("frozen_head", [False, True], ids=["trained head", "frozen head"])
@@ -287,10 +295,8 @@ def test_backward_stays_within_its_scratch_budget(dtype, regime, frozen_head, mo
     in place: equal up to fp32 summation order.)"""
     from fastrft.kernels import fused_rft as kernels
 
-    n, h, v = 40, 24, 211
-    hidden, weight, bias, targets = make_inputs(n, h, v, dtype=dtype)
-    weight.requires_grad_(not frozen_head)
-    bias.requires_grad_(not frozen_head)
+    hidden, weight, bias, targets = budget_test_inputs(dtype, frozen_head)
+    n, v = targets.numel(), weight.shape[0]
     kwargs = dict(bias=bias, advantages=torch.randn(n), sft_weights=torch.rand(n), entropy_coef=0.02)
     unbounded = [g.clone() if g is not None else None for g in run("triton", hidden, weight, targets, **kwargs)[1]]
 
@@ -327,10 +333,8 @@ def test_backward_recomputes_the_logits_as_often_as_documented(dtype, budget, fr
     per backward sweep, and the number of sweeps is 1, or 2 for a 16-bit weight gradient past one row slab."""
     from fastrft.kernels import fused_rft as kernels
 
-    n, h, v = 40, 24, 211
-    hidden, weight, bias, targets = make_inputs(n, h, v, dtype=dtype)
-    weight.requires_grad_(not frozen_head)
-    bias.requires_grad_(not frozen_head)
+    hidden, weight, bias, targets = budget_test_inputs(dtype, frozen_head)
+    n, v = targets.numel(), weight.shape[0]
     monkeypatch.setattr(kernels, "WORKSPACE_BYTES", budget)
     computed = []
     kernel = kernels._fused_rft_bwd_kernel
