@@ -64,23 +64,24 @@ def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _run_straight(steps=6):
+def _train_from_scratch(steps):
+    """steps training steps from the same initial weights and RNG state every time."""
     _seed_all(1)
     model, optimizer, scheduler = _make()
     _seed_all(0)
     state = {"data_pos": 0, "samples_seen": 0}
     for _ in range(steps):
         _train_step(model, optimizer, scheduler, state)
+    return model, optimizer, scheduler, state
+
+
+def _run_straight(steps=6):
+    model, _, _, state = _train_from_scratch(steps)
     return _weights(model), state
 
 
 def _run_resumed(run_dir, first=3, then=3):
-    _seed_all(1)
-    model, optimizer, scheduler = _make()
-    _seed_all(0)
-    state = {"data_pos": 0, "samples_seen": 0}
-    for _ in range(first):
-        _train_step(model, optimizer, scheduler, state)
+    model, optimizer, scheduler, state = _train_from_scratch(first)
     save_checkpoint(run_dir, first, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
 
     # A new process: other initial weights, other RNG states, fresh optimizer and scheduler.
