@@ -1,23 +1,29 @@
-"""Where does an RFT step's time go, and how close is the update to a plain forward+backward?
+"""Where does an RFT step's time go, and what does the update cost per token as the batch grows?
 
-Part 1, the loop: a few real steps of fastrft.trainer.train on the demo task, per-phase times from the run's
-metrics (rollout, reward, refine, reference, update) and the rest of the step (the loop's own overhead), update
-tokens/s and peak memory.
-Part 2, the update: fastrft's update on packed rows (final hidden states + fused_rft_loss, fwd+bwd + AdamW step)
-against the same model's plain forward+backward with a trivial loss (logits.mean(), logits materialised) and
-the same optimizer step, on the same tokens; median of --repeat after --warmup.
+Part `demo`: the demo's default run (`fastrft demo` settings, its trained reference model, one torch thread), KL
+and refiner modes, each on the path this machine chooses (packing=auto) and on the dense packed path (every sample
+in one packed row through SDPA with a [T, T] mask: the default before packing=auto); mean per-phase times over
+--steps steps after a warm-up step. Targets: default KL step at most 0.45x the dense one; refiner step at most 1.2x
+the KL step.
+Part `sweep`: the update alone (forward, backward and AdamW step over token-budgeted micro-batches, exactly as the
+trainer runs it) on the demo's tiny model and on a randomly initialised 4-layer model of Qwen2.5-0.5B's width
+(hidden 896, 14 heads, vocabulary 151936), with 1x, 2x, 4x and 8x a demo step's tokens (rows of the demo's length
+distribution), on each path: varlen (CUDA only), padded buckets, dense packed (skipped where its [H, T, T] scores
+would pass --dense-limit-gb). Per token: time, x floor (the update's FLOPs over the measured matmul rate) and peak
+memory. Target: the default path's time per token flat within 1.3x from 1x to 8x.
+Part `plain`: the update against the same model's plain forward+backward (logits materialised, a trivial loss) on
+the same packed tokens.
 
-    python benchmarks/bench_step.py                         # CPU: the demo's tiny model, short sequences
-    python benchmarks/bench_step.py --shape qwen2.5-1.5b    # GPU: randomly initialised Qwen2.5-1.5B shape, 2-4K tokens
-Prints tables, then one JSON line; writes benchmarks/results/bench_step_<device>.{json,md}.
+    python benchmarks/bench_step.py                           # every part on the CPU (about 20 minutes)
+    python benchmarks/bench_step.py --parts sweep --models tiny --scales 1,8
+Prints tables, then one JSON line; writes benchmarks/results/bench_step_<cpu|cuda>.{json,md} after each part.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,81 +31,211 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import fix_malloc_mmap_threshold, peak_extra_bytes  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-PHASES = ("rollout", "reward", "refine", "reference", "update")
+PHASES = ("rollout", "reward", "reference", "refine", "update")
+DEMO_ROWS = 128                  # one demo step: 16 prompts x 8 samples
+MODELS = {   # name: what it is
+    "demo": "the demo's tiny Llama (3 layers, hidden 96, vocabulary 24)",
+    "qwen2.5-0.5b-width": "Qwen2.5-0.5B's width, 4 layers (hidden 896, 14 heads, 2 KV heads, vocabulary 151936)",
+}
 
 
-def loop_phases(steps: int, device: str, work_dir: Path) -> dict:
+# ----------------------------------------------------------------------------------------------- part demo
+
+def demo_step(steps: int, reference_dir: Path, work_dir: Path) -> list[dict]:
+    from fastrft.batch import SDPA, AttentionPath
+    from fastrft.cli import DEMO_DEFAULTS
     from fastrft.config import load_config
-    from fastrft.plots import read_metrics
-    from fastrft.tasks.demo import make_model, make_tokenizer
-    from fastrft.trainer import train
+    from fastrft.tasks.demo import ensure_reference
+    from fastrft.trainer import make_run, train_run
 
-    model_dir = work_dir / "model"
-    tokenizer = make_tokenizer()
-    make_model(tokenizer, seed=0).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    cfg = load_config(None, [f"steps={steps}", f"device={device}", "progress=false", "plots=false",
-                             "constraint=kl+refiner", "eval_every=1000", "save_every=1000", "dynamic_sampling=false"],
-                      model=str(model_dir), output_dir=str(work_dir / "run"))
-    train(cfg)
-    records = [r for r in read_metrics(work_dir / "run" / "metrics.jsonl") if "step_time_s" in r][1:]  # warm-up
-    # Means, not medians: the phases of a mean step add up to the mean step.
-    out = {f"{p}_s": statistics.mean(r.get(f"time_{p}_s", 0.0) for r in records) for p in PHASES}
-    out["step_s"] = statistics.mean(r["step_time_s"] for r in records)
-    out["other_s"] = out["step_s"] - sum(out[f"{p}_s"] for p in PHASES)
-    out["other_frac"] = out["other_s"] / out["step_s"]
-    out["update_tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in records)
-    out["peak_mem_gb"] = max(r["peak_mem_gb"] for r in records)
-    out["steps_measured"] = len(records)
-    return out
+    reference = ensure_reference(reference_dir)
+    rows = []
+    for constraint in ("kl", "refiner"):
+        for path_name in ("default", "dense packed"):
+            out_dir = work_dir / f"{constraint}_{path_name.replace(' ', '_')}"
+            cfg = load_config(None, [f"steps={steps + 1}", f"constraint={constraint}", "progress=false",
+                                     "plots=false", "eval_every=100000", "save_every=100000"],
+                              **{**DEMO_DEFAULTS, "model": str(reference), "output_dir": str(out_dir)})
+            run = make_run(cfg)
+            if path_name == "dense packed":
+                run.attention = AttentionPath(True, SDPA, 10**9)
+            train_run(run)
+            records = [r for r in run.run_dir.read_metrics() if r["step"] > 1]   # step 1 warms up
+            # Means, not medians: the phases of a mean step add up to the mean step.
+            row = {"constraint": constraint, "path": path_name, "attention": run.attention.description,
+                   "steps": len(records), **{f"{p}_s": statistics.fmean(r[f"time_{p}_s"] for r in records)
+                                             for p in PHASES},
+                   "step_s": statistics.fmean(r["step_time_s"] for r in records),
+                   "micro_batches": statistics.fmean(r["micro_batches"] for r in records),
+                   "response_len": statistics.fmean(r["response_len"] for r in records),
+                   "refine_rate": statistics.fmean(r["refine_rate"] for r in records),
+                   "peak_mem_gb": max(r["peak_mem_gb"] for r in records)}
+            row["other_s"] = row["step_s"] - sum(row[f"{p}_s"] for p in PHASES)
+            print(f"demo step {constraint:8s} {path_name:13s} step {row['step_s']:.3f} s, update "
+                  f"{row['update_s']:.3f} s", flush=True)
+            rows.append(row)
+    return rows
 
 
-def make_model(shape: str, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, Qwen2Config
+def demo_ratios(rows: list[dict]) -> dict:
+    step = {(r["constraint"], r["path"]): r["step_s"] for r in rows}
+    return {"kl_default_over_dense": step["kl", "default"] / step["kl", "dense packed"],
+            "refiner_over_kl_default": step["refiner", "default"] / step["kl", "default"],
+            "refiner_over_kl_dense": step["refiner", "dense packed"] / step["kl", "dense packed"]}
 
-    if shape == "qwen2.5-1.5b":
-        config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                             num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+
+# ----------------------------------------------------------------------------------------------- part sweep
+
+def make_model(name: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    if name == "demo":
+        from fastrft.tasks.demo import make_model as make_demo_model
+        from fastrft.tasks.demo import make_tokenizer
+
+        return make_demo_model(make_tokenizer()).to(device=device, dtype=dtype)
+    if name == "qwen2.5-0.5b-width":
+        config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=4,
+                             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
                              tie_word_embeddings=True)
-    elif shape == "tiny":
-        config = Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                             tie_word_embeddings=True)
+    elif name == "tiny-llama":   # for quick checks of the script
+        config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4)
     else:
-        raise SystemExit(f"unknown --shape {shape!r}: qwen2.5-1.5b or tiny")
-    attn = "sdpa"
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            attn = "flash_attention_2"
-        except ImportError:
-            pass
-    config._attn_implementation = attn
+        raise SystemExit(f"unknown model {name!r}: {', '.join(MODELS)}")
+    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device), attn
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
 
 
-def update_vs_plain(shape: str, device: torch.device, dtype: torch.dtype, lengths: list[tuple[int, int]],
-                    warmup: int, repeat: int) -> dict:
+def demo_rows(n: int, vocab: int, seed: int = 0):
+    """n sample rows of the demo's shape: prompt <bos>"sort " + d digits + "=", completion d digits + <eos>, d in
+    3..8 (row length 7 + 2d)."""
+    from fastrft.batch import Row
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        d = rng.randint(3, 8)
+        rows.append(Row([rng.randrange(4, vocab) for _ in range(7 + d)], [rng.randrange(4, vocab) for _ in range(d + 1)],
+                        advantage=rng.gauss(0.0, 1.0), pg=True, ref_logprobs=-torch.rand(d + 1)))
+    return rows
+
+
+def update_flops(model, rows) -> float:
+    """Forward + backward (3x forward) FLOPs of the update: the matmuls of every layer's weights on each token, the
+    causal attention of each row, and the LM head on the target tokens only (the fused loss skips the rest)."""
+    cfg = model.config
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+    attention = sum(2 * cfg.num_hidden_layers * cfg.hidden_size * row.length * (row.length + 1) for row in rows)
+    tokens = sum(row.length for row in rows)
+    targets = sum(len(row.target_ids) for row in rows)
+    return 3 * (2 * body * tokens + attention + 2 * head * targets)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured FLOP/s of a 2048^3 matmul (1024^3 on the CPU), median of 5."""
+    n = 2048 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(6):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times[1:])
+
+
+def sweep(model_names, scales, device, dtype, warmup: int, repeat: int, dense_limit_gb: float,
+          max_tokens: int) -> list[dict]:
+    from fastrft.batch import SDPA, AttentionPath, accumulate_gradients, choose_attention
     from fastrft.config import TrainConfig
-    from fastrft.trainer import Row, build_batch, enable_activation_checkpointing, rft_loss
 
-    model, attn = make_model(shape, device, dtype)
+    cfg = TrainConfig(model="unused", constraint="kl")
+    rate = matmul_rate(device, dtype)
+    rows_out = []
+    for name in model_names:
+        model = make_model(name, device, dtype)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+        default = choose_attention("auto", model, device, max_tokens)
+        paths = {"default": default}
+        if default.packed:
+            paths["padded buckets"] = AttentionPath(False, SDPA, max_tokens)
+        paths["dense packed"] = AttentionPath(True, SDPA, 10**9)
+        for path_name, path in paths.items():
+            warmed = False
+            for scale in scales:
+                rows = demo_rows(DEMO_ROWS * scale, model.config.vocab_size)
+                tokens = sum(r.length for r in rows)
+                row = {"model": name, "path": path_name, "attention": path.description, "scale": scale,
+                       "tokens": tokens, "rows": len(rows)}
+                scores_gb = model.config.num_attention_heads * tokens**2 * 4 / 2**30
+                if path_name == "dense packed" and scores_gb > dense_limit_gb:
+                    row["skipped"] = f"its [H, T, T] scores alone would take {scores_gb:.0f} GB"
+                    rows_out.append(row)
+                    print(f"sweep {name} {path_name} {scale}x: skipped, {row['skipped']}", flush=True)
+                    continue
+
+                def update():
+                    optimizer.zero_grad(set_to_none=True)
+                    accumulate_gradients(model, rows, cfg, path, device, use_old=False)
+                    optimizer.step()
+
+                for _ in range(0 if warmed else warmup):
+                    update()
+                warmed = True
+                times = []
+                for _ in range(repeat):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    update()
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
+                seconds = statistics.median(times)
+                peak = peak_extra_bytes(update, device)
+                row.update(update_s=seconds, us_per_token=seconds / tokens * 1e6,
+                           x_floor=seconds / (update_flops(model, rows) / rate),
+                           peak_extra_mb=None if peak is None else peak / 2**20)
+                print(f"sweep {name} {path_name} {scale}x: {tokens} tokens, {row['us_per_token']:.1f} us/token, "
+                      f"{row['x_floor']:.1f}x floor", flush=True)
+                rows_out.append(row)
+        del model, optimizer
+    for row in rows_out:   # time per token against the same path's smallest batch
+        first = next((r for r in rows_out if r["model"] == row["model"] and r["path"] == row["path"]
+                      and "us_per_token" in r), None)
+        if first is not None and "us_per_token" in row:
+            row["per_token_vs_smallest"] = row["us_per_token"] / first["us_per_token"]
+    return rows_out, rate
+
+
+# ----------------------------------------------------------------------------------------------- part plain
+
+def update_vs_plain(name: str, device: torch.device, dtype: torch.dtype, warmup: int, repeat: int) -> dict:
+    """fastrft's update on one micro-batch of the default path against the same model's plain forward+backward
+    (logits materialised, a trivial loss) on the same tokens, both with activation checkpointing."""
+    from fastrft.batch import Row, attention, build_batch, choose_attention, rft_loss
+    from fastrft.config import TrainConfig
+    from fastrft.trainer import enable_activation_checkpointing
+
+    model = make_model(name, device, dtype)
     enable_activation_checkpointing(model)
-    vocab = model.config.vocab_size
+    path = choose_attention("auto", model, device, 10**9)
+    # 2-4K-token sequences on the GPU (prompt 512 + completion), short ones on the CPU.
+    lengths = ([(512, 1536), (512, 3584), (512, 2560), (512, 3072)] if device.type == "cuda"
+               else [(32, 96), (32, 224), (32, 160), (32, 192)])
     gen = torch.Generator().manual_seed(0)
-    rows = [Row(torch.randint(0, vocab, (p,), generator=gen).tolist(),
-                torch.randint(0, vocab, (c,), generator=gen).tolist(),
-                advantage=float(torch.randn(1, generator=gen)), pg=True) for p, c in lengths]
-    batch = build_batch(rows, device, packed=True)
-    cfg = TrainConfig(model="unused", constraint="none", temperature=1.0)
+    vocab = model.config.vocab_size
+    rows = [Row(torch.randint(0, vocab, (p,), generator=gen).tolist(), torch.randint(0, vocab, (c,), generator=gen)
+                .tolist(), advantage=float(torch.randn(1, generator=gen)), pg=True) for p, c in lengths]
+    batch = build_batch(rows, device, packed=path.packed)
+    cfg = TrainConfig(model="unused", constraint="none")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     def fastrft_update():
         optimizer.zero_grad(set_to_none=True)
@@ -112,87 +248,140 @@ def update_vs_plain(shape: str, device: torch.device, dtype: torch.dtype, length
             .backward()
         optimizer.step()
 
-    out = {"shape": shape, "attn": attn, "tokens": int(batch.input_ids.numel()), "sequences": len(rows)}
-    for name, fn in (("plain", plain_update), ("fastrft", fastrft_update)):
-        try:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            for _ in range(warmup):
-                fn()
-            sync()
-            times = []
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times.append(time.perf_counter() - t0)
-            out[f"{name}_s"] = statistics.median(times)
-            out[f"{name}_tokens_per_s"] = out["tokens"] / out[f"{name}_s"]
-            if device.type == "cuda":
-                out[f"{name}_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        except torch.OutOfMemoryError as exc:
-            out[f"{name}_error"] = f"out of memory: {str(exc).splitlines()[0][:100]}"
+    out = {"model": name, "attention": path.description, "tokens": int(batch.input_ids.numel()),
+           "sequences": len(rows)}
+    with attention(model, path):
+        for label, fn in (("plain", plain_update), ("fastrft", fastrft_update)):
+            try:
+                for _ in range(warmup):
+                    fn()
+                times = []
+                for _ in range(repeat):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
+                out[f"{label}_s"] = statistics.median(times)
+                out[f"{label}_tokens_per_s"] = out["tokens"] / out[f"{label}_s"]
+            except torch.OutOfMemoryError as exc:
+                out[f"{label}_error"] = f"out of memory: {str(exc).splitlines()[0][:100]}"
     if "plain_s" in out and "fastrft_s" in out:
         out["fastrft_over_plain"] = out["fastrft_s"] / out["plain_s"]
     return out
 
 
+# ----------------------------------------------------------------------------------------------- report
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def markdown(payload: dict) -> str:
+    env = payload["env"]
+    lines = [f"# bench_step on {env['device']}", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}, commit "
+             f"{env['commit']}{' (dirty)' if env.get('dirty') else ''}, {env['cpu_threads']} torch threads, load "
+             f"average {env['load_average']}; command `{env['command']}`", ""]
+    if payload.get("demo"):
+        ratios = payload["demo_ratios"]
+        lines += ["## The demo step (fastrft demo's settings, 1 torch thread; mean over the steps after the first)", "",
+                  "| constraint | path | step s | rollout s | reward s | reference s | refine s | update s | other s "
+                  "| micro-batches | refine rate |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in payload["demo"]:
+            lines.append(f"| {r['constraint']} | {r['path']} | {r['step_s']:.3f} | "
+                         + " | ".join(f"{r[f'{p}_s']:.3f}" for p in PHASES)
+                         + f" | {r['other_s']:.3f} | {r['micro_batches']:.1f} | {r['refine_rate']:.2f} |")
+        lines += ["", f"Paths: default = {payload['demo'][0]['attention']}; dense packed = every row in one packed "
+                      f"row through SDPA with a [T, T] mask (the default before packing=auto).", "",
+                  f"- KL step, default / dense packed: {ratios['kl_default_over_dense']:.2f}x (target <= 0.45x)",
+                  f"- refiner step / KL step, default path: {ratios['refiner_over_kl_default']:.2f}x (target <= "
+                  f"1.2x; dense packed: {ratios['refiner_over_kl_dense']:.2f}x)", ""]
+    if payload.get("sweep"):
+        lines += ["## The update as the batch grows (forward, backward, AdamW; "
+                  f"{payload['dtype']}, micro-batches of at most {payload['max_tokens']} tokens)", "",
+                  f"1x = one demo step's {DEMO_ROWS} sample rows (lengths 13-23). Floor = the update's FLOPs over the "
+                  f"measured matmul rate ({payload['matmul_gflops']:.0f} GFLOP/s); peak = memory beyond what was "
+                  "allocated before the update.", "",
+                  "| model | path | batch | tokens | update s | us/token | vs 1x | x floor | peak extra MB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in payload["sweep"]:
+            if "skipped" in r:
+                lines.append(f"| {r['model']} | {r['path']} | {r['scale']}x | {r['tokens']} | skipped: "
+                             f"{r['skipped']} | | | | |")
+                continue
+            peak = "n/a" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.0f}"
+            lines.append(f"| {r['model']} | {r['path']} | {r['scale']}x | {r['tokens']} | {r['update_s']:.3f} | "
+                         f"{r['us_per_token']:.1f} | {r['per_token_vs_smallest']:.2f} | {r['x_floor']:.1f} | {peak} |")
+        lines += ["", "Models: " + "; ".join(f"{k}: {v}" for k, v in MODELS.items() if k in payload["models"]), ""]
+    if payload.get("plain"):
+        p = payload["plain"]
+        lines += [f"## The update vs a plain forward+backward ({p['model']}, {p['tokens']} tokens in "
+                  f"{p['sequences']} sequences, {p['attention']}, activation checkpointing)", "", "| update | s | tokens/s |", "|---|---:|---:|"]
+        for label in ("plain", "fastrft"):
+            lines.append(f"| {label} | {p[f'{label}_s']:.4f} | {p[f'{label}_tokens_per_s']:.0f} |"
+                         if f"{label}_s" in p else f"| {label} | {p[f'{label}_error']} | |")
+        if "fastrft_over_plain" in p:
+            lines += ["", f"fastrft update / plain forward+backward: {p['fastrft_over_plain']:.2f}x (target on the "
+                          "GPU: at most 1.2x)"]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", default=None, help="qwen2.5-1.5b (CUDA default) or tiny (CPU default)")
-    parser.add_argument("--steps", type=int, default=6, help="loop steps of part 1 (the first is not counted)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--parts", default=None, help="demo,sweep,plain (default: all three on the CPU, sweep,plain "
+                                                      "on CUDA)")
+    parser.add_argument("--steps", type=int, default=20, help="demo steps measured per run (after one warm-up)")
+    parser.add_argument("--reference-dir", default="runs/demo_reference", help="the demo's reference model (trained "
+                                                                               "there first if missing)")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--scales", default="1,2,4,8", help="batches, in demo steps' tokens")
+    parser.add_argument("--max-tokens", type=int, default=None, help="micro-batch budget (default: TrainConfig's)")
+    parser.add_argument("--dense-limit-gb", type=float, default=4.0)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    fix_malloc_mmap_threshold()
+
+    from fastrft.config import TrainConfig
+    from fastrft.machine import describe_machine
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = args.shape or ("qwen2.5-1.5b" if device.type == "cuda" else "tiny")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # Part 2's rows: 2-4K-token sequences on the GPU (prompt 512 + completion), short ones on the CPU.
-    lengths = ([(512, 1536), (512, 3584), (512, 2560), (512, 3072)] if device.type == "cuda"
-               else [(32, 96), (32, 224), (32, 160), (32, 192)])
+    parts = (args.parts or ("sweep,plain" if device.type == "cuda" else "demo,sweep,plain")).split(",")
+    max_tokens = args.max_tokens or TrainConfig().max_tokens_per_batch
+    payload = {"env": describe_machine(device), "dtype": str(dtype).replace("torch.", ""), "max_tokens": max_tokens,
+               "models": args.models.split(",")}
+    tag = "cuda" if device.type == "cuda" else "cpu"
 
-    with tempfile.TemporaryDirectory() as tmp:
-        loop = loop_phases(args.steps, device.type, Path(tmp))
-    update = update_vs_plain(shape, device, dtype, lengths, args.warmup, args.repeat)
+    def write():
+        text = markdown(payload)
+        if not args.no_write:
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / f"bench_step_{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
+            (RESULTS / f"bench_step_{tag}.md").write_text(text)
+        return text
 
-    import triton
-
-    env = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.machine(),
-               torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-               cpu_threads=torch.get_num_threads(), command="python " + " ".join(sys.argv),
-               commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                     cwd=Path(__file__).parent).stdout.strip())
-    lines = [f"# bench_step on {env['device']}", "",
-             f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; command `{env['command']}`", "",
-             "## The loop (demo task, tiny model, constraint kl+refiner; mean over the steps after the first)", "",
-             "| phase | s | share |", "|---|---:|---:|"]
-    lines += [f"| {p} | {loop[f'{p}_s']:.4f} | {loop[f'{p}_s'] / loop['step_s']:.1%} |" for p in PHASES]
-    lines += [f"| other (the loop itself) | {loop['other_s']:.4f} | {loop['other_frac']:.1%} |",
-              f"| **step** | {loop['step_s']:.4f} | |", "",
-              f"Update tokens/s {loop['update_tokens_per_s']:.0f}; peak memory {loop['peak_mem_gb']:.2f} GB.", "",
-              f"## The update ({update['shape']}, {update['tokens']} packed tokens in {update['sequences']} "
-              f"sequences, {update['attn']}, {str(dtype).replace('torch.', '')})", "",
-              "| update | s | tokens/s | peak GB |", "|---|---:|---:|---:|"]
-    for name in ("plain", "fastrft"):
-        if f"{name}_s" in update:
-            peak = update.get(f"{name}_peak_mem_gb")
-            lines.append(f"| {name} | {update[f'{name}_s']:.4f} | {update[f'{name}_tokens_per_s']:.0f} | "
-                         f"{'n/a' if peak is None else f'{peak:.2f}'} |")
-        else:
-            lines.append(f"| {name} | {update[f'{name}_error']} | | |")
-    if "fastrft_over_plain" in update:
-        lines += ["", f"fastrft update / plain forward+backward: {update['fastrft_over_plain']:.2f}x "
-                      f"(target on the GPU: at most 1.2x)"]
-    print("\n".join(lines))
-    payload = dict(env=env, loop=loop, update=update)
+    if "demo" in parts:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # the tiny model runs fastest on one thread (README); as the demo is measured
+        with tempfile.TemporaryDirectory() as tmp:
+            payload["demo"] = demo_step(args.steps, Path(args.reference_dir), Path(tmp))
+        payload["demo_ratios"] = demo_ratios(payload["demo"])
+        torch.set_num_threads(threads)
+        write()
+    if "sweep" in parts:
+        payload["sweep"], rate = sweep(payload["models"], [int(s) for s in args.scales.split(",")], device, dtype,
+                                       args.warmup, args.repeat, args.dense_limit_gb, max_tokens)
+        payload["matmul_gflops"] = rate / 1e9
+        write()
+    if "plain" in parts:
+        payload["plain"] = update_vs_plain("qwen2.5-0.5b-width" if device.type == "cuda" else "demo", device, dtype,
+                                           args.warmup, args.repeat)
+    print(write())
     print(json.dumps(payload))
-    if not args.no_write:
-        tag = "cuda" if device.type == "cuda" else "cpu"
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"bench_step_{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
-        (RESULTS / f"bench_step_{tag}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-CHECKPOINTS_DIR = "checkpoints"
+from fastrft.rundir import CHECKPOINTS_DIR
+
 LATEST_FILE = "latest"
 MANIFEST_FILE = "checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from fastrft.rundir import RunDir
+
 # The embedded demo: RL from the project's own reference model on the synthetic sorting task, on the CPU.
 DEMO_DEFAULTS = dict(task="demo", device="cpu", steps=100, prompts_per_step=16, group_size=8, temperature=1.0,
                      lr=3e-4, constraint="refiner", refine_coef=0.5, eval_every=10, save_every=30,
@@ -28,10 +30,10 @@ def _train(args) -> int:
     if args.resume:
         if args.config:
             raise SystemExit("--resume reads the run's own config.yaml: give --config or --resume, not both")
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise SystemExit(f"{run_dir} is not a fastrft run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml", args.overrides, output_dir=str(run_dir))
+        run_dir = RunDir(args.resume)
+        if not run_dir.holds_run():
+            raise SystemExit(f"{run_dir.path} is not a fastrft run directory (no {run_dir.config.name})")
+        cfg = load_config(run_dir.config, args.overrides, output_dir=str(run_dir.path))
     else:
         cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=bool(args.resume))
@@ -65,7 +67,9 @@ def _demo(args) -> int:
     for name, value in rows:
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"{name:<{width}}  {shown:>12}")
-    print(f"{'':-<{width + 14}}\nrun directory: {cfg.output_dir} (metrics.jsonl, summary.json, plots/)")
+    run_dir = RunDir(cfg.output_dir)
+    print(f"{'':-<{width + 14}}\nrun directory: {run_dir.path} ({run_dir.metrics.name}, {run_dir.summary.name}, "
+          f"{run_dir.plots.name}/)")
     return 0
 
 

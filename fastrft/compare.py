@@ -37,14 +37,14 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from fastrft.config import CONSTRAINTS, TrainConfig, load_config
+from fastrft.machine import describe_machine
+from fastrft.rundir import RunDir
 
 COLLAPSE_FRACTION = 0.5     # a drop of more than half the gain over the initial reward is a collapse
 TAIL_FRACTION = 0.1         # "at the end" = the last 10% of the steps
@@ -119,22 +119,23 @@ def run_state(cfg: TrainConfig) -> str:
     with other settings, or one that went past cfg.steps."""
     from fastrft.checkpoint import latest_checkpoint
 
-    run_dir = Path(cfg.output_dir)
-    if (run_dir / "config.yaml").is_file():
-        saved = load_config(run_dir / "config.yaml").to_dict()
+    run_dir = RunDir(cfg.output_dir)
+    if run_dir.holds_run():
+        saved = load_config(run_dir.config).to_dict()
         wanted = cfg.to_dict()
         differ = sorted(k for k in wanted if k not in _MAY_DIFFER and k != "steps" and saved.get(k) != wanted[k])
         if differ:
             shown = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in differ)
-            raise ValueError(f"{run_dir} holds a run with other settings ({shown}); use another output directory")
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        done = json.loads(summary_path.read_text()).get("steps")
+            raise ValueError(f"{run_dir.path} holds a run with other settings ({shown}); use another output "
+                             f"directory")
+    summary = run_dir.read_summary()
+    if summary is not None:
+        done = summary.get("steps")
         if done == cfg.steps:
             return "finished"
         if isinstance(done, int) and done > cfg.steps:
-            raise ValueError(f"{run_dir} already ran {done} steps, more than steps={cfg.steps}")
-    return "resume" if latest_checkpoint(run_dir) is not None else "start"
+            raise ValueError(f"{run_dir.path} already ran {done} steps, more than steps={cfg.steps}")
+    return "resume" if latest_checkpoint(run_dir.path) is not None else "start"
 
 
 def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, command: str | None = None,
@@ -167,7 +168,7 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
                                     f"same command again to continue the comparison")
     result = aggregate(base_cfg, variants, seeds, out_dir)
     result["command"] = command
-    result["environment"] = environment()
+    result["environment"] = describe_machine()
     # One entry per call that wrote this directory: an interrupted comparison's earlier calls stay on record.
     previous = out_dir / "comparison.json"
     calls = json.loads(previous.read_text()).get("calls", []) if previous.is_file() else []
@@ -184,17 +185,6 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
 
 
 # ----------------------------------------------------------------------------------------------- per run
-
-def read_run(run_dir) -> list[dict]:
-    """metrics.jsonl as one record per step, sorted by step; a step logged twice (a resumed run) keeps later
-    values."""
-    from fastrft.plots import read_metrics
-
-    by_step: dict[int, dict] = {}
-    for record in read_metrics(Path(run_dir) / "metrics.jsonl"):
-        by_step.setdefault(record["step"], {}).update(record)
-    return [by_step[s] for s in sorted(by_step)]
-
 
 def run_numbers(records: list[dict]) -> dict:
     """The per-run numbers of the module docstring, plus the run's curves (step -> value)."""
@@ -263,7 +253,7 @@ def aggregate(base_cfg: TrainConfig, variants: list[Variant], seeds: list[int], 
     for variant in variants:
         runs = []
         for seed in seeds:
-            numbers = run_numbers(read_run(out_dir / RUNS_DIR / run_name(variant, seed)))
+            numbers = run_numbers(RunDir(out_dir / RUNS_DIR / run_name(variant, seed)).read_steps())
             runs.append({"name": run_name(variant, seed), "seed": seed, **numbers})
         per_variant.append((variant, runs))
     medians = {v.name: statistics.median(r["train_time_s"] for r in runs) for v, runs in per_variant}
@@ -465,49 +455,6 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-def environment() -> dict:
-    import torch
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-           "cpu": cpu_name(), "cores available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-           else os.cpu_count(), "torch threads": torch.get_num_threads(),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")}
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    env.update(_git_commit())
-    return env
-
-
-def cpu_name() -> str:
-    """The CPU's model name, for the environment line of results (also used by benchmarks/)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git_commit() -> dict:
-    source = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"commit": commit + (" (with uncommitted changes)" if dirty else "")}
-
 
 def _loadavg() -> list[float] | None:
     try:

@@ -12,13 +12,15 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastrft.batch import PACKING
+from fastrft.loss import KL_ESTIMATORS
+
 CONSTRAINTS = ("none", "kl", "refiner", "kl+refiner")
 OVERLONG = ("none", "mask", "penalty")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 QUANTIZATIONS = ("none", "8bit", "4bit")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 @dataclass
@@ -77,7 +79,11 @@ class TrainConfig:
     # Memory.
     dtype: str = "float32"
     gradient_checkpointing: bool = False
-    packing: bool = True                   # one packed row per forward (position_ids restart), no padding
+    packing: str = "auto"                  # "auto": packed through a varlen attention kernel where one runs (CUDA
+                                           # with flash-attn or flex_attention), else padded length-bucketed
+                                           # micro-batches; "true" asks for packing, "false" pads (fastrft.batch)
+    max_tokens_per_batch: int = 8192       # tokens of one micro-batch (padded: rows x longest row); the update
+                                           # accumulates gradients over the micro-batches of each optimizer step
     liger: bool = False                    # Liger-Kernel's layer kernels (CUDA)
     ref_quantization: str = "none"         # "8bit" | "4bit" through bitsandbytes (CUDA)
 
@@ -90,13 +96,18 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # task options, passed to the task loader
 
     def __post_init__(self):
+        # packing was a boolean: true/false (YAML booleans included) still mean what they did.
+        word = str(self.packing).lower()
+        if word in _BOOLEAN_WORDS:
+            self.packing = "true" if _BOOLEAN_WORDS[word] else "false"
         for name, allowed in (("constraint", CONSTRAINTS), ("overlong", OVERLONG), ("lr_schedule", LR_SCHEDULES),
                               ("dtype", DTYPES), ("optimizer", OPTIMIZERS), ("ref_quantization", QUANTIZATIONS),
-                              ("kl_estimator", KL_ESTIMATORS)):
+                              ("kl_estimator", KL_ESTIMATORS),
+                              ("packing", PACKING)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("steps", "prompts_per_step", "group_size", "generation_batch_size", "ppo_epochs", "minibatches",
-                     "eval_every", "save_every"):
+                     "eval_every", "save_every", "max_tokens_per_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_new_tokens", "refine_max_new_tokens", "eval_size"):
@@ -144,8 +155,8 @@ def _convert(key: str, value, annotation):
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
+        if isinstance(value, str) and value.lower() in _BOOLEAN_WORDS:
+            return _BOOLEAN_WORDS[value.lower()]
         raise ValueError(f"config key {key!r} must be a boolean (true/false), got {value!r}")
     try:
         if annotation is int:
@@ -160,6 +171,8 @@ def _convert(key: str, value, annotation):
 
 
 _UnionType = type(int | None)
+_BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+                  "off": False}
 
 
 def _unknown_key(key: str, known) -> ValueError:

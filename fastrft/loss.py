@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+IGNORE_INDEX = -100        # the targets no loss reads (PyTorch's and transformers' convention)
 IMPLS = ("triton", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows per chunk of the torch path: about 4M fp32 logits (16 MB) per temporary.
@@ -278,7 +279,7 @@ def _kl(logp, ref, estimator):
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100, impl=None):
+def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=IGNORE_INDEX, impl=None):
     """log softmax((hidden @ weight.T + bias) / temperature)[targets] as float32 of targets' shape, without
     gradient and without materialising the logits; 0 on ignored rows."""
     hidden2d, weight, targets_flat, bias = _flatten_inputs(hidden, weight, targets, bias)
@@ -292,7 +293,7 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
 def fused_rft_loss(
     hidden, weight, targets, *, bias=None, advantages=None, pg_mask=None, old_logprobs=None, ref_logprobs=None,
     sft_weights=None, clip_low=0.2, clip_high=0.28, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
-    temperature=1.0, normalizer=None, ignore_index=-100, impl=None,
+    temperature=1.0, normalizer=None, ignore_index=IGNORE_INDEX, impl=None,
 ) -> FusedRFTOutput:
     """Clipped policy gradient + KL + entropy bonus on policy-gradient rows, plus weighted cross-entropy on
     refined rows, straight from the LM head's inputs.

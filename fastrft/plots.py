@@ -20,10 +20,7 @@ import os
 import warnings
 from pathlib import Path
 
-from fastrft.jsonl import read_jsonl
-
-METRICS_FILE = "metrics.jsonl"
-PLOTS_DIR = "plots"
+from fastrft.rundir import RunDir, read_metrics  # noqa: F401  (read_metrics: importable from here, as it was)
 
 # (file stem, title, metrics): one panel per metric, the metrics being on unrelated scales.
 GROUPS = (
@@ -36,11 +33,6 @@ REWARD_KEYS = ("reward_mean", "reward_std", "eval_reward")
 _NOT_PLOTTED = {"step", "epoch", "time", "timestamp", "wall_time_s"}  # x-like counters, not curves
 
 
-def read_metrics(path) -> list[dict]:
-    """The records of a metrics.jsonl file; ValueError naming file and line on a bad line."""
-    return [record for _, record in read_jsonl(path)]
-
-
 def plot_run(run_dir) -> list[Path]:
     """Draw run_dir/metrics.jsonl into run_dir/plots/<group>.png and return the paths written."""
     try:
@@ -49,10 +41,10 @@ def plot_run(run_dir) -> list[Path]:
     except ImportError as e:
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
 
-    run_dir = Path(run_dir)
-    series = _series(read_metrics(run_dir / METRICS_FILE))
-    plots_dir = run_dir / PLOTS_DIR
-    run_name = run_dir.resolve().name
+    run_dir = RunDir(run_dir)
+    series = _series(run_dir.read_metrics())
+    plots_dir = run_dir.plots
+    run_name = run_dir.path.resolve().name
     written = []
 
     def save(fig, stem):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastrft.diff import diff_masks, diff_weights
-from fastrft.rollout import encode_prompts, generate
+from fastrft import rollout
 
 
 @dataclass
@@ -36,12 +36,14 @@ class RefineResult:
 
 def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, completions: list[str],
            completion_ids: list[list[int]], max_new_tokens: int, batch_size: int = 256, changed_weight: float = 1.0,
-           kept_weight: float = 0.0, context: int = 0) -> RefineResult:
+           kept_weight: float = 0.0, context: int = 0, generate=None) -> RefineResult:
+    """Each completion's refinement (None where unchanged or failed). generate: the refiner's greedy decoding,
+    fastrft.rollout.generate (the default) or a stand-in with its signature."""
     result = RefineResult(refinements=[None] * len(completions))
     texts = [template.format(prompt=p if isinstance(p, str) else p[-1]["content"], response=c)
              for p, c in zip(prompts, completions)]
-    written = generate(ref_model, tokenizer, encode_prompts(tokenizer, texts), max_new_tokens=max_new_tokens,
-                       greedy=True, batch_size=batch_size)
+    written = (generate or rollout.generate)(ref_model, tokenizer, rollout.encode_prompts(tokenizer, texts),
+                                             max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size)
     eos = tokenizer.eos_token_id
     parsed: list[tuple[int, list[int]]] = []
     for i, (raw, truncated) in enumerate(zip(written.texts, written.truncated)):

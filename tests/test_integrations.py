@@ -316,10 +316,10 @@ class EveryFourthFails:
 def finished_refiner(monkeypatch):
     """The refiner's real generation, with every output marked finished (an untrained model never writes EOS, and an
     unfinished refinement fails); records the model and whether PEFT adapters were disabled at each call."""
-    import fastrft.refiner
+    import fastrft.rollout
 
     calls = []
-    real_generate = fastrft.refiner.generate
+    real_generate = fastrft.rollout.generate
 
     def generate(model, *args, **kwargs):
         adapters = [m.disable_adapters for m in model.modules() if hasattr(m, "lora_A")]
@@ -328,7 +328,7 @@ def finished_refiner(monkeypatch):
         samples.truncated = [False] * len(samples.truncated)
         return samples
 
-    monkeypatch.setattr(fastrft.refiner, "generate", generate)
+    monkeypatch.setattr(fastrft.rollout, "generate", generate)
     return calls
 
 

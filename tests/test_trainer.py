@@ -1,16 +1,18 @@
 """The RFT loop on the CPU with a tiny model built from a config and saved locally: real steps in every constraint
-mode, resume, non-finite skip, refiner failure, dynamic sampling, packing equivalence, configuration errors."""
-import json
+mode, constraints that act, resume, non-finite skip, refiner failure, dynamic sampling, configuration errors.
+Fakes plug in at the Run's seams (its task, its models, its generate), never at module globals."""
 import math
+import os
+import signal
 
 import pytest
 import torch
 
-from fastrft import trainer as trainer_module
 from fastrft.config import TrainConfig, load_config
-from fastrft.tasks import load_task
+from fastrft.rollout import Samples
+from fastrft.rundir import RunDir
 from fastrft.tasks.demo import make_model, make_tokenizer
-from fastrft.trainer import Row, build_batch, final_hidden, group_advantages, overlong_penalty, rft_loss, train
+from fastrft.trainer import group_advantages, make_run, overlong_penalty, train, train_run
 
 SMALL = ["prompts_per_step=3", "group_size=4", "eval_size=4", "eval_every=2", "save_every=2", "progress=false",
          "device=cpu", "plots=false", "dynamic_sampling=false"]
@@ -21,11 +23,32 @@ def config(tiny_model, tmp_path, *overrides, **values):
 
 
 def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return RunDir(run_dir).read_metrics()
 
 
-def weights(model_or_path):
-    return {k: v.clone() for k, v in model_or_path.state_dict().items()}
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def varied_rewards(run):
+    """The untrained model scores 0 everywhere; a reward that varies with the completion gives advantages."""
+    run.task.reward_funcs = [lambda prompts, completions, **kw: [len(c) % 3 / 2 for c in completions]]
+    run.task.reward_weights = [1.0]
+
+
+def finished_refiner(run, correction="0123"):
+    """The refiner's greedy pass (the untrained tiny model never writes EOS) replaced by one that finishes; rollouts
+    and evaluation keep the real sampler."""
+    real_generate = run.generate
+
+    def generate(model, tokenizer, prompt_ids, **kwargs):
+        if model is not run.ref or not kwargs.get("greedy"):
+            return real_generate(model, tokenizer, prompt_ids, **kwargs)
+        n = len(prompt_ids)
+        return Samples(prompt_ids, [[1]] * n, ["anything"] * n, [False] * n)
+
+    run.generate = generate
+    run.task.parse_refinement = lambda text: correction
 
 
 @pytest.mark.parametrize("constraint", ["none", "kl", "refiner", "kl+refiner"])
@@ -40,49 +63,60 @@ def test_real_steps_in_every_mode(tiny_model, tmp_path, constraint):
     assert [r["step"] for r in steps] == [1, 2]
     required = {"step", "reward_mean", "reward_std", "refine_rate", "changed_token_frac", "refine_failed", "kl_ref",
                 "entropy", "clip_frac", "pg_loss", "sft_loss", "response_len", "tokens_per_s", "step_time_s",
-                "peak_mem_gb"}
+                "peak_mem_gb", "micro_batches", "prompts_drawn"} | {f"time_{p}_s" for p in
+                                                                    ("rollout", "reward", "reference", "update")}
     for record in steps:
         assert required <= set(record), required - set(record)
         assert {"reward_sort_reward", "reward_exact_match"} <= set(record)   # each reward function's mean
         assert math.isfinite(record["kl_ref"]) and record["kl_ref"] >= 0
+        assert record["micro_batches"] >= 1
     assert "eval_reward" in steps[-1]
     if constraint in ("none", "kl"):
-        assert all(r["refine_rate"] == 0 and r["sft_loss"] == 0 for r in steps)
+        assert all(r["refine_rate"] == 0 and r["sft_loss"] == 0 and r["time_refine_s"] == 0 for r in steps)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file()
     assert summary["steps"] == 2 and summary["eval_reward_initial"] is not None
     if cfg.plots:
         assert {p.name for p in (run_dir / "plots").glob("*.png")} >= {"reward.png", "constraint.png"}
 
 
-def test_refiner_rows_enter_the_loss(tiny_model, tmp_path, monkeypatch):
-    """A refiner that always finishes with a fixed correction (the untrained tiny model never writes EOS) yields
-    weighted cross-entropy rows."""
-    from fastrft import refiner as refiner_module
-    from fastrft.rollout import Samples
+def test_kl_constraint_keeps_the_policy_closer_to_the_reference(tiny_model, tmp_path):
+    """Same seed, same prompts, a learning rate that moves the policy fast: the KL penalty must end with a lower
+    KL to the reference than no constraint (it would not if the KL term did nothing)."""
+    kl_end = {}
+    for constraint in ("none", "kl"):
+        run = make_run(config(tiny_model, tmp_path / constraint, "steps=8", "lr=1e-2", f"constraint={constraint}",
+                              "kl_coef=3.0", "eval_every=100", "save_every=100", "eval_size=1"))
+        varied_rewards(run)
+        train_run(run)
+        kl_end[constraint] = [r["kl_ref"] for r in read_metrics(tmp_path / constraint / "run") if r["step"] > 5]
+    # Measured: none 0.38, 0.47, 0.73; kl 0.09, 0.09, 0.05.
+    assert sum(kl_end["kl"]) < 0.4 * sum(kl_end["none"]), kl_end
 
-    def finished(model, tokenizer, prompt_ids, **kwargs):
-        n = len(prompt_ids)
-        return Samples(prompt_ids, [[1]] * n, ["anything"] * n, [False] * n)
 
-    task = load_task("demo")
-    task.parse_refinement = lambda text: "0123"
-    monkeypatch.setattr(refiner_module, "generate", finished)
-    monkeypatch.setattr(trainer_module, "load_task", lambda spec, **kw: task)
-    cfg = config(tiny_model, tmp_path, "steps=1", "constraint=refiner")
-    train(cfg)
+def test_refined_rows_change_the_update(tiny_model, tmp_path):
+    """A refiner that finishes with a fixed correction yields weighted cross-entropy rows, and they move the
+    weights: the same step with and without the refiner (same seed, same samples) ends in different weights."""
+    final = {}
+    for constraint in ("none", "refiner"):
+        run = make_run(config(tiny_model, tmp_path / constraint, "steps=1", f"constraint={constraint}"))
+        finished_refiner(run)
+        train_run(run)
+        final[constraint] = weights(run.policy)
+        record = read_metrics(tmp_path / constraint / "run")[-1]
+        if constraint == "refiner":
+            assert record["refine_rate"] > 0 and record["sft_loss"] > 0 and record["refine_failed"] == 0
+            assert 0 < record["changed_token_frac"] <= 1
+        else:
+            assert record["sft_loss"] == 0
+    assert any(not torch.equal(final["none"][k], final["refiner"][k]) for k in final["none"])
+
+
+def test_refiner_failures_are_counted_and_cost_nothing(tiny_model, tmp_path):
+    run = make_run(config(tiny_model, tmp_path, "steps=1", "constraint=refiner"))
+    run.task.parse_refinement = lambda text: None
+    train_run(run)
     record = read_metrics(tmp_path / "run")[-1]
-    assert record["refine_rate"] > 0 and record["sft_loss"] > 0 and record["refine_failed"] == 0
-    assert 0 < record["changed_token_frac"] <= 1
-
-
-def test_refiner_failures_are_counted_and_cost_nothing(tiny_model, tmp_path, monkeypatch):
-    task = load_task("demo")
-    task.parse_refinement = lambda text: None
-    monkeypatch.setattr(trainer_module, "load_task", lambda spec, **kw: task)
-    cfg = config(tiny_model, tmp_path, "steps=1", "constraint=refiner")
-    train(cfg)
-    record = read_metrics(tmp_path / "run")[-1]
-    assert record["refine_failed"] == cfg.prompts_per_step * cfg.group_size
+    assert record["refine_failed"] == run.cfg.prompts_per_step * run.cfg.group_size
     assert record["refine_rate"] == 0 and record["sft_loss"] == 0
 
 
@@ -111,23 +145,21 @@ def test_resume_gives_the_same_weights(tiny_model, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "b" / "run")] == [0, 1, 2, 3, 4, 5, 6]
 
 
-def test_nonfinite_loss_skips_the_step(tiny_model, tmp_path, monkeypatch):
+def test_nonfinite_loss_skips_the_step(tiny_model, tmp_path):
+    """A policy whose final hidden states overflow (as a bf16 model can) gives a NaN loss: the step is skipped,
+    counted, and the weights stay as they were."""
     from transformers import AutoModelForCausalLM
 
     from fastrft.checkpoint import load_checkpoint
 
-    real_loss = trainer_module.rft_loss
-
-    def poisoned(*args, **kwargs):
-        out = real_loss(*args, **kwargs)
-        out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(trainer_module, "rft_loss", poisoned)
-    cfg = config(tiny_model, tmp_path, "steps=2", "save_every=1")
-    train(cfg)
+    run = make_run(config(tiny_model, tmp_path, "steps=2", "save_every=1", "eval_size=1"))
+    varied_rewards(run)
+    run.policy.model.norm.register_forward_hook(
+        lambda module, args, output: output * float("nan") if module.training else output)
+    train_run(run)
     records = [r for r in read_metrics(tmp_path / "run") if r["step"] > 0]
     assert [r["skipped_steps"] for r in records] == [1, 2]
+    assert [r["nonfinite_updates"] for r in records] == [1, 1]
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     initial = weights(model)
     load_checkpoint(tmp_path / "run", model=model)
@@ -135,61 +167,21 @@ def test_nonfinite_loss_skips_the_step(tiny_model, tmp_path, monkeypatch):
         assert torch.equal(value, initial[name]), f"{name} changed by a skipped step"
 
 
-def test_dynamic_sampling_drops_and_refills(tiny_model, tmp_path, monkeypatch):
-    """Prompts whose group has zero reward variance are dropped and replaced by further prompts."""
-    task = load_task("demo")
-    real = task.reward_funcs[0]
-
+def test_dynamic_sampling_drops_and_refills(tiny_model, tmp_path):
+    """Prompts whose group has zero reward variance are dropped and replaced by further prompts, until the step
+    has prompts_per_step groups."""
+    run = make_run(config(tiny_model, tmp_path, "steps=1", "constraint=none", "temperature=1.5",
+                          "max_resample_rounds=6", "dynamic_sampling=true", "prompts_per_step=4"))
     def flat_for_odd_lengths(prompts, completions, answer, **columns):
-        scores = real(prompts, completions, answer=answer, **columns)
-        return [0.5 if len(a) % 2 else s for s, a in zip(scores, answer)]
+        return [0.5 if len(a) % 2 else len(c) % 3 / 2 for c, a in zip(completions, answer)]
 
-    task.reward_funcs = [flat_for_odd_lengths, *task.reward_funcs[1:]]
-    monkeypatch.setattr(trainer_module, "load_task", lambda spec, **kw: task)
-    cfg = config(tiny_model, tmp_path, "steps=1", "constraint=none", "temperature=1.5", "max_resample_rounds=4",
-                 "dynamic_sampling=true")
-    train(cfg)
+    run.task.reward_funcs = [flat_for_odd_lengths, *run.task.reward_funcs[1:]]
+    train_run(run)
     record = read_metrics(tmp_path / "run")[-1]
     assert record["groups_dropped"] > 0
-    assert record["groups_used"] <= cfg.prompts_per_step
-
-
-def test_packed_and_padded_batches_give_the_same_loss_and_grads(tiny_model):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for i, (p, t) in enumerate([(5, 4), (9, 2), (3, 7), (6, 6)]):
-        prompt = torch.randint(4, 20, (p,), generator=gen).tolist()
-        target = torch.randint(4, 20, (t,), generator=gen).tolist()
-        if i == 3:   # a refined row
-            rows.append(Row(prompt, target, sft_weights=torch.rand(t, generator=gen)))
-        else:
-            rows.append(Row(prompt, target, advantage=float(torch.randn(1, generator=gen)), pg=True,
-                            ref_logprobs=-torch.rand(t, generator=gen) * 3))
-    cfg = TrainConfig(model="unused", constraint="kl+refiner", kl_coef=0.1, entropy_coef=0.01)
-    results = []
-    for packed in (True, False):
-        model.zero_grad()
-        out = rft_loss(model, build_batch(rows, torch.device("cpu"), packed=packed), cfg, use_old=False)
-        out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (packed_loss, packed_grads), (padded_loss, padded_grads) = results
-    assert torch.allclose(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
-    for name in packed_grads:
-        assert torch.allclose(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-6), name
-
-
-def test_packed_hidden_states_do_not_attend_across_sequences(tiny_model):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
-    a, b = Row([5, 6, 7], [8, 9]), Row([10, 11], [12, 13, 14])
-    with torch.no_grad():
-        together = final_hidden(model, build_batch([a, b], torch.device("cpu"), packed=True))[0]
-        alone = final_hidden(model, build_batch([b], torch.device("cpu"), packed=True))[0]
-    assert torch.allclose(together[4:], alone, atol=1e-5)
+    assert record["groups_used"] == run.cfg.prompts_per_step
+    assert record["prompts_drawn"] == record["groups_used"] + record["groups_dropped"]
+    assert run.stream.state()["index"] == record["prompts_drawn"]
 
 
 def test_group_advantages_and_overlong_penalty():
@@ -223,23 +215,33 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["constraint=both"])
     with pytest.raises(ValueError, match="key=value"):
         load_config(None, ["steps"])
+    with pytest.raises(ValueError, match="packing must be one of"):
+        load_config(None, ["packing=sometimes"])
+    with pytest.raises(ValueError, match="max_tokens_per_batch must be >= 1"):
+        load_config(None, ["max_tokens_per_batch=0"])
     path = tmp_path / "run.yaml"
     path.write_text("steps: 7\nconstraint: kl\nbogus_key: 1\n")
     with pytest.raises(ValueError, match="unknown config key 'bogus_key'"):
         load_config(path)
     path.write_text("steps: 7\nconstraint: kl\nmax_new_tokens: null\n")
     cfg = load_config(path, ["kl_coef=0.2", "packing=false", "extra.n_eval=5"])
-    assert (cfg.steps, cfg.constraint, cfg.kl_coef, cfg.packing, cfg.extra) == (7, "kl", 0.2, False, {"n_eval": 5})
+    assert (cfg.steps, cfg.constraint, cfg.kl_coef, cfg.packing, cfg.extra) == (7, "kl", 0.2, "false", {"n_eval": 5})
 
 
-def test_minibatch_updates_store_old_logprobs(tiny_model, tmp_path, monkeypatch):
-    task = load_task("demo")
-    # The untrained model scores 0 everywhere; a reward that varies with the completion gives advantages.
-    task.reward_funcs = [lambda prompts, completions, **kw: [len(c) % 3 / 2 for c in completions]]
-    task.reward_weights = [1.0]
-    monkeypatch.setattr(trainer_module, "load_task", lambda spec, **kw: task)
-    cfg = config(tiny_model, tmp_path, "steps=1", "ppo_epochs=2", "minibatches=2", "lr=1e-2", "constraint=kl")
-    train(cfg)
+@pytest.mark.parametrize("yaml_value, expected", [("true", "true"), ("false", "false"), ("auto", "auto"),
+                                                  ("on", "true"), ("'False'", "false")])
+def test_packing_reads_the_old_booleans(tmp_path, yaml_value, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"packing: {yaml_value}\n")
+    assert load_config(path).packing == expected
+    assert TrainConfig(packing=expected == "true").packing == ("true" if expected == "true" else "false")
+
+
+def test_minibatch_updates_store_old_logprobs(tiny_model, tmp_path):
+    run = make_run(config(tiny_model, tmp_path, "steps=1", "ppo_epochs=2", "minibatches=2", "lr=1e-2",
+                          "constraint=kl"))
+    varied_rewards(run)
+    train_run(run)
     record = read_metrics(tmp_path / "run")[-1]
     assert record["nonfinite_updates"] == 0 and math.isfinite(record["pg_loss"])
     # After the first of four optimizer steps the ratio moves away from 1: some rows are clipped.
@@ -252,22 +254,22 @@ def test_bfloat16_run(tiny_model, tmp_path):
     assert math.isfinite(record["pg_loss"]) and record["skipped_steps"] == 0
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(tiny_model, tmp_path, monkeypatch):
-    import os
-    import signal
-
+def test_sigterm_saves_a_checkpoint_and_stops(tiny_model, tmp_path):
     from fastrft.checkpoint import latest_checkpoint
 
-    real_step = trainer_module.run_step
+    run = make_run(config(tiny_model, tmp_path, "steps=10", "save_every=100", "eval_size=1"))
+    real = run.task.reward_funcs[0]
+    calls = []
 
-    def step_then_sigterm(cfg, step, *args, **kwargs):
-        record = real_step(cfg, step, *args, **kwargs)
-        if step == 2:
+    def reward_then_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:   # step 2's rollout (no evaluation in this run, one rollout round a step)
             os.kill(os.getpid(), signal.SIGTERM)
-        return record
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "run_step", step_then_sigterm)
-    summary = train(config(tiny_model, tmp_path, "steps=10", "save_every=100"))
+    run.task.reward_funcs = [reward_then_sigterm, *run.task.reward_funcs[1:]]
+    run.eval_rows = []
+    summary = train_run(run)
     assert summary["steps"] == 2 and summary["stopped_by"] == "SIGTERM"
     assert latest_checkpoint(tmp_path / "run").name == "step_00000002"
 

@@ -30,6 +30,37 @@ class Task:
     parse_refinement: Callable[[str], str | None]  # refiner continuation (decoded, up to EOS) -> response | None
     max_new_tokens: int           # generation length that fits the task
 
+    def score(self, rows: list[dict], completions: list[str], truncated: list[bool]):
+        """(weighted reward or None, {function name: values}) of each completion; rows[i] is completion i's prompt
+        row, whose other columns and the `truncated` flags reach the reward functions."""
+        from fastrft.rewards import combine_rewards
+
+        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
+        columns["truncated"] = truncated   # stopped by max_new_tokens: tasks may treat it as degenerate
+        return combine_rewards(self.reward_funcs, self.reward_weights, [r["prompt"] for r in rows], completions,
+                               **columns)
+
+    def evaluate(self, model, tokenizer, rows: list[dict], *, max_new_tokens: int, batch_size: int = 256,
+                 generate=None) -> dict:
+        """Held-out metrics, each named eval_*: here the weighted reward of greedy completions (eval_reward) and
+        each reward function's mean. A task with an evaluation of its own overrides this (the code task adds
+        pass@k). generate: fastrft.rollout.generate or a stand-in with its signature."""
+        from fastrft.rollout import encode_prompts
+        from fastrft.rollout import generate as default_generate
+
+        samples = (generate or default_generate)(model, tokenizer,
+                                                 encode_prompts(tokenizer, [r["prompt"] for r in rows]),
+                                                 max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size)
+        rewards, per_func = self.score(rows, samples.texts, samples.truncated)
+        metrics = {"eval_reward": _mean([r for r in rewards if r is not None])}
+        for name, values in per_func.items():
+            metrics[f"eval_{name}"] = _mean([v for v in values if v is not None])
+        return metrics
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))
+
 
 def _demo_task(**options) -> Task:
     from fastrft.tasks.demo import demo_task

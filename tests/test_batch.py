@@ -1,0 +1,241 @@
+"""The update's batches (fastrft.batch): every layout and attention path gives the same loss and gradients, micro-
+batches respect their token budget and accumulate to one big batch, and no [T, T] tensor over the whole batch is
+ever made. The reference is the plain per-row computation: each row alone through the model, in float64."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastrft.batch import (FLASH, FLEX, SDPA, AttentionPath, Row, accumulate_gradients, build_batch,
+                           choose_attention, final_hidden, plan_micro_batches, sequence_logprobs)
+from fastrft.config import TrainConfig
+
+CPU = torch.device("cpu")
+CFG = TrainConfig(model="unused", constraint="kl+refiner", kl_coef=0.1, entropy_coef=0.01)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+
+
+def make_rows(lengths, seed=0, refined_every=4):
+    """Sample rows (policy gradient, KL) with every refined_every-th row a refined row (weighted cross-entropy)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, (p, t) in enumerate(lengths):
+        prompt = torch.randint(4, 20, (p,), generator=gen).tolist()
+        target = torch.randint(4, 20, (t,), generator=gen).tolist()
+        if i % refined_every == refined_every - 1:
+            rows.append(Row(prompt, target, sft_weights=(torch.rand(t, generator=gen) > 0.5).float()))
+        else:
+            rows.append(Row(prompt, target, advantage=float(torch.randn(1, generator=gen)), pg=True,
+                            ref_logprobs=-torch.rand(t, generator=gen) * 3))
+    return rows
+
+
+def random_lengths(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(int(torch.randint(3, 10, (1,), generator=gen)), int(torch.randint(1, 12, (1,), generator=gen)))
+            for _ in range(n)]
+
+
+def loss_and_grads(model, rows, path):
+    model.zero_grad()
+    terms, n_batches = accumulate_gradients(model, rows, CFG, path, CPU, use_old=False)
+    return terms, {n: p.grad.clone() for n, p in model.named_parameters()}, n_batches
+
+
+def reference_loss_and_grads(model, rows):
+    """Each row alone, unpadded, in float64, the row loss of the contract written out with materialised logits
+    (on-policy: ratio 1, gradient -A per token), summed over rows and divided by the step's loss-token count."""
+    reference = type(model)(model.config).double()
+    reference.load_state_dict(model.state_dict())
+    normalizer = sum(row.loss_tokens for row in rows)
+    loss = 0.0
+    for row in rows:
+        batch = build_batch([row], CPU, packed=True)
+        at = batch.targets[0] != -100
+        logits = reference(input_ids=batch.input_ids, position_ids=batch.position_ids).logits[0, at]
+        log_probs = logits.log_softmax(-1)
+        targets = batch.targets[0, at]
+        logp = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        ratio = torch.exp(logp - logp.detach())
+        advantage = batch.advantages[0, at].double()
+        pg_term = -torch.minimum(ratio * advantage, ratio.clamp(1 - CFG.clip_low, 1 + CFG.clip_high) * advantage)
+        log_ratio = batch.ref_logprobs[0, at].double() - logp
+        kl = torch.exp(log_ratio) - log_ratio - 1
+        pg = batch.pg_mask[0, at].double()
+        row_loss = pg * (pg_term + CFG.kl_coef * kl - CFG.entropy_coef * entropy) \
+            - batch.sft_weights[0, at].double() * logp
+        loss = loss + row_loss.sum() / normalizer
+    loss.backward()
+    return loss.item(), {n: p.grad.float() for n, p in reference.named_parameters()}
+
+
+@pytest.mark.parametrize("packed, budget", [(True, 10**6), (False, 10**6), (False, 60), (False, 1), (True, 45)],
+                         ids=["packed-one-batch-dense-sdpa", "padded-one-batch", "padded-buckets-of-60",
+                              "padded-a-row-each", "packed-buckets-of-45"])
+def test_every_layout_gives_the_reference_loss_and_grads(model, packed, budget):
+    rows = make_rows(random_lengths(10))
+    terms, grads, n_batches = loss_and_grads(model, rows, AttentionPath(packed, SDPA, budget))
+    if budget == 1:
+        assert n_batches == len(rows)
+    elif budget < 10**6:
+        assert 1 < n_batches < len(rows)
+    expected_loss, expected_grads = reference_loss_and_grads(model, rows)
+    assert terms["loss"] == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_micro_batches_accumulate_to_one_big_batch(model):
+    """The same step in many micro-batches and in one: the same loss terms and gradients (the normaliser is the
+    step's, not each micro-batch's)."""
+    rows = make_rows(random_lengths(16, seed=3), seed=3)
+    big, big_grads, _ = loss_and_grads(model, rows, AttentionPath(False, SDPA, 10**6))
+    small, small_grads, n = loss_and_grads(model, rows, AttentionPath(False, SDPA, 40))
+    assert n > 3
+    for name in ("loss", "pg_loss", "sft_loss", "kl_loss", "clip_frac", "entropy"):
+        assert small[name] == pytest.approx(big[name], rel=1e-5, abs=1e-7), name
+    for name, grad in big_grads.items():
+        torch.testing.assert_close(small_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+class LargestSquare(TorchDispatchMode):
+    """The largest n such that some op made a tensor with two dimensions of at least n each."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dim() >= 2:
+                self.largest = max(self.largest, sorted(t.shape)[-2])
+        return out
+
+
+def test_no_tensor_of_the_whole_batch_squared(model):
+    """The update (forward and backward) and the log-probs on the path this machine uses: no tensor has two
+    dimensions as long as the batch's T tokens, as a [T, T] attention mask would; the dense packed layout does
+    (the spy can tell)."""
+    rows = make_rows(random_lengths(40, seed=1), seed=1)
+    total = sum(row.length for row in rows)
+    assert total > max(model.config.hidden_size, model.config.intermediate_size, model.config.vocab_size)
+    path = choose_attention("auto", model, CPU, max_tokens=10**6)   # the whole step in one micro-batch
+    for run in (lambda p: accumulate_gradients(model, rows, CFG, p, CPU, use_old=False),
+                lambda p: sequence_logprobs(model, rows, CPU, path=p, temperature=1.0)):
+        with LargestSquare() as spy:
+            run(path)
+        assert spy.largest < total, f"a tensor with two dimensions >= {spy.largest} (T = {total})"
+        with LargestSquare() as spy:
+            run(AttentionPath(True, SDPA, 10**6))
+        assert spy.largest >= total
+
+
+def test_sequence_logprobs_keep_the_rows_order(model):
+    rows = make_rows(random_lengths(9, seed=2), seed=2)
+    budgets = [sequence_logprobs(model, rows, CPU, path=AttentionPath(False, SDPA, budget), temperature=0.7)
+               for budget in (10**6, 30)]
+    for row, a, b in zip(rows, *budgets):
+        alone = sequence_logprobs(model, [row], CPU, path=AttentionPath(True, SDPA, 10**6), temperature=0.7)[0]
+        assert a.shape == (len(row.target_ids),)
+        torch.testing.assert_close(a, alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_hidden_states_do_not_attend_across_sequences(model):
+    a, b = Row([5, 6, 7], [8, 9]), Row([10, 11], [12, 13, 14])
+    with torch.no_grad():
+        together = final_hidden(model, build_batch([a, b], CPU, packed=True))[0]
+        alone = final_hidden(model, build_batch([b], CPU, packed=True))[0]
+        padded = final_hidden(model, build_batch([b, a], CPU, packed=False))
+    assert torch.allclose(together[4:], alone, atol=1e-5)
+    assert torch.allclose(padded[0, :4], alone, atol=1e-5)   # the padded row is the longest: no padding
+    assert torch.allclose(padded[1, :4], together[:4], atol=1e-5)   # its real tokens never see its padding
+
+
+def test_plan_micro_batches_keeps_to_the_budget():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        lengths = torch.randint(1, 40, (int(torch.randint(1, 30, (1,), generator=gen)),), generator=gen).tolist()
+        budget = int(torch.randint(1, 200, (1,), generator=gen))
+        for packed in (True, False):
+            batches = plan_micro_batches(lengths, budget, packed=packed)
+            assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+            for batch in batches:
+                widths = [lengths[i] for i in batch]
+                assert widths == sorted(widths, reverse=True)
+                cost = sum(widths) if packed else len(batch) * widths[0]
+                assert cost <= budget or len(batch) == 1
+    assert plan_micro_batches([5, 9, 2, 9], 18, packed=False) == [[1, 3], [0, 2]]
+    assert plan_micro_batches([5, 9, 2, 9], 18, packed=True) == [[1, 3], [0, 2]]
+    assert plan_micro_batches([5, 9, 2, 9], 100, packed=False) == [[1, 3, 0, 2]]
+    with pytest.raises(ValueError, match="max_tokens"):
+        plan_micro_batches([3], 0, packed=False)
+
+
+def test_choose_attention_says_once_which_path(model, capsys):
+    from fastrft import batch as batch_module
+
+    batch_module._NOTED.clear()
+    path = choose_attention("auto", model, CPU, 512)
+    assert (path.packed, path.attn_implementation, path.max_tokens) == (False, SDPA, 512)
+    choose_attention("auto", model, CPU, 512)
+    err = capsys.readouterr().err
+    assert err.count("packing=auto: padded length-bucketed micro-batches") == 1
+    assert "flash-attn needs CUDA" in err
+    assert choose_attention("true", model, CPU, 512).packed is False
+    assert "packing=true, but no variable-length attention on cpu" in capsys.readouterr().err
+    assert choose_attention("false", model, CPU, 512) == AttentionPath(False, SDPA, 512)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="packing must be one of"):
+        choose_attention("yes please", model, CPU, 512)
+
+
+def test_choose_attention_on_cuda_tries_flash_then_flex(model, capsys):
+    """The CUDA decision, without a GPU: flash-attn is tried on the model first (here it is not installed or has no
+    GPU, and the reason is said), then flex_attention; the model keeps the implementation it was loaded with."""
+    path = choose_attention("auto", model, torch.device("cuda"), 1024)
+    assert path == AttentionPath(True, FLEX, 1024)
+    assert model.config._attn_implementation == SDPA
+    assert f"{FLASH}:" in capsys.readouterr().err
+
+
+def test_flex_attention_packed_logprobs_match_padded(model):
+    """The flex path's sequence boundaries (transformers' block mask from the packed position_ids): forward only,
+    the one direction flex_attention runs on the CPU (compiled, which takes a few seconds)."""
+    rows = make_rows(random_lengths(6, seed=4), seed=4)
+    packed = sequence_logprobs(model, rows, CPU, path=AttentionPath(True, FLEX, 10**6), temperature=1.0)
+    padded = sequence_logprobs(model, rows, CPU, path=AttentionPath(False, SDPA, 10**6), temperature=1.0)
+    assert model.config._attn_implementation == SDPA   # switched back after the forwards
+    for a, b in zip(packed, padded):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the varlen kernels run there only")
+@pytest.mark.parametrize("implementation", [FLASH, FLEX])
+def test_varlen_kernels_give_the_padded_loss_and_grads_on_cuda(tiny_model, implementation):
+    from transformers import AutoModelForCausalLM
+
+    if implementation == FLASH:
+        pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    device = torch.device("cuda")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").to(device)
+    if implementation == FLASH:
+        model = model.to(torch.bfloat16)   # flash-attn runs in 16 bits
+    rows = make_rows(random_lengths(12, seed=5), seed=5)
+    results = []
+    for path in (AttentionPath(True, implementation, 60), AttentionPath(False, SDPA, 60)):
+        model.zero_grad()
+        terms, _ = accumulate_gradients(model, rows, CFG, path, device, use_old=False)
+        results.append((terms["loss"], {n: p.grad.float().clone() for n, p in model.named_parameters()}))
+    (varlen_loss, varlen_grads), (padded_loss, padded_grads) = results
+    tolerance = dict(rtol=2e-2, atol=2e-3) if implementation == FLASH else dict(rtol=1e-4, atol=1e-5)
+    assert varlen_loss == pytest.approx(padded_loss, rel=tolerance["rtol"], abs=tolerance["atol"])
+    for name, grad in varlen_grads.items():
+        torch.testing.assert_close(grad, padded_grads[name], **tolerance, msg=name)
