@@ -46,38 +46,46 @@ MODELS = {   # name: what it is
 # ----------------------------------------------------------------------------------------------- part demo
 
 def demo_step(steps: int, reference_dir: Path, work_dir: Path) -> list[dict]:
+    """The four runs (kl, refiner) x (default, dense packed) step in turn, one step each round, so that the machine's
+    drift over the minutes of the measurement falls on all of them alike."""
     from fastrft.batch import SDPA, AttentionPath
     from fastrft.cli import DEMO_DEFAULTS
     from fastrft.config import load_config
     from fastrft.tasks.demo import ensure_reference
-    from fastrft.trainer import make_run, train_run
+    from fastrft.trainer import make_run, run_step
 
     reference = ensure_reference(reference_dir)
-    rows = []
+    runs = {}
     for constraint in ("kl", "refiner"):
         for path_name in ("default", "dense packed"):
-            out_dir = work_dir / f"{constraint}_{path_name.replace(' ', '_')}"
-            cfg = load_config(None, [f"steps={steps + 1}", f"constraint={constraint}", "progress=false",
-                                     "plots=false", "eval_every=100000", "save_every=100000"],
-                              **{**DEMO_DEFAULTS, "model": str(reference), "output_dir": str(out_dir)})
+            cfg = load_config(None, [f"constraint={constraint}", "progress=false", "plots=false"],
+                              **{**DEMO_DEFAULTS, "model": str(reference),
+                                 "output_dir": str(work_dir / f"{constraint}_{path_name.replace(' ', '_')}")})
             run = make_run(cfg)
             if path_name == "dense packed":
                 run.attention = AttentionPath(True, SDPA, 10**9)
-            train_run(run)
-            records = [r for r in run.run_dir.read_metrics() if r["step"] > 1]   # step 1 warms up
-            # Means, not medians: the phases of a mean step add up to the mean step.
-            row = {"constraint": constraint, "path": path_name, "attention": run.attention.description,
-                   "steps": len(records), **{f"{p}_s": statistics.fmean(r[f"time_{p}_s"] for r in records)
-                                             for p in PHASES},
-                   "step_s": statistics.fmean(r["step_time_s"] for r in records),
-                   "micro_batches": statistics.fmean(r["micro_batches"] for r in records),
-                   "response_len": statistics.fmean(r["response_len"] for r in records),
-                   "refine_rate": statistics.fmean(r["refine_rate"] for r in records),
-                   "peak_mem_gb": max(r["peak_mem_gb"] for r in records)}
-            row["other_s"] = row["step_s"] - sum(row[f"{p}_s"] for p in PHASES)
-            print(f"demo step {constraint:8s} {path_name:13s} step {row['step_s']:.3f} s, update "
-                  f"{row['update_s']:.3f} s", flush=True)
-            rows.append(row)
+            runs[constraint, path_name] = run
+    records = {key: [] for key in runs}
+    for step in range(1, steps + 2):
+        for key, run in runs.items():
+            record = run_step(run, step)
+            if step > 1:   # step 1 warms up
+                records[key].append(record)
+    rows = []
+    for (constraint, path_name), recs in records.items():
+        # Means, not medians: the phases of a mean step add up to the mean step.
+        row = {"constraint": constraint, "path": path_name, "attention": runs[constraint, path_name].attention
+               .description, "steps": len(recs),
+               **{f"{p}_s": statistics.fmean(r.times_s[p] for r in recs) for p in PHASES},
+               "step_s": statistics.fmean(r.step_time_s for r in recs),
+               "micro_batches": statistics.fmean(r.update.micro_batches for r in recs),
+               "response_len": statistics.fmean(r.to_dict()["response_len"] for r in recs),
+               "refine_rate": statistics.fmean(r.to_dict()["refine_rate"] for r in recs),
+               "peak_mem_gb": max(r.peak_mem_gb for r in recs)}
+        row["other_s"] = row["step_s"] - sum(row[f"{p}_s"] for p in PHASES)
+        print(f"demo step {constraint:8s} {path_name:13s} step {row['step_s']:.3f} s, update {row['update_s']:.3f} s",
+              flush=True)
+        rows.append(row)
     return rows
 
 

@@ -83,32 +83,46 @@ def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: 
     packed: all sequences in one row, position_ids restarting at 0; else one right-padded row per sequence, position
     ids 0..L-1 through the padding (no mask needed: see the module docstring)."""
     lengths = [row.length for row in rows]
-    shape = (1, sum(lengths)) if packed else (len(rows), max(lengths))
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long) if packed else torch.arange(shape[1]).repeat(shape[0], 1)
-    targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    per_token = {name: torch.zeros(shape) for name in ("advantages", "sft_weights", "old_logprobs", "ref_logprobs")}
-    pg_mask = torch.zeros(shape, dtype=torch.bool)
-    slices, offset = [], 0
+    width = sum(lengths) if packed else max(lengths)
+    shape = (1, width) if packed else (len(rows), width)
+    # Flat positions of every token and every target, built as lists and written with one indexed copy per tensor.
+    token_at, tokens, target_at, target_ids, slices = [], [], [], [], []
+    per_target = {"advantages": [], "pg_mask": []}
+    start = 0
     for i, (row, length) in enumerate(zip(rows, lengths)):
-        b, start = (0, offset) if packed else (i, 0)
-        input_ids[b, start:start + length] = torch.tensor(row.prompt_ids + row.target_ids[:-1])
-        if packed:
-            position_ids[b, start:start + length] = torch.arange(length)
+        if not packed:
+            start = i * width
+        token_at.extend(range(start, start + length))
+        tokens += row.prompt_ids + row.target_ids[:-1]
         t0 = start + len(row.prompt_ids) - 1
-        t1 = t0 + len(row.target_ids)
-        targets[b, t0:t1] = torch.tensor(row.target_ids)
-        per_token["advantages"][b, t0:t1] = row.advantage
-        pg_mask[b, t0:t1] = row.pg
-        for name in ("sft_weights", "old_logprobs", "ref_logprobs"):
-            value = getattr(row, name)
-            if value is not None:
-                per_token[name][b, t0:t1] = value
-        slices.append((b, t0, t1))
-        offset += length
-    return Batch(input_ids.to(device), position_ids.to(device), targets.to(device),
-                 per_token["advantages"].to(device), pg_mask.to(device), per_token["sft_weights"].to(device),
-                 per_token["old_logprobs"].to(device), per_token["ref_logprobs"].to(device), slices)
+        target_at.extend(range(t0, t0 + len(row.target_ids)))
+        target_ids += row.target_ids
+        per_target["advantages"] += [row.advantage] * len(row.target_ids)
+        per_target["pg_mask"] += [row.pg] * len(row.target_ids)
+        b, offset = (0, 0) if packed else (i, start)   # slices index the [rows, width] tensors
+        slices.append((b, t0 - offset, t0 - offset + len(row.target_ids)))
+        start += length
+    token_at, target_at = torch.tensor(token_at), torch.tensor(target_at)
+
+    def scatter(at, values, dtype, fill=0):
+        out = torch.full(shape, fill, dtype=dtype)
+        out.view(-1)[at] = torch.as_tensor(values, dtype=dtype)
+        return out.to(device)
+
+    if packed:
+        position_ids = torch.tensor([j for length in lengths for j in range(length)])[None]
+    else:
+        position_ids = torch.arange(width).repeat(len(rows), 1)
+    per_row = {name: torch.cat([torch.zeros(len(row.target_ids)) if getattr(row, name) is None
+                                else getattr(row, name).float() for row in rows])
+               for name in ("sft_weights", "old_logprobs", "ref_logprobs")}
+    return Batch(scatter(token_at, tokens, torch.long, pad_id), position_ids.to(device),
+                 scatter(target_at, target_ids, torch.long, IGNORE_INDEX),
+                 scatter(target_at, per_target["advantages"], torch.float32),
+                 scatter(target_at, per_target["pg_mask"], torch.bool),
+                 *(scatter(target_at, per_row[name], torch.float32)
+                   for name in ("sft_weights", "old_logprobs", "ref_logprobs")),
+                 slices)
 
 
 def plan_micro_batches(lengths: list[int], max_tokens: int, *, packed: bool) -> list[list[int]]:

@@ -493,6 +493,42 @@ def test_refined_rows_loss_and_gradients_match_reference(loss_type, entropy_coef
         torch.testing.assert_close(grad.double() / scale, expected / scale, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@needs_trl
+def test_loss_forward_is_one_row_per_sequence(refiner_trainer):
+    """The adapter builds its batches itself (the samples and their refined rows, one row per sequence, TRL's
+    masks): no tensor of the forward or backward has two dimensions as long as the batch's tokens, as a packed
+    row's dense [T, T] mask would (fastrft.batch's rule, held by the TRL path too)."""
+    from test_batch import LargestSquare
+
+    from fastrft.integrations import FastRFTGRPOTrainer
+
+    trainer = refiner_trainer
+    trainer.loss_type = "dapo"
+    trainer.current_gradient_accumulation_steps = 1
+    generator = torch.Generator().manual_seed(3)
+    vocab = trainer.model.config.vocab_size
+    n_seq, prompt_len, width = 40, 8, 8
+
+    def ids(shape):
+        return torch.randint(4, vocab, shape, generator=generator)
+
+    completion_mask = (torch.arange(width)[None] < torch.randint(1, width + 1, (n_seq, 1), generator=generator)).long()
+    refined_mask = (torch.arange(width)[None] < torch.randint(1, width + 1, (n_seq, 1), generator=generator)).long()
+    logps = -torch.rand(n_seq, width, generator=generator)
+    inputs = dict(prompt_ids=ids((n_seq, prompt_len)), prompt_mask=torch.ones(n_seq, prompt_len, dtype=torch.long),
+                  completion_ids=ids((n_seq, width)) * completion_mask, completion_mask=completion_mask,
+                  advantages=torch.randn(n_seq, generator=generator), num_items_in_batch=completion_mask.sum(),
+                  old_per_token_logps=logps, ref_per_token_logps=logps - 0.1,
+                  refined_ids=ids((n_seq, width)) * refined_mask, refined_mask=refined_mask,
+                  refined_weights=refined_mask.float() * 0.5, refined_items_in_batch=refined_mask.sum())
+    tokens = int(completion_mask.sum() + refined_mask.sum()) + 2 * n_seq * prompt_len
+    config = trainer.model.config
+    assert tokens > max(config.hidden_size, config.intermediate_size, config.vocab_size)
+    with LargestSquare() as spy:
+        loss_and_grads(FastRFTGRPOTrainer.compute_loss, trainer, inputs)
+    assert spy.largest < tokens
+
+
 REFINER_ERRORS = [
     (dict(refine_coef=0.5), "refine_coef > 0 needs refine_template"),
     (dict(refine_coef=-0.5, refine_template=REFINE_TEMPLATE), "refine_coef must be a finite number >= 0"),
