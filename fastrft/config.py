@@ -61,6 +61,8 @@ class TrainConfig:
     refine_context: int = 0                # also weight this many tokens before each change
     refine_max_new_tokens: int | None = None   # default: max_new_tokens
     refine_template: str | None = None     # default: the task's; str.format(prompt=..., response=...)
+    refine_draft: bool = True              # verify the response as the draft of the greedy refinement (the same
+                                           # tokens, one forward pass when nothing changes); false: plain decoding
 
     # 5. Update.
     lr: float = 1e-4

@@ -6,6 +6,12 @@ reference model; the task's parser extracts the corrected response; it is tokeni
 (fastrft.diff_masks); changed tokens get `changed_weight` (fastrft.diff_weights). A refinement that changes nothing
 costs nothing further; each one is cut after its last weighted token. An empty, unparseable or too long refinement
 gives its sample no constraint and is counted as failed.
+
+A minimal correction copies most of the response, so the response (and EOS) is the draft of the greedy continuation
+(draft=True, the default): fastrft.rollout.greedy_from_drafts verifies it in one batched forward pass and decodes
+only from the first token the refiner changes, re-aligning with the draft as it goes. The result is the plain greedy
+continuation, token for token (draft=False decodes it with generate(), the reference path); when the policy writes
+well, the refiner costs one forward pass.
 """
 from __future__ import annotations
 
@@ -13,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastrft.diff import diff_masks, diff_weights
 from fastrft import rollout
+from fastrft.diff import diff_masks, diff_weights
 
 
 @dataclass
@@ -32,19 +38,37 @@ class RefineResult:
     changed_tokens: int = 0
     refined_tokens: int = 0                # tokens of all parsed refinements
     failures: dict = field(default_factory=dict)   # reason -> count
+    passes: int = 0                        # forward passes of the refiner
+    draft: rollout.DraftStats | None = None   # what the drafts saved (draft=True)
+
+    @property
+    def draft_accepted(self) -> float | None:
+        """The fraction of the draft tokens offered that the refiner's greedy decoding accepted."""
+        return None if self.draft is None else self.draft.accepted / max(1, self.draft.offered)
 
 
 def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, completions: list[str],
            completion_ids: list[list[int]], max_new_tokens: int, batch_size: int = 256, changed_weight: float = 1.0,
-           kept_weight: float = 0.0, context: int = 0, generate=None) -> RefineResult:
-    """Each completion's refinement (None where unchanged or failed). generate: the refiner's greedy decoding,
-    fastrft.rollout.generate (the default) or a stand-in with its signature."""
+           kept_weight: float = 0.0, context: int = 0, draft: bool = True, generate=None) -> RefineResult:
+    """Each completion's refinement (None where unchanged or failed). draft: verify the response as the draft of the
+    refiner's greedy continuation (see the module docstring); else decode it with generate, fastrft.rollout.generate
+    (the default) or a stand-in with its signature."""
     result = RefineResult(refinements=[None] * len(completions))
     texts = [template.format(prompt=p if isinstance(p, str) else p[-1]["content"], response=c)
              for p, c in zip(prompts, completions)]
-    written = (generate or rollout.generate)(ref_model, tokenizer, rollout.encode_prompts(tokenizer, texts),
-                                             max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size)
     eos = tokenizer.eos_token_id
+    template_ids = rollout.encode_prompts(tokenizer, texts)
+    if draft:
+        drafts = [[t for t in ids if t != eos] + [eos] for ids in completion_ids]
+        written, result.draft = rollout.greedy_from_drafts(ref_model, tokenizer, template_ids, drafts,
+                                                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+        result.passes = result.draft.passes
+    else:
+        written = (generate or rollout.generate)(ref_model, tokenizer, template_ids, max_new_tokens=max_new_tokens,
+                                                 greedy=True, batch_size=batch_size)
+        # generate() runs each batch until its longest completion ends: one pass per token of it.
+        result.passes = sum(max(map(len, written.completion_ids[i:i + batch_size]))
+                            for i in range(0, len(texts), batch_size))
     parsed: list[tuple[int, list[int]]] = []
     for i, (raw, truncated) in enumerate(zip(written.texts, written.truncated)):
         corrected = None if truncated else parse(raw)

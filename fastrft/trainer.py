@@ -278,7 +278,10 @@ class StepRecord:
             refine = self.refine or RefineResult([])
             record.update(refine_rate=sum(r is not None for r in refine.refinements) / len(samples),
                           refine_failed=refine.failed,
-                          changed_token_frac=refine.changed_tokens / max(1, refine.refined_tokens))
+                          changed_token_frac=refine.changed_tokens / max(1, refine.refined_tokens),
+                          refine_passes=refine.passes)
+            if refine.draft_accepted is not None:
+                record["refine_draft_accepted"] = refine.draft_accepted
         record.update(pg_loss=update.pg_loss, sft_loss=update.sft_loss, kl_loss=update.kl_loss,
                       clip_frac=update.clip_frac, entropy=update.entropy, grad_norm=update.grad_norm,
                       loss=update.loss, kl_ref=update.kl_ref, nonfinite_updates=update.nonfinite_updates,
@@ -495,7 +498,8 @@ def refined_rows(run: Run, groups: list[Group]) -> tuple[list[Row], RefineResult
                     completion_ids=[ids for group in groups for ids in group.completion_ids],
                     max_new_tokens=cfg.refine_max_new_tokens or run.max_new_tokens,
                     batch_size=cfg.generation_batch_size, changed_weight=cfg.refine_coef,
-                    kept_weight=cfg.refine_kept_weight, context=cfg.refine_context, generate=run.generate)
+                    kept_weight=cfg.refine_kept_weight, context=cfg.refine_context, draft=cfg.refine_draft,
+                    generate=run.generate)
     prompt_ids = [group.prompt_ids for group in groups for _ in group.texts]
     rows = [Row(ids, refinement.refined_ids, sft_weights=refinement.sft_weights)
             for ids, refinement in zip(prompt_ids, result.refinements) if refinement is not None]

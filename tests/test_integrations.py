@@ -335,7 +335,9 @@ def finished_refiner(monkeypatch):
 @needs_trl
 @pytest.mark.parametrize("setup", ["dapo-copy", "grpo-kl-lora"])
 def test_trainer_trains_with_refiner(setup, finished_refiner, model_dir, tmp_path):
-    refiner = dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE, parse_refinement=EveryFourthFails())
+    # The plain greedy path, whose generate() the fixture finishes; the draft path is checked below.
+    refiner = dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE, parse_refinement=EveryFourthFails(),
+                   refine_draft=False)
     if setup == "dapo-copy":  # beta == 0: the refiner is a frozen copy of the initial policy, loaded from its path
         trainer = make_trainer(model_dir, tmp_path, refiner=refiner, max_steps=2, loss_type="dapo")
         assert trainer.refiner_model is not None and trainer.refiner_model is not trainer.model
@@ -529,6 +531,35 @@ def test_loss_forward_is_one_row_per_sequence(refiner_trainer):
     assert spy.largest < tokens
 
 
+@needs_trl
+@pytest.mark.parametrize("setup", ["copy", "lora"])
+def test_draft_refiner_writes_the_plain_refinements(setup, model_dir, tmp_path):
+    """refine_draft (the default) against refine_draft=False on the same samples: the same refinements in the batch
+    dict, fewer passes, and the refine/* metrics; under PEFT with the adapters disabled."""
+    refiner = dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE, refine_max_new_tokens=8)
+    if setup == "copy":
+        trainer = make_trainer(model_dir, tmp_path, refiner=refiner, loss_type="dapo")
+    else:
+        pytest.importorskip("peft", reason="peft is not installed (pip install 'fastrft[integrations]')")
+        trainer = make_trainer(tiny_llama(), tmp_path, peft_config=lora_config(), refiner=refiner, loss_type="dapo")
+    tokenizer = trainer._tokenizer
+    prompts = ["abc", "hello", "xyz ab", "qq"] * 2
+    generator = torch.Generator().manual_seed(0)
+    completions = [torch.randint(4, tokenizer.vocab_size, (n,), generator=generator).tolist() + [2]
+                   for n in (0, 1, 3, 5, 2, 4, 6, 1)]
+    outputs = {}
+    trainer.model.train()   # the train metrics
+    for draft in (True, False):
+        trainer.refine_draft = draft
+        outputs[draft] = trainer._refine(prompts, completions)
+    for name in ("refined_ids", "refined_mask", "refined_weights", "refined_items_in_batch"):
+        assert torch.equal(outputs[True][name], outputs[False][name]), name
+    passes = trainer._metrics["train"]["refine/passes"]
+    assert passes[0] <= passes[1]
+    assert len(trainer._metrics["train"]["refine/draft_accepted"]) == 1
+    assert 0 <= trainer._metrics["train"]["refine/draft_accepted"][0] <= 1
+
+
 REFINER_ERRORS = [
     (dict(refine_coef=0.5), "refine_coef > 0 needs refine_template"),
     (dict(refine_coef=-0.5, refine_template=REFINE_TEMPLATE), "refine_coef must be a finite number >= 0"),
@@ -539,6 +570,7 @@ REFINER_ERRORS = [
     (dict(refine_context=-1), "refine_context must be an int >= 0"),
     (dict(refine_max_new_tokens=0), "refine_max_new_tokens must be an int >= 1"),
     (dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE, parse_refinement="json"), "parse_refinement"),
+    (dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE, refine_draft="yes"), "refine_draft must be True or False"),
 ]
 
 

@@ -37,8 +37,9 @@ def varied_rewards(run):
 
 
 def finished_refiner(run, correction="0123"):
-    """The refiner's greedy pass (the untrained tiny model never writes EOS) replaced by one that finishes; rollouts
-    and evaluation keep the real sampler."""
+    """The refiner's plain greedy pass (refine_draft=false; the untrained tiny model never writes EOS) replaced by
+    one that finishes; rollouts and evaluation keep the real sampler."""
+    assert not run.cfg.refine_draft
     real_generate = run.generate
 
     def generate(model, tokenizer, prompt_ids, **kwargs):
@@ -98,7 +99,8 @@ def test_refined_rows_change_the_update(tiny_model, tmp_path):
     weights: the same step with and without the refiner (same seed, same samples) ends in different weights."""
     final = {}
     for constraint in ("none", "refiner"):
-        run = make_run(config(tiny_model, tmp_path / constraint, "steps=1", f"constraint={constraint}"))
+        run = make_run(config(tiny_model, tmp_path / constraint, "steps=1", f"constraint={constraint}",
+                              "refine_draft=false"))
         finished_refiner(run)
         train_run(run)
         final[constraint] = weights(run.policy)

@@ -114,8 +114,10 @@ def _check_config(args) -> None:
 
 
 def _check_refine_options(refine_coef, refine_template, parse_refinement, refine_kept_weight, refine_context,
-                          refine_max_new_tokens) -> None:
+                          refine_max_new_tokens, refine_draft) -> None:
     """Raise a ValueError naming each refiner option that cannot work."""
+    if not isinstance(refine_draft, bool):
+        raise ValueError(f"refine_draft must be True or False, got {refine_draft!r}")
     if not (isinstance(refine_coef, (int, float)) and math.isfinite(refine_coef) and refine_coef >= 0):
         raise ValueError(f"refine_coef must be a finite number >= 0 (0 turns the refiner off), got {refine_coef!r}")
     if not (isinstance(refine_kept_weight, (int, float)) and math.isfinite(refine_kept_weight)
@@ -182,6 +184,9 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         refine_context         also weight this many tokens before each change (default 0)
         refine_max_new_tokens  the refiner's generation budget; a refinement that does not end within it fails
                                (default: max_completion_length)
+        refine_draft           verify each sample as the draft of its greedy refinement (default True: the same
+                               tokens, one batched forward pass where the refiner changes nothing; see
+                               fastrft.refiner); False decodes every refinement with transformers' generate
         refiner_model          the frozen refiner: a model or a model path, sharing the policy's tokenizer. Default:
                                under PEFT the policy with its adapters disabled (the initial model, no extra memory);
                                else TRL's reference model when beta > 0 (no extra memory; it follows the policy
@@ -190,19 +195,22 @@ class FastRFTGRPOTrainer(GRPOTrainer):
                                weights in the policy's dtype (2 bytes per parameter in bf16: about 16 GB for an 8B
                                model), without gradients or optimiser state. Every refiner also holds its KV cache
                                while it generates (the generation batch's samples at once).
-    The refiner runs once per generation batch on each process's own samples, with transformers' generate (not vLLM),
+    The refiner runs once per generation batch on each process's own samples, with transformers models (not vLLM),
     and is refused with tools (it would rewrite tool results) and with sharded weights (DeepSpeed ZeRO-3, FSDP).
     Logged: refine/rate (samples with a refinement that changed something), refine/failed (samples whose refinement
-    was too long, unparseable or empty), refine/changed_token_frac (changed tokens / refined tokens) over the
-    generation batch, and fastrft/sft_loss, the refined rows' term of the loss handed to backward.
+    was too long, unparseable or empty), refine/changed_token_frac (changed tokens / refined tokens),
+    refine/passes (the refiner's forward passes) and, with refine_draft, refine/draft_accepted (the share of draft
+    tokens accepted) over the generation batch, and fastrft/sft_loss, the refined rows' term of the loss handed to
+    backward.
     """
 
     def __init__(self, *args, refine_coef: float = 0.0, refine_template: str | None = None,
                  parse_refinement: Callable[[str], str | None] | None = None, refine_kept_weight: float = 0.0,
-                 refine_context: int = 0, refine_max_new_tokens: int | None = None, refiner_model=None, **kwargs):
+                 refine_context: int = 0, refine_max_new_tokens: int | None = None, refine_draft: bool = True,
+                 refiner_model=None, **kwargs):
         # Check the options before TRL loads models: an unsupported option should fail in seconds.
         _check_refine_options(refine_coef, refine_template, parse_refinement, refine_kept_weight, refine_context,
-                              refine_max_new_tokens)
+                              refine_max_new_tokens, refine_draft)
         bound = inspect.signature(GRPOTrainer.__init__).bind(None, *args, **kwargs).arguments
         if bound.get("args") is not None:
             _check_config(bound["args"])
@@ -215,6 +223,7 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         self.refine_kept_weight = float(refine_kept_weight)
         self.refine_context = refine_context
         self.refine_max_new_tokens = refine_max_new_tokens or self.max_completion_length
+        self.refine_draft = refine_draft
         self._rollout = None  # (prompts, completion ids) of the last generation, for the refiner
         self.refiner_model = None
         if self.refine_coef > 0:
@@ -322,7 +331,7 @@ class FastRFTGRPOTrainer(GRPOTrainer):
                             prompts=prompts, completions=completions, completion_ids=completion_ids,
                             max_new_tokens=self.refine_max_new_tokens, batch_size=len(prompts),
                             changed_weight=self.refine_coef, kept_weight=self.refine_kept_weight,
-                            context=self.refine_context)
+                            context=self.refine_context, draft=self.refine_draft)
         n_samples = len(completion_ids)
         width = max((len(r.refined_ids) for r in result.refinements if r is not None), default=0)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -336,13 +345,18 @@ class FastRFTGRPOTrainer(GRPOTrainer):
                 refined_mask[i, :length] = 1
                 refined_weights[i, :length] = refinement.sft_weights
         n_refined = sum(r is not None for r in result.refinements)
+        draft = result.draft
         local = torch.tensor([n_samples, n_refined, result.failed, result.changed_tokens, result.refined_tokens,
-                              int((refined_weights != 0).sum())], device=device)
+                              int((refined_weights != 0).sum()), result.passes, draft.offered if draft else 0,
+                              draft.accepted if draft else 0], device=device)
         total = self.accelerator.reduce(local, reduction="sum").tolist()
         samples = max(1, total[0])
         self._metrics[mode]["refine/rate"].append(total[1] / samples)
         self._metrics[mode]["refine/failed"].append(total[2] / samples)
         self._metrics[mode]["refine/changed_token_frac"].append(total[3] / max(1, total[4]))
+        self._metrics[mode]["refine/passes"].append(total[6] / self.accelerator.num_processes)
+        if self.refine_draft:
+            self._metrics[mode]["refine/draft_accepted"].append(total[8] / max(1, total[7]))
         return {"refined_ids": refined_ids.to(device), "refined_mask": refined_mask.to(device),
                 "refined_weights": refined_weights.to(device),
                 # the weighted refined tokens of the generation batch over all processes (dapo's normaliser)

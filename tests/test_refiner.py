@@ -1,0 +1,231 @@
+"""The draft-verified refiner (fastrft.rollout.greedy_from_drafts, refine(draft=True)) against the plain greedy path
+(generate(greedy=True), refine(draft=False)), which is its reference: the same tokens, on real samples of the demo's
+reference model and on constructed drafts, over architectures, batch layouts and budgets."""
+import pytest
+import torch
+
+from fastrft.refiner import refine
+from fastrft.rollout import encode_prompts, generate, greedy_from_drafts
+from fastrft.tasks.demo import REFINE_TEMPLATE, demo_task, parse_refinement
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The demo's reference model, trained as fastrft demo trains it on a shorter budget, and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastrft.tasks.demo import train_reference
+
+    path = tmp_path_factory.mktemp("reference")
+    threads = torch.get_num_threads()
+    train_reference(path, max_steps=120, n_eval=16, log_every=0)
+    torch.set_num_threads(threads)
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def both_paths(model, tokenizer, prompt_ids, drafts, max_new_tokens, batch_size=256):
+    plain = generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size)
+    drafted, stats = greedy_from_drafts(model, tokenizer, prompt_ids, drafts, max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size)
+    return plain, drafted, stats
+
+
+def assert_same(plain, drafted):
+    mismatches = [i for i, (a, b) in enumerate(zip(plain.completion_ids, drafted.completion_ids)) if a != b]
+    assert not mismatches, f"{len(mismatches)} rows differ, first {mismatches[0]}: " \
+                           f"{plain.completion_ids[mismatches[0]]} vs {drafted.completion_ids[mismatches[0]]}"
+    assert drafted.truncated == plain.truncated and drafted.texts == plain.texts
+
+
+def test_real_samples_of_training_refine_to_the_plain_greedy_tokens(reference):
+    """512 samples of the reference itself on training prompts, as the first RL step draws them (temperature 1.0
+    and a hotter 1.5 for more errors), refined both ways: every refinement identical, and most of them a mix of
+    accepted and rewritten draft tokens."""
+    model, tokenizer = reference
+    task = demo_task()
+    rows = task.train_rows[:64]
+    torch.manual_seed(0)
+    samples = [generate(model, tokenizer, encode_prompts(tokenizer, [r["prompt"] for r in rows]), max_new_tokens=10,
+                        num_samples=4, temperature=t) for t in (1.0, 1.5)]
+    prompts = [r["prompt"] for _ in samples for r in rows for _ in range(4)]
+    texts = [t for s in samples for t in s.texts]
+    ids = [c for s in samples for c in s.completion_ids]
+    results = [refine(model, tokenizer, template=REFINE_TEMPLATE, parse=parse_refinement, prompts=prompts,
+                      completions=texts, completion_ids=ids, max_new_tokens=10, draft=draft)
+               for draft in (False, True)]
+    plain, drafted = results
+    assert len(prompts) >= 500
+    for a, b in zip(plain.refinements, drafted.refinements):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.refined_ids == b.refined_ids and torch.equal(a.sft_weights, b.sft_weights)
+    assert (plain.failed, plain.unchanged, plain.changed_tokens) == (drafted.failed, drafted.unchanged,
+                                                                    drafted.changed_tokens)
+    changed = sum(r is not None for r in plain.refinements)
+    assert 50 < changed < len(prompts) - 50, "the samples should mix changed and unchanged refinements"
+    assert 0 < drafted.draft.accepted < drafted.draft.offered
+    assert drafted.passes <= plain.passes   # each pass writes at least one token of every row
+
+
+CONSTRUCTED = {   # response as the refiner sees it -> what the case exercises
+    "1379": "unchanged (the sorted answer copied)",
+    "1389": "one substitution",
+    "91379": "an insertion at the start",
+    "13979": "an insertion in the middle",
+    "13799": "an insertion at the end",
+    "379": "a deletion at the start",
+    "179": "a deletion in the middle",
+    "137": "a deletion at the end",
+    "8642": "a wholly rewritten answer",
+    "": "an empty response",
+    "1379137913791379": "a draft longer than the budget",
+}
+
+
+@pytest.mark.parametrize("max_new_tokens", [10, 3, 1])
+def test_constructed_drafts_in_one_left_padded_batch(reference, max_new_tokens):
+    """Every constructed case in one batch, with prompts of different lengths (left padding), and alone; with a
+    budget that cuts refinements (3, 1 tokens) too."""
+    model, tokenizer = reference
+    eos = tokenizer.eos_token_id
+    prompts, drafts = [], []
+    for digits in ("7391", "93714", "31"):
+        for response in CONSTRUCTED:
+            prompts.append(REFINE_TEMPLATE.format(prompt=f"sort {digits}=", response=response))
+            drafts.append(tokenizer(response, add_special_tokens=False)["input_ids"] + [eos])
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    plain, drafted, stats = both_paths(model, tokenizer, prompt_ids, drafts, max_new_tokens)
+    assert_same(plain, drafted)
+    if max_new_tokens < 5:
+        assert any(plain.truncated)
+    for i in (0, 8, 9):   # alone: no padding at all
+        alone = both_paths(model, tokenizer, prompt_ids[i:i + 1], drafts[i:i + 1], max_new_tokens)
+        assert alone[1].completion_ids == [plain.completion_ids[i]]
+    # Batches of 4: the rows bucketed by length, each batch its own cache.
+    assert_same(plain, both_paths(model, tokenizer, prompt_ids, drafts, max_new_tokens, batch_size=4)[1])
+
+
+def test_eos_inside_the_draft_and_drafts_of_other_tokens(reference):
+    """Drafts are only guesses: an EOS in the middle, a draft of the wrong text, an empty draft."""
+    model, tokenizer = reference
+    eos = tokenizer.eos_token_id
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt_ids = encode_prompts(tokenizer, [REFINE_TEMPLATE.format(prompt="sort 7391=", response="1739")] * 4)
+    drafts = [ids("13") + [eos] + ids("79") + [eos], ids("fix sort"), [], ids("1379") + [eos, eos]]
+    plain, drafted, _ = both_paths(model, tokenizer, prompt_ids, drafts, 10)
+    assert_same(plain, drafted)
+
+
+def test_unchanged_responses_cost_one_forward_pass(reference):
+    """Where the refiner copies the response (a correct answer), the drafts are accepted whole: one pass."""
+    model, tokenizer = reference
+    eos = tokenizer.eos_token_id
+    rows = demo_task().eval_rows[:32]
+    prompt_ids = encode_prompts(tokenizer, [REFINE_TEMPLATE.format(prompt=r["prompt"], response=r["answer"])
+                                            for r in rows])
+    copied = [i for i, text in enumerate(generate(model, tokenizer, prompt_ids, max_new_tokens=10, greedy=True).texts)
+              if text == rows[i]["answer"]]
+    assert len(copied) >= 8, "the reference should copy most correct answers"
+    drafts = [tokenizer(rows[i]["answer"], add_special_tokens=False)["input_ids"] + [eos] for i in copied]
+    plain, drafted, stats = both_paths(model, tokenizer, [prompt_ids[i] for i in copied], drafts, 10)
+    assert_same(plain, drafted)
+    assert stats.passes == 1 and stats.accepted == stats.offered == sum(map(len, drafts))
+
+
+def tiny_causal_lm(kind):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=48, num_hidden_layers=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = {
+        "qwen2-gqa": lambda: Qwen2Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                         num_key_value_heads=2, **common),
+        "gpt2-absolute-positions": lambda: GPT2Config(n_embd=64, n_head=4, n_positions=128, **{
+            k: v for k, v in common.items() if k != "num_hidden_layers"}, n_layer=2),
+        "mistral-sliding-window": lambda: MistralConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                                        num_key_value_heads=4, sliding_window=16, **common),
+        "llama-bf16": lambda: LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, **common),
+    }[kind]()
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+class IdTokenizer:
+    """Token ids are the text: what the two paths need of a tokenizer."""
+    eos_token_id, pad_token_id = 2, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i in (0, 1, 2)))
+
+
+def edited(ids, gen, rate):
+    """ids with about rate of its tokens substituted, inserted or deleted."""
+    out = []
+    for token in ids:
+        r = float(torch.rand(1, generator=gen))
+        if r < rate / 3:
+            continue
+        out.append(int(torch.randint(3, 48, (1,), generator=gen)) if r < 2 * rate / 3 else token)
+        if rate / 3 * 2 <= r < rate:
+            out.append(int(torch.randint(3, 48, (1,), generator=gen)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["qwen2-gqa", "gpt2-absolute-positions", "mistral-sliding-window"])
+def test_other_architectures(kind):
+    """Random tiny models of other families: the drafts are their own greedy completions, edited at several rates;
+    the sliding-window model's cache would overflow its window with masked slots, so it decodes plainly."""
+    model, tokenizer = tiny_causal_lm(kind), IdTokenizer()
+    gen = torch.Generator().manual_seed(0)
+    prompt_ids = [[1] + torch.randint(3, 48, (int(torch.randint(2, 12, (1,), generator=gen)),), generator=gen)
+                  .tolist() for _ in range(24)]
+    truth = generate(model, tokenizer, prompt_ids, max_new_tokens=24, greedy=True).completion_ids
+    drafts = [edited(ids, gen, rate) for ids, rate in zip(truth, [0.0, 0.05, 0.3, 1.0] * 6)]
+    plain, drafted, stats = both_paths(model, tokenizer, prompt_ids, drafts, 24)
+    assert_same(plain, drafted)
+    assert (stats.plain_rows > 0) == (kind == "mistral-sliding-window")
+    if kind != "mistral-sliding-window":
+        assert stats.passes <= 24
+        unchanged = both_paths(model, tokenizer, prompt_ids[::4], drafts[::4], 24)   # the rate-0 drafts
+        assert_same(*unchanged[:2])
+        assert unchanged[2].passes == 1
+
+
+def test_bf16_mismatches_only_at_rounding_ties():
+    """In bf16 the draft path's batched verification and generate's step-by-step decoding round differently; a
+    row may differ only where the plain path's top-2 logits are within bf16 rounding of each other."""
+    model, tokenizer = tiny_causal_lm("llama-bf16"), IdTokenizer()
+    model = model.to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    prompt_ids = [[1] + torch.randint(3, 48, (8,), generator=gen).tolist() for _ in range(32)]
+    truth = generate(model, tokenizer, prompt_ids, max_new_tokens=16, greedy=True).completion_ids
+    drafts = [edited(ids, gen, 0.2) for ids in truth]
+    plain, drafted, _ = both_paths(model, tokenizer, prompt_ids, drafts, 16)
+    for prompt, a, b in zip(prompt_ids, plain.completion_ids, drafted.completion_ids):
+        if a == b:
+            continue
+        first = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + a[:first]])).logits[0, -1].float()
+        top2 = logits.topk(2).values
+        assert top2[0] - top2[1] <= 2 * torch.finfo(torch.bfloat16).eps * top2[0].abs(), (a, b)
+
+
+def test_trainer_logs_the_refiner_passes(tiny_model, tmp_path):
+    from fastrft.config import load_config
+    from fastrft.rundir import RunDir
+    from fastrft.trainer import train
+
+    for draft in (True, False):
+        out = tmp_path / str(draft)
+        train(load_config(None, ["steps=1", "prompts_per_step=2", "group_size=4", "eval_size=2", "progress=false",
+                                 "device=cpu", "plots=false", "dynamic_sampling=false", "constraint=refiner",
+                                 f"refine_draft={draft}"], model=tiny_model, output_dir=str(out)))
+        record = RunDir(out).read_metrics()[-1]
+        assert record["refine_passes"] >= 1
+        assert ("refine_draft_accepted" in record) == draft
+        if draft:
+            assert 0 <= record["refine_draft_accepted"] <= 1
