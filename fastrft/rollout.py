@@ -5,6 +5,7 @@ left-padded for generate(); on CUDA the static cache lets transformers compile t
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import inspect
 from dataclasses import dataclass
@@ -86,27 +87,30 @@ class DraftStats:
     passes: int = 0          # forward passes of the model
     offered: int = 0         # draft tokens put up for verification
     accepted: int = 0        # of those, tokens the greedy decoding confirmed
-    plain_rows: int = 0      # rows decoded without drafts (a sliding-window cache that the slots would overflow)
+    plain_rows: int = 0      # rows decoded without drafts (models with a sliding attention window)
 
 
 @torch.no_grad()
 def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: list[list[int]], *,
-                       max_new_tokens: int, batch_size: int = 256, lookahead: int = 16,
+                       max_new_tokens: int, batch_size: int = 256, first_block: int = 32, lookahead: int = 512,
                        ngram: int = 3) -> tuple[Samples, DraftStats]:
     """The greedy completion of each prompt, token for token what generate(..., greedy=True) writes, with drafts[i]
     (a guess of completion i, such as the response a refiner corrects) verified instead of decoded:
 
-      1. One forward pass over prompt + draft per row (left-padded, rows bucketed by length): the greedy prediction
-         at each draft position accepts the draft's longest matching prefix, and the prediction after it is the
-         next token. A row whose whole draft (its EOS included) is accepted is done.
-      2. The other rows go on from their verified prefix's KV cache. Each pass feeds the last token and a block of
-         proposed tokens: where the last `ngram` (down to 1) written tokens occur in the draft, the draft's
-         continuation from there (prompt-lookup decoding), 2 tokens at first, doubling up to `lookahead` while they
-         are accepted. The block's predictions accept the proposal's matching prefix, and one more token comes from
-         the prediction after it.
-    Rejected tokens stay in the cache, masked out of attention, so that every row of the batch keeps one cache
-    length (transformers' dynamic cache, any causal LM); rows that finish leave the batch. EOS and max_new_tokens end a
-    row as in generate(). Returns the completions (as generate's Samples) and what the drafts saved (DraftStats)."""
+      1. One forward pass over each prompt and the first `first_block` tokens of its draft (left-padded, rows
+         bucketed by length): the greedy prediction at each draft position accepts the draft's longest matching
+         prefix, and the prediction after it is the next token.
+      2. Then each pass feeds every unfinished row's last token and a block of proposed draft tokens, verified the
+         same way, from the KV cache of what is verified. While a row's draft is accepted, its block doubles (up to
+         `lookahead`). After a change, the row re-aligns with its draft: where the last `ngram` (down to 1) written
+         tokens occur in the draft, the draft's continuation from there is proposed (prompt-lookup decoding), 2
+         tokens at first, cut back to what was accepted on a rejection.
+    A row whose draft holds (its EOS included) finishes in about log2(len(draft) / first_block) + 1 passes, a row
+    whose draft is useless decodes one token a pass, as generate() does. Rejected tokens stay in the cache, masked
+    out of attention, so that every row of the batch keeps one cache length (transformers' dynamic cache, any causal
+    LM), until the cache is compacted. EOS and max_new_tokens end a row as in generate(). A model with a sliding
+    attention window is decoded plainly (its cache drops slots by count). Returns the completions (as generate's
+    Samples) and what the drafts saved (DraftStats)."""
     if len(prompt_ids) != len(drafts):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(drafts)} drafts")
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -118,11 +122,10 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(drafts[i]))
     was_training = model.training
     model.eval()
-    window = _sliding_window(model)
+    sliding = _has_sliding_window(model)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        slots = max(len(prompt_ids[i]) + len(drafts[i]) for i in batch) + max_new_tokens * (lookahead + 1)
-        if window is not None and slots >= window:
+        if sliding:
             plain = generate(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens=max_new_tokens,
                              greedy=True, batch_size=batch_size)
             for i, ids in zip(batch, plain.completion_ids):
@@ -131,7 +134,7 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
             continue
         for i, ids in zip(batch, _verify_batch(model, [prompt_ids[i] for i in batch],
                                                [drafts[i][:max_new_tokens] for i in batch], eos_id, pad_id,
-                                               max_new_tokens, lookahead, ngram, stats)):
+                                               max_new_tokens, first_block, lookahead, ngram, stats)):
             completions[i] = ids
     model.train(was_training)
     samples = Samples([], [], [], [])
@@ -145,16 +148,23 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
 
 class _DraftRow:
     """One row's decoding state: what it has written, where its draft is aligned, what its cache holds, and how many
-    draft tokens it proposes next (doubling while they are accepted, cut back to what was accepted when not; after
-    a proposal wholly rejected, only a full n-gram match proposes again)."""
+    draft tokens it proposes next: doubling while they are accepted, cut back to what was accepted when not (at
+    least 2 after the first block). The evidence it needs grows as its trust falls: a 1-gram match from 4 tokens
+    on, a 2-gram below, a full n-gram at 0 (its last proposal wholly rejected), and then it proposes only into a
+    block that other rows already make longer, or on a probe pass."""
 
-    def __init__(self, draft: list[int], valid: int, size: int):
+    def __init__(self, draft: list[int], ngram: int, size: int):
         self.draft = draft
         self.out: list[int] = []
         self.pointer = 0           # the draft position the next written token is compared with
-        self.valid = valid         # tokens in the cache that attention may see (its position counter)
+        self.valid = 0             # tokens in the cache that attention may see (its position counter)
         self.size = size           # tokens of the next proposal
         self.done = False
+        # n-gram -> the draft positions right after each of its occurrences, in order
+        self.ends: dict[tuple, list[int]] = {}
+        for n in range(1, ngram + 1):
+            for end in range(n, len(draft)):
+                self.ends.setdefault(tuple(draft[end - n:end]), []).append(end)
 
     def write(self, tokens: list[int], eos_id: int, max_new_tokens: int) -> None:
         for token in tokens:
@@ -163,95 +173,143 @@ class _DraftRow:
                 self.done = True
                 return
 
-    def proposal(self, ngram: int, budget: int) -> list[int]:
+    def proposal(self, ngram: int, limit: int) -> list[int]:
         """The draft's continuation after the nearest occurrence (from the pointer on, else the last before it) of
-        the last n written tokens, n = ngram down to 1 (only ngram after a rejection); at most budget tokens."""
-        shortest = 1 if self.size else ngram
+        the last n written tokens, n = ngram down to the shortest the row's trust allows; at most limit tokens."""
+        if limit <= 0:
+            return []
+        shortest = 1 if self.size >= 4 else min(2, ngram) if self.size else ngram
         for n in range(min(ngram, len(self.out)), shortest - 1, -1):
-            tail = self.out[-n:]
-            ends = [e for e in range(n, len(self.draft)) if self.draft[e - n:e] == tail]
+            ends = self.ends.get(tuple(self.out[-n:]))
             if ends:
-                after = [e for e in ends if e >= self.pointer]
-                self.pointer = after[0] if after else ends[-1]
-                return self.draft[self.pointer:self.pointer + min(self.size or 2, budget)]
+                at = bisect.bisect_left(ends, self.pointer)
+                self.pointer = ends[at] if at < len(ends) else ends[-1]
+                return self.draft[self.pointer:self.pointer + limit]
         return []
 
     def verified(self, proposed: int, accepted: int, lookahead: int) -> None:
-        self.pointer += accepted
+        # The token written after the accepted ones stands for the next draft position: the draft's own token, or
+        # (after a rejection) the most likely edit, its replacement.
+        self.pointer += accepted + 1
         if proposed:
             self.size = min(lookahead, 2 * max(1, self.size)) if accepted == proposed else accepted
 
 
-def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, lookahead, ngram, stats) -> list[list[int]]:
+def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_block, lookahead, ngram, stats,
+                  probe_every: int = 16) -> list[list[int]]:
     device = next(model.parameters()).device
     backbone, head = model.get_decoder(), model.get_output_embeddings()
     cache = _new_cache(model)
-    # 1. prompt + draft, left-padded: every row's draft positions end at the last column.
-    width = max(len(p) + len(d) for p, d in zip(prompts, drafts))
+    # 1. prompt + the draft's first block, left-padded: every row's block positions end at the last column.
+    blocks = [d[:first_block] for d in drafts]
+    width = max(len(p) + len(b) for p, b in zip(prompts, blocks))
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, (p, d) in enumerate(zip(prompts, drafts)):
-        input_ids[r, width - len(p) - len(d):] = torch.tensor(p + d)
-        mask[r, width - len(p) - len(d):] = 1
+    for r, (p, b) in enumerate(zip(prompts, blocks)):
+        input_ids[r, width - len(p) - len(b):] = torch.tensor(p + b)
+        mask[r, width - len(p) - len(b):] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     hidden = _forward(backbone, cache, input_ids, mask, positions, device)
     stats.passes += 1
-    # The predictions after the prompt's last token and after each draft token.
-    wanted = [(r, c) for r, d in enumerate(drafts) for c in range(width - len(d) - 1, width)]
-    predicted = _greedy_tokens(head, hidden, wanted)
+    # The predictions after the prompt's last token and after each block token.
+    predicted = _greedy_tokens(head, hidden, [(r, c) for r, b in enumerate(blocks)
+                                              for c in range(width - len(b) - 1, width)])
     rows, k = [], 0
-    for r, (p, d) in enumerate(zip(prompts, drafts)):
-        g = predicted[k:k + len(d) + 1]
-        k += len(d) + 1
-        accepted = next((j for j, (a, b) in enumerate(zip(g, d)) if a != b), len(d))
-        row = _DraftRow(d, len(p) + accepted, 2)
-        row.write(d[:accepted] + [g[accepted]], eos_id, max_new_tokens)
-        row.pointer = accepted + 1   # past the draft token the prediction replaced
-        stats.offered += len(d)
+    for r, (p, d, b) in enumerate(zip(prompts, drafts, blocks)):
+        g = predicted[k:k + len(b) + 1]
+        k += len(b) + 1
+        accepted = next((j for j, (x, y) in enumerate(zip(g, b)) if x != y), len(b))
+        row = _DraftRow(d, ngram, len(b))
+        row.valid = len(p) + accepted
+        row.write(b[:accepted] + [g[accepted]], eos_id, max_new_tokens)
+        row.verified(len(b), accepted, lookahead)
+        if accepted < len(b):
+            row.size = max(2, row.size)   # a first change, perhaps a local one: re-align and try the draft again
+        stats.offered += len(b)
         stats.accepted += accepted
-        mask[r, width - len(d) + accepted:] = 0          # the rejected draft tokens
+        mask[r, width - len(b) + accepted:] = 0          # the rejected block tokens
         rows.append(row)
-    finished: dict[int, list[int]] = {}
+    # 2. The rows that did not finish, from their verified prefix on. `active` maps cache rows to rows; finished
+    # rows feed masked padding until the next compaction drops them with the masked slots.
     active = list(range(len(rows)))
-    # 2. The rows that did not finish, from their verified prefix on.
-    while True:
-        keep = [r for r in active if not rows[r].done]
-        for r in active:
-            if rows[r].done:
-                finished[r] = rows[r].out
-        if not keep:
-            break
-        if len(keep) < len(active):
-            index = torch.tensor([active.index(r) for r in keep])
-            cache.batch_select_indices(index.to(device))
-            mask = mask[index]
-            active = keep
-        blocks = [[rows[r].out[-1]] + rows[r].proposal(ngram, max_new_tokens - len(rows[r].out) - 1)
-                  for r in active]
+    while not all(rows[r].done for r in active):
+        if _worth_compacting(mask, [rows[r].done for r in active]):
+            keep = [a for a, r in enumerate(active) if not rows[r].done]
+            mask = _compact(cache, mask, torch.tensor(keep))
+            active = [active[a] for a in keep]
+        blocks = _next_blocks([rows[r] for r in active], ngram, max_new_tokens,
+                              probe=stats.passes % probe_every == 0)
         size = max(len(b) for b in blocks)
+        lengths = torch.tensor([len(b) for b in blocks])
+        filled = torch.arange(size)[None] < lengths[:, None]
         input_ids = torch.full((len(active), size), pad_id, dtype=torch.long)
-        new_mask = torch.zeros((len(active), size), dtype=torch.long)
-        positions = torch.zeros((len(active), size), dtype=torch.long)
-        for a, (r, block) in enumerate(zip(active, blocks)):
-            input_ids[a, :len(block)] = torch.tensor(block)
-            new_mask[a, :len(block)] = 1
-            positions[a] = rows[r].valid + torch.arange(size)
-        mask = torch.cat([mask, new_mask], dim=1)
+        input_ids[filled] = torch.tensor([t for b in blocks for t in b], dtype=torch.long)
+        positions = torch.tensor([rows[r].valid for r in active])[:, None] + torch.arange(size)
+        mask = torch.cat([mask, filled.long()], dim=1)
         hidden = _forward(backbone, cache, input_ids, mask, positions, device)
         stats.passes += 1
         predicted = _greedy_tokens(head, hidden, [(a, c) for a, b in enumerate(blocks) for c in range(len(b))])
-        k = 0
-        for a, (r, block) in enumerate(zip(active, blocks)):
+        kept, k = [], 0
+        for r, block in zip(active, blocks):
             g, proposal = predicted[k:k + len(block)], block[1:]
             k += len(block)
             accepted = next((j for j, (x, y) in enumerate(zip(g, proposal)) if x != y), len(proposal))
-            rows[r].write(proposal[:accepted] + [g[accepted]], eos_id, max_new_tokens)
-            rows[r].verified(len(proposal), accepted, lookahead)
-            rows[r].valid += 1 + accepted
-            stats.offered += len(proposal)
-            stats.accepted += accepted
-            mask[a, mask.shape[1] - size + 1 + accepted:] = 0   # the rejected proposal and the padding
-    return [finished[r] for r in range(len(rows))]
+            if block:
+                rows[r].write(proposal[:accepted] + [g[accepted]], eos_id, max_new_tokens)
+                rows[r].verified(len(proposal), accepted, lookahead)
+                rows[r].valid += 1 + accepted
+                stats.offered += len(proposal)
+                stats.accepted += accepted
+            kept.append(1 + accepted if block else 0)
+        # The rejected proposals and the padding leave attention.
+        mask[:, -size:] = torch.arange(size)[None] < torch.tensor(kept)[:, None]
+    return [row.out for row in rows]
+
+
+def _next_blocks(rows: list[_DraftRow], ngram: int, max_new_tokens: int, probe: bool) -> list[list[int]]:
+    """Each row's last token and its proposal; [] for finished rows. The block is as long as the proposals of at
+    least a quarter of the rows (one row's long proposal must not multiply every row's compute); rows trusting
+    their drafts less fill what is left of it, or probe (a 2-token proposal on every probe pass)."""
+    proposals = [row.proposal(ngram, min(row.size, max_new_tokens - len(row.out) - 1))
+                 if row.size and not row.done else None for row in rows]
+    lengths = sorted((len(p) for p in proposals if p is not None), reverse=True)
+    quarter = (len(rows) - 1) // 4
+    size = max(1 + (lengths[quarter] if len(lengths) > quarter else 0), 3 if probe else 1)
+    blocks = []
+    for row, proposal in zip(rows, proposals):
+        limit = min(size - 1, max_new_tokens - len(row.out) - 1)
+        if row.done:
+            blocks.append([])
+        elif proposal is not None:
+            blocks.append([row.out[-1]] + proposal[:limit])
+        else:
+            blocks.append([row.out[-1]] + row.proposal(ngram, limit))
+    return blocks
+
+
+def _worth_compacting(mask: torch.Tensor, done: list[bool], share: float = 0.25) -> bool:
+    """Rebuild the cache when a quarter of its rows are finished, or when dropping the masked slots would shorten
+    it by a quarter: both cost every later pass their share of compute."""
+    longest_row = int(mask.sum(1).max())
+    return sum(done) >= share * len(done) or longest_row <= (1 - share) * mask.shape[1]
+
+
+def _compact(cache, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Keep the cache's `rows`, each with only its unmasked slots (in order, gathered to the front; shorter rows
+    padded with masked slots), and return the new mask. Attention does not care where a cached slot sits: its
+    position is in its keys, and the causal mask only orders the new tokens after every cached one."""
+    valid = mask[rows].bool()
+    width = int(valid.sum(1).max())
+    columns = torch.arange(mask.shape[1])
+    order = torch.argsort(torch.where(valid, columns, columns + mask.shape[1]), dim=1)[:, :width]
+    for layer in cache.layers:
+        device = layer.keys.device
+        index = order.to(device)[:, None, :, None]
+        rows_d = rows.to(device)
+        layer.keys = layer.keys[rows_d].gather(2, index.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+        layer.values = layer.values[rows_d].gather(2, index.expand(-1, layer.values.shape[1], -1,
+                                                                   layer.values.shape[3]))
+    return valid.gather(1, order).long()
 
 
 def _new_cache(model):
@@ -288,12 +346,9 @@ def _greedy_tokens(head, hidden: torch.Tensor, at: list[tuple[int, int]], chunk_
     return torch.cat([head(part).argmax(-1) for part in selected.split(chunk)]).tolist()
 
 
-def _sliding_window(model) -> int | None:
-    """The attention window of a model whose cache keeps only its last tokens: masked slots would count in it."""
+def _has_sliding_window(model) -> bool:
+    """Whether some layer attends to a sliding window: its cache keeps only its last slots, masked ones included."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
-    if not window or (layer_types is not None and "sliding_attention" not in layer_types) \
-            or getattr(config, "use_sliding_window", True) is False:
-        return None
-    return window
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False \
+        and (layer_types is None or "sliding_attention" in layer_types)
