@@ -20,7 +20,8 @@ if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation --targe
     include=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
     suffix=$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
     g++ -O3 -std=c++17 -shared -fPIC -pthread -I"$include" csrc/diff.cpp -o "$site/fastrft/_diff$suffix" \
-        || echo "C++ diff not built: the Python twin is used" | tee -a "$OUT/pip_fastrft.log"
+        || { echo "C++ diff not built: the Python twin is used" | tee -a "$OUT/pip_fastrft.log";
+             export FASTRFT_PURE_PYTHON_DIFF=1; }
 fi
 export PYTHONPATH=$site
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"

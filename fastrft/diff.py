@@ -8,8 +8,11 @@
 (LCS) of the two sequences, so exactly len(refined) - LCS(sample, refined) tokens are changed. With ties any one LCS
 may be chosen; both backends choose the same one.
 
-Backends: the C++ extension fastrft._diff (csrc/diff.cpp) and a pure-Python twin of the same algorithm, Myers'
-O((N + M) D) greedy search with the linear-space middle-snake divide and conquer, D = N + M - 2 LCS.
+Backends: the C++ extension fastrft._diff (csrc/diff.cpp), built by the package's install, and a pure-Python twin of
+the same algorithm, Myers' O((N + M) D) greedy search with the linear-space middle-snake divide and conquer,
+D = N + M - 2 LCS. The twin is the reference the tests hold the extension to, and runs only when asked
+(backend="python", or FASTRFT_PURE_PYTHON_DIFF=1 for a machine that cannot build the extension): an install whose
+build failed stops at import, with the fix, rather than running a diff some hundred times slower.
 
 Budget (max_d): the result is minimal exactly when D <= max_d. Past it the pair counts as rewritten: its common prefix
 and common suffix stay unchanged and every token between them is marked changed, which caps the cost of a pair at
@@ -26,10 +29,14 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from fastrft.kernels.utils import resolve_impl
+
 DEFAULT_MAX_D = 2048
 BACKENDS = ("auto", "cpp", "python")
-IMPLS = ("triton", "torch")
 NORMALIZERS = ("none", "sequence", "batch")
+
+
+PURE_PYTHON_ENV = "FASTRFT_PURE_PYTHON_DIFF"
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,8 +49,19 @@ def _cpp_module():
 
 
 def cpp_available() -> bool:
-    """Whether the C++ extension was built (`pip install` builds it; it is optional)."""
+    """Whether the C++ extension is built."""
     return _cpp_module() is not None
+
+
+def _require_cpp() -> None:
+    if not cpp_available() and os.environ.get(PURE_PYTHON_ENV) != "1":
+        raise ImportError(f"fastrft's C++ diff extension (fastrft._diff, from csrc/diff.cpp) is not built: reinstall "
+                          f"fastrft where a C++17 compiler is available (pip install -e . ; on Debian/Ubuntu: apt-get "
+                          f"install g++ python3-dev), or set {PURE_PYTHON_ENV}=1 to use the much slower pure-Python "
+                          f"diff")
+
+
+_require_cpp()
 
 
 def _resolve_backend(backend: str):
@@ -261,17 +279,6 @@ class DiffWeights(NamedTuple):
     last_index: torch.Tensor  # [B] int64: last token with a non-zero weight, -1 when none
 
 
-def _resolve_impl(impl, device: torch.device) -> str:
-    if impl is None:
-        return "triton" if device.type == "cuda" else "torch"
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
-    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernel on the CPU "
-                         "interpreter); use impl='torch' on the CPU")
-    return impl
-
-
 def _batch_masks(changed_mask, lengths):
     """(changed [B, L] bool, lengths [B] int64) on the mask's device, from a padded tensor or a list of 1-D masks."""
     if isinstance(changed_mask, torch.Tensor):
@@ -305,7 +312,8 @@ def _batch_masks(changed_mask, lengths):
 
 
 def diff_weights(changed_mask, lengths=None, *, changed_weight: float = 1.0, kept_weight: float = 0.0,
-                 context: int = 0, normalize: str = "none", impl: str | None = None) -> DiffWeights:
+                 context: int = 0, normalize: str = "none", impl: str | None = None,
+                 device: torch.device | str | None = None) -> DiffWeights:
     """Turns changed masks into the sft_weights of the fused loss.
 
     changed_mask: a padded [B, L] bool tensor (with lengths [B], default L each) or a list of 1-D bool masks as
@@ -318,8 +326,11 @@ def diff_weights(changed_mask, lengths=None, *, changed_weight: float = 1.0, kep
     weight by the sum over the batch.
     Returns DiffWeights(weights [B, L] float32, last_index [B] int64): the last token with a non-zero weight, -1 when
     none, so refinements that changed nothing can be dropped and the rest cut after their last change.
-    impl: "triton" (default on CUDA; also under TRITON_INTERPRET=1) or "torch"."""
+    impl: "triton" (default on CUDA; also under TRITON_INTERPRET=1) or "torch". device: where to compute (default:
+    the masks' device); the padded masks are moved there in one copy, and the results stay there."""
     changed, lengths = _batch_masks(changed_mask, lengths)
+    if device is not None:
+        changed, lengths = changed.to(device), lengths.to(device)
     for name, value in (("changed_weight", changed_weight), ("kept_weight", kept_weight)):
         value = float(value)
         if not value >= 0.0 or value == float("inf"):
@@ -328,7 +339,7 @@ def diff_weights(changed_mask, lengths=None, *, changed_weight: float = 1.0, kep
         raise ValueError(f"context must be an int >= 0, got {context!r}")
     if normalize not in NORMALIZERS:
         raise ValueError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
-    impl = _resolve_impl(impl, changed.device)
+    impl = resolve_impl(impl, changed.device)
     if impl == "triton":
         from fastrft.kernels.diff_weights import diff_weights_triton
 

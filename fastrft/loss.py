@@ -21,9 +21,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastrft.kernels.utils import resolve_impl
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IGNORE_INDEX = -100        # the targets no loss reads (PyTorch's and transformers' convention)
-IMPLS = ("triton", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows per chunk of the torch path: about 4M fp32 logits (16 MB) per temporary.
 _TORCH_CHUNK_ELEMS = 1 << 22
@@ -178,20 +179,6 @@ def _lm_head_stats_autograd(ctx, grad_logp, grad_entropy, _grad_lse, _grad_mean_
 _lm_head_stats.register_autograd(_lm_head_stats_autograd, setup_context=_lm_head_stats_setup_context)
 
 
-def _resolve_impl(impl, device):
-    if impl is None:
-        return "triton" if device.type == "cuda" else "torch"
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
-    if impl == "triton":
-        from fastrft.kernels.fused_rft import triton_available
-
-        if not triton_available(device):
-            raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU "
-                             "interpreter); use impl='torch' on the CPU")
-    return impl
-
-
 def _flatten_inputs(hidden, weight, targets, bias):
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
@@ -284,7 +271,7 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
     gradient and without materialising the logits; 0 on ignored rows."""
     hidden2d, weight, targets_flat, bias = _flatten_inputs(hidden, weight, targets, bias)
     _check_scalars(0.2, 0.28, 0.0, "k3", 0.0, temperature, None)
-    impl = _resolve_impl(impl, hidden2d.device)
+    impl = resolve_impl(impl, hidden2d.device)
     with torch.no_grad():
         logp = _lm_head_stats(hidden2d, weight, bias, targets_flat, ignore_index, 1.0 / temperature, impl)[0]
     return logp.view(targets.shape)
@@ -325,7 +312,7 @@ def fused_rft_loss(
     if (kl_coef > 0 or entropy_coef > 0) and advantages is None and pg_mask is None:
         raise ValueError("kl_coef and entropy_coef act on policy-gradient rows, but neither advantages nor pg_mask "
                          "was given")
-    impl = _resolve_impl(impl, device)
+    impl = resolve_impl(impl, device)
 
     logp, entropy, _, _ = _lm_head_stats(hidden2d, weight, bias, targets_flat, ignore_index, 1.0 / temperature, impl)
 

@@ -81,8 +81,10 @@ def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, complet
     if not parsed:
         return result
     masks = diff_masks([completion_ids[i] for i, _ in parsed], [ids for _, ids in parsed])
+    # The weights on the refiner's device (the Triton kernel on CUDA), back once for the update's rows.
     weights = diff_weights(masks, changed_weight=changed_weight, kept_weight=kept_weight, context=context,
-                           impl="torch")
+                           device=next(ref_model.parameters()).device)
+    weights = weights._replace(weights=weights.weights.cpu(), last_index=weights.last_index.cpu())
     for (i, refined_ids), mask, row_weights, last in zip(parsed, masks, weights.weights, weights.last_index.tolist()):
         result.refined_tokens += len(refined_ids)
         changed = int(mask.sum())

@@ -92,7 +92,7 @@ class DraftStats:
 
 @torch.no_grad()
 def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: list[list[int]], *,
-                       max_new_tokens: int, batch_size: int = 256, first_block: int = 32, lookahead: int = 512,
+                       max_new_tokens: int, batch_size: int = 256, first_block: int = 16, lookahead: int = 512,
                        ngram: int = 3) -> tuple[Samples, DraftStats]:
     """The greedy completion of each prompt, token for token what generate(..., greedy=True) writes, with drafts[i]
     (a guess of completion i, such as the response a refiner corrects) verified instead of decoded:

@@ -16,7 +16,6 @@ the right is a running minimum carried between tiles (a reversed min-scan inside
     _diff_weights_kernel     reads changed (L bytes a row), writes weights (4 L bytes) and last (8 bytes).
 So 5 bytes a token without normalisation and 6 with it; no FLOPs to speak of: the floor is the memory traffic.
 """
-import os
 
 import torch
 import triton
@@ -87,10 +86,6 @@ def _diff_weights_kernel(changed_ptr, lengths_ptr, scale_ptr, weights_ptr, last_
         tl.store(weights_row + offs, w, mask=offs < width)
         last = tl.maximum(last, tl.where(w != 0.0, offs.to(tl.int64), -1))
     tl.store(last_ptr + row, tl.max(last, axis=0))
-
-
-def triton_available(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def diff_weights_triton(changed: torch.Tensor, lengths: torch.Tensor, changed_weight: float, kept_weight: float,

@@ -390,8 +390,3 @@ def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlo
     if weight_grad and not weight_in_pass_a:
         pass_b()
     return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if bias_grad else None
-
-
-def triton_available(device: torch.device) -> bool:
-    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

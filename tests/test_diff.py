@@ -336,3 +336,38 @@ def test_weights_errors():
         diff_weights(changed, impl="cuda")
     with pytest.raises(ValueError, match="1-D bool"):
         diff_weights([torch.zeros(3)])
+
+
+@pytest.mark.parametrize("pure_python", [False, True])
+def test_a_missing_extension_stops_the_import_unless_asked_for_the_twin(pure_python):
+    """Without fastrft._diff (simulated in a fresh interpreter), importing fastrft.diff fails with the fix, unless
+    FASTRFT_PURE_PYTHON_DIFF=1 asks for the pure-Python twin, which then serves backend='auto'."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.modules['fastrft._diff'] = None\n"
+              "from fastrft.diff import diff_mask\n"
+              "print(diff_mask([1, 2, 3], [1, 5, 3]).tolist())")
+    env = {k: v for k, v in os.environ.items() if k != "FASTRFT_PURE_PYTHON_DIFF"}
+    if pure_python:
+        env["FASTRFT_PURE_PYTHON_DIFF"] = "1"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    if pure_python:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "[False, True, False]"
+    else:
+        assert out.returncode != 0
+        assert "C++ diff extension" in out.stderr and "FASTRFT_PURE_PYTHON_DIFF=1" in out.stderr
+        assert "pip install -e ." in out.stderr
+
+
+def test_weights_computed_on_another_device_come_back_there():
+    masks = [torch.tensor([False, True, False]), torch.tensor([True])]
+    here = diff_weights(masks, context=1)
+    moved = diff_weights(masks, context=1, device="cpu", impl="torch")
+    assert torch.equal(here.weights, moved.weights) and torch.equal(here.last_index, moved.last_index)
+    if torch.cuda.is_available():
+        on_gpu = diff_weights(masks, context=1, device="cuda")
+        assert on_gpu.weights.device.type == "cuda"
+        assert torch.equal(on_gpu.weights.cpu(), here.weights)

@@ -459,8 +459,8 @@ def test_module_with_tied_embeddings(impl):
 
 
 def test_default_impl_follows_device():
-    assert loss_module._resolve_impl(None, torch.device("cpu")) == "torch"
-    assert loss_module._resolve_impl(None, torch.device("cuda")) == "triton"
+    assert loss_module.resolve_impl(None, torch.device("cpu")) == "torch"
+    assert loss_module.resolve_impl(None, torch.device("cuda")) == "triton"
 
 
 BAD_INPUTS = [
@@ -499,7 +499,7 @@ def test_bad_input_is_a_value_error_that_names_it(case, message):
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="impl='triton' needs CUDA"):
-        loss_module._resolve_impl("triton", torch.device("cpu"))
+        loss_module.resolve_impl("triton", torch.device("cpu"))
 
 
 def test_convergence_matches_reference_path():

@@ -177,7 +177,7 @@ def edited(ids, gen, rate):
 @pytest.mark.parametrize("kind", ["qwen2-gqa", "gpt2-absolute-positions", "mistral-sliding-window"])
 def test_other_architectures(kind):
     """Random tiny models of other families: the drafts are their own greedy completions, edited at several rates;
-    the sliding-window model's cache would overflow its window with masked slots, so it decodes plainly."""
+    the sliding-window model decodes plainly (its cache drops slots by count, masked ones included)."""
     model, tokenizer = tiny_causal_lm(kind), IdTokenizer()
     gen = torch.Generator().manual_seed(0)
     prompt_ids = [[1] + torch.randint(3, 48, (int(torch.randint(2, 12, (1,), generator=gen)),), generator=gen)
@@ -191,7 +191,7 @@ def test_other_architectures(kind):
         assert stats.passes <= 24
         unchanged = both_paths(model, tokenizer, prompt_ids[::4], drafts[::4], 24)   # the rate-0 drafts
         assert_same(*unchanged[:2])
-        assert unchanged[2].passes == 1
+        assert unchanged[2].passes == 2   # 16 draft tokens with the prompt, then a block of the other 8
 
 
 def test_bf16_mismatches_only_at_rounding_ties():

@@ -53,7 +53,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastrft.loss import fused_rft_loss
+from fastrft.loss import IGNORE_INDEX, fused_rft_loss
 from fastrft.refiner import refine
 
 try:
@@ -66,7 +66,6 @@ except ImportError as err:  # the one place TRL is imported: one message whateve
 
 __all__ = ["FastRFTGRPOTrainer", "SUPPORTED_LOSS_TYPES"]
 
-IGNORE_INDEX = -100
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 # Batch fields of vision-language inputs: those models need a forward this trainer does not run.
 _MULTIMODAL_FIELDS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
