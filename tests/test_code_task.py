@@ -168,3 +168,32 @@ def test_task_rows_and_refine_template():
     text = task.refine_template.format(prompt=rows[0]["prompt"], response="```python\nprint(1)\n```")
     assert text.startswith(rows[0]["prompt"]) and "corrected program" in text
     assert task.reward_weights[0] == 1.0 and sum(task.reward_weights) == 1.0
+
+
+@needs_sandbox
+def test_task_evaluation_reports_pass_at_k():
+    """CodeTask.evaluate: the greedy scores and eval_pass@k from eval_samples sampled completions per problem (a
+    stand-in generate returns known programs: the right one for the first sample of the first problem only)."""
+    from fastrft.rollout import Samples
+
+    task = code.code_task(n_eval=2, eval_samples=4)
+    problems = {str(p["problem_id"]): p for p in code.load_problems(code.DEFAULT_PROBLEMS)}
+    solution = fenced(problems[task.eval_rows[0]["problem_id"]]["solutions"][0])
+    calls = []
+
+    class Tokenizer:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [len(calls), len(text)]}
+
+    def generate(model, tokenizer, prompt_ids, *, max_new_tokens, num_samples=1, greedy=False, **kwargs):
+        calls.append((num_samples, greedy))
+        texts = [solution if i == 0 else fenced("print(0)") for i in range(len(prompt_ids) * num_samples)]
+        return Samples(prompt_ids, [[1]] * len(texts), texts, [False] * len(texts))
+
+    metrics = task.evaluate(None, Tokenizer(), task.eval_rows, max_new_tokens=64, generate=generate)
+    assert calls == [(1, True), (4, False)]
+    assert metrics["eval_pass@1"] == pytest.approx((1 / 4 + 0) / 2)
+    assert "eval_pass@5" not in metrics   # k larger than the samples drawn
+    assert metrics["eval_all_pass"] == pytest.approx(0.5) and "eval_reward" in metrics
+    with pytest.raises(ValueError, match="eval_samples must be an int >= 1"):
+        code.code_task(eval_samples=0)

@@ -21,7 +21,8 @@ Rewards (TRL convention; each called with the task's columns ``tests``, ``fn_nam
                   their means are the rates in the logs
 
 Degenerate completions are not run. ``pass_at_k`` gives the unbiased pass@k estimate over several samples per
-problem (Chen et al., 2021), from the all-pass results.
+problem (Chen et al., 2021), from the all-pass results; the task's evaluation (``CodeTask.evaluate``) reports it as
+``eval_pass@k`` beside the greedy scores.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import random
 import re
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastrft import sandbox
@@ -289,6 +290,36 @@ def evaluate_pass_at_k(scorer: CodeScorer, rows: list[dict], samples: list[list[
     return metrics
 
 
+@dataclass
+class CodeTask(Task):
+    """The code task, whose held-out evaluation adds pass@k to the greedy scores: eval_samples completions of each
+    held-out problem at eval_temperature, all-pass results, eval_pass@k for each k in pass_ks up to eval_samples."""
+    scorer: CodeScorer | None = None
+    eval_samples: int = 5
+    eval_temperature: float = 0.8
+    pass_ks: tuple[int, ...] = field(default=(1, 5))
+
+    def evaluate(self, model, tokenizer, rows: list[dict], *, max_new_tokens: int, batch_size: int = 256,
+                 generate=None) -> dict:
+        from fastrft.rollout import encode_prompts
+        from fastrft.rollout import generate as default_generate
+
+        metrics = super().evaluate(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   generate=generate)
+        if not rows:
+            return metrics
+        n = self.eval_samples
+        samples = (generate or default_generate)(model, tokenizer,
+                                                 encode_prompts(tokenizer, [r["prompt"] for r in rows]),
+                                                 max_new_tokens=max_new_tokens, num_samples=n,
+                                                 temperature=self.eval_temperature, batch_size=batch_size)
+        groups = [samples.texts[i * n:(i + 1) * n] for i in range(len(rows))]
+        ks = tuple(k for k in self.pass_ks if k <= n)
+        pass_at = evaluate_pass_at_k(self.scorer, rows, groups, ks=ks)
+        metrics.update({f"eval_pass@{k}": pass_at[f"pass@{k}"] for k in ks})
+        return metrics
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Rows and the task
 
@@ -322,20 +353,27 @@ def load_problems(path) -> list[dict]:
 
 def code_task(dataset: str | None = None, *, n_eval: int = 6, seed: int = 0, timeout_s: float = 4.0,
               memory_mb: int = 1024, workers: int = 8, max_tests: int | None = None,
-              degenerate_reward: float = -0.5, max_new_tokens: int = 512, unsafe: bool = False) -> Task:
+              degenerate_reward: float = -0.5, max_new_tokens: int = 512, unsafe: bool = False,
+              eval_samples: int = 5, eval_temperature: float = 0.8) -> CodeTask:
     """The code task over ``dataset`` (an APPS-format JSONL; default: the embedded problems), ``n_eval`` problems
     held out (a seeded shuffle). ``timeout_s``/``memory_mb`` are per-test sandbox limits; ``max_tests`` caps the tests
     run per problem; ``degenerate_reward`` is the pass_rate reward of an empty, truncated, looping or unparseable
-    completion (below a wrong but well-formed program's 0.0)."""
+    completion (below a wrong but well-formed program's 0.0). Evaluation adds pass@1 and pass@5 from
+    ``eval_samples`` completions per held-out problem at ``eval_temperature``."""
     problems = load_problems(dataset or DEFAULT_PROBLEMS)
     if not 0 <= n_eval < len(problems):
         raise ValueError(f"code_task: n_eval={n_eval} must leave training problems out of {len(problems)}")
+    if isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples < 1:
+        raise ValueError(f"code_task: eval_samples must be an int >= 1, got {eval_samples!r}")
+    if not (isinstance(eval_temperature, (int, float)) and math.isfinite(eval_temperature) and eval_temperature > 0):
+        raise ValueError(f"code_task: eval_temperature must be a finite number > 0, got {eval_temperature!r}")
     order = list(range(len(problems)))
     random.Random(seed).shuffle(order)
     rows = [problem_to_row(problems[i]) for i in order]
     scorer = CodeScorer(timeout_s=timeout_s, memory_mb=memory_mb, workers=workers, max_tests=max_tests,
                         unsafe=unsafe)
     reward_funcs = make_reward_funcs(scorer, degenerate_reward=degenerate_reward, max_new_tokens=max_new_tokens)
-    return Task(name="code", train_rows=rows[n_eval:], eval_rows=rows[:n_eval], reward_funcs=reward_funcs,
-                reward_weights=[1.0] + [0.0] * (len(reward_funcs) - 1), refine_template=REFINE_TEMPLATE,
-                parse_refinement=parse_refinement, max_new_tokens=max_new_tokens)
+    return CodeTask(name="code", train_rows=rows[n_eval:], eval_rows=rows[:n_eval], reward_funcs=reward_funcs,
+                    reward_weights=[1.0] + [0.0] * (len(reward_funcs) - 1), refine_template=REFINE_TEMPLATE,
+                    parse_refinement=parse_refinement, max_new_tokens=max_new_tokens, scorer=scorer,
+                    eval_samples=eval_samples, eval_temperature=float(eval_temperature))
