@@ -53,22 +53,24 @@ class _ChunkedTorchHead:
     def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature):
         weight32 = weight.float()
         chunk = max(1, _TORCH_CHUNK_ELEMS // weight.shape[0])
-        lse, target_logit, mean_logit = [], [], []
+        stats = []   # per chunk: (row_max, rest, dsum, target_logit), as the kernels define them
         for rows_c in rows.split(chunk):
             logits = _ChunkedTorchHead._logits(hidden[rows_c], weight32, bias, inv_temperature)
-            lse_c = torch.logsumexp(logits, dim=1)
-            lse.append(lse_c)
-            target_logit.append(logits.gather(1, targets[rows_c, None]).squeeze(1))
-            probs = logits.sub(lse_c[:, None]).exp_()
-            mean_logit.append(probs.mul_(logits).sum(1))
-        if not lse:
-            empty = hidden.new_empty(0, dtype=torch.float32)
-            return empty, empty.clone(), empty.clone()
-        return torch.cat(lse), torch.cat(target_logit), torch.cat(mean_logit)
+            row_max = logits.max(1).values
+            target_logit = logits.gather(1, targets[rows_c, None]).squeeze(1)
+            gap = logits.neg_().add_(row_max[:, None])           # M - z >= 0, written over the logits
+            at_max = gap == 0
+            e = gap.neg().exp_()
+            dsum = (e * gap).sum(1)
+            rest = e.masked_fill_(at_max, 0.0).sum(1) + at_max.sum(1) - 1
+            stats.append((row_max, rest, dsum, target_logit))
+        if not stats:
+            return tuple(hidden.new_empty(0, dtype=torch.float32) for _ in range(4))
+        return tuple(torch.cat(column) for column in zip(*stats))
 
     @staticmethod
-    def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlogp, dentropy, inv_temperature,
-                           weight_grad, bias_grad):
+    def fused_rft_backward(hidden, weight, bias, targets, rows, lse, row_max, spread, one_minus_pt, dlogp, dentropy,
+                           inv_temperature, weight_grad, bias_grad):
         weight32 = weight.float()
         grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
         grad_weight = torch.zeros_like(weight32) if weight_grad else None
@@ -79,12 +81,14 @@ class _ChunkedTorchHead:
             rows_c = rows[sl]
             hidden_c = hidden[rows_c].float()
             logits = _ChunkedTorchHead._logits(hidden_c, weight32, bias, inv_temperature)
-            probs = logits.sub(lse[sl, None]).exp_()
+            probs = (logits - lse[sl, None]).exp_()
             if dentropy is not None:
-                # dH/dz = p (mean_z - z), written over the logits, which are not needed after this.
-                entropy_term = logits.neg_().add_(mean_logit[sl, None]).mul_(probs).mul_(dentropy[sl, None])
+                # dH/dz = p ((M - z) - spread), written over the logits, which are not needed after this.
+                entropy_term = logits.neg_().add_(row_max[sl, None]).sub_(spread[sl, None]).mul_(probs) \
+                    .mul_(dentropy[sl, None])
             dlogits = probs.mul_(-dlogp[sl, None])
-            dlogits.scatter_add_(1, targets[rows_c, None], dlogp[sl, None])
+            # The target's 1 - p_t from the accurate logp: 1 - p would cancel when p_t is near 1.
+            dlogits.scatter_(1, targets[rows_c, None], (dlogp[sl] * one_minus_pt[sl])[:, None])
             if dentropy is not None:
                 dlogits += entropy_term
             dlogits *= inv_temperature
@@ -111,30 +115,34 @@ def _backend(impl: str):
 @torch.library.custom_op("fastrft::lm_head_stats", mutates_args=())
 def _lm_head_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                    ignore_index: int, inv_temperature: float, impl: str
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hidden [N, H], weight [V, H], bias [V] | None, targets [N]) -> (logp, entropy, lse, mean_logit), fp32 [N],
-    0 on ignored rows. A custom op, so that torch.compile keeps it whole in its graph; the ignored rows are dropped
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [N, H], weight [V, H], bias [V] | None, targets [N]) -> (logp, entropy, lse, row_max, spread), fp32
+    [N], 0 on ignored rows (the statistics of fastrft.kernels.fused_rft's docstring, formed so that nothing cancels
+    on a peaked row). A custom op, so that torch.compile keeps it whole in its graph; the ignored rows are dropped
     here, inside the op, where a data-dependent shape costs the compiler nothing."""
     _check_targets(targets, weight.shape[0], ignore_index)
     rows = (targets != ignore_index).nonzero().squeeze(1)
-    lse, target_logit, mean_logit = _backend(impl).fused_rft_forward(hidden, weight, bias, targets, rows,
-                                                                     inv_temperature)
-    outputs = tuple(torch.zeros(targets.shape, device=hidden.device, dtype=torch.float32) for _ in range(4))
-    for output, values in zip(outputs, (target_logit - lse, lse - mean_logit, lse, mean_logit)):
-        output[rows] = values
+    row_max, rest, dsum, target_logit = _backend(impl).fused_rft_forward(hidden, weight, bias, targets, rows,
+                                                                         inv_temperature)
+    log_total = torch.log1p(rest)
+    spread = dsum / (1.0 + rest)
+    values = ((target_logit - row_max) - log_total, log_total + spread, row_max + log_total, row_max, spread)
+    outputs = tuple(torch.zeros(targets.shape, device=hidden.device, dtype=torch.float32) for _ in range(5))
+    for output, value in zip(outputs, values):
+        output[rows] = value
     return outputs
 
 
 @_lm_head_stats.register_fake
 def _(hidden, weight, bias, targets, ignore_index, inv_temperature, impl):
-    return tuple(hidden.new_empty(targets.shape, dtype=torch.float32) for _ in range(4))
+    return tuple(hidden.new_empty(targets.shape, dtype=torch.float32) for _ in range(5))
 
 
 @torch.library.custom_op("fastrft::lm_head_stats_backward", mutates_args=())
 def _lm_head_stats_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            targets: torch.Tensor, lse: torch.Tensor, mean_logit: torch.Tensor,
-                            grad_logp: torch.Tensor, grad_entropy: torch.Tensor, ignore_index: int,
-                            inv_temperature: float, impl: str, weight_grad: bool, bias_grad: bool
+                            targets: torch.Tensor, logp: torch.Tensor, lse: torch.Tensor, row_max: torch.Tensor,
+                            spread: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor,
+                            ignore_index: int, inv_temperature: float, impl: str, weight_grad: bool, bias_grad: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of hidden, weight and bias (empty tensors where not wanted). Only rows whose incoming gradient is
     non-zero are visited: ignored, clipped and zero-coefficient rows cost no gradient work."""
@@ -143,34 +151,36 @@ def _lm_head_stats_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Op
     active = valid & ((grad_logp != 0) | (grad_entropy != 0)) if has_entropy else valid & (grad_logp != 0)
     rows = active.nonzero().squeeze(1)
     grad_hidden, grad_weight, grad_bias = _backend(impl).fused_rft_backward(
-        hidden, weight, bias, targets, rows, lse[rows], mean_logit[rows], grad_logp[rows].float(),
-        grad_entropy[rows].float() if has_entropy else None, inv_temperature, weight_grad, bias_grad)
+        hidden, weight, bias, targets, rows, lse[rows], row_max[rows], spread[rows], -torch.expm1(logp[rows]),
+        grad_logp[rows].float(), grad_entropy[rows].float() if has_entropy else None, inv_temperature, weight_grad,
+        bias_grad)
     # A custom op's outputs may not alias: each absent gradient is its own empty tensor.
     return (grad_hidden, grad_weight if weight_grad else hidden.new_empty(0),
             grad_bias if bias_grad else hidden.new_empty(0))
 
 
 @_lm_head_stats_backward.register_fake
-def _(hidden, weight, bias, targets, lse, mean_logit, grad_logp, grad_entropy, ignore_index, inv_temperature, impl,
-      weight_grad, bias_grad):
+def _(hidden, weight, bias, targets, logp, lse, row_max, spread, grad_logp, grad_entropy, ignore_index,
+      inv_temperature, impl, weight_grad, bias_grad):
     return (torch.empty_like(hidden), torch.empty_like(weight) if weight_grad else hidden.new_empty(0),
             torch.empty_like(bias) if bias_grad else hidden.new_empty(0))
 
 
 def _lm_head_stats_setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, ignore_index, inv_temperature, impl = inputs
-    ctx.save_for_backward(hidden, weight, bias, targets, output[2], output[3])
+    logp, _, lse, row_max, spread = output
+    ctx.save_for_backward(hidden, weight, bias, targets, logp, lse, row_max, spread)
     ctx.ignore_index, ctx.inv_temperature, ctx.impl = ignore_index, inv_temperature, impl
 
 
-def _lm_head_stats_autograd(ctx, grad_logp, grad_entropy, _grad_lse, _grad_mean_logit):
-    hidden, weight, bias, targets, lse, mean_logit = ctx.saved_tensors
+def _lm_head_stats_autograd(ctx, grad_logp, grad_entropy, _grad_lse, _grad_row_max, _grad_spread):
+    hidden, weight, bias, targets, logp, lse, row_max, spread = ctx.saved_tensors
     grad_logp = grad_logp if grad_logp is not None else torch.zeros_like(lse)
     grad_entropy = grad_entropy if grad_entropy is not None else torch.zeros_like(lse)
     weight_grad = ctx.needs_input_grad[1]
     bias_grad = bias is not None and ctx.needs_input_grad[2]
     grad_hidden, grad_weight, grad_bias = _lm_head_stats_backward(
-        hidden, weight, bias, targets, lse, mean_logit, grad_logp, grad_entropy, ctx.ignore_index,
+        hidden, weight, bias, targets, logp, lse, row_max, spread, grad_logp, grad_entropy, ctx.ignore_index,
         ctx.inv_temperature, ctx.impl, weight_grad, bias_grad)
     return (grad_hidden if ctx.needs_input_grad[0] else None, grad_weight if weight_grad else None,
             grad_bias if bias_grad else None, None, None, None, None)
@@ -314,7 +324,7 @@ def fused_rft_loss(
                          "was given")
     impl = resolve_impl(impl, device)
 
-    logp, entropy, _, _ = _lm_head_stats(hidden2d, weight, bias, targets_flat, ignore_index, 1.0 / temperature, impl)
+    logp, entropy = _lm_head_stats(hidden2d, weight, bias, targets_flat, ignore_index, 1.0 / temperature, impl)[:2]
 
     valid = targets_flat != ignore_index
     zeros = torch.zeros_like(logp)

@@ -2,19 +2,23 @@
 
 Math, per selected row i (z are the tempered logits, never stored):
     z_ij      = (h_i . W_j + b_j) / T                      h: hidden [N, H], W: weight [V, H], b: bias [V]
-    lse_i     = log sum_j exp(z_ij)
-    logp_i    = z_i,t_i - lse_i                            t: targets [N]
-    mean_z_i  = sum_j p_ij z_ij      (p = softmax(z))      entropy_i = lse_i - mean_z_i
-The loss of the caller is a function of (logp_i, entropy_i) only, so the backward pass needs just two scalars per
-row, dlogp_i = dL/dlogp_i and dent_i = dL/dentropy_i, to form the logit gradient
-    dL/dz_ij  = dlogp_i (1[j = t_i] - p_ij) + dent_i p_ij (mean_z_i - z_ij)
-and from it grad_h = (dL/dz / T) W, grad_W = (dL/dz / T)^T h, grad_b = colsum(dL/dz / T).
+    M_i       = max_j z_ij,  e_ij = exp(z_ij - M_i)        t: targets [N]
+    rest_i    = sum_j e_ij - 1  (every term but one maximum's 1, summed apart so that a peaked row keeps it)
+    spread_i  = sum_j e_ij (M_i - z_ij) / (1 + rest_i)     = M_i - mean_z_i, a sum of non-negative terms
+    lse_i     = M_i + log1p(rest_i),  logp_i = (z_i,t_i - M_i) - log1p(rest_i),  entropy_i = log1p(rest_i) + spread_i
+None of these cancels: at realistic logit scales (~20) the textbook lse - z_t and lse - mean_z lose about 2e-6 to
+fp32 rounding, which is all of logp, entropy and 1 - p_t on a row whose target has p near 1 (most of a confident
+policy's tokens). The loss of the caller is a function of (logp_i, entropy_i) only, so the backward pass needs just
+two scalars per row, dlogp_i = dL/dlogp_i and dent_i = dL/dentropy_i, to form the logit gradient
+    dL/dz_ij  = dlogp_i (1[j = t_i] - p_ij) + dent_i p_ij ((M_i - z_ij) - spread_i)
+with 1 - p_t = -expm1(logp_t) from the accurate logp, and from it grad_h = (dL/dz / T) W, grad_W = (dL/dz / T)^T h,
+grad_b = colsum(dL/dz / T).
 
 Kernels:
     _fused_rft_fwd_kernel   grid (row blocks, vocabulary splits): one sweep over its split of the vocabulary per
-                            row block with an online log-sum-exp; reads h once per vocab tile and W once per row
-                            block; writes 4 floats a row and split, merged on the host side (splits fill the GPU
-                            when there are few row blocks).
+                            row block with an online (max, rest, spread sum); reads h once per vocab tile and W once
+                            per row block; writes 4 floats a row and split, merged on the host side (splits fill the
+                            GPU when there are few row blocks).
     _fused_rft_bwd_kernel   grid (row blocks, vocab blocks) of one slab: recomputes a [BLOCK_M, BLOCK_V] logit tile,
                             forms dL/dz in fp32 registers and stores it, in the weight's dtype, into a bounded slab
                             of dL/dz (rows x vocabulary entries); the [N, V] logits never exist.
@@ -39,6 +43,19 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _rounded(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 x in dtype, rounded to nearest even as the GPU does. UPCAST (bf16 inputs in the Triton interpreter,
+    which truncates fp32 to bf16, doubling the error): there a bf16 result is rounded on the bits."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(dtype)
+    return y
 
 
 @triton.jit
@@ -73,13 +90,15 @@ def _logit_tile(
 
 @triton.jit
 def _fused_rft_fwd_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, max_ptr, sum_ptr, zsum_ptr, target_logit_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, max_ptr, rest_ptr, dsum_ptr, target_logit_ptr,
     n_rows, H, V, split_width, stride_h, stride_w, inv_temperature,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Online softmax statistics of rows[block] over the vocabulary split program_id(1) (split_width entries),
-    written to row (split * n_rows + slot) of the [splits, n_rows] partials."""
+    written to row (split * n_rows + slot) of the [splits, n_rows] partials: the maximum m, rest = sum_j
+    exp(z_j - m) - 1 (without the one maximum's term, so nothing cancels), dsum = sum_j exp(z_j - m) (m - z_j), and
+    the target's logit where it falls in the split."""
     slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = slots < n_rows
     row_ids = tl.load(rows_ptr + slots, mask=row_ok, other=0).to(tl.int64)
@@ -88,8 +107,8 @@ def _fused_rft_fwd_kernel(
     split_end = tl.minimum(split_start + split_width, V)
 
     running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)       # sum_j exp(z_j - running_max)
-    running_zsum = tl.zeros((BLOCK_M,), dtype=tl.float32)      # sum_j exp(z_j - running_max) * z_j
+    running_rest = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    running_dsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for v0 in range(split_start, split_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
@@ -97,23 +116,34 @@ def _fused_rft_fwd_kernel(
         z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, row_ids, row_ok, cols, col_ok, H, stride_h, stride_w,
                         inv_temperature, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
-        new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        rescale = tl.exp(running_max - new_max)
-        p = tl.exp(z - new_max[:, None])
-        running_sum = running_sum * rescale + tl.sum(p, axis=1)
-        running_zsum = running_zsum * rescale + tl.sum(p * tl.where(col_ok[None, :], z, 0.0), axis=1)
+        tile_max = tl.max(z, axis=1)
+        new_max = tl.maximum(running_max, tile_max)
+        moved = tile_max > running_max            # the maximum is now in this tile (always so on the first)
+        started = running_max > float("-inf")
+        rescale = tl.exp(running_max - new_max)   # 0 before the first tile
+        e = tl.exp(z - new_max[:, None])          # 0 beyond the vocabulary
+        at_max = z == new_max[:, None]
+        # The sums so far, rescaled to the new maximum: the old maximum's 1 joins the rest when the maximum moves.
+        old_total = tl.where(started, 1.0 + running_rest, 0.0)
+        max_step = tl.where(started, new_max - running_max, 0.0)
+        running_dsum = rescale * (running_dsum + max_step * old_total)
+        running_dsum += tl.sum(tl.where(col_ok[None, :] & ~at_max, e * (new_max[:, None] - z), 0.0), axis=1)
+        running_rest = running_rest * rescale + tl.where(moved, rescale, 0.0) \
+            + tl.sum(tl.where(at_max, 0.0, e), axis=1) + tl.sum(at_max.to(tl.float32), axis=1) \
+            - tl.where(moved, 1.0, 0.0)
         running_max = new_max
     out = tl.program_id(1) * n_rows + slots
     tl.store(max_ptr + out, running_max, mask=row_ok)
-    tl.store(sum_ptr + out, running_sum, mask=row_ok)
-    tl.store(zsum_ptr + out, running_zsum, mask=row_ok)
+    tl.store(rest_ptr + out, running_rest, mask=row_ok)
+    tl.store(dsum_ptr + out, running_dsum, mask=row_ok)
     tl.store(target_logit_ptr + out, target_logit, mask=row_ok)
 
 
 @triton.jit
 def _fused_rft_bwd_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, lse_ptr, mean_logit_ptr, dlogp_ptr, dentropy_ptr,
-    dlogits_ptr, n_rows, H, vocab_start, vocab_end, stride_h, stride_w, stride_dl, inv_temperature,
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, lse_ptr, max_ptr, spread_ptr, one_minus_pt_ptr,
+    dlogp_ptr, dentropy_ptr, dlogits_ptr, n_rows, H, vocab_start, vocab_end, stride_h, stride_w, stride_dl,
+    inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -131,14 +161,18 @@ def _fused_rft_bwd_kernel(
     lse = tl.load(lse_ptr + slots, mask=row_ok, other=0.0)
     dlogp = tl.load(dlogp_ptr + slots, mask=row_ok, other=0.0)
     p = tl.exp(z - lse[:, None])
-    # (1[j = t] - p) is formed in fp32: in bf16 the target term cancels catastrophically when p_t is near 1.
-    dz = dlogp[:, None] * (tl.where(cols[None, :] == targets[:, None], 1.0, 0.0) - p)
+    # The target's 1 - p_t comes from the accurate logp (-expm1(logp_t)): formed here as 1 - p it would cancel when
+    # p_t is near 1, in fp32 as well as in bf16.
+    one_minus_pt = tl.load(one_minus_pt_ptr + slots, mask=row_ok, other=0.0)
+    dz = dlogp[:, None] * tl.where(cols[None, :] == targets[:, None], one_minus_pt[:, None], -p)
     if HAS_ENTROPY:
-        mean_logit = tl.load(mean_logit_ptr + slots, mask=row_ok, other=0.0)
+        row_max = tl.load(max_ptr + slots, mask=row_ok, other=0.0)
+        spread = tl.load(spread_ptr + slots, mask=row_ok, other=0.0)
         dentropy = tl.load(dentropy_ptr + slots, mask=row_ok, other=0.0)
-        dz += dentropy[:, None] * p * (mean_logit[:, None] - tl.where(col_ok[None, :], z, 0.0))
+        # mean_z - z_j as (M - z_j) - spread: exactly -spread at the maximum, no large terms cancelling.
+        dz += dentropy[:, None] * p * (tl.where(col_ok[None, :], row_max[:, None] - z, 0.0) - spread[:, None])
     slab_offsets = slots.to(tl.int64)[:, None] * stride_dl + slab_cols[None, :]   # a large slab may pass 2**31
-    tl.store(dlogits_ptr + slab_offsets, (dz * inv_temperature).to(dlogits_ptr.dtype.element_ty),
+    tl.store(dlogits_ptr + slab_offsets, _rounded(dz * inv_temperature, dlogits_ptr.dtype.element_ty, UPCAST),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -193,26 +227,19 @@ def _slab_matmul_kernel(
     c_ok = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=c_ok, other=0.0)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(c_ptrs, _rounded(acc, c_ptr.dtype.element_ty, UPCAST), mask=c_ok)
 
 
-def _block_config(device: torch.device, vocab_size: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) of the logit kernels. In the interpreter, where each tile
-    op is emulated with numpy at a fixed cost, small tiles exercise the multi-tile paths at test shapes and wide
-    vocabulary tiles keep large vocabularies affordable; on the GPU, bf16 tensor-core tiles. fp32 operands take half
-    the K depth: three pipeline stages of 64-deep fp32 tiles need 144 KB of shared memory, past the 99 KB of sm_89
-    (L40, RTX 4090)."""
-    if device.type != "cuda":
-        return 16, (32 if vocab_size <= 4096 else 1024), 16, 1, 1
+def _block_config(dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) of the logit kernels: bf16 tensor-core tiles, the same on
+    the GPU and in the interpreter (the tests run what ships). fp32 operands take half the K depth: three pipeline
+    stages of 64-deep fp32 tiles need 144 KB of shared memory, past the 99 KB of sm_89 (L40, RTX 4090)."""
     return 64, 128, 32 if dtype == torch.float32 else 64, 8, 3
 
 
-def _matmul_config(device: torch.device, M: int, K: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of _slab_matmul_kernel for an [M, K] @ [K, *]
-    product: Triton's H100 bf16 GEMM tiles on the GPU (fp32 at half the K depth, as above); in the interpreter small
-    tiles, tall ones for a large vocabulary's M and long K steps for its reduction."""
-    if device.type != "cuda":
-        return (16 if M <= 4096 else 1024), 16, (16 if K <= 4096 else 512), 4, 1, 1
+def _matmul_config(dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of _slab_matmul_kernel: Triton's H100 bf16 GEMM
+    tiles (fp32 at half the K depth, as above), on the GPU and in the interpreter alike."""
     return 128, 128, 32 if dtype == torch.float32 else 64, 8, 8, 3
 
 
@@ -241,39 +268,41 @@ def _multiprocessors(device: torch.device) -> int:
 def _vocab_splits(device: torch.device, row_blocks: int, vocab_tiles: int) -> int:
     """How many programs share each row block's sweep over the vocabulary. One per row block leaves most of the GPU
     idle below ~64 * SMs rows (8192 on an H100), so the sweep is split until about two programs run per SM; the
-    partial statistics are merged in fused_rft_forward. The interpreter splits in three to exercise the merge."""
+    partial statistics are merged in fused_rft_forward. The interpreter has no SMs to fill: one sweep."""
     if device.type != "cuda":
-        return min(3, vocab_tiles)
+        return 1
     return max(1, min(vocab_tiles, triton.cdiv(2 * _multiprocessors(device), row_blocks)))
 
 
-def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature: float):
-    """Per selected row (rows: int64 [R] indices into hidden): (lse, target_logit, mean_logit), each fp32 [R].
-    targets[rows] must lie in [0, V): the caller validates them."""
+def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature: float, vocab_splits: int | None = None):
+    """Per selected row (rows: int64 [R] indices into hidden): (row_max, rest, dsum, target_logit), each fp32 [R]
+    (the module docstring's statistics; dsum is spread * (1 + rest)). targets[rows] must lie in [0, V): the caller
+    validates them. vocab_splits: programs per row block's sweep (default: enough to fill the GPU; tests set it to
+    reach the merge of the partial states)."""
     _check(hidden, weight, bias, targets, rows)
     n_rows, (V, H) = rows.numel(), weight.shape
     if n_rows == 0:
-        return tuple(torch.empty(0, device=hidden.device, dtype=torch.float32) for _ in range(3))
-    block_m, block_v, block_k, num_warps, num_stages = _block_config(hidden.device, V, hidden.dtype)
+        return tuple(torch.empty(0, device=hidden.device, dtype=torch.float32) for _ in range(4))
+    block_m, block_v, block_k, num_warps, num_stages = _block_config(hidden.dtype)
     row_blocks, vocab_tiles = triton.cdiv(n_rows, block_m), triton.cdiv(V, block_v)
-    splits = _vocab_splits(hidden.device, row_blocks, vocab_tiles)
+    splits = min(vocab_tiles, vocab_splits or _vocab_splits(hidden.device, row_blocks, vocab_tiles))
     split_width = triton.cdiv(vocab_tiles, splits) * block_v
     splits = triton.cdiv(V, split_width)   # no split left empty
-    partial_max, partial_sum, partial_zsum, partial_target = torch.empty(
+    partial_max, partial_rest, partial_dsum, partial_target = torch.empty(
         4, splits, n_rows, device=hidden.device, dtype=torch.float32)
     _fused_rft_fwd_kernel[(row_blocks, splits)](
-        hidden, weight, bias if bias is not None else weight, targets, rows, partial_max, partial_sum, partial_zsum,
+        hidden, weight, bias if bias is not None else weight, targets, rows, partial_max, partial_rest, partial_dsum,
         partial_target, n_rows, H, V, split_width, hidden.stride(0), weight.stride(0), inv_temperature,
         HAS_BIAS=bias is not None, **_dot_flags(hidden),
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
-    # Merge the splits' online-softmax states: rescale each to the overall maximum.
+    # Merge the splits' states at the overall maximum; the first split holding it keeps its 1 out of the rest.
     row_max = partial_max.max(0).values
     scale = torch.exp(partial_max - row_max)
-    total = (partial_sum * scale).sum(0)
-    lse = row_max + torch.log(total)
-    mean_logit = (partial_zsum * scale).sum(0) / total
-    return lse, partial_target.sum(0), mean_logit
+    holds_max = torch.zeros_like(scale).scatter_(0, partial_max.argmax(0, keepdim=True), 1.0)
+    rest = (scale * partial_rest).sum(0) + (scale * (1.0 - holds_max)).sum(0)
+    dsum = (scale * (partial_dsum + (row_max - partial_max) * (1.0 + partial_rest))).sum(0)
+    return row_max, rest, dsum, partial_target.sum(0)
 
 
 def _workspace_bytes_from_env() -> int:
@@ -297,7 +326,7 @@ def _matmul(a, b, c, *, a_transposed: bool, b_rows=None, accumulate: bool):
     """c (+)= a @ b[b_rows] (a: [M, K], or its transpose stored [K, M] when a_transposed; b: [*, N]; c: [M, N])."""
     M, N = c.shape
     K = a.shape[0] if a_transposed else a.shape[1]
-    block_m, block_n, block_k, group_m, num_warps, num_stages = _matmul_config(c.device, M, K, a.dtype)
+    block_m, block_n, block_k, group_m, num_warps, num_stages = _matmul_config(a.dtype)
     _slab_matmul_kernel[(triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)](
         a, b, b_rows if b_rows is not None else a, c, M, N, K, a.stride(0), a.stride(0), b.stride(0), c.stride(0),
         A_TRANSPOSED=a_transposed, GATHER_B=b_rows is not None, ACCUMULATE=accumulate, **_dot_flags(a),
@@ -317,11 +346,12 @@ def accumulator_row_bytes(hidden_size: int, dtype: torch.dtype) -> float:
     return 4 * hidden_size + cast
 
 
-def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlogp, dentropy, inv_temperature: float,
-                       weight_grad: bool, bias_grad: bool):
+def fused_rft_backward(hidden, weight, bias, targets, rows, lse, row_max, spread, one_minus_pt, dlogp, dentropy,
+                       inv_temperature: float, weight_grad: bool, bias_grad: bool):
     """Gradients (hidden, weight or None, bias or None) in the inputs' dtypes for the loss whose derivatives with
-    respect to the selected rows' log-probs and entropies are dlogp and dentropy (fp32 [R], or dentropy None).
-    rows must not repeat (torch.nonzero's are unique)."""
+    respect to the selected rows' log-probs and entropies are dlogp and dentropy (fp32 [R], or dentropy None), given
+    the rows' forward statistics (lse, row_max, spread and the target's 1 - p_t, fp32 [R]). rows must not repeat
+    (torch.nonzero's are unique)."""
     _check(hidden, weight, bias, targets, rows)
     (V, H), device, dtype = weight.shape, hidden.device, hidden.dtype
     n_rows, elem = rows.numel(), hidden.element_size()
@@ -333,7 +363,7 @@ def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlo
     grad_bias = torch.zeros(V, device=device, dtype=torch.float32) if bias_grad else None
     if n_rows == 0:
         return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if bias_grad else None
-    block_m, block_v, block_k, num_warps, num_stages = _block_config(device, V, dtype)
+    block_m, block_v, block_k, num_warps, num_stages = _block_config(dtype)
     dentropy_or_any = dentropy if dentropy is not None else dlogp
 
     def dlogits_slab(out, row_start, vocab_start):
@@ -342,8 +372,9 @@ def fused_rft_backward(hidden, weight, bias, targets, rows, lse, mean_logit, dlo
         grid = (triton.cdiv(out.shape[0], block_m), triton.cdiv(out.shape[1], block_v))
         _fused_rft_bwd_kernel[grid](
             hidden, weight, bias if bias is not None else weight, targets, rows[rows_s], lse[rows_s],
-            mean_logit[rows_s], dlogp[rows_s], dentropy_or_any[rows_s], out, out.shape[0], H, vocab_start,
-            vocab_start + out.shape[1], hidden.stride(0), weight.stride(0), out.stride(0), inv_temperature,
+            row_max[rows_s], spread[rows_s], one_minus_pt[rows_s], dlogp[rows_s], dentropy_or_any[rows_s], out,
+            out.shape[0], H, vocab_start, vocab_start + out.shape[1], hidden.stride(0), weight.stride(0),
+            out.stride(0), inv_temperature,
             HAS_BIAS=bias is not None, HAS_ENTROPY=dentropy is not None, **_dot_flags(hidden),
             BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )

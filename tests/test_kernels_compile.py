@@ -50,18 +50,18 @@ def fused_rft_variants():
     cuda = torch.device("cuda")
     for dtype, name in DTYPES.items():
         dot = fused_rft._dot_flags(SimpleNamespace(dtype=dtype, device=cuda))
-        block_m, block_v, block_k, num_warps, num_stages = fused_rft._block_config(cuda, 151936, dtype)
+        block_m, block_v, block_k, num_warps, num_stages = fused_rft._block_config(dtype)
         blocks = dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k)
         launch = dict(num_warps=num_warps, num_stages=num_stages)
         types = {"hidden_ptr": f"*{name}", "weight_ptr": f"*{name}", "bias_ptr": f"*{name}", "targets_ptr": "*i64",
                  "rows_ptr": "*i64", "dlogits_ptr": f"*{name}", "inv_temperature": "fp32"}
-        types |= {p: "*fp32" for p in ("max_ptr", "sum_ptr", "zsum_ptr", "target_logit_ptr", "lse_ptr",
-                                        "mean_logit_ptr", "dlogp_ptr", "dentropy_ptr")}
+        types |= {p: "*fp32" for p in ("max_ptr", "rest_ptr", "dsum_ptr", "target_logit_ptr", "lse_ptr",
+                                        "spread_ptr", "one_minus_pt_ptr", "dlogp_ptr", "dentropy_ptr")}
         yield f"fwd {name}", fused_rft._fused_rft_fwd_kernel, types, dict(HAS_BIAS=True, **dot, **blocks), launch
         yield (f"bwd {name}", fused_rft._fused_rft_bwd_kernel, types, dict(HAS_BIAS=True, HAS_ENTROPY=True) | dot
                | blocks, launch)
 
-        block_m, block_n, block_k, group_m, num_warps, num_stages = fused_rft._matmul_config(cuda, 4096, 8192, dtype)
+        block_m, block_n, block_k, group_m, num_warps, num_stages = fused_rft._matmul_config(dtype)
         blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m)
         launch = dict(num_warps=num_warps, num_stages=num_stages)
         # grad_h += dL/dz @ W into fp32; grad_W = (dL/dz)^T @ hidden[rows], fp32 ones accumulated in place.

@@ -10,8 +10,12 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import triton
+import triton.language as tl
+
 import fastrft
 from fastrft import loss as loss_module
+from fastrft.kernels.fused_rft import _rounded
 
 IMPLS = ["torch", "triton"]
 # On a GPU machine every test runs on CUDA tensors (the compiled kernels); elsewhere on the CPU (the interpreter).
@@ -111,8 +115,9 @@ def check_against_reference(impl, hidden, weight, targets, atol=2e-5, rtol=2e-4,
     return out
 
 
-# (N, H, V): N=1, V and H not multiples of any block (V prime), H below one block, a vocab of a single tile.
-SHAPES = [(1, 16, 17), (37, 45, 301), (50, 19, 1009), (8, 64, 32)]
+# (N, H, V): N=1, V and H not multiples of any block (V prime), H below one block, a vocab of a single tile, and
+# several row blocks over several vocabulary tiles (the kernels' tiles are 64 rows by 128 vocabulary entries).
+SHAPES = [(1, 16, 17), (37, 45, 301), (50, 19, 1009), (8, 64, 32), (130, 72, 1031)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -342,7 +347,7 @@ def test_backward_recomputes_the_logits_as_often_as_documented(dtype, budget, fr
     class CountingKernel:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                n_rows, vocab_start, vocab_end = args[10], args[12], args[13]
+                n_rows, vocab_start, vocab_end = args[12], args[14], args[15]
                 computed.append(n_rows * (vocab_end - vocab_start))
                 return kernel[grid](*args, **kwargs)
             return launch
@@ -566,14 +571,17 @@ def test_cuda_kernels_at_a_real_shape(dtype, workspace_mb, monkeypatch):
         assert_close(g, rg, tol * scale, tol, f"grad {name}")
 
 
-def test_whole_under_torch_compile():
-    """The loss is a registered custom op: torch.compile traces a training step through it with no graph break."""
+@pytest.mark.parametrize("impl", IMPLS)
+def test_whole_under_torch_compile(impl):
+    """The loss is a registered custom op: torch.compile traces a training step through it with no graph break,
+    the Triton kernels (in the interpreter on the CPU) as well as the PyTorch path."""
+    torch._dynamo.reset()
     hidden, weight, bias, targets = make_inputs(16, 8, 23)
     adv, old = torch.randn(16), torch.randn(16) - 3
 
     def step(hidden, weight, bias, targets, adv, old):
         out = fastrft.fused_rft_loss(hidden, weight, targets, bias=bias, advantages=adv, old_logprobs=old,
-                                     entropy_coef=0.01, impl="torch")
+                                     entropy_coef=0.01, impl=impl)
         return out.loss, out.metrics["clip_frac"]
 
     loss, clip_frac = torch.compile(step, fullgraph=True)(hidden, weight, bias, targets, adv, old)
@@ -585,6 +593,107 @@ def test_whole_under_torch_compile():
     assert torch.is_tensor(clip_frac)
     for g, rg in zip(compiled_grads, ref_grads):
         assert_close(g, rg, 2e-5, 2e-4, "compiled grad")
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 9])
+def test_vocabulary_split_merges_to_the_whole_sweep(splits):
+    """The forward launcher's vocab_splits (on a GPU: as many as fill it): the partial states of the splits merge
+    to the whole sweep's statistics (the maximum, the rest of the exponential sum, its spread sum, the target)."""
+    from fastrft.kernels import fused_rft as kernels
+
+    hidden, weight, bias, targets = make_inputs(70, 24, 1031, ignored=0.0)
+    row_max, rest, dsum, target_logit = kernels.fused_rft_forward(
+        hidden.detach(), weight.detach(), bias.detach(), targets, torch.arange(70), 1.0 / 0.8, vocab_splits=splits)
+    logits = (hidden.double() @ weight.double().T + bias.double()) / 0.8
+    exact_max = logits.max(-1).values
+    e = torch.exp(logits - exact_max[:, None])
+    assert_close(row_max, exact_max, 1e-5, 1e-5, "max")
+    assert_close(rest, e.sum(-1) - 1, 1e-5, 1e-5, "rest")
+    assert_close(dsum, (e * (exact_max[:, None] - logits)).sum(-1), 1e-5, 1e-5, "spread sum")
+    assert_close(target_logit, logits.gather(1, targets[:, None]).squeeze(1), 1e-5, 1e-5, "target logit")
+
+
+@triton.jit
+def _store_rounded(x_ptr, y_ptr, N: tl.constexpr, UPCAST: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(y_ptr + i, _rounded(tl.load(x_ptr + i), y_ptr.dtype.element_ty, UPCAST))
+
+
+def test_bf16_results_round_to_nearest_even():
+    """The kernels' fp32 -> bf16 stores round to nearest even, as on the GPU (the interpreter alone would truncate):
+    halfway cases, both signs, tiny and huge values, against PyTorch's own rounding."""
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2**-130, 3e38, 0.0, -0.0, 65504.5])
+    x = torch.cat([ties, torch.randn(1024 - ties.numel()) * 1e-3])
+    y = torch.empty(1024, dtype=torch.bfloat16)
+    _store_rounded[(1,)](x, y, N=1024, UPCAST=DEVICE == "cpu")
+    assert torch.equal(y, x.to(torch.bfloat16))
+
+
+# Shapes near real ones: Qwen2.5-0.5B's head (H 896, V 151936) and a Llama-2-7B-like one (H 2048, V 32000). The
+# Triton interpreter runs the shipped tiles at about 4 ms a tile step, so on the CPU the kernels see the real H with
+# 64 rows and a vocabulary of 4096 (the full shapes run on a GPU); the PyTorch path runs the full shapes everywhere.
+REAL_SHAPES = {"qwen2.5-0.5b-head": (64, 896, 151936), "llama-like-head": (128, 2048, 32000)}
+# fp16 on a GPU only: the CPU's fp16 matmuls (PyTorch's own error) are an order of magnitude slower than bf16's.
+PRECISION_CASES = [("qwen2.5-0.5b-head", torch.bfloat16, False), ("qwen2.5-0.5b-head", torch.bfloat16, True),
+                   ("llama-like-head", torch.float16 if DEVICE == "cuda" else torch.bfloat16, False),
+                   ("llama-like-head", torch.bfloat16, True)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape,dtype,peaked", PRECISION_CASES,
+                         ids=[f"{s}-{str(d)[6:]}-{'peaked' if p else 'spread'}" for s, d, p in PRECISION_CASES])
+def test_errors_per_element_no_worse_than_pytorch(impl, shape, dtype, peaked):
+    """CCE's habit, per element: every element of grad_hidden and grad_weight is within k = 2 times PyTorch's own
+    largest error in its row (the materialised-logits computation on the same low-precision inputs; a row's
+    elements are sums over the same terms), every element of logp and entropy within k times PyTorch's largest
+    error on them, plus one unit in the last place of the output dtype. (Against PyTorch's error on the very same
+    element, errors of one kind fail by their tails alone: out of millions, some element where PyTorch happens to
+    be exact.) peaked: targets with p near 1, where 1 - p_t cancels."""
+    n, h, v = REAL_SHAPES[shape]
+    if impl == "triton" and DEVICE == "cpu":
+        n, v = 64, 4096
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    weight = torch.randn(v, h, device=DEVICE, generator=generator) / math.sqrt(h)
+    targets = torch.randint(0, v, (n,), device=DEVICE, generator=generator)
+    hidden = torch.randn(n, h, device=DEVICE, generator=generator)
+    if peaked:   # hidden along its target's row: that logit stands ~20 above the rest, p_t > 0.99
+        hidden = hidden * 0.3 + 20 * weight[targets] / weight[targets].norm(dim=1, keepdim=True) ** 2
+    hidden = hidden.to(dtype).requires_grad_()
+    weight = weight.to(dtype).requires_grad_()
+    advantages = torch.randn(n, device=DEVICE, generator=generator)
+    sft_weights = torch.rand(n, device=DEVICE, generator=generator)
+    out, grads = run(impl, hidden, weight, targets, advantages=advantages, sft_weights=sft_weights,
+                     entropy_coef=0.01)
+    _, ref_logp, ref_entropy, ref_grads = reference(hidden, weight, targets, advantages=advantages,
+                                                    sft_weights=sft_weights, entropy_coef=0.01)
+    if peaked:
+        assert (ref_logp > math.log(0.99)).float().mean() > 0.9
+
+    # PyTorch's own: logits in the input dtype, the rest in fp32, gradients back in the input dtype.
+    h_lp, w_lp = (x.detach().clone().requires_grad_() for x in (hidden, weight))
+    log_probs = torch.log_softmax((h_lp @ w_lp.T).float(), -1)
+    logp_lp = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+    entropy_lp = -(log_probs.exp() * log_probs).sum(-1)
+    ratio = torch.exp(logp_lp - logp_lp.detach())
+    rows = -torch.minimum(ratio * advantages, ratio.clamp(0.8, 1.28) * advantages) - 0.01 * entropy_lp \
+        - sft_weights * logp_lp
+    (rows.sum() / n).backward()
+
+    def check(ours, theirs, exact, what, ulp):
+        ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
+        # The elements of a gradient row are sums over the same terms (a row of dL/dz against W, or a column of it
+        # against h), which set their error scale; logp and entropy all come from log-sum-exps of one scale.
+        worst_theirs = theirs_err.amax(-1, keepdim=True)
+        bound = 2.0 * worst_theirs + ulp * exact.abs() + 1e-30
+        worst = (ours_err / bound).max().item()
+        rms = (ours_err.square().mean() / theirs_err.square().mean()).sqrt().item()
+        assert worst <= 1.0, f"{what}: an element's error is {worst:.2f}x its bound (RMS error {rms:.2f}x PyTorch's)"
+
+    eps32, eps = torch.finfo(torch.float32).eps, torch.finfo(dtype).eps
+    check(out.logprobs, logp_lp, ref_logp, "logp", eps32)
+    check(out.entropy, entropy_lp, ref_entropy, "entropy", eps32)
+    check(grads[0], h_lp.grad, ref_grads[0], "grad hidden", eps)
+    check(grads[1], w_lp.grad, ref_grads[1], "grad weight", eps)
 
 
 @pytest.mark.parametrize("value,expected",
