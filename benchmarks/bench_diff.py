@@ -12,16 +12,14 @@ import argparse
 import difflib
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
 
-from fastrft.compare import cpu_name
+from fastrft.machine import describe_machine
 from fastrft.diff import DEFAULT_MAX_D, cpp_available, diff_masks
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -120,16 +118,7 @@ def main():
     for row in rows:
         print(f"{row['case']:42s} {row['provider']:44s} {row['ms']:10.2f} {str(row['changed_tokens']):>9s}  "
               f"{row['note']}")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(RESULTS)).stdout.strip()
-    except OSError:
-        commit = ""
-    meta = {
-        "cpu": cpu_name(), "cores_available": cores, "python": platform.python_version(), "torch": torch.__version__,
-        "numpy": np.__version__, "commit": commit, "default_max_d": DEFAULT_MAX_D,
-        "command": " ".join(["python"] + sys.argv),
-    }
+    meta = {**describe_machine(torch.device("cpu")), "default_max_d": DEFAULT_MAX_D}
     result = {"meta": meta, "rows": rows}
     print(json.dumps(result))
     write_results(result)

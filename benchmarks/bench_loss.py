@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ fix_malloc_mmap_threshold()
 import torch  # noqa: E402
 
 import fastrft  # noqa: E402
+from fastrft.machine import describe_machine  # noqa: E402
 
 GPU_SHAPES = ["8192x4096x131072", "16384x4096x151936", "8192x2304x256000", "32768x4096x128256"]
 CPU_SHAPES = ["1024x256x8192", "512x512x32000"]
@@ -260,28 +260,12 @@ def format_row(r):
     return f"{label} {r['ms']:10.2f} ms {r['x_floor']:7.2f}x floor {peak}  {r.get('note', '')}"
 
 
-def environment(device):
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-        except OSError:
-            return ""
-    import triton
-    return dict(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine()),
-        cpu_threads=torch.get_num_threads(), torch=torch.__version__, triton=triton.__version__,
-        python=platform.python_version(), commit=git("rev-parse", "--short", "HEAD"),
-        dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
-        command="python " + " ".join(sys.argv),
-    )
-
-
 def write_results(env, rates, rows, tag):
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = dict(env=env, matmul_tflops=rates, rows=rows)
     (RESULTS / f"bench_loss_{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
     lines = [f"# bench_loss on {env['device']}", "",
-             f"torch {env['torch']}, triton {env['triton']}, python {env['python']}, commit {env['commit']}"
+             f"torch {env.get('torch')}, triton {env.get('triton')}, python {env['python']}, commit {env['commit']}"
              f"{' (dirty)' if env['dirty'] else ''}, {env['cpu_threads']} CPU threads", "",
              f"Command: `{env['command']}` (shapes done: {env['shapes_done']})", "",
              "Floor = 6*N*H*V / (measured matmul rate in the same dtype); peak = memory beyond inputs and gradients.",
@@ -321,9 +305,9 @@ def main():
         if name not in PROVIDERS:
             parser.error(f"unknown provider {name!r}; known: {','.join(PROVIDERS)}")
     meter = Meter(device)
-    env = environment(device)
+    env = describe_machine(device)
     env["dtype"] = str(dtype).replace("torch.", "")
-    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['dtype']} | commit {env['commit']}")
+    print(f"{env['device']} | torch {env.get('torch')} | triton {env.get('triton')} | {env['dtype']} | commit {env['commit']}")
     rates, rows = {}, []
     for done, shape in enumerate(shapes, 1):
         rates[shape], shape_rows = bench_shape(shape, providers, dtype, device, args, meter)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -21,6 +20,7 @@ import warnings
 from pathlib import Path
 
 from fastrft import sandbox
+from fastrft.machine import describe_machine
 
 SOURCE = "import sys\nprint(sys.stdin.readline().strip()[::-1])"
 
@@ -30,14 +30,6 @@ def _bwrap_version() -> str:
         return subprocess.run(["bwrap", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
     except OSError:
         return "missing"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def measure(programs: int, workers: int, repeats: int, unsafe: bool) -> dict:
@@ -82,10 +74,9 @@ def main():
     record = {
         "question": "trivial sandboxed programs per second from a thread pool",
         "command": "python " + " ".join([os.path.relpath(__file__, Path.cwd())] + sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine()},
-        "versions": {"python": platform.python_version(), "sandbox_python": sandbox._python(),
-                     "bwrap": _bwrap_version(), "commit": _commit(), "prlimit_available": bool(shutil.which("prlimit"))},
+        "machine": describe_machine(),
+        "sandbox": {"python": sandbox._python(), "bwrap": _bwrap_version(),
+                    "prlimit_available": bool(shutil.which("prlimit"))},
         "program": SOURCE,
         "results": rows,
     }
@@ -93,9 +84,9 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"# {record['question']}", "", f"`{record['command']}` on {record['machine']['affinity']} CPUs "
-             f"({record['machine']['processor']}, {record['machine']['platform']}), {record['versions']['bwrap']}, "
-             f"commit {record['versions']['commit']}.", "", f"Program: `{SOURCE!r}`, every output checked; median of "
+    lines = [f"# {record['question']}", "", f"`{record['command']}` on {record['machine']['cores_available']} CPUs "
+             f"({record['machine']['cpu']}, {record['machine']['platform']}), {record['sandbox']['bwrap']}, "
+             f"commit {record['machine']['commit']}.", "", f"Program: `{SOURCE!r}`, every output checked; median of "
              f"{args.repeats} runs of {args.programs} programs after a warm-up.", "",
              "| provider | workers | programs/s | median wall per program (ms) |", "|---|---:|---:|---:|"]
     lines += [f"| {r['provider']} | {r['workers']} | {r['programs_per_s']:.1f} | {r['median_program_wall_ms']:.1f} |"

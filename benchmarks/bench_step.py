@@ -150,14 +150,8 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     """Measured FLOP/s of a 2048^3 matmul (1024^3 on the CPU), median of 5."""
     n = 2048 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for _ in range(6):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times[1:])
+    a @ b
+    return 2 * n**3 / median_seconds(lambda: a @ b, 5, device)
 
 
 def sweep(model_names, scales, device, dtype, warmup: int, repeat: int, dense_limit_gb: float,
@@ -198,14 +192,7 @@ def sweep(model_names, scales, device, dtype, warmup: int, repeat: int, dense_li
                 for _ in range(0 if warmed else warmup):
                     update()
                 warmed = True
-                times = []
-                for _ in range(repeat):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    update()
-                    _sync(device)
-                    times.append(time.perf_counter() - t0)
-                seconds = statistics.median(times)
+                seconds = median_seconds(update, repeat, device)
                 peak = peak_extra_bytes(update, device)
                 row.update(update_s=seconds, us_per_token=seconds / tokens * 1e6,
                            x_floor=seconds / (update_flops(model, rows) / rate),
@@ -263,14 +250,7 @@ def update_vs_plain(name: str, device: torch.device, dtype: torch.dtype, warmup:
             try:
                 for _ in range(warmup):
                     fn()
-                times = []
-                for _ in range(repeat):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    fn()
-                    _sync(device)
-                    times.append(time.perf_counter() - t0)
-                out[f"{label}_s"] = statistics.median(times)
+                out[f"{label}_s"] = median_seconds(fn, repeat, device)
                 out[f"{label}_tokens_per_s"] = out["tokens"] / out[f"{label}_s"]
             except torch.OutOfMemoryError as exc:
                 out[f"{label}_error"] = f"out of memory: {str(exc).splitlines()[0][:100]}"
@@ -284,6 +264,18 @@ def update_vs_plain(name: str, device: torch.device, dtype: torch.dtype, warmup:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def median_seconds(fn, repeat: int, device: torch.device) -> float:
+    """Median wall time of `repeat` calls of fn, the device synchronised around each."""
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def markdown(payload: dict) -> str:

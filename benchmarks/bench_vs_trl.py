@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,7 +40,7 @@ fix_malloc_mmap_threshold()
 
 import torch  # noqa: E402
 
-from fastrft.compare import cpu_name  # noqa: E402
+from fastrft.machine import describe_machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROVIDERS = ("trl", "fastrft")
@@ -167,24 +165,6 @@ def fits(row, budget_gb) -> bool:
         and row["peak_extra_gb"] <= budget_gb
 
 
-def environment(args, device) -> dict:
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], capture_output=True, text=True,
-                                  cwd=Path(__file__).parent).stdout.strip()
-        except OSError:
-            return ""
-    import transformers
-    import trl
-
-    return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
-                cpu_threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
-                trl=trl.__version__, python=platform.python_version(), commit=git("rev-parse", "--short", "HEAD"),
-                dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
-                load_average=" / ".join(f"{x:.2f}" for x in os.getloadavg()),
-                command="python " + " ".join(sys.argv))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -214,7 +194,7 @@ def main():
     budget_argv = argv + ["--warmup", "0", "--repeat", "1"]   # the memory search needs no stable timing
     device = torch.device(args.device)
 
-    env = environment(args, device)
+    env = describe_machine(device)
     tag = "cuda" if on_cuda else "cpu"
     timed, longest = [], {}
 
