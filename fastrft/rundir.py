@@ -28,29 +28,14 @@ def read_metrics(path) -> list[dict]:
 class RunDir:
     def __init__(self, path):
         self.path = Path(path)
+        self.config = self.path / CONFIG_FILE
+        self.metrics = self.path / METRICS_FILE
+        self.summary = self.path / SUMMARY_FILE
+        self.plots = self.path / PLOTS_DIR
+        self.checkpoints = self.path / CHECKPOINTS_DIR
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
-
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG_FILE
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS_FILE
-
-    @property
-    def summary(self) -> Path:
-        return self.path / SUMMARY_FILE
-
-    @property
-    def plots(self) -> Path:
-        return self.path / PLOTS_DIR
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / CHECKPOINTS_DIR
 
     def holds_run(self) -> bool:
         return self.config.is_file()

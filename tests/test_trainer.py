@@ -208,19 +208,16 @@ def test_different_tokenizers_are_refused(tiny_model, tmp_path):
         train(cfg)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("learning_rate=1e-4", "unknown config key 'learning_rate'"), ("steps=ten", "'steps' must be int"),
+    ("constraint=both", "constraint must be one of"), ("steps", "key=value"),
+    ("packing=sometimes", "packing must be one of"), ("max_tokens_per_batch=0", "max_tokens_per_batch must be >= 1")])
+def test_config_override_errors_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
 def test_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ValueError, match="unknown config key 'learning_rate'"):
-        load_config(None, ["learning_rate=1e-4"])
-    with pytest.raises(ValueError, match="'steps' must be int"):
-        load_config(None, ["steps=ten"])
-    with pytest.raises(ValueError, match="constraint must be one of"):
-        load_config(None, ["constraint=both"])
-    with pytest.raises(ValueError, match="key=value"):
-        load_config(None, ["steps"])
-    with pytest.raises(ValueError, match="packing must be one of"):
-        load_config(None, ["packing=sometimes"])
-    with pytest.raises(ValueError, match="max_tokens_per_batch must be >= 1"):
-        load_config(None, ["max_tokens_per_batch=0"])
     path = tmp_path / "run.yaml"
     path.write_text("steps: 7\nconstraint: kl\nbogus_key: 1\n")
     with pytest.raises(ValueError, match="unknown config key 'bogus_key'"):
