@@ -11,7 +11,9 @@ Layout of one checkpoint (run_dir/checkpoints/step_{step:08d}/):
     scheduler.pt     scheduler.state_dict(), when a scheduler was given
     rng.pt           python `random`, numpy's global generator, torch CPU and every CUDA device
     state.json       the trainer's own JSON-able state (data position, counters, ...)
-    checkpoint.json  manifest, written last: step and the files above. A directory without it is not a checkpoint.
+    checkpoint.json  manifest, written last: step, the files above and each one's sha256. A directory without it
+                     is not a checkpoint; a file whose sha256 differs is corrupt, and loading falls back to the
+                     previous checkpoint.
 and run_dir/checkpoints/latest holds the name of the newest one.
 
 Atomicity: everything is written into a hidden sibling (.tmp-step_...), each file fsynced, then the directory is
@@ -26,6 +28,7 @@ holds arbitrary Python objects cannot be restored.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -39,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from fastrft.rundir import CHECKPOINTS_DIR
+from fastrft.rundir import CHECKPOINTS_DIR, fsync_dir
 
 LATEST_FILE = "latest"
 MANIFEST_FILE = "checkpoint.json"
@@ -57,6 +60,10 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
+    poisoned = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if poisoned:   # a checkpoint is what a run falls back to: it must never hold NaN or inf weights
+        raise ValueError(f"not saving step {step}: the model's weights hold NaN or inf ({', '.join(poisoned[:3])}"
+                         f"{', ...' if len(poisoned) > 3 else ''}); the previous checkpoint stays the latest")
     try:  # before touching the disk, so a bad state costs nothing
         state_json = json.dumps({} if state is None else state, indent=2, allow_nan=True)
     except (TypeError, ValueError) as e:
@@ -80,9 +87,10 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
             files.append("scheduler.pt")
         _write_torch(tmp_dir / "rng.pt", _rng_state())
         _write_bytes(tmp_dir / "state.json", state_json.encode())
-        manifest = {"step": step, "files": sorted(files), "torch": torch.__version__}
+        manifest = {"step": step, "files": sorted(files), "torch": torch.__version__,
+                    "sha256": {name: _sha256(tmp_dir / name) for name in sorted(files)}}
         _write_bytes(tmp_dir / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
-        _fsync_dir(tmp_dir)
+        fsync_dir(tmp_dir)
 
         if final_dir.exists():  # the same step saved again (say a periodic save, then a stop at that step)
             old_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{name}-", dir=ckpt_root))
@@ -91,7 +99,7 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
             shutil.rmtree(old_dir, ignore_errors=True)
         else:
             os.replace(tmp_dir, final_dir)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -99,7 +107,7 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
     latest_tmp = ckpt_root / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
     _write_bytes(latest_tmp, f"{name}\n".encode())
     os.replace(latest_tmp, ckpt_root / LATEST_FILE)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
 
     if keep is not None:
         _prune(ckpt_root, keep, protect={name})
@@ -108,42 +116,73 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
 
 def load_checkpoint(run_dir, *, model: torch.nn.Module, optimizer=None, scheduler=None,
                     map_location="cpu") -> tuple[int, dict]:
-    """Restore model, optimizer, scheduler and RNG states from the newest complete checkpoint; return (step, state).
+    """Restore model, optimizer, scheduler and RNG states from the newest good checkpoint; return (step, state).
 
     `run_dir` is a run directory (the checkpoint `latest` names, else the highest complete step_* directory) or one
-    checkpoint directory. Raises FileNotFoundError when there is no checkpoint or a file is missing, ValueError when
-    one is unreadable or does not fit the model/optimizer. Nothing is modified unless every file reads back."""
-    ckpt_dir = latest_checkpoint(run_dir)
-    if ckpt_dir is None:
+    checkpoint directory. Every file is checked against the manifest's sha256 before anything is restored. In a
+    run directory a checkpoint with a missing, corrupt or truncated file is skipped with a warning naming it, and
+    the previous one is tried; when none is good, the newest one's error is raised (FileNotFoundError for a missing
+    file, ValueError for an unreadable one). ValueError too when a good checkpoint does not fit the
+    model/optimizer. Nothing is modified unless every file reads back."""
+    candidates = _checkpoints_newest_first(Path(run_dir))
+    if not candidates:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: expected {Path(run_dir) / CHECKPOINTS_DIR}/step_*/"
                                 f"{MANIFEST_FILE} (or {MANIFEST_FILE} in {run_dir} itself)")
-    manifest = _read_manifest(ckpt_dir)
-    if optimizer is not None and "optimizer.pt" not in manifest["files"]:
-        raise FileNotFoundError(f"{ckpt_dir} holds no optimizer state (it was saved without an optimizer)")
-    if scheduler is not None and "scheduler.pt" not in manifest["files"]:
-        raise FileNotFoundError(f"{ckpt_dir} holds no scheduler state (it was saved without a scheduler)")
+    errors = []
+    for ckpt_dir in candidates:
+        try:
+            saved = _read_checkpoint(ckpt_dir, optimizer is not None, scheduler is not None, map_location)
+            break
+        except (FileNotFoundError, ValueError) as e:
+            errors.append(e)
+            if ckpt_dir is not candidates[-1]:
+                warnings.warn(f"checkpoint {ckpt_dir} is unusable ({e}); falling back to the previous one",
+                              stacklevel=2)
+    else:
+        raise errors[0]
+    try:
+        model.load_state_dict(saved["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"checkpoint {ckpt_dir} does not fit the model/optimizer/scheduler given: {e}") from e
+    _set_rng_state(saved["rng"])
+    return saved["step"], saved["state"]
 
-    # Read everything first, so a corrupt file leaves the model and optimizer untouched.
-    model_sd = _read_torch(ckpt_dir / "model.pt", map_location)
-    optim_sd = _read_torch(ckpt_dir / "optimizer.pt", map_location) if optimizer is not None else None
-    sched_sd = _read_torch(ckpt_dir / "scheduler.pt", map_location) if scheduler is not None else None
-    rng = _read_torch(ckpt_dir / "rng.pt", "cpu")
+
+def _read_checkpoint(ckpt_dir: Path, with_optimizer: bool, with_scheduler: bool, map_location) -> dict:
+    """Everything one checkpoint holds, each file checked against its manifest checksum; nothing restored yet."""
+    manifest = _read_manifest(ckpt_dir)
+    if with_optimizer and "optimizer.pt" not in manifest["files"]:
+        raise FileNotFoundError(f"{ckpt_dir} holds no optimizer state (it was saved without an optimizer)")
+    if with_scheduler and "scheduler.pt" not in manifest["files"]:
+        raise FileNotFoundError(f"{ckpt_dir} holds no scheduler state (it was saved without a scheduler)")
+    for name, digest in manifest["sha256"].items():   # checkpoints written before checksums have none
+        if _sha256(ckpt_dir / name) != digest:
+            raise ValueError(f"corrupt checkpoint file {ckpt_dir / name}: its sha256 differs from the one in "
+                             f"{MANIFEST_FILE} (changed or truncated since it was written)")
     state_path = ckpt_dir / "state.json"
     try:
         state = json.loads(state_path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"corrupt checkpoint file {state_path}: {e}") from e
+    return {"step": manifest["step"], "state": state, "rng": _read_torch(ckpt_dir / "rng.pt", "cpu"),
+            "model": _read_torch(ckpt_dir / "model.pt", map_location),
+            "optimizer": _read_torch(ckpt_dir / "optimizer.pt", map_location) if with_optimizer else None,
+            "scheduler": _read_torch(ckpt_dir / "scheduler.pt", map_location) if with_scheduler else None}
 
-    try:
-        model.load_state_dict(model_sd)
-        if optimizer is not None:
-            optimizer.load_state_dict(optim_sd)
-        if scheduler is not None:
-            scheduler.load_state_dict(sched_sd)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ValueError(f"checkpoint {ckpt_dir} does not fit the model/optimizer/scheduler given: {e}") from e
-    _set_rng_state(rng)
-    return manifest["step"], state
+
+def _checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    """A checkpoint directory given itself; else the one latest_checkpoint picks, then the other complete ones from
+    the highest step down."""
+    first = latest_checkpoint(run_dir)
+    if first is None or first == run_dir:
+        return [] if first is None else [first]
+    others = [d for _, d in reversed(_step_dirs(run_dir / CHECKPOINTS_DIR))
+              if d != first and (d / MANIFEST_FILE).is_file()]
+    return [first, *others]
 
 
 def latest_checkpoint(run_dir) -> Path | None:
@@ -224,18 +263,12 @@ def _write_torch(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes the renames inside `path` durable; some filesystems cannot open a directory, and there is nothing to do.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_torch(path: Path, map_location):
@@ -259,7 +292,10 @@ def _read_manifest(ckpt_dir: Path) -> dict:
     for name in files:
         if not (ckpt_dir / name).is_file():
             raise FileNotFoundError(f"checkpoint file missing: {ckpt_dir / name} (listed in {path})")
-    return {"step": step, "files": files}
+    sha256 = manifest.get("sha256", {})
+    if not isinstance(sha256, dict) or not set(sha256) <= set(files):
+        raise ValueError(f"corrupt checkpoint manifest {path}: its sha256 entry does not match its files")
+    return {"step": step, "files": files, "sha256": sha256}
 
 
 def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:

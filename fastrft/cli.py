@@ -36,7 +36,7 @@ def _train(args) -> int:
         cfg = load_config(run_dir.config, args.overrides, output_dir=str(run_dir.path))
     else:
         cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, resume=bool(args.resume))
+    summary = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -50,7 +50,9 @@ def _demo(args) -> int:
     print("fastrft demo: reference model (trained once by fastrft.tasks.demo, then cached)", flush=True)
     reference = ensure_reference(Path(args.cache_dir), max_steps=args.reference_steps)
     cfg = load_config(None, args.overrides, **{**DEMO_DEFAULTS, "model": str(reference)})
-    summary = train(cfg)
+    if not args.overwrite and not any(item.startswith("output_dir=") for item in args.overrides):
+        cfg.output_dir = str(_free_run_dir(Path(cfg.output_dir)))
+    summary = train(cfg, overwrite=args.overwrite)
     total_s = time.perf_counter() - t0
     rows = [
         ("held-out reward, reference model", summary["eval_reward_initial"]),
@@ -71,6 +73,19 @@ def _demo(args) -> int:
     print(f"{'':-<{width + 14}}\nrun directory: {run_dir.path} ({run_dir.metrics.name}, {run_dir.summary.name}, "
           f"{run_dir.plots.name}/)")
     return 0
+
+
+def _free_run_dir(path: Path) -> Path:
+    """path, or when it holds a run the first of path-2, path-3, ... that does not (said once): a second
+    `fastrft demo` keeps the first one's run."""
+    candidate, k = path, 1
+    while RunDir(candidate).run_files():
+        k += 1
+        candidate = path.with_name(f"{path.name}-{k}")
+    if candidate != path:
+        print(f"fastrft demo: {path} holds an earlier run (kept); this one goes to {candidate} "
+              f"(--overwrite replaces {path} instead)", flush=True)
+    return candidate
 
 
 def _plot(args) -> int:
@@ -133,10 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train a policy")
     p_train.add_argument("--config", help="YAML file of TrainConfig keys")
     p_train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p_train.add_argument("--overwrite", action="store_true",
+                         help="replace the run that output_dir holds (without it, such a folder is refused)")
     p_train.add_argument("overrides", nargs="*", metavar="key=value")
     p_train.set_defaults(func=_train)
     p_demo = sub.add_parser("demo", help="the embedded default run (tiny model, synthetic task, CPU)")
     _add_reference_args(p_demo)
+    p_demo.add_argument("--overwrite", action="store_true",
+                        help="replace the run in output_dir (default: a folder holding a run is kept and the demo "
+                             "writes to the next free runs/demo-N)")
     p_demo.add_argument("overrides", nargs="*", metavar="key=value")
     p_demo.set_defaults(func=_demo)
     p_compare = sub.add_parser("compare", help="the same run under several constraints and seeds, side by side")
@@ -155,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         print(f"fastrft {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

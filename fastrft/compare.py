@@ -161,7 +161,8 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
             continue
         print(f"fastrft compare [{i}/{len(plan)}] {name}: "
               f"{'resuming from its last checkpoint' if state == 'resume' else 'training'}", flush=True)
-        summary = train_fn(cfg, resume=state == "resume")
+        # "start": nothing to resume from; what an earlier attempt left there (no checkpoint) is replaced.
+        summary = train_fn(cfg, resume=state == "resume", overwrite=state == "start")
         trained.append(name)
         if summary.get("stopped_by"):
             raise KeyboardInterrupt(f"stopped by {summary['stopped_by']} during {name} (checkpoint saved); run the "

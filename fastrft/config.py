@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastrft.batch import PACKING
 from fastrft.loss import KL_ESTIMATORS
+from fastrft.rundir import write_atomically
 
 CONSTRAINTS = ("none", "kl", "refiner", "kl+refiner")
 OVERLONG = ("none", "mask", "penalty")
@@ -107,25 +109,35 @@ class TrainConfig:
                               ("kl_estimator", KL_ESTIMATORS),
                               ("packing", PACKING)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("steps", "prompts_per_step", "group_size", "generation_batch_size", "ppo_epochs", "minibatches",
-                     "eval_every", "save_every", "max_tokens_per_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_new_tokens", "refine_max_new_tokens", "eval_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or unset, got {getattr(self, name)}")
+                raise ConfigError(name, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self._check_numbers()
         if self.group_size < 2:
-            raise ValueError("group_size must be >= 2: GRPO's advantages compare samples of the same prompt")
-        if not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
-        for name in ("lr", "kl_coef", "refine_coef", "refine_kept_weight", "grad_clip", "entropy_coef",
-                     "weight_decay", "overlong_penalty", "refine_context", "warmup_steps", "max_resample_rounds"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            raise ConfigError("group_size", "group_size must be >= 2: GRPO's advantages compare samples of the same "
+                                            "prompt")
         if self.prompts_per_step * self.group_size < self.minibatches:
-            raise ValueError(f"minibatches={self.minibatches} exceeds the {self.prompts_per_step * self.group_size} "
+            raise ConfigError("minibatches", f"minibatches={self.minibatches} exceeds the {self.prompts_per_step * self.group_size} "
                              f"samples of a step")
+
+    def _check_numbers(self) -> None:
+        """Each numeric key's type (a bool is not a number) and range; NaN and inf are out of every range."""
+        for name, annotation in _field_types().items():
+            value = getattr(self, name)
+            kind = _base_type(annotation)
+            if value is None and annotation is not kind:
+                continue
+            if kind is bool and not isinstance(value, bool):
+                raise ConfigError(name, f"{name} must be true or false, got {value!r}")
+            if kind in (int, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                        (kind is int and not isinstance(value, int)):
+                    raise ConfigError(name, f"{name} must be {kind.__name__}, got {value!r}")
+                if not math.isfinite(value):
+                    raise ConfigError(name, f"{name} must be a finite number, got {value!r}")
+        for names, test, requirement in _RANGES:
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and not test(value):
+                    raise ConfigError(name, f"{name} must be {requirement}, got {value!r}")
 
     @property
     def uses_kl(self) -> bool:
@@ -139,17 +151,46 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+class ConfigError(ValueError):
+    """A config value out of its type or range; `key` names the config key, so that load_config can say where it
+    was set (the YAML file and line, or the command line)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+# (keys, test, what the test asks), checked after the types; None (unset) passes.
+_RANGES = (
+    (("steps", "prompts_per_step", "generation_batch_size", "ppo_epochs", "minibatches", "eval_every", "save_every",
+      "max_tokens_per_batch", "max_new_tokens", "refine_max_new_tokens", "eval_size"), lambda v: v >= 1, ">= 1"),
+    (("max_resample_rounds", "overlong_buffer", "refine_context", "warmup_steps"), lambda v: v >= 0, ">= 0"),
+    (("lr", "temperature"), lambda v: v > 0, "> 0"),
+    (("kl_coef", "refine_coef", "refine_kept_weight", "weight_decay", "grad_clip", "clip_high", "entropy_coef",
+      "overlong_penalty"), lambda v: v >= 0, ">= 0"),
+    (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("clip_low",), lambda v: 0 <= v < 1, "in [0, 1) (the ratio is clipped at 1 - clip_low)"),
+    (("min_lr_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+)
+
+
 def _field_types() -> dict[str, object]:
     return typing.get_type_hints(TrainConfig)
 
 
+def _base_type(annotation):
+    """X for X and for X | None."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, _UnionType) else ()
+    return next((t for t in options if t is not type(None)), annotation)
+
+
 def _convert(key: str, value, annotation):
     """A YAML value or a command-line string as the field's type."""
-    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, _UnionType) else ()
-    if options:  # X | None
+    kind = _base_type(annotation)
+    if kind is not annotation:  # X | None
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
-        annotation = next(t for t in options if t is not type(None))
+        annotation = kind
     if annotation is dict:
         if not isinstance(value, dict):
             raise ValueError(f"config key {key!r} must be a mapping, got {value!r}")
@@ -185,42 +226,78 @@ def _unknown_key(key: str, known) -> ValueError:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), **values) -> TrainConfig:
     """TrainConfig from a YAML file (optional), then keyword values, then `key=value` overrides, in that order.
-    `extra.NAME=value` sets a task option."""
+    `extra.NAME=value` sets a task option. Errors say where the bad value was set: the file and line, or the
+    override."""
+    import yaml
+
     types = _field_types()
     merged: dict = {}
+    where: dict[str, str] = {}   # key -> where it was set
     if path is not None:
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of keys to values")
+        data, lines = _read_yaml_mapping(Path(path))
         merged.update(data)
+        where.update({key: f"{path}:{lines[str(key)]}" if str(key) in lines else str(path) for key in data})
     merged.update(values)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like key=value")
         if key.startswith("extra."):
-            import yaml
-
             # Task options are typed the way YAML would type them: extra.n_eval=64 is an int.
-            merged["extra"] = {**merged.get("extra", {}), key[len("extra."):]: yaml.safe_load(value)}
+            try:
+                option = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ValueError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") \
+                    from None
+            merged["extra"] = {**merged.get("extra", {}), key[len("extra."):]: option}
             continue
         merged[key] = value
+        where[key] = f"override {item!r}"
     kwargs = {}
     for key, value in merged.items():
-        if key not in types:
-            raise _unknown_key(key, list(types))
-        kwargs[key] = _convert(key, value, types[key])
-    return TrainConfig(**kwargs)
+        try:
+            if key not in types:
+                raise _unknown_key(key, list(types))
+            kwargs[key] = _convert(key, value, types[key])
+        except ValueError as e:
+            raise _located(e, where.get(key)) from None
+    try:
+        return TrainConfig(**kwargs)
+    except ConfigError as e:
+        raise _located(e, where.get(e.key)) from None
+
+
+def _located(error: ValueError, place: str | None) -> ValueError:
+    return ValueError(f"{place}: {error}") if place else error
+
+
+def _read_yaml_mapping(path: Path) -> tuple[dict, dict[str, int]]:
+    """The YAML file's mapping and the line of each top-level key; errors name the file (and line)."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{at}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values, not a {type(data).__name__}")
+    lines = {str(key.value): key.start_mark.line + 1 for key, _ in node.value}
+    return data, lines
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """cfg as YAML at path, written atomically (the old file, or the new one, whole)."""
     import yaml
 
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    write_atomically(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

@@ -9,8 +9,12 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
     """(1-based line number, object) for each non-blank line of path."""
     path = Path(path)
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 text (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:

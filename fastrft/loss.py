@@ -26,8 +26,12 @@ from fastrft.kernels.utils import resolve_impl
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IGNORE_INDEX = -100        # the targets no loss reads (PyTorch's and transformers' convention)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Rows per chunk of the torch path: about 4M fp32 logits (16 MB) per temporary.
+# Rows per chunk of the torch path: about 4M fp32 logits (16 MB) per buffer, two buffers reused across chunks.
 _TORCH_CHUNK_ELEMS = 1 << 22
+# The log-ratios that exp() takes are held at most here (ratio 4.9e8; verl holds them at 20 too). Past exp's range
+# (88.7 in fp32) the ratio would be inf and its gradient inf * 0 = NaN on a finite loss. The clipped branch's
+# gradient is zero there for A > 0; for A < 0 the unclipped A * r would be of that size only by accident.
+MAX_LOG_RATIO = 20.0
 
 
 @dataclass
@@ -39,33 +43,42 @@ class FusedRFTOutput:
 
 
 class _ChunkedTorchHead:
-    """Pure-PyTorch twin of fastrft.kernels.fused_rft: same inputs, outputs and precision (fp32 logits), holding at
-    most one [chunk, V] block of logits at a time."""
+    """Pure-PyTorch twin of fastrft.kernels.fused_rft: same inputs, outputs and precision (fp32 logits), a chunk of
+    rows at a time in two [chunk, V] fp32 buffers allocated once per call and reused by every chunk (fresh
+    temporaries per chunk would grow the process's resident memory: the allocator keeps what it frees)."""
 
     @staticmethod
-    def _logits(hidden_rows, weight32, bias, inv_temperature):
-        logits = hidden_rows.float() @ weight32.T
+    def _chunk_rows(vocab_size: int) -> int:
+        return max(1, _TORCH_CHUNK_ELEMS // vocab_size)
+
+    @staticmethod
+    def _logits_into(out, hidden_rows, weight32, bias, inv_temperature):
+        torch.matmul(hidden_rows.float(), weight32.T, out=out)
         if bias is not None:
-            logits += bias.float()
-        return logits.mul_(inv_temperature)
+            out += bias.float()
+        return out.mul_(inv_temperature)
 
     @staticmethod
     def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature):
+        if rows.numel() == 0:
+            return tuple(hidden.new_empty(0, dtype=torch.float32) for _ in range(4))
         weight32 = weight.float()
-        chunk = max(1, _TORCH_CHUNK_ELEMS // weight.shape[0])
+        chunk = min(_ChunkedTorchHead._chunk_rows(weight.shape[0]), rows.numel())
+        logits_buf = hidden.new_empty((chunk, weight.shape[0]), dtype=torch.float32)
+        exp_buf = torch.empty_like(logits_buf)
+        at_max_buf = torch.empty_like(logits_buf, dtype=torch.bool)
         stats = []   # per chunk: (row_max, rest, dsum, target_logit), as the kernels define them
         for rows_c in rows.split(chunk):
-            logits = _ChunkedTorchHead._logits(hidden[rows_c], weight32, bias, inv_temperature)
-            row_max = logits.max(1).values
-            target_logit = logits.gather(1, targets[rows_c, None]).squeeze(1)
-            gap = logits.neg_().add_(row_max[:, None])           # M - z >= 0, written over the logits
-            at_max = gap == 0
-            e = gap.neg().exp_()
-            dsum = (e * gap).sum(1)
-            rest = e.masked_fill_(at_max, 0.0).sum(1) + at_max.sum(1) - 1
+            m = rows_c.numel()
+            gap = _ChunkedTorchHead._logits_into(logits_buf[:m], hidden[rows_c], weight32, bias, inv_temperature)
+            row_max = gap.amax(1)
+            target_logit = gap.gather(1, targets[rows_c, None]).squeeze(1)
+            gap.neg_().add_(row_max[:, None])                       # M - z >= 0, over the logits
+            at_max = torch.eq(gap, 0, out=at_max_buf[:m])
+            e = torch.neg(gap, out=exp_buf[:m]).exp_()
+            dsum = gap.mul_(e).sum(1)
+            rest = e.masked_fill_(at_max, 0.0).sum(1) + (at_max.sum(1) - 1)   # no 1 + tiny - 1
             stats.append((row_max, rest, dsum, target_logit))
-        if not stats:
-            return tuple(hidden.new_empty(0, dtype=torch.float32) for _ in range(4))
         return tuple(torch.cat(column) for column in zip(*stats))
 
     @staticmethod
@@ -75,13 +88,17 @@ class _ChunkedTorchHead:
         grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
         grad_weight = torch.zeros_like(weight32) if weight_grad else None
         grad_bias = torch.zeros(weight.shape[0], device=hidden.device, dtype=torch.float32) if bias_grad else None
-        chunk = max(1, _TORCH_CHUNK_ELEMS // weight.shape[0])
-        for start in range(0, rows.numel(), chunk):
+        chunk = min(_ChunkedTorchHead._chunk_rows(weight.shape[0]), rows.numel())
+        if chunk:
+            logits_buf = hidden.new_empty((chunk, weight.shape[0]), dtype=torch.float32)
+            dlogits_buf = torch.empty_like(logits_buf)
+        for start in range(0, rows.numel(), chunk or 1):
             sl = slice(start, start + chunk)
             rows_c = rows[sl]
+            m = rows_c.numel()
             hidden_c = hidden[rows_c].float()
-            logits = _ChunkedTorchHead._logits(hidden_c, weight32, bias, inv_temperature)
-            probs = (logits - lse[sl, None]).exp_()
+            logits = _ChunkedTorchHead._logits_into(logits_buf[:m], hidden_c, weight32, bias, inv_temperature)
+            probs = torch.sub(logits, lse[sl, None], out=dlogits_buf[:m]).exp_()
             if dentropy is not None:
                 # dH/dz = p ((M - z) - spread), written over the logits, which are not needed after this.
                 entropy_term = logits.neg_().add_(row_max[sl, None]).sub_(spread[sl, None]).mul_(probs) \
@@ -197,6 +214,9 @@ def _flatten_inputs(hidden, weight, targets, bias):
         raise ValueError(f"hidden must be [N, H] or [..., H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be the LM-head weight [V, H], got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"the LM-head weight is empty: shape {tuple(weight.shape)} (V = {weight.shape[0]} "
+                         f"vocabulary rows, H = {weight.shape[1]}); both must be >= 1")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"the LM-head weight is {weight.shape[1]} wide but the hidden size is {hidden.shape[-1]} "
                          f"(weight {tuple(weight.shape)}, hidden {tuple(hidden.shape)}); weight must be [V, H]")
@@ -262,9 +282,21 @@ def _check_scalars(clip_low, clip_high, kl_coef, kl_estimator, entropy_coef, tem
         raise ValueError(f"clip_low must be < 1 (the ratio is clipped at 1 - clip_low), got {clip_low}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if normalizer is not None and not isinstance(normalizer, torch.Tensor):
-        if not (math.isfinite(normalizer) and normalizer > 0):
-            raise ValueError(f"normalizer must be a finite number > 0, got {normalizer}")
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1 or normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise ValueError(f"normalizer must be a number or a one-element real tensor, got a {normalizer.dtype} "
+                             f"tensor of shape {tuple(normalizer.shape)}")
+        if not torch.compiler.is_compiling():   # a value check would break a compiled graph
+            _check_normalizer_value(float(normalizer))
+    elif normalizer is not None:
+        if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+            raise ValueError(f"normalizer must be a number or a one-element tensor, got {type(normalizer).__name__}")
+        _check_normalizer_value(normalizer)
+
+
+def _check_normalizer_value(value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"normalizer must be a finite number > 0, got {value}")
 
 
 def _kl(logp, ref, estimator):
@@ -273,7 +305,7 @@ def _kl(logp, ref, estimator):
     if estimator == "k2":
         return 0.5 * (logp - ref) ** 2
     log_ratio = ref - logp
-    return torch.exp(log_ratio) - log_ratio - 1
+    return torch.exp(log_ratio.clamp(max=MAX_LOG_RATIO)) - log_ratio - 1
 
 
 def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=IGNORE_INDEX, impl=None):
@@ -336,7 +368,7 @@ def fused_rft_loss(
     adv = torch.where(pg_rows, per_row["advantages"], 0.0) if advantages is not None else zeros
     detached = logp.detach()   # on-policy, old = logp detached: the ratio is 1 and its gradient flows through logp
     old = torch.where(pg_rows, per_row["old_logprobs"], detached) if old_logprobs is not None else detached
-    ratio = torch.exp(logp - old)
+    ratio = torch.exp((logp - old).clamp(max=MAX_LOG_RATIO))
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
     pg_terms = -torch.minimum(unclipped, clipped)
@@ -350,6 +382,8 @@ def fused_rft_loss(
 
     if normalizer is None:
         normalizer = (pg_rows | (sft_w != 0)).sum().clamp(min=1).float()
+    elif isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.reshape(()).to(device=device, dtype=torch.float32)
     loss = row_loss.sum() / normalizer
 
     with torch.no_grad():

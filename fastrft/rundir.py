@@ -9,6 +9,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 from fastrft.jsonl import read_jsonl
@@ -23,6 +27,38 @@ CHECKPOINTS_DIR = "checkpoints"
 def read_metrics(path) -> list[dict]:
     """The records of a metrics.jsonl file; ValueError naming file and line on a bad line."""
     return [record for _, record in read_jsonl(path)]
+
+
+def write_atomically(path, data: bytes) -> None:
+    """path holds data, or (after a crash at any point) what it held before: a temporary sibling, fsynced, then
+    renamed over it, and the directory fsynced."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path) -> None:
+    """Makes the renames inside `path` durable; some filesystems cannot open a directory, and there is nothing to
+    do."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class RunDir:
@@ -40,14 +76,47 @@ class RunDir:
     def holds_run(self) -> bool:
         return self.config.is_file()
 
+    def run_files(self) -> list[Path]:
+        """What of a run's layout the folder holds (a run, or the remains of one)."""
+        return [p for p in (self.config, self.metrics, self.summary, self.plots, self.checkpoints) if p.exists()]
+
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def clear(self) -> None:
+        """Remove the run's own files (the layout above), nothing else the folder holds."""
+        for path in self.run_files():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def read_metrics(self) -> list[dict]:
         return read_metrics(self.metrics)
 
+    def metrics_to_resume(self, step: int) -> list[dict]:
+        """The records of steps up to `step` (a checkpoint's), to rewrite metrics.jsonl with when resuming from it.
+        A torn last line (a crash mid-write) is dropped with a warning; a file that lacks steps the checkpoint has
+        seen (emptied or cut short) is a ValueError: resuming would lose their records for good."""
+        records = []
+        if self.metrics.is_file():
+            lines = self.metrics.read_bytes().split(b"\n")
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    if any(rest.strip() for rest in lines[number:]):
+                        raise ValueError(f"{self.metrics}:{number}: malformed JSON in the middle of the file") \
+                            from None
+                    warnings.warn(f"{self.metrics}:{number}: dropped a torn last line (a crash while it was "
+                                  f"written): {line[:60]!r}", stacklevel=2)
+        logged = max((r.get("step", 0) for r in records), default=None)
+        if step > 0 and (logged is None or logged < step):
+            raise ValueError(f"{self.metrics} holds steps up to {logged} but the checkpoint is at step {step}: the "
+                             f"file was emptied or cut short; restore it before resuming (nothing was changed)")
+        return [r for r in records if r.get("step", 0) <= step]
+
     def write_metrics(self, records: list[dict]) -> None:
-        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_atomically(self.metrics, "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def append_metrics(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
@@ -65,4 +134,4 @@ class RunDir:
         return json.loads(self.summary.read_text()) if self.summary.is_file() else None
 
     def write_summary(self, summary: dict) -> None:
-        self.summary.write_text(json.dumps(summary, indent=1) + "\n")
+        write_atomically(self.summary, (json.dumps(summary, indent=1) + "\n").encode())

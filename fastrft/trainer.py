@@ -24,6 +24,7 @@ curriculum or replay.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import resource
@@ -31,6 +32,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -63,8 +65,8 @@ def resolve_device(name: str) -> torch.device:
 def load_tokenizers(policy_path: str, ref_path: str):
     from transformers import AutoTokenizer
 
-    policy_tok = AutoTokenizer.from_pretrained(policy_path)
-    ref_tok = policy_tok if ref_path == policy_path else AutoTokenizer.from_pretrained(ref_path)
+    policy_tok = _load_pretrained(AutoTokenizer, policy_path, "model")
+    ref_tok = policy_tok if ref_path == policy_path else _load_pretrained(AutoTokenizer, ref_path, "ref_model")
     if policy_tok.get_vocab() != ref_tok.get_vocab() or policy_tok.eos_token_id != ref_tok.eos_token_id:
         raise ValueError(f"the policy ({policy_path}) and the reference ({ref_path}) have different tokenizers: the "
                          f"KL term and the refiner's diff compare token ids, so both must share one vocabulary")
@@ -81,7 +83,8 @@ def load_models(cfg: TrainConfig, device: torch.device):
     hf_logging.disable_progress_bar()   # one progress bar: the run's
 
     dtype = getattr(torch, cfg.dtype)
-    policy = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa").to(device)
+    policy = _load_pretrained(AutoModelForCausalLM, cfg.model, "model", dtype=dtype, attn_implementation="sdpa") \
+        .to(device)
     ref_kwargs = dict(dtype=dtype, attn_implementation="sdpa")
     if cfg.ref_quantization != "none":
         if device.type == "cuda":
@@ -93,7 +96,7 @@ def load_models(cfg: TrainConfig, device: torch.device):
         else:
             note_once(f"ref_quantization={cfg.ref_quantization} needs bitsandbytes on CUDA: the reference stays in "
                       f"{cfg.dtype}")
-    ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model or cfg.model, **ref_kwargs)
+    ref = _load_pretrained(AutoModelForCausalLM, cfg.ref_model or cfg.model, "ref_model", **ref_kwargs)
     if "device_map" not in ref_kwargs:
         ref = ref.to(device)
     ref.eval().requires_grad_(False)
@@ -107,6 +110,15 @@ def load_models(cfg: TrainConfig, device: torch.device):
         else:
             note_once("liger=true needs CUDA: Liger-Kernel's layer kernels are not applied")
     return policy, ref
+
+
+def _load_pretrained(auto_class, path: str, key: str, **kwargs):
+    """auto_class.from_pretrained(path) with a broken directory (no weights, no tokenizer files, unreadable
+    files) reported as the config key and path it came from."""
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{key}={path!r} could not be loaded by {auto_class.__name__}: {e}") from e
 
 
 def use_attention(path: AttentionPath, *models) -> None:
@@ -294,35 +306,51 @@ class StepRecord:
 
 # ----------------------------------------------------------------------------------------------- set-up
 
-def make_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
-    """Everything a run needs, from cfg; resume restores the last checkpoint of cfg.output_dir."""
+def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Run:
+    """Everything a run needs, from cfg; resume restores the last good checkpoint of cfg.output_dir, overwrite
+    replaces the run that folder holds. Bad input (config, data, model directories) fails before any model loads,
+    and the run folder is written only once everything has loaded: a failed start or resume changes nothing there."""
     if not cfg.model:
         raise ValueError("model is not set: give the local path of the policy's initial weights (model=PATH)")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
     run_dir = RunDir(cfg.output_dir)
-    run_dir.create()
-    save_config(cfg, run_dir.config)
+    if resume and not run_dir.holds_run():
+        raise ValueError(f"{run_dir.path} holds no run to resume (no {run_dir.config.name})")
+    if not resume and not overwrite and run_dir.run_files():
+        raise ValueError(f"{run_dir.path} already holds a run ({', '.join(p.name for p in run_dir.run_files())}): "
+                         f"continue it with `fastrft train --resume {run_dir.path}`, or start a new one in another "
+                         f"output_dir (output_dir=PATH), or replace it with --overwrite")
     device = resolve_device(cfg.device)
+    check_model_dir(cfg.model, "model")
+    check_model_dir(cfg.ref_model or cfg.model, "ref_model")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    task = load_task(cfg.task, **cfg.extra)
+    columns = task.required_columns()
+    train_rows = load_rows(cfg.dataset, required=columns) if cfg.dataset else task.train_rows
+    eval_rows = load_rows(cfg.eval_dataset, required=columns) if cfg.eval_dataset else task.eval_rows
 
     tokenizer = load_tokenizers(cfg.model, cfg.ref_model or cfg.model)
     policy, ref = load_models(cfg, device)
+    check_vocabularies(cfg, tokenizer, policy, ref)
     path = choose_attention(cfg.packing, policy, device, cfg.max_tokens_per_batch)
     use_attention(path, policy, ref)
-    task = load_task(cfg.task, **cfg.extra)
-    train_rows = load_rows(cfg.dataset) if cfg.dataset else task.train_rows
-    eval_rows = load_rows(cfg.eval_dataset) if cfg.eval_dataset else task.eval_rows
     optimizer = make_optimizer(cfg, policy, device)
     scheduler = make_scheduler(cfg, optimizer)
 
-    start_step, state = 0, {"stream": {"epoch": 0, "index": 0}, "skipped_steps": 0}
+    start_step, state, metrics = 0, {"stream": {"epoch": 0, "index": 0}, "skipped_steps": 0}, []
     if resume:
         start_step, state = load_checkpoint(run_dir.path, model=policy, optimizer=optimizer, scheduler=scheduler,
                                             map_location=device)
         # Steps logged after the checkpoint are run again: their old records go.
-        run_dir.write_metrics([r for r in run_dir.read_metrics() if r.get("step", 0) <= start_step])
-    else:
-        run_dir.write_metrics([])
+        metrics = run_dir.metrics_to_resume(start_step)
+    # Everything has loaded: only now does the run folder change.
+    if overwrite:
+        run_dir.clear()
+    run_dir.create()
+    save_config(cfg, run_dir.config)
+    run_dir.write_metrics(metrics)
     return Run(cfg=cfg, run_dir=run_dir, device=device, tokenizer=tokenizer, policy=policy, ref=ref, task=task,
                stream=PromptStream(train_rows, cfg.seed, **state["stream"]),
                eval_rows=eval_rows[:cfg.eval_size] if cfg.eval_size else eval_rows, optimizer=optimizer,
@@ -331,11 +359,42 @@ def make_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
                skipped_steps=state.get("skipped_steps", 0))
 
 
+def check_model_dir(path: str, key: str) -> None:
+    """A local Hugging Face model directory (models never come from the hub): ValueError naming the key otherwise."""
+    directory = Path(path)
+    if not directory.exists():
+        raise ValueError(f"{key}={path!r}: no such directory (fastrft loads models from local Hugging Face model "
+                         f"directories, never from the hub)")
+    config = directory / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{key}={path!r} is not a Hugging Face model directory: it has no config.json")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{key}={path!r}: its config.json is not valid JSON ({e})") from None
+
+
+def check_vocabularies(cfg: TrainConfig, tokenizer, policy, ref) -> None:
+    """The policy and the reference score the same token ids: same number of LM-head rows, and every id the
+    tokenizer can produce has one."""
+    rows = {name: model.get_output_embeddings().weight.shape[0] for name, model in (("model", policy), ("ref_model",
+                                                                                                      ref))}
+    if rows["model"] != rows["ref_model"]:
+        raise ValueError(f"the policy ({cfg.model}) has {rows['model']} vocabulary rows but the reference "
+                         f"({cfg.ref_model}) has {rows['ref_model']}: the KL term and the refiner compare the two "
+                         f"models' log-probs of the same token ids, so their vocabularies must match")
+    largest_id = max([len(tokenizer) - 1, tokenizer.eos_token_id or 0, tokenizer.pad_token_id or 0])
+    if largest_id >= rows["model"]:
+        raise ValueError(f"the tokenizer of {cfg.model} has ids up to {largest_id} but the model's LM head has only "
+                         f"{rows['model']} rows")
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Runs cfg.steps steps into cfg.output_dir; returns the summary (also written to summary.json)."""
-    return train_run(make_run(cfg, resume=resume))
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Runs cfg.steps steps into cfg.output_dir; returns the summary (also written to summary.json). A folder that
+    holds a run is continued with resume=True or replaced with overwrite=True, never silently reused."""
+    return train_run(make_run(cfg, resume=resume, overwrite=overwrite))
 
 
 def train_run(run: Run) -> dict:
@@ -538,6 +597,11 @@ def update_policy(run: Run, rows: list[Row]) -> UpdateStats:
                 stats.nonfinite_updates += 1
                 continue
             run.optimizer.step()
+            if not _finite_weights(run.policy):
+                raise FloatingPointError(
+                    "an optimizer step left NaN or inf in the policy's weights from a finite loss and gradient (the "
+                    f"learning rate, lr={cfg.lr}, too large for them?); the run stops here so that they never reach "
+                    "a checkpoint: the last checkpoint holds the last good weights")
             stats.optimizer_steps += 1
             result["grad_norm"] = float(grad_norm)
             for name, value in result.items():
@@ -547,6 +611,11 @@ def update_policy(run: Run, rows: list[Row]) -> UpdateStats:
     if kl_values and sum(v.numel() for v in kl_values):
         stats.kl_ref = float(torch.cat(kl_values).mean())
     return stats
+
+
+def _finite_weights(model) -> bool:
+    """Whether every trainable weight is finite (one reduction, one device sync)."""
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters() if p.requires_grad]).all())
 
 
 # ----------------------------------------------------------------------------------------------- evaluation, logs

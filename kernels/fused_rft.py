@@ -128,9 +128,11 @@ def _fused_rft_fwd_kernel(
         max_step = tl.where(started, new_max - running_max, 0.0)
         running_dsum = rescale * (running_dsum + max_step * old_total)
         running_dsum += tl.sum(tl.where(col_ok[None, :] & ~at_max, e * (new_max[:, None] - z), 0.0), axis=1)
+        # The tile's other maxima count 1 each, less the one that stays out of the rest: that whole number is
+        # formed apart, so that 1 + tiny - 1 never loses the tiny.
+        extra_maxima = tl.sum(at_max.to(tl.float32), axis=1) - tl.where(moved, 1.0, 0.0)
         running_rest = running_rest * rescale + tl.where(moved, rescale, 0.0) \
-            + tl.sum(tl.where(at_max, 0.0, e), axis=1) + tl.sum(at_max.to(tl.float32), axis=1) \
-            - tl.where(moved, 1.0, 0.0)
+            + tl.sum(tl.where(at_max, 0.0, e), axis=1) + extra_maxima
         running_max = new_max
     out = tl.program_id(1) * n_rows + slots
     tl.store(max_ptr + out, running_max, mask=row_ok)

@@ -166,13 +166,18 @@ def test_model_only_checkpoint(tmp_path):
         load_checkpoint(tmp_path, model=fresh, optimizer=optimizer)
 
 
+def _shift(model):
+    """Weights other than the saved ones."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+
 def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
     model, optimizer, scheduler = _make()
     save_checkpoint(tmp_path, 3, model=model, optimizer=optimizer, scheduler=scheduler, state={"data_pos": 12})
     good = _weights(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
+    _shift(model)
 
     # A hard crash while writing step 6: model.pt and optimizer.pt are on disk, nothing cleans up.
     write = checkpoint._write_torch
@@ -253,14 +258,21 @@ def test_missing_and_corrupt(tmp_path):
     before = _weights(model)
     (second / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=re.escape(str(second / "model.pt"))):
-        load_checkpoint(tmp_path, model=model)
+        load_checkpoint(second, model=model)       # one checkpoint asked for by name: no fallback
     _assert_same(before, _weights(model))
     (second / "rng.pt").unlink()
     with pytest.raises(FileNotFoundError, match="rng.pt"):
-        load_checkpoint(tmp_path, model=model)
+        load_checkpoint(second, model=model)
     (second / "checkpoint.json").write_text("{trunc")
     with pytest.raises(ValueError, match="manifest"):
         load_checkpoint(second, model=model)
+    (first / "model.pt").write_bytes(b"")
+    with pytest.warns(UserWarning, match="step_00000002 is unusable"):   # and none is good: the newest's error
+        with pytest.raises(ValueError, match="corrupt checkpoint manifest"):
+            load_checkpoint(tmp_path, model=model)
+    _assert_same(before, _weights(model))
+    first = save_checkpoint(tmp_path, 1, model=model, keep=None)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000002\n")
 
     # `latest` naming a directory that is gone: fall back to the highest complete one, and say so.
     checkpoint.shutil.rmtree(second)
@@ -325,3 +337,39 @@ def test_stop_signal_off_main_thread_is_noop():
     thread.start()
     thread.join()
     assert seen == {"handler": before, "requested": False}
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+@pytest.mark.parametrize("victim", ["model.pt", "optimizer.pt", "state.json"])
+def test_a_damaged_file_is_found_and_the_previous_checkpoint_loads(tmp_path, damage, victim):
+    """Bytes flipped or cut off in any file of the newest checkpoint: its checksum catches it at load, a warning
+    names the file, and the previous checkpoint is restored instead (not silently wrong weights)."""
+    model, optimizer, scheduler = _make()
+    save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, state={"at": 1})
+    good = _weights(model)
+    _shift(model)
+    newest = save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler, state={"at": 2})
+    path = newest / victim
+    data = bytearray(path.read_bytes())
+    if damage == "flipped byte":
+        data[len(data) // 2] ^= 0x10
+    else:
+        del data[len(data) // 2:]
+    path.write_bytes(bytes(data))
+
+    fresh, fresh_optimizer, fresh_scheduler = _make()
+    with pytest.warns(UserWarning, match=re.escape(str(path))):
+        step, state = load_checkpoint(tmp_path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    assert (step, state) == (1, {"at": 1})
+    _assert_same(good, _weights(fresh))
+
+
+def test_nan_weights_never_reach_a_checkpoint(tmp_path):
+    model = Tiny()
+    save_checkpoint(tmp_path, 1, model=model)
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(ValueError, match="not saving step 2: the model's weights hold NaN or inf"):
+        save_checkpoint(tmp_path, 2, model=model)
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert not (tmp_path / "checkpoints" / "step_00000002").exists()

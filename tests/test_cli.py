@@ -43,3 +43,25 @@ def test_demo_end_to_end_with_a_short_budget(tmp_path, capsys):
     assert "held-out reward, reference model" in text and "held-out reward, after RL" in text
     assert (tmp_path / "reference" / "reference.json").is_file()
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_second_demo_keeps_the_first_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["demo", "--cache-dir", str(tmp_path / "reference"), "--reference-steps", "30", "steps=1",
+            "eval_every=1", "eval_size=4", "progress=false", "plots=false", "prompts_per_step=2"]
+    assert main(args) == 0
+    first = (tmp_path / "runs" / "demo" / "metrics.jsonl").read_bytes()
+    assert main(args) == 0
+    assert "runs/demo holds an earlier run (kept); this one goes to runs/demo-2" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "demo" / "metrics.jsonl").read_bytes() == first
+    assert json.loads((tmp_path / "runs" / "demo-2" / "summary.json").read_text())["steps"] == 1
+    assert main([*args, "--overwrite"]) == 0 and not (tmp_path / "runs" / "demo-3").exists()
+
+
+def test_train_into_a_run_folder_needs_resume_or_overwrite(tiny_model, tmp_path, capsys):
+    args = ["train", f"model={tiny_model}", f"output_dir={tmp_path / 'run'}", *FAST, "steps=1", "plots=false"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0

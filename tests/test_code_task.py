@@ -80,6 +80,18 @@ def test_bad_problem_rows(tmp_path):
                     + json.dumps({"question": "q", "input_output": {"inputs": ["1"], "outputs": []}}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*same length"):
         code.load_problems(path)
+    good = {"question": "q", "input_output": {"inputs": ["1"], "outputs": ["1"]}}
+    for bad, message in (({"fn_name": 5}, "fn_name must be a string naming a Python function, got 5"),
+                         ({"fn_name": "not a name"}, "fn_name must be a string naming"),
+                         ({"input_output": {"inputs": [[1]], "outputs": [1], "fn_name": ["f"]}},
+                          "input_output's fn_name must be a string"),
+                         ({"starter_code": 3}, "starter_code must be a string")):
+        path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **bad}) + "\n")
+        with pytest.raises(ValueError, match=r"bad.jsonl:2: " + message):
+            code.load_problems(path)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="holds no problems"):
+        code.load_problems(path)
 
 
 # --- scoring through the sandbox ------------------------------------------------------------------------------

@@ -31,9 +31,9 @@ class Spy:
     def __init__(self, fn=train):
         self.fn, self.calls = fn, []
 
-    def __call__(self, cfg, resume=False):
+    def __call__(self, cfg, resume=False, overwrite=False):
         self.calls.append((cfg.output_dir.rsplit("/", 1)[-1], resume))
-        return self.fn(cfg, resume=resume)
+        return self.fn(cfg, resume=resume, overwrite=overwrite)
 
 
 def records(run_dir):
@@ -155,7 +155,7 @@ def test_interrupted_comparison_resumes_where_it_stopped(tiny_model, tmp_path):
 def test_a_stop_signal_ends_the_comparison_after_the_current_run(tiny_model, tmp_path):
     calls = []
 
-    def stopped(cfg, resume=False):
+    def stopped(cfg, resume=False, overwrite=False):
         calls.append(cfg.seed)
         return {"steps": 1, "stopped_by": "SIGINT"}
 

@@ -483,6 +483,12 @@ BAD_INPUTS = [
     (dict(kw=dict(temperature=0.0)), "temperature"),
     (dict(kw=dict(clip_low=1.0)), "clip_low"),
     (dict(kw=dict(normalizer=0.0)), "normalizer"),
+    (dict(kw=dict(normalizer=torch.tensor(0.0))), "normalizer must be a finite number > 0"),
+    (dict(kw=dict(normalizer=torch.tensor(float("nan")))), "normalizer must be a finite number > 0"),
+    (dict(kw=dict(normalizer=torch.tensor(-3.0))), "normalizer must be a finite number > 0"),
+    (dict(kw=dict(normalizer=torch.tensor([1.0, 2.0]))), "one-element real tensor"),
+    (dict(kw=dict(normalizer=torch.tensor(True))), "one-element real tensor"),
+    (dict(kw=dict(normalizer="4")), "normalizer must be a number"),
     (dict(kw=dict(entropy_coef=0.1)), "neither advantages nor pg_mask"),
     (dict(kw=dict(impl="cuda")), "impl"),
     (dict(targets_dtype=torch.float32), "integer token ids"),
@@ -499,6 +505,103 @@ def test_bad_input_is_a_value_error_that_names_it(case, message):
     bias = torch.randn(*case["bias_shape"]) if "bias_shape" in case else None
     with pytest.raises(ValueError, match=message):
         fastrft.fused_rft_loss(hidden, weight, targets, bias=bias, **case.get("kw", {}))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("v,h", [(0, 8), (11, 0)], ids=["V=0", "H=0"])
+def test_an_empty_head_is_a_value_error(impl, v, h):
+    with pytest.raises(ValueError, match="LM-head weight is empty"):
+        fastrft.fused_rft_loss(torch.randn(4, h), torch.randn(v, h), torch.zeros(4, dtype=torch.long), impl=impl)
+    with pytest.raises(ValueError, match="LM-head weight is empty"):
+        fastrft.token_logprobs(torch.randn(4, h), torch.randn(v, h), torch.zeros(4, dtype=torch.long), impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_tensor_normalizer_acts_as_the_same_number(impl):
+    hidden, weight, bias, targets = make_inputs(6, 8, 13, ignored=0.0)
+    adv = torch.randn(6)
+    expected = fastrft.fused_rft_loss(hidden, weight, targets, advantages=adv, normalizer=5.0, impl=impl).loss
+    for normalizer in (torch.tensor(5.0), torch.tensor([5.0]), torch.tensor(5, dtype=torch.int64)):
+        out = fastrft.fused_rft_loss(hidden, weight, targets, advantages=adv, normalizer=normalizer, impl=impl)
+        assert out.loss.shape == () and torch.equal(out.loss, expected)
+        assert out.metrics["normalizer"] == 5.0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_log_ratios_past_exps_range_give_finite_gradients(impl):
+    """Rows whose log-ratio to the behaviour policy (or whose k3 exponent ref - logp) lies past exp's fp32 range:
+    the loss and every gradient stay finite; rows in range keep the reference's gradient."""
+    hidden, weight, bias, targets = make_inputs(8, 16, 29, ignored=0.0)
+    adv = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 1.0, -1.0])
+    with torch.no_grad():
+        logp = fastrft.token_logprobs(hidden, weight, targets, bias=bias, impl=impl)
+    far = torch.tensor([True, True, False, False, True, False, False, False])
+    old = torch.where(far, logp - 100.0, logp + 0.1)                 # logp - old = 100 on the far rows
+    ref = torch.where(torch.tensor([False, False, True, True, False, False, False, False]), logp + 95.0, logp - 0.2)
+    out, grads = run(impl, hidden, weight, targets, bias=bias, advantages=adv, old_logprobs=old, ref_logprobs=ref,
+                     kl_coef=0.1)
+    assert math.isfinite(out.loss.item())
+    for g in grads:
+        assert torch.isfinite(g).all()
+    # The in-range rows alone: the same gradient as the float64 reference on them.
+    near = ~(far | (ref - logp > 50))
+    masked = torch.where(near, targets, -100)
+    _, near_grads = run(impl, hidden, weight, masked, bias=bias, advantages=adv, old_logprobs=old, ref_logprobs=ref,
+                        kl_coef=0.1, normalizer=8.0)
+    _, _, _, ref_grads = reference(hidden, weight, masked, bias=bias, advantages=adv, old_logprobs=old,
+                                   ref_logprobs=ref, kl_coef=0.1, normalizer=8.0)
+    for g, rg in zip(near_grads, ref_grads):
+        assert_close(g, rg, 1e-5 * (rg.abs().max().item() + 1), 2e-4, "in-range gradient")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_entropy_of_peaked_rows_at_large_logits(impl):
+    """Low-entropy rows whose logits are large (hundreds): no cancellation between the log-sum-exp and a mean
+    logit, so the entropy is >= 0 and close to the float64 one relative to its own size."""
+    generator = torch.Generator(device=DEVICE).manual_seed(3)
+    n, v = 16, 257
+    weight = torch.eye(v, device=DEVICE)        # logits = hidden
+    targets = torch.randint(0, v, (n,), generator=generator, device=DEVICE)
+    # Every logit near 500, the target's 18-28 above the rest: entropies from ~1e-9 to ~1e-4.
+    hidden = 500 + torch.rand(n, v, generator=generator, device=DEVICE)
+    hidden[torch.arange(n), targets] += 18 + 10 * torch.rand(n, generator=generator, device=DEVICE)
+    bias = None
+    entropy = fastrft.fused_rft_loss(hidden, weight, targets, bias=bias, advantages=torch.ones(n), impl=impl).entropy
+    expected = reference(hidden, weight, targets, bias=bias)[2]
+    assert (expected < 1e-3).all() and (expected > 0).all()
+    assert (entropy >= 0).all()
+    relative = ((entropy.double() - expected).abs() / expected).max().item()
+    assert relative < 1e-3, f"entropy's relative error {relative:.2g}"
+
+
+def test_torch_path_resident_memory_stays_bounded(tmp_path):
+    """fwd+bwd of the chunked PyTorch path at N=2048, H=64, V=32768 (fp32) grows the process's peak resident memory
+    by less than 100 MB beyond its inputs and gradients: two reused [chunk, V] buffers, not fresh 16 MB temporaries
+    per chunk, which the allocator would keep. In a fresh process, so that the peak is this computation's alone."""
+    import subprocess
+    import sys
+
+    script = """
+import resource, sys, torch, fastrft
+torch.manual_seed(0)
+n, h, v = 2048, 64, 32768
+hidden = torch.randn(n, h, requires_grad=True)
+weight = (torch.randn(v, h) / 8).requires_grad_()
+targets = torch.randint(0, v, (n,))
+advantages = torch.randn(n)
+hidden.grad = torch.zeros_like(hidden); weight.grad = torch.zeros_like(weight)   # gradients: part of the baseline
+small = fastrft.fused_rft_loss(hidden[:4], weight, targets[:4], advantages=advantages[:4], impl="torch")
+small.loss.backward()                                                            # code paths warmed, at small N
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = fastrft.fused_rft_loss(hidden, weight, targets, advantages=advantages, entropy_coef=0.01, impl="torch")
+out.loss.backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    env = {k: val for k, val in __import__("os").environ.items() if not k.startswith("MALLOC_")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                            check=True)
+    growth_mb = float(result.stdout.strip().splitlines()[-1])
+    assert growth_mb < 100, f"peak resident memory grew by {growth_mb:.0f} MB"
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):

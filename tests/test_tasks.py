@@ -163,6 +163,23 @@ def test_load_rows_jsonl(tmp_path):
         load_rows(tmp_path / "rows.csv")
 
 
+def test_load_rows_checks_every_row_for_what_the_rewards_need(tmp_path):
+    task = load_task("demo")
+    assert task.required_columns() == ("answer",)       # sort_reward(prompts, completions, answer, **columns)
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "2"}\n{"prompt": "c"}\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:3: row lacks 'answer', which the task's reward functions"):
+        load_rows(path, required=task.required_columns())
+    path.write_text("")
+    with pytest.raises(ValueError, match=r"rows\.jsonl holds no rows"):
+        load_rows(path)
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: not UTF-8 text"):
+        load_rows(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_rows(tmp_path / "missing.jsonl")
+
+
 def test_load_rows_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow", reason="pyarrow is needed to read .parquet rows")
     import pyarrow.parquet as pq

@@ -217,6 +217,42 @@ def test_config_override_errors_name_the_key(override, message):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override,message", [
+    ("lr=nan", "lr must be a finite number"), ("lr=inf", "lr must be a finite number"), ("lr=0", "lr must be > 0"),
+    ("lr=-1e-4", "lr must be > 0"), ("clip_low=1.0", "clip_low must be in \\[0, 1\\)"),
+    ("clip_high=-0.1", "clip_high must be >= 0"), ("kl_coef=inf", "kl_coef must be a finite number"),
+    ("temperature=0", "temperature must be > 0"), ("top_p=1.5", "top_p must be in"),
+    ("min_lr_ratio=2", "min_lr_ratio must be in \\[0, 1\\]"), ("warmup_steps=-1", "warmup_steps must be >= 0"),
+    ("grad_clip=nan", "grad_clip must be a finite number"), ("refine_context=-2", "refine_context must be >= 0"),
+    ("group_size=1", "group_size must be >= 2"), ("eval_size=0", "eval_size must be >= 1"),
+    ("extra.n_eval=[1,", "override 'extra.n_eval=\\[1,': the value is not valid YAML")])
+def test_every_numeric_key_is_checked_for_its_range(override, message):
+    with pytest.raises(ValueError, match=message) as info:
+        load_config(None, [override])
+    assert "override" in str(info.value)     # where the value came from
+
+
+def test_config_values_are_typed_in_python_too():
+    for kwargs, message in ((dict(lr=float("nan")), "lr must be a finite number"),
+                            (dict(steps=True), "steps must be int"), (dict(kl_coef="0.1"), "kl_coef must be float"),
+                            (dict(refine_draft="yes"), "refine_draft must be true or false")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(model="m", **kwargs)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"steps: 7\nlr: .nan\n", ":2: lr must be a finite number"),
+    (b"steps: 7\nconstraint: kl\nclip_low: 3\n", ":3: clip_low must be in"),
+    (b"steps: 7\n  lr: [1e-4\n", ":2:\\d+: malformed YAML"),
+    (b"steps: ten\n", ":1: config key 'steps' must be int"),
+    (b"steps: 7\nmodel: \xff\xfe\n", " is not UTF-8 text")])
+def test_config_file_errors_name_the_file_and_line(tmp_path, content, message):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{path}{message}"):
+        load_config(path)
+
+
 def test_config_errors_name_the_key(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("steps: 7\nconstraint: kl\nbogus_key: 1\n")
@@ -298,3 +334,104 @@ def test_static_cache_generates_what_the_dynamic_cache_does(tiny_model, monkeypa
     assert complete() == dynamic
     assert static_caches, "generate() did not build a static cache"
     assert any(len(ids) > 1 for ids in dynamic)
+
+
+# ----------------------------------------------------------------------------------------------- the run folder
+
+def snapshot(folder):
+    """Every file below folder and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tiny_model, tmp_path):
+    cfg = config(tiny_model, tmp_path, "steps=2")
+    train(cfg)
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"already holds a run .*--resume .*output_dir.*--overwrite"):
+        train(cfg)
+    assert snapshot(tmp_path / "run") == before          # nothing truncated, no checkpoints mixed
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    train(config(tiny_model, tmp_path, "steps=1", "save_every=1"), overwrite=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_00000001"]
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"   # only the run's own files were replaced
+
+
+def test_a_failed_resume_changes_nothing_on_disk(tiny_model, tmp_path):
+    train(config(tiny_model, tmp_path, "steps=2"))
+    run_dir = tmp_path / "run"
+    before = snapshot(run_dir)
+    resumed = load_config(run_dir / "config.yaml", ["steps=4", "lr=5e-4", "ref_model=/nonexistent/model"])
+    with pytest.raises(ValueError, match="ref_model='/nonexistent/model': no such directory"):
+        train(resumed, resume=True)
+    for name in ("metrics.jsonl", "checkpoints/step_00000002/model.pt"):
+        (run_dir / name).write_bytes(before[name][:-10])      # cut short: nothing usable to resume from
+    before = snapshot(run_dir)
+    with pytest.raises(ValueError, match="corrupt checkpoint file"):
+        train(load_config(run_dir / "config.yaml", ["steps=4", "lr=5e-4"]), resume=True)
+    assert snapshot(run_dir) == before                   # config.yaml still the old one
+
+
+def test_resume_drops_a_torn_last_line_and_refuses_a_shortened_log(tiny_model, tmp_path):
+    train(config(tiny_model, tmp_path, "steps=2", "save_every=2"))
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
+    whole = metrics.read_bytes()
+    metrics.write_bytes(whole + b'{"step": 3, "reward_me')      # a crash mid-write after the checkpoint
+    with pytest.warns(UserWarning, match="torn last line"):
+        train(load_config(run_dir / "config.yaml", ["steps=3"]), resume=True)
+    assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2, 3]
+
+    for shortened in (b"", whole.split(b"\n", 2)[0] + b"\n"):    # emptied; only step 0 left
+        metrics.write_bytes(shortened)
+        with pytest.raises(ValueError, match="was emptied or cut short"):
+            train(load_config(run_dir / "config.yaml", ["steps=4"]), resume=True)
+        assert metrics.read_bytes() == shortened
+
+
+def test_non_finite_weights_stop_the_run_before_a_checkpoint(tiny_model, tmp_path):
+    """An optimizer step that leaves inf in the weights from a finite loss and gradient (here on its second call,
+    as an overflowing update would): the run stops with an error at that step, and the checkpoints keep only the
+    good weights."""
+    run = make_run(config(tiny_model, tmp_path, "steps=3", "save_every=1", "constraint=none"))
+    varied_rewards(run)
+    calls = []
+
+    def overflow(optimizer, args, kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                next(run.policy.parameters()).view(-1)[0] = float("inf")
+
+    run.optimizer.register_step_post_hook(overflow)
+    with pytest.raises(FloatingPointError, match="NaN or inf in the policy's weights"):
+        train_run(run)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_00000001"]
+
+
+def test_model_directories_are_checked_before_anything_loads(tiny_model, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((__import__("pathlib").Path(tiny_model) / "config.json").read_text())
+    for override, message in (("model=/nonexistent/model", "model='/nonexistent/model': no such directory"),
+                              (f"ref_model={empty}", "ref_model=.*is not a Hugging Face model directory"),
+                              (f"model={broken}", "model=.*could not be loaded")):
+        cfg = config(tiny_model, tmp_path, "steps=1", override)
+        with pytest.raises(ValueError, match=message):
+            train(cfg)
+        assert not (tmp_path / "run").exists()            # a failed start leaves no run behind
+
+
+def test_vocabularies_of_policy_and_reference_must_match(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    bigger = AutoModelForCausalLM.from_pretrained(tiny_model)
+    bigger.resize_token_embeddings(bigger.config.vocab_size + 8)
+    bigger.save_pretrained(tmp_path / "bigger")
+    make_tokenizer().save_pretrained(tmp_path / "bigger")
+    for overrides in ([f"ref_model={tmp_path / 'bigger'}"], [f"model={tmp_path / 'bigger'}", f"ref_model={tiny_model}"]):
+        cfg = config(tiny_model, tmp_path, "steps=1", *overrides)
+        with pytest.raises(ValueError, match="vocabulary rows but the reference .* has"):
+            train(cfg)

@@ -12,6 +12,7 @@ column of the rows other than "prompt" arrives as a list aligned with the prompt
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,20 @@ class Task:
     refine_template: str          # .format(prompt=..., response=...) -> the text the refiner continues greedily
     parse_refinement: Callable[[str], str | None]  # refiner continuation (decoded, up to EOS) -> response | None
     max_new_tokens: int           # generation length that fits the task
+
+    def required_columns(self) -> tuple[str, ...]:
+        """The row columns the reward functions cannot do without: their parameters with no default, other than
+        the ones fastrft passes itself (prompts, completions, truncated, completion_ids)."""
+        given = {"prompts", "completions", "truncated", "completion_ids"}
+        required = []
+        for func in self.reward_funcs:
+            try:
+                parameters = inspect.signature(func).parameters.values()
+            except (TypeError, ValueError):   # a builtin or C callable: nothing to read
+                continue
+            required += [p.name for p in parameters if p.default is p.empty and p.name not in given
+                         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in required]
+        return tuple(required)
 
     def score(self, rows: list[dict], completions: list[str], truncated: list[bool]):
         """(weighted reward or None, {function name: values}) of each completion; rows[i] is completion i's prompt
@@ -105,28 +120,39 @@ def load_task(spec: str, **options) -> Task:
     return task
 
 
-def _check_row(row, path: Path, line: int) -> dict:
+def _check_row(row, path: Path, line: int, required: tuple[str, ...]) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
     if not isinstance(row.get("prompt"), str):
         raise ValueError(f"{path}:{line}: row has no string 'prompt' field (keys: {sorted(row)})")
+    missing = [column for column in required if row.get(column) is None]
+    if missing:
+        raise ValueError(f"{path}:{line}: row lacks {', '.join(map(repr, missing))}, which the task's reward "
+                         f"functions need (keys: {sorted(row)})")
     return row
 
 
-def load_rows(path) -> list[dict]:
+def load_rows(path, required: tuple[str, ...] = ()) -> list[dict]:
     """Rows of a local ``.jsonl`` (one JSON object per line, blank lines skipped) or ``.parquet`` file.
 
-    Every row needs a string "prompt"; its other fields become reward-function columns. Errors name the file and
-    the (1-based) line, or row for Parquet.
+    Every row needs a string "prompt" and each `required` column (a task's
+    ``required_columns()``); its other fields become reward-function columns too. Errors name the file and the
+    (1-based) line, or row for Parquet; a file without rows is an error.
     """
     path = Path(path)
+    if path.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
+    if not path.is_file():
+        raise ValueError(f"dataset {path} does not exist")
     if path.suffix == ".jsonl":
-        return [_check_row(row, path, line_number) for line_number, row in read_jsonl(path)]
-    if path.suffix == ".parquet":
+        rows = [_check_row(row, path, line_number, required) for line_number, row in read_jsonl(path)]
+    else:
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError("reading .parquet rows needs pyarrow: pip install pyarrow") from e
         records = pq.read_table(path).to_pylist()
-        return [_check_row(row, path, i) for i, row in enumerate(records, start=1)]
-    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
+        rows = [_check_row(row, path, i, required) for i, row in enumerate(records, start=1)]
+    if not rows:
+        raise ValueError(f"dataset {path} holds no rows")
+    return rows

@@ -329,6 +329,11 @@ def problem_to_row(problem: dict) -> dict:
     if not isinstance(problem.get("question"), str):
         raise ValueError(f"code problem has no string 'question' (keys: {sorted(problem)})")
     spec = parse_tests(problem["input_output"])
+    for key, value in (("fn_name", problem.get("fn_name")), ("input_output's fn_name", spec["fn_name"])):
+        if value is not None and not (isinstance(value, str) and value.isidentifier()):
+            raise ValueError(f"{key} must be a string naming a Python function, got {value!r}")
+    if not isinstance(problem.get("starter_code") or "", str):
+        raise ValueError(f"starter_code must be a string, got {type(problem['starter_code']).__name__}")
     fn_name = problem.get("fn_name") or spec["fn_name"]
     spec["fn_name"] = fn_name
     io_rule = CALL_RULE.format(fn_name=fn_name) if fn_name else STDIN_RULE
@@ -348,6 +353,8 @@ def load_problems(path) -> list[dict]:
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}:{line_number}: {e}") from e
         problems.append(problem)
+    if not problems:
+        raise ValueError(f"{path} holds no problems")
     return problems
 
 
