@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrft.loss import IGNORE_INDEX, fused_rft_loss, token_logprobs
+from fastrft.loss import IGNORE_INDEX, fused_rft_loss, kl_estimate, token_logprobs
 
 PACKING = ("auto", "true", "false")
 FLASH, FLEX, SDPA = "flash_attention_2", "flex_attention", "sdpa"
@@ -298,8 +298,7 @@ def accumulate_gradients(model, rows: list[Row], cfg, path: AttentionPath, devic
             pg_tokens = batch.pg_mask & (batch.targets != IGNORE_INDEX)
             entropies.append(out.entropy[pg_tokens])
             if kl_values is not None:
-                log_ratio = batch.ref_logprobs[pg_tokens] - out.logprobs[pg_tokens]
-                kl_values.append(torch.exp(log_ratio) - log_ratio - 1)
+                kl_values.append(kl_estimate(out.logprobs[pg_tokens], batch.ref_logprobs[pg_tokens]))
     entropy = torch.cat(entropies)
     return {**totals, "clip_frac": clipped / max(1.0, pg_token_count),
             "entropy": float(entropy.mean()) if entropy.numel() else 0.0}, n_batches

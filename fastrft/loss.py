@@ -299,7 +299,9 @@ def _check_normalizer_value(value: float) -> None:
         raise ValueError(f"normalizer must be a finite number > 0, got {value}")
 
 
-def _kl(logp, ref, estimator):
+def kl_estimate(logp, ref, estimator="k3"):
+    """Per-token KL of the policy (logp) to the reference (ref) by estimator k1, k2 or k3 (k3's exponent held at
+    MAX_LOG_RATIO)."""
     if estimator == "k1":
         return logp - ref
     if estimator == "k2":
@@ -373,7 +375,7 @@ def fused_rft_loss(
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
     pg_terms = -torch.minimum(unclipped, clipped)
     if ref_logprobs is not None:
-        kl_terms = _kl(logp, torch.where(pg_rows, per_row["ref_logprobs"], detached), kl_estimator)
+        kl_terms = kl_estimate(logp, torch.where(pg_rows, per_row["ref_logprobs"], detached), kl_estimator)
     else:
         kl_terms = zeros
     row_loss = pg * (pg_terms + kl_coef * kl_terms) - sft_w * logp

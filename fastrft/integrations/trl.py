@@ -53,7 +53,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastrft.loss import IGNORE_INDEX, fused_rft_loss
+from fastrft.loss import IGNORE_INDEX, fused_rft_loss, kl_estimate
 from fastrft.refiner import refine
 
 try:
@@ -532,8 +532,7 @@ class FastRFTGRPOTrainer(GRPOTrainer):
             return torch.where(mask, x, 0.0).sum(-1) / mask.sum(-1)
 
         if ref_logprobs is not None:
-            log_ratio = ref_logprobs - logprobs
-            metrics["kl"].append(global_mean(torch.exp(log_ratio) - log_ratio - 1))
+            metrics["kl"].append(global_mean(kl_estimate(logprobs, ref_logprobs)))
         metrics["entropy"].append(global_mean(entropy))
         ratio = torch.exp(logprobs - old_logprobs) if old_logprobs is not None else torch.ones_like(logprobs)
         low_clipped = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
