@@ -284,11 +284,101 @@ print(children)
     assert [r.stdout for r in results] == ["8\n"] * 4
 
 
-def test_memory_limit():
-    r = run("x = bytearray(1 << 30)\nprint('allocated')", memory_mb=256)
-    assert r.status == "memory_limit" and "allocated" not in r.stdout
-    r = run("chunks = []\nwhile True:\n    chunks.append(' ' * (1 << 20))", memory_mb=256)
+@pytest.fixture(params=["cgroup", "rlimit"])
+def memory_mechanism(request, monkeypatch):
+    """Each memory test under the cgroup this machine gives (skipped without one) and under the rlimit fallback."""
+    if request.param == "rlimit":
+        monkeypatch.setattr(sandbox, "_memory_place", ("rlimit", {}, "forced by the test"))
+        monkeypatch.setattr(sandbox, "_rlimit_warned", True)
+    elif sandbox.memory_mechanism() == "rlimit":
+        pytest.skip(f"no memory cgroup can be created here: {sandbox._find_memory_place()[2]}")
+    return sandbox.memory_mechanism()
+
+
+@pytest.fixture
+def cgroup():
+    """What only a cgroup can give: the kernel's own count and peak, and tmpfs pages charged to the program."""
+    if sandbox.memory_mechanism() == "rlimit":
+        pytest.skip(f"no memory cgroup can be created here: {sandbox._find_memory_place()[2]}")
+
+
+def test_memory_limit(memory_mechanism):
+    r = run("x = bytearray(1 << 30)\nprint('allocated')", memory_mb=256, max_processes=4)
+    assert (r.status, r.memory_mechanism) == ("memory_limit", memory_mechanism) and "allocated" not in r.stdout
+    r = run("chunks = []\nwhile True:\n    chunks.append(' ' * (1 << 20))", memory_mb=256, max_processes=4)
     assert r.status == "memory_limit"
+
+
+FORKED_ALLOCATIONS = """
+import os, time
+children = []
+for _ in range(20):
+    try:
+        pid = os.fork()
+    except OSError:
+        break  # the process limit
+    if pid == 0:
+        try:
+            block = bytearray(200 << 20)  # written: every page resident
+            time.sleep(1.5)
+            os._exit(0)
+        except MemoryError:
+            os._exit(3)
+    children.append(pid)
+outcomes = [os.waitpid(pid, 0)[1] for pid in children]
+print(len(children), sum(status == 0 for status in outcomes))
+"""
+
+
+def test_memory_bounds_all_the_programs_processes_together(memory_mechanism):
+    # 20 children of 200 MB each under memory_mb=256: at most one of them can hold its block at a time.
+    r = run(FORKED_ALLOCATIONS, timeout_s=8.0, memory_mb=256, max_processes=32 if memory_mechanism != "rlimit" else 4)
+    assert r.status == "ok", r.stderr
+    forked, held = map(int, r.stdout.split())
+    assert held <= 1, r.stdout
+    if memory_mechanism == "rlimit":  # each process gets memory_mb / max_processes of address space
+        assert forked <= 3 and held == 0
+    else:  # the kernel's own count: the group never held more than the budget
+        assert forked == 20 and r.peak_memory_mb is not None and r.peak_memory_mb <= 256 + 1
+
+
+def test_run_many_bounds_memory_by_workers(cgroup):
+    jobs = ["x = bytearray(100 << 20)\nimport time; time.sleep(0.5)\nprint(len(x) >> 20)"] * 4
+    results = _bounded(30.0, sandbox.run_many, jobs, workers=4, **{**SMALL, "memory_mb": 64})
+    assert [r.status for r in results] == ["memory_limit"] * 4
+    assert all(r.peak_memory_mb <= 64 + 1 for r in results)
+
+
+def test_memory_status_is_observed_not_read_from_stderr(cgroup):
+    r = run("import sys\nprint('MemoryError: out of memory', file=sys.stderr)\nraise MemoryError")
+    assert (r.status, r.exit_code) == ("runtime_error", 1)
+    r = run("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)")
+    assert (r.status, r.exit_code) == ("runtime_error", 128 + 11)
+
+
+def test_scratch_files_count_against_memory(cgroup):
+    r = run("open('/tmp/big', 'wb').write(b'x' * (60 << 20))\nprint('written')", memory_mb=40, scratch_mb=64)
+    assert r.status == "memory_limit" and "written" not in r.stdout
+
+
+def test_a_program_that_stops_the_sandboxs_init_gets_its_own_status():
+    # PTRACE_ATTACH stops pid 1, which then never reaps the program nor ends the sandbox.
+    source = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+print('attached' if libc.ptrace(16, 1, None, None) == 0 else f'refused {ctypes.get_errno()}', flush=True)
+time.sleep(0.2)
+sys.exit(EXIT)
+"""
+    r = run(source.replace("EXIT", "0"), timeout_s=5.0)
+    if not r.stdout.startswith("attached"):
+        pytest.skip(f"ptrace is not allowed here: {r.stdout.strip()}")
+    assert (r.status, r.exit_code, r.stdout) == ("ok", 0, "attached\n")
+    assert r.wall_s < 2.0  # not the 5 s time limit
+    r = run(source.replace("EXIT", "4"), timeout_s=5.0)
+    assert (r.status, r.exit_code) == ("runtime_error", 4) and r.wall_s < 2.0
+    r = run(source.replace("sys.exit(EXIT)", "time.sleep(60)"), timeout_s=1.0)  # still running: a timeout
+    assert (r.status, r.exit_code) == ("timeout", None)
 
 
 def test_output_limit():
@@ -306,15 +396,20 @@ import resource
 for name in ('RLIMIT_AS', 'RLIMIT_NPROC', 'RLIMIT_CPU'):
     limit = getattr(resource, name)
     soft, hard = resource.getrlimit(limit)
+    if hard == resource.RLIM_INFINITY:  # RLIMIT_AS under a cgroup: nothing to raise
+        print(name, soft, hard)
+        continue
     try:
         resource.setrlimit(limit, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         print('RAISED', name)
     except (ValueError, OSError):
         print(name, soft, hard)
 """
-    r = run(source, timeout_s=2.0, memory_mb=256, max_processes=16)
+    r = run(source, timeout_s=2.0, memory_mb=256, max_processes=4)
     assert r.status == "ok" and "RAISED" not in r.stdout
-    assert r.stdout.splitlines() == [f"RLIMIT_AS {256 << 20} {256 << 20}", "RLIMIT_NPROC 16 16", "RLIMIT_CPU 3 4"]
+    address_space = -1 if r.memory_mechanism != "rlimit" else (256 << 20) // 4  # a cgroup bounds the total
+    assert r.stdout.splitlines() == [f"RLIMIT_AS {address_space} {address_space}", "RLIMIT_NPROC 4 4",
+                                     "RLIMIT_CPU 3 4"]
 
 
 def test_cannot_harm_the_caller():
@@ -367,6 +462,52 @@ def test_refuses_without_isolation_unless_unsafe(monkeypatch, tmp_path):
     assert r.status == "timeout"
 
 
-def test_rejects_bad_limits():
-    with pytest.raises(ValueError, match="timeout_s"):
-        sandbox.run_code("print(1)", timeout_s=0)
+@pytest.mark.parametrize("arguments, named", [
+    ({"timeout_s": 0}, "timeout_s"), ({"timeout_s": float("nan")}, "timeout_s"),
+    ({"timeout_s": float("inf")}, "timeout_s"), ({"timeout_s": -1.0}, "timeout_s"), ({"timeout_s": "5"}, "timeout_s"),
+    ({"memory_mb": 0}, "memory_mb"), ({"memory_mb": -5}, "memory_mb"), ({"memory_mb": 256.5}, "memory_mb"),
+    ({"max_open_files": 0}, "max_open_files"), ({"max_open_files": -1}, "max_open_files"),
+    ({"max_processes": 1}, "max_processes"), ({"scratch_mb": 0}, "scratch_mb"),
+    ({"max_output_bytes": -1}, "max_output_bytes"), ({"source": b"print(1)"}, "source"),
+    ({"stdin": None}, "stdin"), ({"stdin": b"1\n"}, "stdin"),
+])
+def test_rejects_bad_limits(arguments, named):
+    call = {"source": "print(1)", **arguments}
+    with pytest.raises(ValueError, match=named):
+        sandbox.run_code(call.pop("source"), **call)
+
+
+def test_run_many_rejects_bad_jobs():
+    with pytest.raises(ValueError, match="job 1"):
+        sandbox.run_many(["print(1)", ("print(1)", None)])
+    with pytest.raises(ValueError, match="workers"):
+        sandbox.run_many(["print(1)"], workers=0)
+
+
+def test_the_fallback_refuses_a_share_too_small_to_start(monkeypatch):
+    monkeypatch.setattr(sandbox, "_memory_place", ("rlimit", {}, "forced by the test"))
+    monkeypatch.setattr(sandbox, "_rlimit_warned", False)
+    with pytest.raises(ValueError, match=r"256 // 16 = 16 MB.*raise memory_mb or lower max_processes"):
+        sandbox.run_code("print(1)", memory_mb=256, max_processes=16)
+    with pytest.warns(RuntimeWarning, match="no memory cgroup can be created here"):
+        r = run("print(1)", memory_mb=256, max_processes=4)
+    assert (r.status, r.memory_mechanism, r.peak_memory_mb) == ("ok", "rlimit", None)
+
+
+def test_a_named_cgroup_that_is_not_one_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(sandbox, "_memory_place", None)
+    monkeypatch.setenv(sandbox.CGROUP_ENV, str(tmp_path))
+    with pytest.raises(RuntimeError, match=sandbox.CGROUP_ENV):
+        sandbox.memory_mechanism()
+
+
+def test_no_cgroup_is_left_behind():
+    place = sandbox._find_memory_place()
+    if place[0] == "rlimit":
+        pytest.skip("no cgroups here")
+    results = _bounded(30.0, sandbox.run_many, ["print(1)", "raise SystemExit(1)", "while True: pass"] * 2,
+                       workers=3, **{**SMALL, "timeout_s": 0.5})
+    assert [r.status for r in results] == ["ok", "runtime_error", "timeout"] * 2
+    leftovers = [name for parent in place[1].values() for name in os.listdir(parent)
+                 if name.startswith(f"fastrft-sandbox-{os.getpid()}-")]
+    assert leftovers == []
