@@ -19,16 +19,19 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import QWEN_WIDTH, qwen_width_description, qwen_width_model  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
     "demo": "the demo's reference model (3-layer Llama, hidden 96, vocabulary 24), trained by fastrft demo",
-    "qwen2.5-0.5b-width": "randomly initialised, Qwen2.5-0.5B's width with 4 layers (hidden 896, 14 heads, 2 KV "
-                          "heads, vocabulary 151936)",
+    QWEN_WIDTH: qwen_width_description(4),
 }
 
 
@@ -44,19 +47,14 @@ class IdTokenizer:
 
 
 def load_model(name: str, reference_dir: Path, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM
 
     if name == "demo":
         from fastrft.tasks.demo import ensure_reference
 
         model = AutoModelForCausalLM.from_pretrained(ensure_reference(reference_dir), dtype=dtype)
-    elif name == "qwen2.5-0.5b-width":
-        config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=4,
-                             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                             tie_word_embeddings=True)
-        config._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    elif name == QWEN_WIDTH:
+        model = qwen_width_model(4, dtype)
     else:
         raise SystemExit(f"unknown model {name!r}: {', '.join(MODELS)}")
     return model.to(device).eval()

@@ -33,13 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import fix_malloc_mmap_threshold, peak_extra_bytes  # noqa: E402
+from models import QWEN_WIDTH, qwen_width_description, qwen_width_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("rollout", "reward", "reference", "refine", "update")
 DEMO_ROWS = 128                  # one demo step: 16 prompts x 8 samples
 MODELS = {   # name: what it is
     "demo": "the demo's tiny Llama (3 layers, hidden 96, vocabulary 24)",
-    "qwen2.5-0.5b-width": "Qwen2.5-0.5B's width, 4 layers (hidden 896, 14 heads, 2 KV heads, vocabulary 151936)",
+    QWEN_WIDTH: qwen_width_description(4),
 }
 
 
@@ -99,18 +100,16 @@ def demo_ratios(rows: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------- part sweep
 
 def make_model(name: str, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     if name == "demo":
         from fastrft.tasks.demo import make_model as make_demo_model
         from fastrft.tasks.demo import make_tokenizer
 
         return make_demo_model(make_tokenizer()).to(device=device, dtype=dtype)
-    if name == "qwen2.5-0.5b-width":
-        config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=4,
-                             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                             tie_word_embeddings=True)
-    elif name == "tiny-llama":   # for quick checks of the script
+    if name == QWEN_WIDTH:
+        return qwen_width_model(4, dtype).to(device)
+    if name == "tiny-llama":   # for quick checks of the script
         config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=4)
     else:

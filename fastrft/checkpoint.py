@@ -6,7 +6,9 @@
     StopSignal()                                                            SIGINT/SIGTERM -> a flag, while active
 
 Layout of one checkpoint (run_dir/checkpoints/step_{step:08d}/):
-    model.pt         model.state_dict() (torch.save: tied weights stay tied, which safetensors would refuse)
+    model.pt         model.state_dict() (torch.save: tied weights stay tied, which safetensors would refuse), or with
+                     trainable_only=True the parameters that train (a LoRA run's adapters): the rest is the base
+                     model the run loads anyway
     optimizer.pt     optimizer.state_dict(), when an optimizer was given
     scheduler.pt     scheduler.state_dict(), when a scheduler was given
     rng.pt           python `random`, numpy's global generator, torch CPU and every CUDA device
@@ -51,7 +53,7 @@ _TMP_PREFIX = ".tmp-"
 
 
 def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    state: dict | None = None, keep: int | None = 2) -> Path:
+                    state: dict | None = None, keep: int | None = 2, trainable_only: bool = False) -> Path:
     """Write a checkpoint of `step` under run_dir/checkpoints/ and return its directory.
 
     Keeps the newest `keep` checkpoints (by step; None keeps all), never the one just written nor the one `latest`
@@ -60,7 +62,8 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
-    poisoned = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    weights = trainable_weights(model) if trainable_only else model.state_dict()
+    poisoned = [name for name, t in weights.items() if t.is_floating_point() and not t.isfinite().all()]
     if poisoned:   # a checkpoint is what a run falls back to: it must never hold NaN or inf weights
         raise ValueError(f"not saving step {step}: the model's weights hold NaN or inf ({', '.join(poisoned[:3])}"
                          f"{', ...' if len(poisoned) > 3 else ''}); the previous checkpoint stays the latest")
@@ -78,7 +81,7 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
     tmp_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=ckpt_root))
     try:
         files = ["model.pt", "rng.pt", "state.json"]
-        _write_torch(tmp_dir / "model.pt", model.state_dict())
+        _write_torch(tmp_dir / "model.pt", weights)
         if optimizer is not None:
             _write_torch(tmp_dir / "optimizer.pt", optimizer.state_dict())
             files.append("optimizer.pt")
@@ -88,6 +91,7 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
         _write_torch(tmp_dir / "rng.pt", _rng_state())
         _write_bytes(tmp_dir / "state.json", state_json.encode())
         manifest = {"step": step, "files": sorted(files), "torch": torch.__version__,
+                    "weights": "trainable" if trainable_only else "all",
                     "sha256": {name: _sha256(tmp_dir / name) for name in sorted(files)}}
         _write_bytes(tmp_dir / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
         fsync_dir(tmp_dir)
@@ -141,7 +145,14 @@ def load_checkpoint(run_dir, *, model: torch.nn.Module, optimizer=None, schedule
     else:
         raise errors[0]
     try:
-        model.load_state_dict(saved["model"])
+        if saved["weights"] == "trainable":
+            expected = set(trainable_weights(model))
+            if set(saved["model"]) != expected:
+                raise ValueError(f"it holds the trainable weights {_names(set(saved['model']) - expected)} the "
+                                 f"model does not train, and lacks {_names(expected - set(saved['model']))}")
+            model.load_state_dict(saved["model"], strict=False)
+        else:
+            model.load_state_dict(saved["model"])
         if optimizer is not None:
             optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
@@ -169,9 +180,20 @@ def _read_checkpoint(ckpt_dir: Path, with_optimizer: bool, with_scheduler: bool,
     except (OSError, ValueError) as e:
         raise ValueError(f"corrupt checkpoint file {state_path}: {e}") from e
     return {"step": manifest["step"], "state": state, "rng": _read_torch(ckpt_dir / "rng.pt", "cpu"),
+            "weights": manifest["weights"],
             "model": _read_torch(ckpt_dir / "model.pt", map_location),
             "optimizer": _read_torch(ckpt_dir / "optimizer.pt", map_location) if with_optimizer else None,
             "scheduler": _read_torch(ckpt_dir / "scheduler.pt", map_location) if with_scheduler else None}
+
+
+def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by their state_dict names."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _names(names: set[str]) -> str:
+    listed = sorted(names)
+    return "[" + ", ".join(listed[:3]) + (", ..." if len(listed) > 3 else "") + "]" if listed else "nothing"
 
 
 def _checkpoints_newest_first(run_dir: Path) -> list[Path]:
@@ -295,7 +317,10 @@ def _read_manifest(ckpt_dir: Path) -> dict:
     sha256 = manifest.get("sha256", {})
     if not isinstance(sha256, dict) or not set(sha256) <= set(files):
         raise ValueError(f"corrupt checkpoint manifest {path}: its sha256 entry does not match its files")
-    return {"step": step, "files": files, "sha256": sha256}
+    weights = manifest.get("weights", "all")   # checkpoints written before LoRA hold every weight
+    if weights not in ("all", "trainable"):
+        raise ValueError(f"corrupt checkpoint manifest {path}: weights must be 'all' or 'trainable', got {weights!r}")
+    return {"step": step, "files": files, "sha256": sha256, "weights": weights}
 
 
 def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:

@@ -4,6 +4,8 @@
     fastrft train --resume RUN_DIR [key=value ...]       continue a run from its last checkpoint (e.g. steps=200)
     fastrft demo [key=value ...]                         the embedded default: tiny model, synthetic task, CPU
     fastrft plot RUN_DIR                                 redraw a run's plots
+    fastrft export RUN_DIR OUT_DIR                       the run's last checkpoint as a Hugging Face model
+                                                         directory (LoRA adapters merged)
     fastrft compare (--config run.yaml | --demo) --modes none,kl,refiner [--kl-coefs 0.01,0.1] [--seeds 3]
                     [--out DIR] [key=value ...]          every mode x seed, resumable; comparison.json/.md, plots
 """
@@ -96,6 +98,14 @@ def _plot(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from fastrft.trainer import export_model
+
+    out, step = export_model(args.run_dir, args.out_dir)
+    print(f"fastrft export: step {step} of {args.run_dir} written to {out}")
+    return 0
+
+
 def _compare(args) -> int:
     import shlex
 
@@ -172,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     p_plot = sub.add_parser("plot", help="redraw a run's plots")
     p_plot.add_argument("run_dir")
     p_plot.set_defaults(func=_plot)
+    p_export = sub.add_parser("export", help="a run's last checkpoint as a Hugging Face model directory (LoRA "
+                                             "adapters merged), to load with AutoModelForCausalLM or start a run")
+    p_export.add_argument("run_dir")
+    p_export.add_argument("out_dir", help="a new (or empty) directory")
+    p_export.set_defaults(func=_export)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -89,7 +89,15 @@ class TrainConfig:
     max_tokens_per_batch: int = 8192       # tokens of one micro-batch (padded: rows x longest row); the update
                                            # accumulates gradients over the micro-batches of each optimizer step
     liger: bool = False                    # Liger-Kernel's layer kernels (CUDA)
-    ref_quantization: str = "none"         # "8bit" | "4bit" through bitsandbytes (CUDA)
+    ref_quantization: str = "none"         # "8bit" | "4bit" through bitsandbytes (CUDA): a separate reference
+    lora_r: int = 0                        # LoRA adapters of this rank (peft), the rest frozen; 0 = train every
+                                           # weight. Without ref_model the reference (and refiner) is the policy
+                                           # with its adapters off: one copy of the base weights
+    lora_alpha: float = 32.0               # the adapters' scale is lora_alpha / lora_r
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=list)  # default: every attention and MLP projection;
+                                           # naming the embeddings or the LM head trains them whole
+    load_in_4bit: bool = False             # QLoRA: the policy's base weights in NF4 (bitsandbytes, CUDA; lora_r > 0)
 
     # Logging and checkpoints.
     eval_every: int = 10
@@ -111,6 +119,13 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         self._check_numbers()
+        if self.load_in_4bit and self.lora_r == 0:
+            raise ConfigError("load_in_4bit", "load_in_4bit=true needs lora_r > 0: 4-bit base weights are not "
+                                              "trained, only adapters on them")
+        if self.lora_r and not self.ref_model and self.ref_quantization != "none":
+            raise ConfigError("ref_quantization", "with lora_r > 0 and no ref_model the reference is the policy's "
+                                                  "own base weights: ref_quantization has no separate reference to "
+                                                  "quantize (load_in_4bit quantizes the base)")
         if self.group_size < 2:
             raise ConfigError("group_size", "group_size must be >= 2: GRPO's advantages compare samples of the same "
                                             "prompt")
@@ -164,8 +179,10 @@ class ConfigError(ValueError):
 _RANGES = (
     (("steps", "prompts_per_step", "generation_batch_size", "ppo_epochs", "minibatches", "eval_every", "save_every",
       "max_tokens_per_batch", "max_new_tokens", "refine_max_new_tokens", "eval_size"), lambda v: v >= 1, ">= 1"),
-    (("max_resample_rounds", "overlong_buffer", "refine_context", "warmup_steps"), lambda v: v >= 0, ">= 0"),
-    (("lr", "temperature"), lambda v: v > 0, "> 0"),
+    (("max_resample_rounds", "overlong_buffer", "refine_context", "warmup_steps", "lora_r"), lambda v: v >= 0,
+     ">= 0"),
+    (("lr", "temperature", "lora_alpha"), lambda v: v > 0, "> 0"),
+    (("lora_dropout",), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("kl_coef", "refine_coef", "refine_kept_weight", "weight_decay", "grad_clip", "clip_high", "entropy_coef",
       "overlong_penalty"), lambda v: v >= 0, ">= 0"),
     (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -191,6 +208,13 @@ def _convert(key: str, value, annotation):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         annotation = kind
+    if typing.get_origin(annotation) is list:
+        # A YAML list, or a comma-separated string on the command line (q_proj,v_proj).
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+            raise ValueError(f"config key {key!r} must be a list of names (or a comma-separated string), got "
+                             f"{value!r}")
+        return [x.strip() for x in items if x.strip()]
     if annotation is dict:
         if not isinstance(value, dict):
             raise ValueError(f"config key {key!r} must be a mapping, got {value!r}")

@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import resource
+import shutil
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -41,7 +44,8 @@ import torch
 from fastrft.batch import (AttentionPath, Batch, Row, accumulate_gradients, build_batch, choose_attention,  # noqa: F401
                            final_hidden, note_once, rft_loss, sequence_logprobs)
 from fastrft.checkpoint import StopSignal, load_checkpoint, save_checkpoint
-from fastrft.config import TrainConfig, save_config
+from fastrft.config import TrainConfig, load_config, save_config
+from fastrft.lora import adapters_disabled, add_lora, merge_lora
 from fastrft.refiner import RefineResult, refine
 from fastrft.rewards import is_degenerate
 from fastrft.rollout import encode_prompts, generate
@@ -76,32 +80,28 @@ def load_tokenizers(policy_path: str, ref_path: str):
 
 
 def load_models(cfg: TrainConfig, device: torch.device):
-    """(policy, reference) with SDPA attention; choose_attention then moves them to a varlen kernel where one runs."""
-    from transformers import AutoModelForCausalLM
+    """(policy, reference) with SDPA attention; choose_attention then moves them to a varlen kernel where one runs.
+    With lora_r > 0 the policy carries LoRA adapters, and without ref_model the reference is the policy itself
+    (`reference_model` switches its adapters off)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()   # one progress bar: the run's
 
     dtype = getattr(torch, cfg.dtype)
-    policy = _load_pretrained(AutoModelForCausalLM, cfg.model, "model", dtype=dtype, attn_implementation="sdpa") \
-        .to(device)
-    ref_kwargs = dict(dtype=dtype, attn_implementation="sdpa")
-    if cfg.ref_quantization != "none":
-        if device.type == "cuda":
-            from transformers import BitsAndBytesConfig
-
-            ref_kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_8bit=cfg.ref_quantization == "8bit", load_in_4bit=cfg.ref_quantization == "4bit")
-            ref_kwargs["device_map"] = {"": device.index or 0}
-        else:
-            note_once(f"ref_quantization={cfg.ref_quantization} needs bitsandbytes on CUDA: the reference stays in "
-                      f"{cfg.dtype}")
-    ref = _load_pretrained(AutoModelForCausalLM, cfg.ref_model or cfg.model, "ref_model", **ref_kwargs)
-    if "device_map" not in ref_kwargs:
-        ref = ref.to(device)
-    ref.eval().requires_grad_(False)
+    policy = _load_model(cfg.model, "model", dtype, device, "4bit" if cfg.load_in_4bit else "none", "load_in_4bit")
+    if cfg.lora_r:
+        add_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                 target_modules=cfg.lora_target_modules)
+    if cfg.lora_r and not cfg.ref_model:
+        ref = policy
+    else:
+        ref = _load_model(cfg.ref_model or cfg.model, "ref_model", dtype, device, cfg.ref_quantization,
+                          "ref_quantization")
+        ref.eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(policy)
+        if cfg.lora_r:  # frozen embeddings: re-entrant checkpoints need an input that requires grad
+            policy.enable_input_require_grads()
     if cfg.liger:
         if device.type == "cuda":
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -110,6 +110,26 @@ def load_models(cfg: TrainConfig, device: torch.device):
         else:
             note_once("liger=true needs CUDA: Liger-Kernel's layer kernels are not applied")
     return policy, ref
+
+
+def _load_model(path: str, key: str, dtype, device: torch.device, quantization: str, quantization_key: str):
+    """The causal LM at path on device, bitsandbytes-quantized ("8bit" | "4bit": NF4 computing in dtype) where CUDA
+    is; elsewhere a note, and unquantized."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=dtype, attn_implementation="sdpa")
+    if quantization != "none" and device.type != "cuda":
+        note_once(f"{quantization_key} asks for {quantization} weights, which need bitsandbytes on CUDA: they stay in "
+                  f"{str(dtype).removeprefix('torch.')}")
+    elif quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit", bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": device.index or 0}
+    model = _load_pretrained(AutoModelForCausalLM, path, key, **kwargs)
+    return model if "device_map" in kwargs else model.to(device)
 
 
 def _load_pretrained(auto_class, path: str, key: str, **kwargs):
@@ -389,6 +409,41 @@ def check_vocabularies(cfg: TrainConfig, tokenizer, policy, ref) -> None:
                          f"{rows['model']} rows")
 
 
+def export_model(run_dir, out_dir) -> tuple[Path, int]:
+    """The run's newest good checkpoint as an ordinary Hugging Face model directory (weights and tokenizer) at
+    out_dir, LoRA adapters merged into the base weights (loaded unquantized, on the CPU): AutoModelForCausalLM loads
+    it, and it can start a new run. Returns (out_dir, the checkpoint's step). An out_dir that exists and is not
+    empty is refused: nothing is overwritten."""
+    run = RunDir(run_dir)
+    if not run.holds_run():
+        raise ValueError(f"{run.path} is not a fastrft run directory (no {run.config.name})")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty directory: export never overwrites, give a new "
+                         f"OUT_DIR")
+    cfg = load_config(run.config, output_dir=str(run.path))
+    check_model_dir(cfg.model, "model")
+    tokenizer = load_tokenizers(cfg.model, cfg.model)
+    model = _load_model(cfg.model, "model", getattr(torch, cfg.dtype), torch.device("cpu"), "none", "load_in_4bit")
+    if cfg.lora_r:
+        add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                 target_modules=cfg.lora_target_modules)
+    step, _ = load_checkpoint(run.path, model=model)
+    if cfg.lora_r:
+        merge_lora(model)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.absolute().parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if out.exists():
+            out.rmdir()   # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out, step
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -416,7 +471,8 @@ def train_run(run: Run) -> dict:
             run.run_dir.append_metrics(record.to_dict())
             if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
                 save_checkpoint(run.run_dir.path, step, model=run.policy, optimizer=run.optimizer,
-                                scheduler=run.scheduler, state=run.checkpoint_state())
+                                scheduler=run.scheduler, state=run.checkpoint_state(),
+                                trainable_only=cfg.lora_r > 0)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(reward=f"{_mean(record.rollout.rewards):.3f}",
@@ -541,9 +597,26 @@ def sample_rows(cfg: TrainConfig, groups: list[Group]) -> list[Row]:
 
 # ----------------------------------------------------------------------------------------------- phase 4
 
+@contextmanager
+def reference_model(run: Run):
+    """The reference (and refiner) for the block: the separate model, or the policy itself with its LoRA adapters
+    off and in eval mode (no weights copied)."""
+    if run.ref is not run.policy:
+        yield run.ref
+        return
+    was_training = run.policy.training
+    run.policy.eval()
+    try:
+        with adapters_disabled(run.policy):
+            yield run.policy
+    finally:
+        run.policy.train(was_training)
+
+
 def reference_logprobs(run: Run, rows: list[Row]) -> None:
-    for row, lp in zip(rows, sequence_logprobs(run.ref, rows, run.device, path=run.attention,
-                                               temperature=run.cfg.temperature)):
+    with reference_model(run) as ref:
+        logprobs = sequence_logprobs(ref, rows, run.device, path=run.attention, temperature=run.cfg.temperature)
+    for row, lp in zip(rows, logprobs):
         row.ref_logprobs = lp
 
 
@@ -552,13 +625,14 @@ def refined_rows(run: Run, groups: list[Group]) -> tuple[list[Row], RefineResult
     cross-entropy rows after the sample's prompt."""
     cfg = run.cfg
     prompts = [group.row["prompt"] for group in groups for _ in group.texts]
-    result = refine(run.ref, run.tokenizer, template=run.refine_template, parse=run.task.parse_refinement,
-                    prompts=prompts, completions=[text for group in groups for text in group.texts],
-                    completion_ids=[ids for group in groups for ids in group.completion_ids],
-                    max_new_tokens=cfg.refine_max_new_tokens or run.max_new_tokens,
-                    batch_size=cfg.generation_batch_size, changed_weight=cfg.refine_coef,
-                    kept_weight=cfg.refine_kept_weight, context=cfg.refine_context, draft=cfg.refine_draft,
-                    generate=run.generate)
+    with reference_model(run) as ref:
+        result = refine(ref, run.tokenizer, template=run.refine_template, parse=run.task.parse_refinement,
+                        prompts=prompts, completions=[text for group in groups for text in group.texts],
+                        completion_ids=[ids for group in groups for ids in group.completion_ids],
+                        max_new_tokens=cfg.refine_max_new_tokens or run.max_new_tokens,
+                        batch_size=cfg.generation_batch_size, changed_weight=cfg.refine_coef,
+                        kept_weight=cfg.refine_kept_weight, context=cfg.refine_context, draft=cfg.refine_draft,
+                        generate=run.generate)
     prompt_ids = [group.prompt_ids for group in groups for _ in group.texts]
     rows = [Row(ids, refinement.refined_ids, sft_weights=refinement.sft_weights)
             for ids, refinement in zip(prompt_ids, result.refinements) if refinement is not None]

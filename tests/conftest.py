@@ -39,3 +39,16 @@ def tiny_model(tmp_path_factory):
     make_model(tokenizer, seed=0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def demo_reference(tmp_path_factory):
+    """The demo's reference model, trained as fastrft demo trains it on a shorter budget (120 steps), saved with its
+    tokenizer: the directory."""
+    from fastrft.tasks.demo import train_reference
+
+    path = tmp_path_factory.mktemp("demo_reference")
+    threads = torch.get_num_threads()
+    train_reference(path, max_steps=120, n_eval=16, log_every=0)
+    torch.set_num_threads(threads)
+    return str(path)

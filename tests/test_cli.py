@@ -65,3 +65,16 @@ def test_train_into_a_run_folder_needs_resume_or_overwrite(tiny_model, tmp_path,
     assert main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_lora_train_then_export(tiny_model, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", f"model={tiny_model}", f"output_dir={run_dir}", *FAST, "lora_r=4",
+                 "lora_target_modules=q_proj,v_proj"]) == 0
+    assert main(["export", str(run_dir), str(tmp_path / "model")]) == 0
+    assert f"written to {tmp_path / 'model'}" in capsys.readouterr().out
+    assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "model" / "tokenizer_config.json").is_file()
+    assert main(["export", str(run_dir), str(tmp_path / "model")]) == 2
+    assert "never overwrites" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "other")]) == 2
+    assert "not a fastrft run directory" in capsys.readouterr().err

@@ -10,17 +10,11 @@ from fastrft.tasks.demo import REFINE_TEMPLATE, demo_task, parse_refinement
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The demo's reference model, trained as fastrft demo trains it on a shorter budget, and its tokenizer."""
+def reference(demo_reference):
+    """The demo's reference model (conftest's short budget) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fastrft.tasks.demo import train_reference
-
-    path = tmp_path_factory.mktemp("reference")
-    threads = torch.get_num_threads()
-    train_reference(path, max_steps=120, n_eval=16, log_every=0)
-    torch.set_num_threads(threads)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(demo_reference).eval(), AutoTokenizer.from_pretrained(demo_reference)
 
 
 def both_paths(model, tokenizer, prompt_ids, drafts, max_new_tokens, batch_size=256):
