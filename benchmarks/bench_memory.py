@@ -111,16 +111,24 @@ def largest_fitting(variant: str, args, directory: Path, measured: dict) -> dict
     if predicted > args.max_check_layers:
         entry["note"] = f"not measured: past --max-check-layers={args.max_check_layers}"
         return entry
-    for layers in (predicted, predicted + 1):
+    # Walk from the prediction to the boundary: up while it fits, down while it does not (a few sizes at most).
+    layers, direction = predicted, None
+    for _ in range(4):
         check = measure(layers, variant, args, directory)
-        entry["checks"].append({"layers": layers, "peak_bytes": check["peak_bytes"],
-                                "fits": check["peak_bytes"] <= args.budget_gb * GB})
+        fits = check["peak_bytes"] <= args.budget_gb * GB
+        entry["checks"].append({"layers": layers, "peak_bytes": check["peak_bytes"], "fits": fits})
+        direction = direction or (1 if fits else -1)
+        if fits != (direction == 1) or layers + direction < 1:
+            break
+        layers += direction
     fitting = [c["layers"] for c in entry["checks"] if c["fits"]]
-    entry["largest_fitting_layers"] = max(fitting) if fitting else None
+    over = [c["layers"] for c in entry["checks"] if not c["fits"]]
+    entry["largest_fitting_layers"] = max(fitting) if fitting and over and max(fitting) + 1 in over else None
     return entry
 
 
 def markdown(payload: dict) -> str:
+    """GB here is 2^30 bytes."""
     env, args = payload["machine"], payload["args"]
     lines = [f"# bench_memory on {env['device']}", "",
              f"torch {env['torch']}, transformers {env['transformers']}, peft {env.get('peft', '-')}, commit "
@@ -128,7 +136,8 @@ def markdown(payload: dict) -> str:
              f"One step of `fastrft train` ({' '.join(STEP)}), {args['dtype']}, model: "
              f"{qwen_width_description(args['layers'])}. Peak: "
              f"{'the CUDA allocator' if args['device'] == 'cuda' else 'process peak RSS (VmHWM); over start: less the RSS before the models load'}. "
-             "Floor: weights (x2 with a separate reference) + gradients and two AdamW moments of what trains.", "",
+             "Floor: weights (x2 with a separate reference) + gradients and two AdamW moments of what trains. "
+             "GB = 2^30 bytes.", "",
              "| variant | layers | params | trained | peak GB | over start GB | floor GB | peak / floor | step s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in payload["comparison"]:
@@ -159,7 +168,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget-gb", type=float, default=8.0, help="0: skip the largest-fitting search")
     parser.add_argument("--fit-layers", default="2,4", help="the two layer counts the per-layer slope comes from")
-    parser.add_argument("--max-check-layers", type=int, default=64, help="confirm predictions up to this size")
+    parser.add_argument("--max-check-layers", type=int, default=96, help="confirm predictions up to this size")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)

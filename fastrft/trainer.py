@@ -217,7 +217,7 @@ class Run:
     device: torch.device
     tokenizer: Any
     policy: Any
-    ref: Any
+    ref: Any                          # the policy itself in a LoRA run without ref_model (see reference_model)
     task: Task
     stream: PromptStream
     eval_rows: list[dict]
