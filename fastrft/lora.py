@@ -50,21 +50,24 @@ def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: lis
     named = list(target_modules) or default_target_modules(model)
     module_names = [name for name, _ in model.named_modules() if name]
     for target in named:
-        if not any(name == target or name.endswith("." + target) for name in module_names):
+        if not any(_matches(name, target) for name in module_names):
             raise ValueError(f"lora_target_modules: {type(model).__name__} has no module named {target!r}; its "
                              f"projections are {', '.join(default_target_modules(model))}"
                              f"{' and its embeddings ' + ', '.join(sorted(embedding_names)) if embedding_names else ''}")
-    whole = [t for t in named if _resolves_to(t, embedding_names)]
+    whole = [t for t in named if any(_matches(name, t) for name in embedding_names)]
     adapted = [t for t in named if t not in whole]
     model.requires_grad_(False)
     if adapted:
         peft = _peft()
         config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=adapted, bias="none")
-        peft.inject_adapter_in_model(config, model)
+        try:
+            peft.inject_adapter_in_model(config, model)
+        except ValueError as e:   # a named module peft cannot adapt (not a projection)
+            raise ValueError(f"lora_target_modules: {e}") from e
         for name, parameter in model.named_parameters():
             parameter.requires_grad_("lora_" in name)
     for name, module in model.named_modules():
-        if _resolves_to(name, whole):
+        if any(_matches(name, t) for t in whole):
             module.requires_grad_(True)
 
 
@@ -74,8 +77,9 @@ def _embedding_names(model) -> set[str]:
     return {name for name, module in model.named_modules() if id(module) in wanted}
 
 
-def _resolves_to(name: str, targets) -> bool:
-    return any(name == t or name.endswith("." + t) or t.endswith("." + name) for t in targets)
+def _matches(module_name: str, target: str) -> bool:
+    """peft's rule for a target name: the module's full name, or its last dotted components."""
+    return module_name == target or module_name.endswith("." + target)
 
 
 def _adapter_layers(model):

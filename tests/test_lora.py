@@ -187,6 +187,8 @@ def test_unknown_target_module_is_named(tiny_model, tmp_path):
                                          r"down_proj, gate_proj"):
         make_run(config(tiny_model, tmp_path, "lora_target_modules=q_proj,qkv_proj"))
     assert not (tmp_path / "run").exists()   # nothing written
+    with pytest.raises(ValueError, match="lora_target_modules: Target module"):   # a module, but no projection
+        add_lora(base_model(tiny_model), r=4, alpha=8, dropout=0.0, target_modules=["mlp"])
 
 
 def test_load_in_4bit_off_cuda_says_so_and_runs_unquantized(tiny_model, tmp_path, capsys):
