@@ -1,20 +1,28 @@
 """How fast and how lean is fastrft's update step against TRL's GRPOTrainer loss path, on the same model and batch?
 
 One update micro-batch, forward + backward (no optimizer step, no generation), for each provider:
-  trl       trl.GRPOTrainer.compute_loss (TRL's own loss path: the policy's logits over the completion positions,
-            selective_log_softmax, its per-token clipped loss, loss_type="dapo") on a trainer built around the model
-  fastrft   fastrft.trainer.build_batch (packed rows) + fastrft.trainer.rft_loss (the policy to its final hidden
-            states, then fastrft.fused_rft_loss) + backward: what each step of `fastrft train` runs in its update
+  trl           trl.GRPOTrainer.compute_loss as TRL runs it: since TRL 1.16 the per-token log-probs come from its own
+                fused LM head (trl.trainer.utils.add_fused_lm_head: the head applied to vocabulary chunks of the
+                completion positions, its Triton kernel on CUDA, a PyTorch loop elsewhere), then its per-token clipped
+                loss, loss_type="dapo"
+  trl-torch     (CUDA only) the same with TRL's Triton kernel switched off: its PyTorch chunk loop
+  fastrft-trl   fastrft.integrations.FastRFTGRPOTrainer.compute_loss on the same batch: TRL's loss on log-probs from
+                fastrft.lm_head_logprobs (what a TRL user gets by swapping the class)
+  fastrft       fastrft.batch.build_batch (the layout fastrft train picks: packed through a varlen kernel on CUDA, padded
+                on the CPU) + fastrft.batch.rft_loss (the policy to its final hidden states, then
+                fastrft.fused_rft_loss) + backward: what each step of `fastrft train` runs in its update
 The loss is the same on both sides: on-policy clipped policy gradient (clip 0.2 / 0.28), no KL term (beta = 0, so TRL
 loads no reference model), temperature 1, DAPO's token-level mean. B sequences, every completion of the full length
-L (so both sides see the same tokens; TRL pads the prompts, fastrft packs the rows), random token ids, random
-advantages, a randomly initialised model (nothing downloaded):
+L (so both sides see the same tokens; TRL pads the prompts, fastrft lays them out as its trainer does), random token
+ids, random advantages, a randomly initialised model (nothing downloaded):
   --model tiny           Llama, hidden 256, 4 layers, vocab 32000 (the CPU default)
   --model qwen2.5-1.5b   the Qwen2.5-1.5B shape: hidden 1536, 28 layers, 12/2 heads, vocab 151936, tied embeddings
                          (the CUDA default, bf16)
 
-Reported per (provider, L): update tokens/s (B * L / median fwd+bwd time over --repeat runs after --warmup) and peak
-memory beyond what was allocated before the step and the gradients it leaves (CUDA: max_memory_allocated; CPU: peak
+Reported per (provider, L): update tokens/s (B * L / median fwd+bwd time over --repeat runs after --warmup), its time
+against the floor (the update's FLOPs, 3 x (2 x body parameters x tokens + attention + 2 x head x completion tokens),
+over the matmul rate measured in the same run: "x floor") and against TRL's time at the same L ("vs trl", < 1 is
+faster), and peak memory beyond what was allocated before the step and the gradients it leaves (CUDA: max_memory_allocated; CPU: peak
 RSS, VmHWM after resetting it through /proc/self/clear_refs, with glibc's mmap threshold fixed so that freed buffers
 leave the RSS). Each (provider, L) runs in a fresh process, so no provider reuses another's freed memory. Then, per
 provider, the longest L whose peak stays within --budget-gb (lengths double until both providers exceed it or
@@ -40,10 +48,12 @@ fix_malloc_mmap_threshold()
 
 import torch  # noqa: E402
 
+from bench_step import matmul_rate  # noqa: E402
 from fastrft.machine import describe_machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROVIDERS = ("trl", "fastrft")
+PROVIDERS = ("trl", "fastrft-trl", "fastrft")
+CUDA_PROVIDERS = ("trl", "trl-torch", "fastrft-trl", "fastrft")
 
 
 def model_config(name: str, max_len: int):
@@ -61,6 +71,34 @@ def model_config(name: str, max_len: int):
     raise ValueError(f"unknown model {name!r}: tiny or qwen2.5-1.5b")
 
 
+def update_flops(args, length: int) -> float:
+    """FLOPs of one forward + backward of the update: matmuls of the body over every token, causal attention, and
+    the LM head over the completion tokens (the head's FLOPs are the same whether or not the logits are stored)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(args.model, args.prompt_len + length + 8)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+    tokens = args.prompt_len + length
+    attention = 2 * config.num_hidden_layers * config.hidden_size * tokens * (tokens + 1)
+    return 3 * args.batch * (2 * body * tokens + attention + 2 * head * length)
+
+
+def add_ratios(rows: list[dict], args, rate: float) -> None:
+    """x floor and the ratios to TRL's row at the same length, in place."""
+    for row in rows:
+        if "ms" not in row:
+            continue
+        row["x_floor"] = row["ms"] / 1e3 / (update_flops(args, row["length"]) / rate)
+        trl = next((r for r in rows if r["provider"] == "trl" and r["length"] == row["length"] and "ms" in r), None)
+        if trl is not None:
+            row["time_vs_trl"] = row["ms"] / trl["ms"]
+            if row["peak_extra_gb"] is not None and trl["peak_extra_gb"]:
+                row["peak_vs_trl"] = row["peak_extra_gb"] / trl["peak_extra_gb"]
+
+
 def make_step(provider: str, args, length: int, device: torch.device):
     """step(): one forward + backward of the update loss, the previous gradients freed first."""
     from transformers import AutoModelForCausalLM
@@ -76,31 +114,42 @@ def make_step(provider: str, args, length: int, device: torch.device):
     advantages = torch.randn(args.batch, generator=generator)
 
     if provider == "fastrft":
+        from fastrft.batch import Row, attention, build_batch, choose_attention, rft_loss
         from fastrft.config import TrainConfig
-        from fastrft.trainer import Row, build_batch, rft_loss
 
         cfg = TrainConfig(constraint="none", clip_low=0.2, clip_high=0.28, temperature=1.0)
         rows = [Row(p.tolist(), c.tolist(), advantage=float(a), pg=True)
                 for p, c, a in zip(prompt_ids, completion_ids, advantages)]
+        # The layout fastrft train takes here (packed through a varlen kernel on CUDA, padded on the CPU), one
+        # micro-batch of every row, as TRL's.
+        path = choose_attention("auto", model, device, max_tokens=10**9)
         model.train()
 
         def step():
             model.zero_grad(set_to_none=True)
-            batch = build_batch(rows, device, packed=True)
-            rft_loss(model, batch, cfg, use_old=False).loss.backward()
+            with attention(model, path):
+                batch = build_batch(rows, device, packed=path.packed)
+                rft_loss(model, batch, cfg, use_old=False).loss.backward()
         return step
 
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    from fastrft.integrations import FastRFTGRPOTrainer
     from fastrft.tasks.demo import make_tokenizer   # any tokenizer TRL can hold: the step feeds token ids directly
+
+    if provider == "trl-torch":
+        import trl.kernels.chunked_logprob
+
+        trl.kernels.chunked_logprob._TRITON_AVAILABLE = False   # TRL's own switch between its kernel and its loop
 
     out_dir = tempfile.mkdtemp(prefix="bench_vs_trl_")
     trl_args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=args.batch, num_generations=args.batch,
                           max_completion_length=length, loss_type="dapo", beta=0.0, epsilon=0.2, epsilon_high=0.28,
                           temperature=1.0, report_to="none", save_strategy="no", use_cpu=device.type != "cuda",
                           bf16=device.type == "cuda", disable_tqdm=True, gradient_accumulation_steps=1)
-    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+    trainer_class = FastRFTGRPOTrainer if provider == "fastrft-trl" else GRPOTrainer
+    trainer = trainer_class(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
                           args=trl_args, train_dataset=Dataset.from_dict({"prompt": ["abc"] * args.batch}),
                           processing_class=make_tokenizer())
     trainer.current_gradient_accumulation_steps = 1   # set by Trainer.train(); the dapo normaliser reads it
@@ -112,7 +161,7 @@ def make_step(provider: str, args, length: int, device: torch.device):
 
     def step():
         trainer.model.zero_grad(set_to_none=True)
-        GRPOTrainer.compute_loss(trainer, trainer.model, inputs).backward()
+        trainer.compute_loss(trainer.model, inputs).backward()
     return step
 
 
@@ -198,21 +247,25 @@ def main():
     tag = "cuda" if on_cuda else "cpu"
     timed, longest = [], {}
 
+    rate = matmul_rate(device, torch.bfloat16 if on_cuda else torch.float32)
+
     def payload():
-        return dict(env=env, model=args.model, batch=args.batch, prompt_len=args.prompt_len,
+        return dict(env=env, matmul_flops_per_s=rate, model=args.model, batch=args.batch, prompt_len=args.prompt_len,
                     budget_gb=args.budget_gb, max_length=args.max_length, rows=timed,
                     longest={p: v["longest_length"] for p, v in longest.items()},
                     budget_rows={p: v["tried"] for p, v in longest.items()})
 
     # Results are written after each stage, so that a run stopped by a time limit keeps what it measured.
+    providers = CUDA_PROVIDERS if on_cuda else PROVIDERS
     for length in (int(x) for x in args.lengths.split(",")):
-        for provider in PROVIDERS:
+        for provider in providers:
             row = run_child(provider, length, timing_argv)
             timed.append(row)
+            add_ratios(timed, args, rate)
             print(format_row(row), flush=True)
     write_results(payload(), tag)
 
-    for provider in PROVIDERS:
+    for provider in providers:
         # Doubling from the longest timed length that fitted (each try is a fresh process), else from 64.
         fitted = [r["length"] for r in timed if r["provider"] == provider and fits(r, args.budget_gb)]
         length, best, tried = max(fitted, default=64), None, []
@@ -236,7 +289,9 @@ def format_row(r) -> str:
     if r.get("oom"):
         return f"{label}  out of memory"
     peak = "n/a" if r["peak_extra_gb"] is None else f"{r['peak_extra_gb'] * 1024:9.1f} MB"
-    return f"{label} {r['ms']:10.1f} ms {r['tokens_per_s']:10.0f} tok/s  peak extra {peak}"
+    ratios = "".join(f"  {name} {r[key]:.2f}x" for key, name in (("x_floor", "floor"), ("time_vs_trl", "time/trl"),
+                                                                 ("peak_vs_trl", "peak/trl")) if key in r)
+    return f"{label} {r['ms']:10.1f} ms {r['tokens_per_s']:10.0f} tok/s  peak extra {peak}{ratios}"
 
 
 def write_results(payload, tag):
@@ -249,14 +304,19 @@ def write_results(payload, tag):
              f"average {env['load_average']}", "", f"Command: `{env['command']}`", "",
              f"Model {payload['model']} (random weights), {payload['batch']} sequences of {payload['prompt_len']} "
              f"prompt + L completion tokens; one forward + backward of the update loss. Peak = memory beyond what "
-             f"was allocated before the step and the gradients it leaves.", "",
-             "| provider | L | fwd+bwd ms | update tokens/s | peak extra MB |", "|---|---:|---:|---:|---:|"]
+             f"was allocated before the step and the gradients it leaves. x floor: the time over the update's FLOPs "
+             f"at the measured matmul rate ({payload['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s); vs trl: the ratio to "
+             f"TRL's GRPOTrainer (its own fused LM head) at the same L.", "",
+             "| provider | L | fwd+bwd ms | update tokens/s | x floor | time vs trl | peak extra MB | peak vs trl |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in payload["rows"]:
         if "error" in r or r.get("oom"):
-            lines.append(f"| {r['provider']} | {r['length']} | - | - | {r.get('error', 'out of memory')} |")
+            lines.append(f"| {r['provider']} | {r['length']} | - | - | - | - | {r.get('error', 'out of memory')} | - |")
             continue
         peak = "n/a" if r["peak_extra_gb"] is None else f"{r['peak_extra_gb'] * 1024:.1f}"
-        lines.append(f"| {r['provider']} | {r['length']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {peak} |")
+        ratio = {key: f"{r[key]:.2f}x" if key in r else "-" for key in ("x_floor", "time_vs_trl", "peak_vs_trl")}
+        lines.append(f"| {r['provider']} | {r['length']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{ratio['x_floor']} | {ratio['time_vs_trl']} | {peak} | {ratio['peak_vs_trl']} |")
     lines += ["", f"Longest completion length (powers of two from 64, up to {payload['max_length']}) whose peak "
               f"stays within {payload['budget_gb']} GB: "
               + ", ".join(f"{p}: {v if v is not None else 'none'}" for p, v in payload["longest"].items()) + "."]

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrft.loss import IGNORE_INDEX, fused_rft_loss, kl_estimate, token_logprobs
+from fastrft.loss import IGNORE_INDEX, fused_rft_loss, kl_estimate, model_logit_transform, token_logprobs
 
 PACKING = ("auto", "true", "false")
-FLASH, FLEX, SDPA = "flash_attention_2", "flex_attention", "sdpa"
+FLASH, FLEX, SDPA, EAGER = "flash_attention_2", "flex_attention", "sdpa", "eager"
 _NOTED: set[str] = set()
 
 
@@ -196,8 +196,10 @@ def choose_attention(packing: str, model, device: torch.device, max_tokens: int)
     varlen, why = varlen_attention(model, device) if packing != "false" else (None, "")
     loaded = model.config._attn_implementation
     if varlen is None:
-        # The padded path runs on whatever the model was loaded with, except a packed-only kernel.
-        path = AttentionPath(False, loaded if loaded in (FLASH, SDPA) else SDPA, max_tokens)
+        # The padded path runs on whatever the model was loaded with, except a packed-only kernel; eager attention
+        # becomes SDPA where the architecture has it (Gemma 2 and GPT-OSS, for example, have only eager).
+        padded = loaded if loaded in (FLASH, SDPA) else SDPA if model._supports_sdpa else EAGER
+        path = AttentionPath(False, padded, max_tokens)
         if packing == "true":
             note_once(f"packing=true, but {why}: {path.description} instead")
         elif packing == "auto":
@@ -237,8 +239,69 @@ def final_hidden(model, batch: Batch) -> torch.Tensor:
     return out.last_hidden_state
 
 
+def final_hidden_and_router_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final hidden states and the MoE router's load-balancing loss, both from the model's own forward (the LM
+    head on one position only): each architecture's router loss is its own."""
+    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                output_hidden_states=True, output_router_logits=True, logits_to_keep=1)
+    return out.hidden_states[-1], out.aux_loss
+
+
+def router_loss_coef(model, cfg) -> float:
+    """The weight of an MoE model's router loss in the update: cfg.router_aux_loss_coef, else the model config's
+    router_aux_loss_coef (0 for a model without a router). A ValueError names the key when it is set for a model
+    without a router."""
+    text = model.config.get_text_config()
+    has_router = hasattr(text, "output_router_logits")
+    if cfg.router_aux_loss_coef is not None:
+        if cfg.router_aux_loss_coef > 0 and not has_router:
+            raise ValueError(f"router_aux_loss_coef={cfg.router_aux_loss_coef} but {type(model).__name__} is not a "
+                             f"mixture-of-experts model: it has no router loss")
+        return cfg.router_aux_loss_coef
+    return float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0) if has_router else 0.0
+
+
 def lm_head(model):
     return model.get_output_embeddings()
+
+
+# The probe's length, and its tolerance: in fp32 up to this many nats, in 16 bits also a few roundings of the largest
+# logit (the model's own logits are rounded to its dtype; ours are not).
+PROBE_TOKENS, PROBE_TOLERANCE = 16, 1e-3
+
+
+@torch.no_grad()
+def check_head_matches_model(model, key: str, fused_logprobs=None, temperature: float = 1.0) -> None:
+    """fastrft's log-probs equal the model's own (log_softmax of its forward's logits over temperature) on a short
+    probe: a ValueError naming the key and the architecture otherwise, before any training, rather than a run on the
+    wrong distribution (a head with layers of its own, a logit transform fastrft does not know). fused_logprobs(model,
+    input_ids [1, T]) -> the log-probs [T - 1] of input_ids[0, 1:] by the caller's path; default: fastrft train's
+    (final hidden states through token_logprobs under the config's logit transform)."""
+    head = lm_head(model)
+    ids = ((torch.arange(PROBE_TOKENS + 1) * 7919 + 11) % head.weight.shape[0]).to(head.weight.device)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits
+        ours = (fused_logprobs or _train_path_logprobs)(model, ids).float()
+    finally:
+        model.train(was_training)
+    theirs = (logits[0, :-1].float() / temperature).log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    gap = float((ours.to(theirs.device) - theirs).abs().max())
+    rounding = 0.0 if logits.dtype == torch.float32 else 4 * torch.finfo(logits.dtype).eps * float(logits.abs().max())
+    if not gap <= PROBE_TOLERANCE + rounding:
+        transform = model_logit_transform(model)
+        raise ValueError(f"{key}: fastrft's log-probs of {type(model).__name__} differ from the model's own by "
+                         f"{gap:.3g} nats on a probe of {PROBE_TOKENS} tokens: its forward turns the final hidden "
+                         f"states into logits in a way fastrft does not reproduce (fastrft applies its LM head "
+                         f"{type(head).__name__} with logit_scale={transform['logit_scale']:g} and "
+                         f"softcap={transform['softcap']}); this architecture is not supported")
+
+
+def _train_path_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    row = Row(prompt_ids=ids[0, :1].tolist(), target_ids=ids[0, 1:].tolist())
+    path = AttentionPath(False, model.config._attn_implementation, ids.numel())
+    return sequence_logprobs(model, [row], ids.device, path=path, temperature=1.0)[0]
 
 
 @torch.no_grad()
@@ -252,25 +315,35 @@ def sequence_logprobs(model, rows: list[Row], device: torch.device, *, path: Att
         for indices, batch in micro_batches(rows, path, device):
             hidden = final_hidden(model, batch)
             lp = token_logprobs(hidden, head.weight.to(hidden.dtype), batch.targets, temperature=temperature,
-                                bias=None if head.bias is None else head.bias.to(hidden.dtype))
+                                bias=None if head.bias is None else head.bias.to(hidden.dtype),
+                                **model_logit_transform(model))
             for i, (b, t0, t1) in zip(indices, batch.target_slices):
                 out[i] = lp[b, t0:t1].float().cpu()
     return out
 
 
-def rft_loss(model, batch: Batch, cfg, *, use_old: bool, normalizer: float | None = None):
+def rft_loss(model, batch: Batch, cfg, *, use_old: bool, normalizer: float | None = None,
+             router_weight: float = 0.0):
     """fused_rft_loss on the batch under cfg's coefficients; normalizer: the step's token count when the batch is
-    one micro-batch of several (default: the batch's own)."""
+    one micro-batch of several (default: the batch's own). router_weight > 0 adds that multiple of the MoE router's
+    load-balancing loss (metrics["router_loss"]: the unweighted loss)."""
     head = lm_head(model)
-    hidden = final_hidden(model, batch)
-    return fused_rft_loss(
+    if router_weight > 0:
+        hidden, router_loss = final_hidden_and_router_loss(model, batch)
+    else:
+        hidden = final_hidden(model, batch)
+    out = fused_rft_loss(
         hidden, head.weight, batch.targets, bias=head.bias, advantages=batch.advantages, pg_mask=batch.pg_mask,
         old_logprobs=batch.old_logprobs if use_old else None,
         ref_logprobs=batch.ref_logprobs if cfg.uses_kl else None, sft_weights=batch.sft_weights,
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef if cfg.uses_kl else 0.0,
         kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
-        normalizer=normalizer,
+        normalizer=normalizer, **model_logit_transform(model),
     )
+    if router_weight > 0:
+        out.loss = out.loss + router_weight * router_loss
+        out.metrics["router_loss"] = float(router_loss.detach())
+    return out
 
 
 def accumulate_gradients(model, rows: list[Row], cfg, path: AttentionPath, device: torch.device, *, use_old: bool,
@@ -278,21 +351,26 @@ def accumulate_gradients(model, rows: list[Row], cfg, path: AttentionPath, devic
     """Adds the gradients of one optimizer step's loss over rows to model's .grad, micro-batch by micro-batch: each
     micro-batch's loss is divided by the loss-token count of all the rows (DAPO's token mean over the optimizer
     step), so the sum is the loss of one batch of every row, and activation memory is one micro-batch's. Appends the
-    k3 KL to the reference of each policy-gradient token to kl_values when given. Returns the loss terms (loss,
-    pg_loss, sft_loss, kl_loss: sums; clip_frac, entropy: means over the policy-gradient tokens) and the number of
-    micro-batches."""
+    k3 KL to the reference of each policy-gradient token to kl_values when given. An MoE model's router loss joins
+    with router_loss_coef's weight, each micro-batch's weighted by its share of the loss tokens. Returns the loss
+    terms (loss, pg_loss, sft_loss, kl_loss: sums; router_loss: the token-weighted mean; clip_frac, entropy: means
+    over the policy-gradient tokens) and the number of micro-batches."""
     normalizer = float(max(1, sum(row.loss_tokens for row in rows)))
-    totals = dict.fromkeys(("loss", "pg_loss", "sft_loss", "kl_loss"), 0.0)
+    router_coef = router_loss_coef(model, cfg)
+    totals = dict.fromkeys(("loss", "pg_loss", "sft_loss", "kl_loss", "router_loss"), 0.0)
     clipped = pg_token_count = 0.0
     entropies, n_batches = [], 0
     with attention(model, path):
-        for _, batch in micro_batches(rows, path, device):
-            out = rft_loss(model, batch, cfg, use_old=use_old, normalizer=normalizer)
+        for indices, batch in micro_batches(rows, path, device):
+            share = sum(rows[i].loss_tokens for i in indices) / normalizer
+            out = rft_loss(model, batch, cfg, use_old=use_old, normalizer=normalizer,
+                           router_weight=router_coef * share)
             out.loss.backward()
             n_batches += 1
             totals["loss"] += float(out.loss.detach())
             for name in ("pg_loss", "sft_loss", "kl_loss"):
                 totals[name] += out.metrics[name]
+            totals["router_loss"] += out.metrics.get("router_loss", 0.0) * share
             clipped += out.metrics["clip_frac"] * out.metrics["pg_tokens"]
             pg_token_count += out.metrics["pg_tokens"]
             pg_tokens = batch.pg_mask & (batch.targets != IGNORE_INDEX)

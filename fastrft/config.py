@@ -76,6 +76,8 @@ class TrainConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     entropy_coef: float = 0.0
+    router_aux_loss_coef: float | None = None   # MoE models: weight of the router's load-balancing loss (the model's
+                                           # own, from its forward); default: the model config's; 0 turns it off
     ppo_epochs: int = 1                    # passes over each rollout
     minibatches: int = 1                   # optimizer steps per pass; > 1 (or ppo_epochs > 1) stores old log-probs
     optimizer: str = "adamw"               # "adamw" (torch's fused one on CUDA) | "adamw8bit" (bitsandbytes, CUDA)
@@ -184,7 +186,7 @@ _RANGES = (
     (("lr", "temperature", "lora_alpha"), lambda v: v > 0, "> 0"),
     (("lora_dropout",), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("kl_coef", "refine_coef", "refine_kept_weight", "weight_decay", "grad_clip", "clip_high", "entropy_coef",
-      "overlong_penalty"), lambda v: v >= 0, ">= 0"),
+      "overlong_penalty", "router_aux_loss_coef"), lambda v: v >= 0, ">= 0"),
     (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
     (("clip_low",), lambda v: 0 <= v < 1, "in [0, 1) (the ratio is clipped at 1 - clip_low)"),
     (("min_lr_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),

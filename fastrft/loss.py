@@ -8,8 +8,10 @@ Layers, bottom up:
   * fastrft::lm_head_stats      a torch custom op with autograd (whole under torch.compile): (hidden, weight, bias)
                                 -> per-row logp and entropy. Its backward visits only rows whose incoming gradient is
                                 non-zero, so ignored, clipped and zero-advantage rows cost no gradient work.
-  * fused_rft_loss              validates input and writes the row loss of the contract on [N]-sized vectors; autograd
-                                turns it into the two per-row scalars the kernel needs.
+  * lm_head_logprobs            the public primitive: validated inputs -> (logprobs, entropy), differentiable, under
+                                the model's logit transform (scale, soft-cap) and the temperature.
+  * fused_rft_loss              on top of lm_head_logprobs: validates input and writes the row loss of the contract
+                                on [N]-sized vectors; autograd turns it into the two per-row scalars the kernel needs.
   * FusedRFTLoss                nn.Module over an LM head (nn.Linear, tied embeddings included).
 """
 from __future__ import annotations
@@ -52,14 +54,15 @@ class _ChunkedTorchHead:
         return max(1, _TORCH_CHUNK_ELEMS // vocab_size)
 
     @staticmethod
-    def _logits_into(out, hidden_rows, weight32, bias, inv_temperature):
+    def _logits_into(out, hidden_rows, weight32, bias, scale, cap):
         torch.matmul(hidden_rows.float(), weight32.T, out=out)
         if bias is not None:
             out += bias.float()
-        return out.mul_(inv_temperature)
+        out.mul_(scale)
+        return out.tanh_().mul_(cap) if cap > 0 else out
 
     @staticmethod
-    def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature):
+    def fused_rft_forward(hidden, weight, bias, targets, rows, scale, cap):
         if rows.numel() == 0:
             return tuple(hidden.new_empty(0, dtype=torch.float32) for _ in range(4))
         weight32 = weight.float()
@@ -70,7 +73,7 @@ class _ChunkedTorchHead:
         stats = []   # per chunk: (row_max, rest, dsum, target_logit), as the kernels define them
         for rows_c in rows.split(chunk):
             m = rows_c.numel()
-            gap = _ChunkedTorchHead._logits_into(logits_buf[:m], hidden[rows_c], weight32, bias, inv_temperature)
+            gap = _ChunkedTorchHead._logits_into(logits_buf[:m], hidden[rows_c], weight32, bias, scale, cap)
             row_max = gap.amax(1)
             target_logit = gap.gather(1, targets[rows_c, None]).squeeze(1)
             gap.neg_().add_(row_max[:, None])                       # M - z >= 0, over the logits
@@ -83,7 +86,7 @@ class _ChunkedTorchHead:
 
     @staticmethod
     def fused_rft_backward(hidden, weight, bias, targets, rows, lse, row_max, spread, one_minus_pt, dlogp, dentropy,
-                           inv_temperature, weight_grad, bias_grad):
+                           scale, cap, weight_grad, bias_grad):
         weight32 = weight.float()
         grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
         grad_weight = torch.zeros_like(weight32) if weight_grad else None
@@ -92,12 +95,16 @@ class _ChunkedTorchHead:
         if chunk:
             logits_buf = hidden.new_empty((chunk, weight.shape[0]), dtype=torch.float32)
             dlogits_buf = torch.empty_like(logits_buf)
+            # dz/da of the soft-capped logits, formed before the entropy term overwrites z (capped models only).
+            capped_buf = torch.empty_like(logits_buf) if cap > 0 else None
         for start in range(0, rows.numel(), chunk or 1):
             sl = slice(start, start + chunk)
             rows_c = rows[sl]
             m = rows_c.numel()
             hidden_c = hidden[rows_c].float()
-            logits = _ChunkedTorchHead._logits_into(logits_buf[:m], hidden_c, weight32, bias, inv_temperature)
+            logits = _ChunkedTorchHead._logits_into(logits_buf[:m], hidden_c, weight32, bias, scale, cap)
+            if cap > 0:
+                dz_da = torch.div(logits, cap, out=capped_buf[:m]).square_().neg_().add_(1.0).mul_(scale * cap)
             probs = torch.sub(logits, lse[sl, None], out=dlogits_buf[:m]).exp_()
             if dentropy is not None:
                 # dH/dz = p ((M - z) - spread), written over the logits, which are not needed after this.
@@ -108,7 +115,7 @@ class _ChunkedTorchHead:
             dlogits.scatter_(1, targets[rows_c, None], (dlogp[sl] * one_minus_pt[sl])[:, None])
             if dentropy is not None:
                 dlogits += entropy_term
-            dlogits *= inv_temperature
+            dlogits = dlogits.mul_(dz_da) if cap > 0 else dlogits.mul_(scale)
             grad_hidden.index_add_(0, rows_c, dlogits @ weight32)
             if weight_grad:
                 grad_weight.addmm_(dlogits.T, hidden_c)
@@ -131,7 +138,7 @@ def _backend(impl: str):
 
 @torch.library.custom_op("fastrft::lm_head_stats", mutates_args=())
 def _lm_head_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-                   ignore_index: int, inv_temperature: float, impl: str
+                   ignore_index: int, scale: float, cap: float, impl: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden [N, H], weight [V, H], bias [V] | None, targets [N]) -> (logp, entropy, lse, row_max, spread), fp32
     [N], 0 on ignored rows (the statistics of fastrft.kernels.fused_rft's docstring, formed so that nothing cancels
@@ -139,8 +146,8 @@ def _lm_head_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     here, inside the op, where a data-dependent shape costs the compiler nothing."""
     _check_targets(targets, weight.shape[0], ignore_index)
     rows = (targets != ignore_index).nonzero().squeeze(1)
-    row_max, rest, dsum, target_logit = _backend(impl).fused_rft_forward(hidden, weight, bias, targets, rows,
-                                                                         inv_temperature)
+    row_max, rest, dsum, target_logit = _backend(impl).fused_rft_forward(hidden, weight, bias, targets, rows, scale,
+                                                                         cap)
     log_total = torch.log1p(rest)
     spread = dsum / (1.0 + rest)
     values = ((target_logit - row_max) - log_total, log_total + spread, row_max + log_total, row_max, spread)
@@ -151,7 +158,7 @@ def _lm_head_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 
 @_lm_head_stats.register_fake
-def _(hidden, weight, bias, targets, ignore_index, inv_temperature, impl):
+def _(hidden, weight, bias, targets, ignore_index, scale, cap, impl):
     return tuple(hidden.new_empty(targets.shape, dtype=torch.float32) for _ in range(5))
 
 
@@ -159,7 +166,8 @@ def _(hidden, weight, bias, targets, ignore_index, inv_temperature, impl):
 def _lm_head_stats_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                             targets: torch.Tensor, logp: torch.Tensor, lse: torch.Tensor, row_max: torch.Tensor,
                             spread: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor,
-                            ignore_index: int, inv_temperature: float, impl: str, weight_grad: bool, bias_grad: bool
+                            ignore_index: int, scale: float, cap: float, impl: str, weight_grad: bool,
+                            bias_grad: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of hidden, weight and bias (empty tensors where not wanted). Only rows whose incoming gradient is
     non-zero are visited: ignored, clipped and zero-coefficient rows cost no gradient work."""
@@ -169,7 +177,7 @@ def _lm_head_stats_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Op
     rows = active.nonzero().squeeze(1)
     grad_hidden, grad_weight, grad_bias = _backend(impl).fused_rft_backward(
         hidden, weight, bias, targets, rows, lse[rows], row_max[rows], spread[rows], -torch.expm1(logp[rows]),
-        grad_logp[rows].float(), grad_entropy[rows].float() if has_entropy else None, inv_temperature, weight_grad,
+        grad_logp[rows].float(), grad_entropy[rows].float() if has_entropy else None, scale, cap, weight_grad,
         bias_grad)
     # A custom op's outputs may not alias: each absent gradient is its own empty tensor.
     return (grad_hidden, grad_weight if weight_grad else hidden.new_empty(0),
@@ -178,16 +186,16 @@ def _lm_head_stats_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Op
 
 @_lm_head_stats_backward.register_fake
 def _(hidden, weight, bias, targets, logp, lse, row_max, spread, grad_logp, grad_entropy, ignore_index,
-      inv_temperature, impl, weight_grad, bias_grad):
+      scale, cap, impl, weight_grad, bias_grad):
     return (torch.empty_like(hidden), torch.empty_like(weight) if weight_grad else hidden.new_empty(0),
             torch.empty_like(bias) if bias_grad else hidden.new_empty(0))
 
 
 def _lm_head_stats_setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, ignore_index, inv_temperature, impl = inputs
+    hidden, weight, bias, targets, ignore_index, scale, cap, impl = inputs
     logp, _, lse, row_max, spread = output
     ctx.save_for_backward(hidden, weight, bias, targets, logp, lse, row_max, spread)
-    ctx.ignore_index, ctx.inv_temperature, ctx.impl = ignore_index, inv_temperature, impl
+    ctx.ignore_index, ctx.scale, ctx.cap, ctx.impl = ignore_index, scale, cap, impl
 
 
 def _lm_head_stats_autograd(ctx, grad_logp, grad_entropy, _grad_lse, _grad_row_max, _grad_spread):
@@ -198,9 +206,9 @@ def _lm_head_stats_autograd(ctx, grad_logp, grad_entropy, _grad_lse, _grad_row_m
     bias_grad = bias is not None and ctx.needs_input_grad[2]
     grad_hidden, grad_weight, grad_bias = _lm_head_stats_backward(
         hidden, weight, bias, targets, logp, lse, row_max, spread, grad_logp, grad_entropy, ctx.ignore_index,
-        ctx.inv_temperature, ctx.impl, weight_grad, bias_grad)
+        ctx.scale, ctx.cap, ctx.impl, weight_grad, bias_grad)
     return (grad_hidden if ctx.needs_input_grad[0] else None, grad_weight if weight_grad else None,
-            grad_bias if bias_grad else None, None, None, None, None)
+            grad_bias if bias_grad else None, None, None, None, None, None)
 
 
 _lm_head_stats.register_autograd(_lm_head_stats_autograd, setup_context=_lm_head_stats_setup_context)
@@ -271,7 +279,7 @@ def _check_targets(targets, vocab_size, ignore_index):
                          f"ignore_index ({ignore_index}); {int(bad.sum())} such rows")
 
 
-def _check_scalars(clip_low, clip_high, kl_coef, kl_estimator, entropy_coef, temperature, normalizer):
+def _check_scalars(clip_low, clip_high, kl_coef, kl_estimator, entropy_coef, normalizer):
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown kl_estimator {kl_estimator!r}; expected one of {KL_ESTIMATORS}")
     for name, v in (("clip_low", clip_low), ("clip_high", clip_high), ("kl_coef", kl_coef),
@@ -280,8 +288,6 @@ def _check_scalars(clip_low, clip_high, kl_coef, kl_estimator, entropy_coef, tem
             raise ValueError(f"{name} must be a finite number >= 0, got {v}")
     if clip_low >= 1:
         raise ValueError(f"clip_low must be < 1 (the ratio is clipped at 1 - clip_low), got {clip_low}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1 or normalizer.dtype == torch.bool or normalizer.is_complex():
             raise ValueError(f"normalizer must be a number or a one-element real tensor, got a {normalizer.dtype} "
@@ -310,21 +316,63 @@ def kl_estimate(logp, ref, estimator="k3"):
     return torch.exp(log_ratio.clamp(max=MAX_LOG_RATIO)) - log_ratio - 1
 
 
-def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=IGNORE_INDEX, impl=None):
-    """log softmax((hidden @ weight.T + bias) / temperature)[targets] as float32 of targets' shape, without
-    gradient and without materialising the logits; 0 on ignored rows."""
+def _kernel_scales(temperature, logit_scale, softcap) -> tuple[float, float]:
+    """The kernels' (scale, cap) for logits z = softcap * tanh(logit_scale * a / softcap) / temperature, or
+    logit_scale * a / temperature without soft-capping (cap 0), a = hidden @ weight.T + bias."""
+    for name, value in (("temperature", temperature), ("logit_scale", logit_scale)) + (
+            (("softcap", softcap),) if softcap is not None else ()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if softcap is None:
+        return logit_scale / temperature, 0.0
+    return logit_scale / softcap, softcap / temperature
+
+
+def lm_head_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
+                     ignore_index=IGNORE_INDEX, impl=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs, entropy) of the LM head's next-token distribution, per token, without materialising the logits:
+    with z = logit_scale * (hidden @ weight.T + bias), soft-capped to softcap * tanh(z / softcap) when softcap is
+    given (Gemma 2), p = softmax(z / temperature), logprobs = log p[targets] and entropy = -sum p log p. Both float32
+    of targets' shape, 0 on ignored rows (targets == ignore_index), and differentiable with respect to hidden,
+    weight and bias: a backward visits only the rows whose incoming gradient is non-zero. model_logit_transform(model)
+    gives a transformers model's logit_scale and softcap. impl: "triton" (default on CUDA) or "torch" (chunked
+    PyTorch, default on CPU)."""
     hidden2d, weight, targets_flat, bias = _flatten_inputs(hidden, weight, targets, bias)
-    _check_scalars(0.2, 0.28, 0.0, "k3", 0.0, temperature, None)
+    scale, cap = _kernel_scales(temperature, logit_scale, softcap)
     impl = resolve_impl(impl, hidden2d.device)
+    logp, entropy = _lm_head_stats(hidden2d, weight, bias, targets_flat, ignore_index, scale, cap, impl)[:2]
+    return logp.view(targets.shape), entropy.view(targets.shape)
+
+
+def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
+                   ignore_index=IGNORE_INDEX, impl=None):
+    """lm_head_logprobs' log-probs alone, without gradient."""
     with torch.no_grad():
-        logp = _lm_head_stats(hidden2d, weight, bias, targets_flat, ignore_index, 1.0 / temperature, impl)[0]
-    return logp.view(targets.shape)
+        return lm_head_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, logit_scale=logit_scale,
+                                softcap=softcap, ignore_index=ignore_index, impl=impl)[0]
+
+
+def model_logit_transform(model) -> dict:
+    """{"logit_scale": s, "softcap": c or None}: how a transformers model's forward turns its LM head's output
+    into logits, read from its (text) config, for lm_head_logprobs, fused_rft_loss and FusedRFTLoss. Cohere and
+    Cohere 2 multiply by logit_scale, Falcon-H1 by lm_head_multiplier, others by output_multiplier; Granite and
+    MiniCPM3 divide by logits_scaling (HyperCLOVA X multiplies by it); Gemma 2 and 3 soft-cap at
+    final_logit_softcapping."""
+    config = getattr(model, "config", model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = next((getattr(text, name) for name in ("logit_scale", "output_multiplier", "lm_head_multiplier")
+                  if getattr(text, name, None) is not None), None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scaling = text.logits_scaling
+        scale = scaling if getattr(text, "model_type", None) == "hyperclovax" else 1.0 / scaling
+    return {"logit_scale": 1.0 if scale is None else float(scale),
+            "softcap": getattr(text, "final_logit_softcapping", None)}
 
 
 def fused_rft_loss(
     hidden, weight, targets, *, bias=None, advantages=None, pg_mask=None, old_logprobs=None, ref_logprobs=None,
     sft_weights=None, clip_low=0.2, clip_high=0.28, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
-    temperature=1.0, normalizer=None, ignore_index=IGNORE_INDEX, impl=None,
+    temperature=1.0, logit_scale=1.0, softcap=None, normalizer=None, ignore_index=IGNORE_INDEX, impl=None,
 ) -> FusedRFTOutput:
     """Clipped policy gradient + KL + entropy bonus on policy-gradient rows, plus weighted cross-entropy on
     refined rows, straight from the LM head's inputs.
@@ -333,7 +381,8 @@ def fused_rft_loss(
         pg_i * (-min(r_i A_i, clip(r_i, 1 - clip_low, 1 + clip_high) A_i) + kl_coef KL_i - entropy_coef H_i)
         + w_i * (-logp_i)
     with r_i = exp(logp_i - old_i) (1 when old_logprobs is None: on-policy, gradient -A_i), KL_i the k1/k2/k3
-    estimator of logp_i against ref_i, H_i the entropy of row i, and loss = sum_i loss_i / normalizer. The default
+    estimator of logp_i against ref_i, H_i the entropy of row i (logp_i and H_i from lm_head_logprobs, under the
+    same temperature, logit_scale and softcap), and loss = sum_i loss_i / normalizer. The default
     normalizer counts the non-ignored rows with a policy-gradient term or a non-zero sft weight (DAPO's token mean).
 
     hidden [..., H] and weight [V, H] share a dtype (fp32/bf16/fp16); targets [...] are int64 ids; per-token inputs
@@ -343,7 +392,7 @@ def fused_rft_loss(
     0-dim tensors instead of floats, so that reading them does not break the graph.
     """
     hidden2d, weight, targets_flat, bias = _flatten_inputs(hidden, weight, targets, bias)
-    _check_scalars(clip_low, clip_high, kl_coef, kl_estimator, entropy_coef, temperature, normalizer)
+    _check_scalars(clip_low, clip_high, kl_coef, kl_estimator, entropy_coef, normalizer)
     n, device = targets_flat.numel(), hidden2d.device
     per_row = {name: _per_row(name, value, targets.shape, n, device, dtype)
                for name, value, dtype in (("advantages", advantages, torch.float32),
@@ -356,9 +405,9 @@ def fused_rft_loss(
     if (kl_coef > 0 or entropy_coef > 0) and advantages is None and pg_mask is None:
         raise ValueError("kl_coef and entropy_coef act on policy-gradient rows, but neither advantages nor pg_mask "
                          "was given")
-    impl = resolve_impl(impl, device)
 
-    logp, entropy = _lm_head_stats(hidden2d, weight, bias, targets_flat, ignore_index, 1.0 / temperature, impl)[:2]
+    logp, entropy = lm_head_logprobs(hidden2d, weight, targets_flat, bias=bias, temperature=temperature,
+                                     logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index, impl=impl)
 
     valid = targets_flat != ignore_index
     zeros = torch.zeros_like(logp)

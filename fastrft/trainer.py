@@ -41,8 +41,9 @@ from typing import Any, Callable
 import torch
 
 # Batch, build_batch and final_hidden stay importable from here, where they used to live.
-from fastrft.batch import (AttentionPath, Batch, Row, accumulate_gradients, build_batch, choose_attention,  # noqa: F401
-                           final_hidden, note_once, rft_loss, sequence_logprobs)
+from fastrft.batch import (AttentionPath, Batch, Row, accumulate_gradients, build_batch,  # noqa: F401
+                           check_head_matches_model, choose_attention, final_hidden, note_once, rft_loss,
+                           router_loss_coef, sequence_logprobs)
 from fastrft.checkpoint import StopSignal, load_checkpoint, save_checkpoint
 from fastrft.config import TrainConfig, load_config, save_config
 from fastrft.lora import adapters_disabled, add_lora, merge_lora
@@ -266,6 +267,7 @@ class UpdateStats:
     pg_loss: float = 0.0
     sft_loss: float = 0.0
     kl_loss: float = 0.0
+    router_loss: float = 0.0          # an MoE model's router load-balancing loss (0 without one, or when off)
     clip_frac: float = 0.0
     entropy: float = 0.0
     grad_norm: float = 0.0
@@ -354,6 +356,10 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     tokenizer = load_tokenizers(cfg.model, cfg.ref_model or cfg.model)
     policy, ref = load_models(cfg, device)
     check_vocabularies(cfg, tokenizer, policy, ref)
+    check_head_matches_model(policy, "model")
+    if ref is not policy:
+        check_head_matches_model(ref, "ref_model")
+    router_loss_coef(policy, cfg)   # a router loss asked of a model without a router fails here, not mid-run
     path = choose_attention(cfg.packing, policy, device, cfg.max_tokens_per_batch)
     use_attention(path, policy, ref)
     optimizer = make_optimizer(cfg, policy, device)

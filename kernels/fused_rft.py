@@ -1,7 +1,10 @@
 """Fused LM-head pass for RL fine-tuning: log-probs, entropy and their gradients without materialising logits.
 
-Math, per selected row i (z are the tempered logits, never stored):
-    z_ij      = (h_i . W_j + b_j) / T                      h: hidden [N, H], W: weight [V, H], b: bias [V]
+Math, per selected row i (z are the transformed logits, never stored):
+    a_ij      = h_i . W_j + b_j                            h: hidden [N, H], W: weight [V, H], b: bias [V]
+    z_ij      = scale a_ij, or with soft-capping cap tanh(scale a_ij)
+                (scale and cap fold the model's logit scale s, its soft-cap c and the temperature T: scale = s / T,
+                or scale = s / c and cap = c / T, so that z = (c tanh(s a / c)) / T, Gemma 2's transform)
     M_i       = max_j z_ij,  e_ij = exp(z_ij - M_i)        t: targets [N]
     rest_i    = sum_j e_ij - 1  (every term but one maximum's 1, summed apart so that a peaked row keeps it)
     spread_i  = sum_j e_ij (M_i - z_ij) / (1 + rest_i)     = M_i - mean_z_i, a sum of non-negative terms
@@ -11,8 +14,8 @@ fp32 rounding, which is all of logp, entropy and 1 - p_t on a row whose target h
 policy's tokens). The loss of the caller is a function of (logp_i, entropy_i) only, so the backward pass needs just
 two scalars per row, dlogp_i = dL/dlogp_i and dent_i = dL/dentropy_i, to form the logit gradient
     dL/dz_ij  = dlogp_i (1[j = t_i] - p_ij) + dent_i p_ij ((M_i - z_ij) - spread_i)
-with 1 - p_t = -expm1(logp_t) from the accurate logp, and from it grad_h = (dL/dz / T) W, grad_W = (dL/dz / T)^T h,
-grad_b = colsum(dL/dz / T).
+with 1 - p_t = -expm1(logp_t) from the accurate logp, and from it dL/da = dL/dz dz/da (dz/da = scale, or with
+soft-capping scale cap (1 - (z / cap)^2)), grad_h = dL/da W, grad_W = dL/da^T h, grad_b = colsum(dL/da).
 
 Kernels:
     _fused_rft_fwd_kernel   grid (row blocks, vocabulary splits): one sweep over its split of the vocabulary per
@@ -69,11 +72,11 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _logit_tile(
-    hidden_ptr, weight_ptr, bias_ptr, row_ids, row_ok, cols, col_ok, H, stride_h, stride_w, inv_temperature,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    hidden_ptr, weight_ptr, bias_ptr, row_ids, row_ok, cols, col_ok, H, stride_h, stride_w, scale, cap,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """[BLOCK_M, BLOCK_V] tempered logits in fp32; -inf beyond the vocabulary."""
+    """[BLOCK_M, BLOCK_V] transformed logits z in fp32; -inf beyond the vocabulary."""
     h_rows = hidden_ptr + row_ids[:, None] * stride_h
     w_rows = weight_ptr + cols.to(tl.int64)[:, None] * stride_w    # int64: V * H may pass 2**31
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
@@ -85,14 +88,19 @@ def _logit_tile(
         acc = _mma(h, tl.trans(w), acc, DOT_PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))
+    z = acc * scale
+    if SOFTCAP:
+        # tanh(x) = 1 - 2 / (1 + exp(2x)): exact limits (+-1) where exp overflows or vanishes; its absolute error
+        # (~1e-7) is below the fp32 spacing of the capped logit (cap * 2^-23 near the cap).
+        z = cap * (1.0 - 2.0 / (1.0 + tl.exp(2.0 * z)))
+    return tl.where(col_ok[None, :], z, float("-inf"))
 
 
 @triton.jit
 def _fused_rft_fwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, max_ptr, rest_ptr, dsum_ptr, target_logit_ptr,
-    n_rows, H, V, split_width, stride_h, stride_w, inv_temperature,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    n_rows, H, V, split_width, stride_h, stride_w, scale, cap,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Online softmax statistics of rows[block] over the vocabulary split program_id(1) (split_width entries),
@@ -114,7 +122,7 @@ def _fused_rft_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < split_end
         z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, row_ids, row_ok, cols, col_ok, H, stride_h, stride_w,
-                        inv_temperature, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)
+                        scale, cap, HAS_BIAS, SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
         tile_max = tl.max(z, axis=1)
         new_max = tl.maximum(running_max, tile_max)
@@ -145,11 +153,12 @@ def _fused_rft_fwd_kernel(
 def _fused_rft_bwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, lse_ptr, max_ptr, spread_ptr, one_minus_pt_ptr,
     dlogp_ptr, dentropy_ptr, dlogits_ptr, n_rows, H, vocab_start, vocab_end, stride_h, stride_w, stride_dl,
-    inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    scale, cap,
+    HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dL/dz for rows[0:n_rows] x [vocab_start, vocab_end), in the weight's dtype, into the slab at dlogits_ptr."""
+    """dL/da (the gradient of the untransformed logits) for rows[0:n_rows] x [vocab_start, vocab_end), in the
+    weight's dtype, into the slab at dlogits_ptr."""
     slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = slots < n_rows
     row_ids = tl.load(rows_ptr + slots, mask=row_ok, other=0).to(tl.int64)
@@ -158,7 +167,7 @@ def _fused_rft_bwd_kernel(
     col_ok = cols < vocab_end
 
     z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, row_ids, row_ok, cols, col_ok, H, stride_h, stride_w,
-                    inv_temperature, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)
+                    scale, cap, HAS_BIAS, SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)
     targets = tl.load(targets_ptr + row_ids, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + slots, mask=row_ok, other=0.0)
     dlogp = tl.load(dlogp_ptr + slots, mask=row_ok, other=0.0)
@@ -173,8 +182,12 @@ def _fused_rft_bwd_kernel(
         dentropy = tl.load(dentropy_ptr + slots, mask=row_ok, other=0.0)
         # mean_z - z_j as (M - z_j) - spread: exactly -spread at the maximum, no large terms cancelling.
         dz += dentropy[:, None] * p * (tl.where(col_ok[None, :], row_max[:, None] - z, 0.0) - spread[:, None])
+    da = dz * scale
+    if SOFTCAP:
+        capped = tl.where(col_ok[None, :], z, 0.0) / cap   # tanh(scale a)
+        da *= cap * (1.0 - capped * capped)
     slab_offsets = slots.to(tl.int64)[:, None] * stride_dl + slab_cols[None, :]   # a large slab may pass 2**31
-    tl.store(dlogits_ptr + slab_offsets, _rounded(dz * inv_temperature, dlogits_ptr.dtype.element_ty, UPCAST),
+    tl.store(dlogits_ptr + slab_offsets, _rounded(da, dlogits_ptr.dtype.element_ty, UPCAST),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -276,9 +289,11 @@ def _vocab_splits(device: torch.device, row_blocks: int, vocab_tiles: int) -> in
     return max(1, min(vocab_tiles, triton.cdiv(2 * _multiprocessors(device), row_blocks)))
 
 
-def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature: float, vocab_splits: int | None = None):
+def fused_rft_forward(hidden, weight, bias, targets, rows, scale: float, cap: float,
+                      vocab_splits: int | None = None):
     """Per selected row (rows: int64 [R] indices into hidden): (row_max, rest, dsum, target_logit), each fp32 [R]
-    (the module docstring's statistics; dsum is spread * (1 + rest)). targets[rows] must lie in [0, V): the caller
+    (the module docstring's statistics; dsum is spread * (1 + rest)). The logits are scale * a, or cap *
+    tanh(scale * a) when cap > 0. targets[rows] must lie in [0, V): the caller
     validates them. vocab_splits: programs per row block's sweep (default: enough to fill the GPU; tests set it to
     reach the merge of the partial states)."""
     _check(hidden, weight, bias, targets, rows)
@@ -294,8 +309,8 @@ def fused_rft_forward(hidden, weight, bias, targets, rows, inv_temperature: floa
         4, splits, n_rows, device=hidden.device, dtype=torch.float32)
     _fused_rft_fwd_kernel[(row_blocks, splits)](
         hidden, weight, bias if bias is not None else weight, targets, rows, partial_max, partial_rest, partial_dsum,
-        partial_target, n_rows, H, V, split_width, hidden.stride(0), weight.stride(0), inv_temperature,
-        HAS_BIAS=bias is not None, **_dot_flags(hidden),
+        partial_target, n_rows, H, V, split_width, hidden.stride(0), weight.stride(0), scale, cap,
+        HAS_BIAS=bias is not None, SOFTCAP=cap > 0, **_dot_flags(hidden),
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
     # Merge the splits' states at the overall maximum; the first split holding it keeps its 1 out of the rest.
@@ -349,7 +364,7 @@ def accumulator_row_bytes(hidden_size: int, dtype: torch.dtype) -> float:
 
 
 def fused_rft_backward(hidden, weight, bias, targets, rows, lse, row_max, spread, one_minus_pt, dlogp, dentropy,
-                       inv_temperature: float, weight_grad: bool, bias_grad: bool):
+                       scale: float, cap: float, weight_grad: bool, bias_grad: bool):
     """Gradients (hidden, weight or None, bias or None) in the inputs' dtypes for the loss whose derivatives with
     respect to the selected rows' log-probs and entropies are dlogp and dentropy (fp32 [R], or dentropy None), given
     the rows' forward statistics (lse, row_max, spread and the target's 1 - p_t, fp32 [R]). rows must not repeat
@@ -376,8 +391,8 @@ def fused_rft_backward(hidden, weight, bias, targets, rows, lse, row_max, spread
             hidden, weight, bias if bias is not None else weight, targets, rows[rows_s], lse[rows_s],
             row_max[rows_s], spread[rows_s], one_minus_pt[rows_s], dlogp[rows_s], dentropy_or_any[rows_s], out,
             out.shape[0], H, vocab_start, vocab_start + out.shape[1], hidden.stride(0), weight.stride(0),
-            out.stride(0), inv_temperature,
-            HAS_BIAS=bias is not None, HAS_ENTROPY=dentropy is not None, **_dot_flags(hidden),
+            out.stride(0), scale, cap,
+            HAS_BIAS=bias is not None, HAS_ENTROPY=dentropy is not None, SOFTCAP=cap > 0, **_dot_flags(hidden),
             BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )
         return out

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastrft.batch import (FLASH, FLEX, SDPA, AttentionPath, Row, accumulate_gradients, build_batch,
-                           choose_attention, final_hidden, plan_micro_batches, sequence_logprobs)
+from fastrft.batch import (FLASH, FLEX, SDPA, AttentionPath, Row, accumulate_gradients, attention, build_batch,
+                           choose_attention, final_hidden, plan_micro_batches, rft_loss, sequence_logprobs)
 from fastrft.config import TrainConfig
 
 CPU = torch.device("cpu")
@@ -239,3 +239,93 @@ def test_varlen_kernels_give_the_padded_loss_and_grads_on_cuda(tiny_model, imple
     assert varlen_loss == pytest.approx(padded_loss, rel=tolerance["rtol"], abs=tolerance["atol"])
     for name, grad in varlen_grads.items():
         torch.testing.assert_close(grad, padded_grads[name], **tolerance, msg=name)
+
+
+# Tiny sizes for any decoder config (each applied where the config has the attribute).
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=320, head_dim=16, moe_intermediate_size=32, num_experts=4, num_local_experts=4,
+            num_experts_per_tok=2, n_routed_experts=4, n_shared_experts=1, max_position_embeddings=256,
+            shared_expert_intermediate_size=32, pad_token_id=0)
+# The causal LMs users train, with every logit transform transformers' decoders apply: Cohere's logit_scale,
+# Granite's logits_scaling, Gemma 2's soft-cap, Falcon-H1's lm_head_multiplier; MoE routers; tied heads.
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "glm4_moe", "gpt_oss", "phi3", "olmo2", "gemma",
+                 "gemma2", "gemma3_text", "cohere", "cohere2", "granite", "granitemoe", "falcon_h1"]
+
+
+def tiny_causal_lm(model_type, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **overrides)
+    for name, value in TINY.items():
+        if isinstance(getattr(config, name, None), int):
+            setattr(config, name, value)
+    if isinstance(config.__dict__.get("layer_types"), list):   # one per layer, or the saved config does not reload
+        config.layer_types = config.layer_types[:config.num_hidden_layers]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():   # logits of tens, as a trained model's: where a soft-cap or a scale matters
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_logprobs_equal_the_models_own_on_every_architecture(model_type):
+    """fastrft's log-probs (final hidden states, the LM head under the config's logit transform, temperature 1)
+    are the model's own (log_softmax of its forward's logits), and the start-up probe agrees."""
+    from fastrft.batch import check_head_matches_model
+
+    model = tiny_causal_lm(model_type, logit_scale=0.0625) if model_type.startswith("cohere") else \
+        tiny_causal_lm(model_type)
+    rows = [Row([5, 9, 200, 17], [33, 250, 7, 7, 101]), Row([44], [310, 2])]
+    path = choose_attention("auto", model, CPU, 10**6)   # the path fastrft train takes: padded on the CPU
+    ours = sequence_logprobs(model, rows, CPU, path=path, temperature=1.0)
+    batch = build_batch(rows, CPU, packed=False)
+    with attention(model, path):
+        update = rft_loss(model, batch, TrainConfig(model="unused"), use_old=False).logprobs   # the update's
+    for (b, t0, t1), lp in zip(batch.target_slices, ours):
+        torch.testing.assert_close(update[b, t0:t1], lp, atol=1e-5, rtol=1e-5)
+    for row, lp in zip(rows, ours):
+        ids = torch.tensor([row.prompt_ids + row.target_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(row.prompt_ids) - 1:-1].double()
+        theirs = logits.log_softmax(-1).gather(-1, torch.tensor(row.target_ids)[:, None]).squeeze(-1)
+        assert theirs.min() < -1.0   # a peaked, large-logit distribution, not a near-uniform one
+        torch.testing.assert_close(lp.double(), theirs, atol=1e-4, rtol=1e-5)
+    check_head_matches_model(model, "model")
+
+
+def test_a_head_fastrft_cannot_reproduce_is_refused():
+    """BERT as a causal LM transforms the hidden states (dense, GELU, LayerNorm) before its decoder: the probe
+    names the key and the architecture instead of training on the wrong distribution."""
+    from fastrft.batch import check_head_matches_model
+
+    model = tiny_causal_lm("bert", is_decoder=True)
+    with pytest.raises(ValueError, match="ref_model: fastrft's log-probs of BertLMHeadModel differ from the model's"):
+        check_head_matches_model(model, "ref_model")
+
+
+def test_moe_router_loss_is_the_models_own_and_joins_the_update():
+    """An MoE model's router load-balancing loss, from its own forward, joins the update with
+    router_aux_loss_coef's weight (default: the model config's); asked of a model without a router, the key is
+    named."""
+    from fastrft.batch import router_loss_coef
+
+    model = tiny_causal_lm("qwen3_moe")
+    rows = make_rows([(4, 6), (3, 5), (5, 2)])
+    batch = build_batch(rows, CPU, packed=False)
+    cfg = TrainConfig(model="unused")
+    assert router_loss_coef(model, cfg) == model.config.router_aux_loss_coef > 0
+    assert router_loss_coef(model, TrainConfig(model="unused", router_aux_loss_coef=0.0)) == 0.0
+    plain = rft_loss(model, batch, cfg, use_old=False)
+    with_router = rft_loss(model, batch, cfg, use_old=False, router_weight=0.5)
+    own = model(input_ids=batch.input_ids, position_ids=batch.position_ids, output_router_logits=True).aux_loss
+    own = own.detach()
+    assert own > 0 and "router_loss" not in plain.metrics
+    assert with_router.metrics["router_loss"] == pytest.approx(float(own), rel=1e-5)
+    assert float(with_router.loss) == pytest.approx(float(plain.loss) + 0.5 * float(own), rel=1e-5)
+    gate = next(p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight"))
+    gate.grad = None
+    (with_router.loss - plain.loss).backward()   # the router loss alone: the gates learn from it
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="router_aux_loss_coef=0.1 but LlamaForCausalLM is not a mixture-of-experts"):
+        router_loss_coef(tiny_causal_lm("llama"), TrainConfig(model="unused", router_aux_loss_coef=0.1))

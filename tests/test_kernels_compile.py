@@ -43,7 +43,7 @@ def _compile(kernel, arg_types, constexprs, arch, num_warps, num_stages=None):
 
 def fused_rft_variants():
     """(name, kernel, arg types, constexprs, launch options) for each kernel of kernels/fused_rft.py in each input
-    dtype, with every optional input on (bias, entropy: switching one off only removes code), and each matmul the
+    dtype, with every optional input on (bias, entropy, soft-capping: switching one off only removes code), and each matmul the
     launcher runs (grad_h into fp32; grad_W stored, or accumulated for fp32 weights)."""
     from fastrft.kernels import fused_rft
 
@@ -54,12 +54,13 @@ def fused_rft_variants():
         blocks = dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k)
         launch = dict(num_warps=num_warps, num_stages=num_stages)
         types = {"hidden_ptr": f"*{name}", "weight_ptr": f"*{name}", "bias_ptr": f"*{name}", "targets_ptr": "*i64",
-                 "rows_ptr": "*i64", "dlogits_ptr": f"*{name}", "inv_temperature": "fp32"}
+                 "rows_ptr": "*i64", "dlogits_ptr": f"*{name}", "scale": "fp32", "cap": "fp32"}
         types |= {p: "*fp32" for p in ("max_ptr", "rest_ptr", "dsum_ptr", "target_logit_ptr", "lse_ptr",
                                         "spread_ptr", "one_minus_pt_ptr", "dlogp_ptr", "dentropy_ptr")}
-        yield f"fwd {name}", fused_rft._fused_rft_fwd_kernel, types, dict(HAS_BIAS=True, **dot, **blocks), launch
-        yield (f"bwd {name}", fused_rft._fused_rft_bwd_kernel, types, dict(HAS_BIAS=True, HAS_ENTROPY=True) | dot
-               | blocks, launch)
+        yield (f"fwd {name}", fused_rft._fused_rft_fwd_kernel, types, dict(HAS_BIAS=True, SOFTCAP=True) | dot | blocks,
+               launch)
+        yield (f"bwd {name}", fused_rft._fused_rft_bwd_kernel, types,
+               dict(HAS_BIAS=True, HAS_ENTROPY=True, SOFTCAP=True) | dot | blocks, launch)
 
         block_m, block_n, block_k, group_m, num_warps, num_stages = fused_rft._matmul_config(dtype)
         blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m)

@@ -30,7 +30,7 @@ def _default_device():
 
 def reference(hidden, weight, targets, *, bias=None, advantages=None, pg_mask=None, old_logprobs=None,
               ref_logprobs=None, sft_weights=None, clip_low=0.2, clip_high=0.28, kl_coef=0.0, kl_estimator="k3",
-              entropy_coef=0.0, temperature=1.0, normalizer=None, ignore_index=-100):
+              entropy_coef=0.0, temperature=1.0, logit_scale=1.0, softcap=None, normalizer=None, ignore_index=-100):
     """The contract's formula in float64 with materialised logits. Returns (loss, logprobs, entropy, grads)."""
     h = hidden.detach().double().requires_grad_(hidden.requires_grad)
     w = weight.detach().double().requires_grad_(weight.requires_grad)
@@ -38,6 +38,9 @@ def reference(hidden, weight, targets, *, bias=None, advantages=None, pg_mask=No
     logits = h @ w.T
     if b is not None:
         logits = logits + b
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     log_probs = torch.log_softmax(logits / temperature, dim=-1)
     valid = targets != ignore_index
     logp = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
@@ -175,6 +178,56 @@ def test_each_term_on_and_off(impl, terms):
     if terms.get("normalizer"):
         kwargs["normalizer"] = terms["normalizer"]
     check_against_reference(impl, hidden, weight, targets, **kwargs)
+
+
+# Logit transforms of real models: Cohere's scale (1/16), Granite's division (by 8), Gemma 2's soft-cap at 30 on
+# logits that reach it (the raw logits here span about +-75), and all of them with a temperature.
+TRANSFORMS = [dict(logit_scale=0.0625), dict(logit_scale=1 / 8), dict(softcap=30.0),
+              dict(softcap=30.0, temperature=0.7), dict(logit_scale=2.0, softcap=10.0, temperature=1.3)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=lambda d: "-".join(f"{k}={v:g}" for k, v in d.items()))
+def test_logit_transforms_match_reference(impl, transform):
+    n, h, v = 70, 24, 301
+    hidden, weight, bias, targets = make_inputs(n, h, v)
+    with torch.no_grad():
+        weight *= 8.0   # raw logits of tens: the soft-cap bends them, the scales move them
+        logp = reference(hidden, weight, targets, bias=bias, **transform)[1].float()
+    if "softcap" in transform:
+        raw = (hidden @ weight.T + bias).detach() * transform.get("logit_scale", 1.0)
+        assert raw.abs().max() > 2 * transform["softcap"]   # the cap is reached
+    check_against_reference(
+        impl, hidden, weight, targets, bias=bias, advantages=torch.randn(n), old_logprobs=logp + 0.3 * torch.randn(n),
+        ref_logprobs=logp + 0.3 * torch.randn(n), sft_weights=torch.rand(n) * (torch.rand(n) < 0.5), kl_coef=0.05,
+        entropy_coef=0.02, **transform)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lm_head_logprobs_is_the_differentiable_primitive(impl):
+    """lm_head_logprobs: log-probs and entropies of the reference, with the reference's gradients for any loss
+    built on them; fused_rft_loss on top of it gives the same log-probs and entropies."""
+    hidden, weight, bias, targets = make_inputs(0, 20, 211, batch_shape=(3, 11))
+    kwargs = dict(bias=bias, temperature=0.8, softcap=5.0)
+    logp, entropy = fastrft.lm_head_logprobs(hidden, weight, targets, impl=impl, **kwargs)
+    assert logp.shape == entropy.shape == targets.shape and logp.dtype == entropy.dtype == torch.float32
+    _, ref_logp, ref_entropy, _ = reference(hidden, weight, targets, **kwargs)
+    assert_close(logp, ref_logp, 2e-5, 2e-4, "logprobs")
+    assert_close(entropy, ref_entropy, 2e-5, 2e-4, "entropy")
+    # A loss of both outputs (a sequence-level one, which fused_rft_loss cannot express): the same gradients as the
+    # float64 formula's.
+    coef = torch.randn(3, 1)
+    (torch.sigmoid((coef * logp).mean(-1)).sum() + (entropy ** 2).sum()).backward()
+    h, w, b = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
+    valid = targets != -100
+    lp = torch.log_softmax(5.0 * torch.tanh((h @ w.T + b) / 5.0) / 0.8, -1)
+    ref_logp = lp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * valid
+    ref_entropy = -(lp.exp() * lp).sum(-1) * valid
+    (torch.sigmoid((coef.double() * ref_logp).mean(-1)).sum() + (ref_entropy ** 2).sum()).backward()
+    for name, x, rx in (("hidden", hidden, h), ("weight", weight, w), ("bias", bias, b)):
+        assert_close(x.grad, rx.grad, 2e-5 * rx.grad.abs().max().item() + 2e-5, 2e-4, f"grad {name}")
+    out = fastrft.fused_rft_loss(hidden, weight, targets, advantages=torch.randn(3, 11), impl=impl, **kwargs)
+    assert torch.equal(out.logprobs, logp.detach()) and torch.equal(out.entropy, entropy.detach())
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -481,6 +534,10 @@ BAD_INPUTS = [
     (dict(kw=dict(pg_mask=torch.ones(4))), "pg_mask must be a bool"),
     (dict(kw=dict(sft_weights=torch.ones(4, dtype=torch.long))), "sft_weights must be a float"),
     (dict(kw=dict(temperature=0.0)), "temperature"),
+    (dict(kw=dict(logit_scale=0.0)), "logit_scale must be a finite number > 0"),
+    (dict(kw=dict(logit_scale=float("inf"))), "logit_scale must be a finite number > 0"),
+    (dict(kw=dict(softcap=-30.0)), "softcap must be a finite number > 0"),
+    (dict(kw=dict(softcap=float("nan"))), "softcap must be a finite number > 0"),
     (dict(kw=dict(clip_low=1.0)), "clip_low"),
     (dict(kw=dict(normalizer=0.0)), "normalizer"),
     (dict(kw=dict(normalizer=torch.tensor(0.0))), "normalizer must be a finite number > 0"),
@@ -706,7 +763,7 @@ def test_vocabulary_split_merges_to_the_whole_sweep(splits):
 
     hidden, weight, bias, targets = make_inputs(70, 24, 1031, ignored=0.0)
     row_max, rest, dsum, target_logit = kernels.fused_rft_forward(
-        hidden.detach(), weight.detach(), bias.detach(), targets, torch.arange(70), 1.0 / 0.8, vocab_splits=splits)
+        hidden.detach(), weight.detach(), bias.detach(), targets, torch.arange(70), 1.0 / 0.8, 0.0, vocab_splits=splits)
     logits = (hidden.double() @ weight.double().T + bias.double()) / 0.8
     exact_max = logits.max(-1).values
     e = torch.exp(logits - exact_max[:, None])

@@ -1,115 +1,56 @@
-"""FastRFTGRPOTrainer: TRL's GRPOTrainer with its loss computed by fastrft.fused_rft_loss.
+"""FastRFTGRPOTrainer: TRL's GRPOTrainer with every log-prob computed by fastrft.lm_head_logprobs, and fastrft's
+refiner constraint on top.
 
-Everything but the loss is TRL's own: generation, rewards, advantages, old and reference log-probs, logging and
-checkpoints. `compute_loss` runs the policy to its final hidden states (the backbone's last hidden state, after the
-final norm, with the LM head applied to one position only) and hands them with the LM head's weight to
-fused_rft_loss, which never materialises the [tokens x vocab] logits.
-
-How TRL's GRPO loss (token-level importance sampling) maps onto the contract:
-  per-token loss   -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta * k3(ref, logp), r = exp(logp - old)
-                   -> clip_low=epsilon, clip_high=epsilon_high, kl_coef=beta, kl_estimator="k3"
-  vLLM IS ratio w  TRL multiplies the policy term by w >= 0; -min(r wA, clip(r) wA) = w * -min(rA, clip(r) A), so
-                   w is folded into the advantages.
-  loss_type        what the masked sum of per-token losses is divided by (G: gradient-accumulation steps in training,
-                   1 in evaluation; B: sequences in the micro-batch):
-    "grpo"         each sequence's mean, then the mean over sequences: the sequences of completion length L share the
-                   normaliser B * L * G, so the loss is one fused call per distinct length in the micro-batch.
-    "bnpo"         the micro-batch's token count * G
-    "dr_grpo"      B * max_completion_length * G
-    "dapo"         num_items_in_batch (tokens of the generation batch over all processes) / processes,
-                   times G / steps_per_generation in training
-    "luspo"        B * G (each sequence's summed loss, averaged over sequences)
-  entropy_coef     TRL subtracts coef * (mean entropy over the micro-batch's tokens) / G; that is fused_rft_loss's
-                   entropy term exactly when the normaliser is the token count * G, i.e. for "bnpo" only.
-The other options of GRPOConfig that change the loss are not expressible in the contract; the constructor raises a
-ValueError naming the option.
+Everything but the LM head is TRL's own: generation, rewards, advantages, every loss type and importance-sampling
+level, masks, entropy bonus, KL (with or without bias correction), MoE router loss, logging and checkpoints. TRL
+computes each per-token log-prob and entropy (the policy's, the old and the reference model's) by calling a model
+with `fused_lm_head=True` (its own tiled LM head, added by `trl.trainer.utils.add_fused_lm_head`); this trainer
+replaces that head, on the policy and on TRL's reference model, with a forward that runs the model's own forward
+with the LM head applied to one position only (`logits_to_keep=1`; MoE models return their router loss there), and
+hands the final hidden states to fastrft.lm_head_logprobs under the model's logit transform
+(fastrft.model_logit_transform: Cohere's scale, Granite's division, Gemma 2's soft-cap) and TRL's temperature. The
+[tokens x vocab] logits are never formed; TRL's compute_loss runs unchanged on the result.
 
 The refiner constraint (refine_coef > 0, off by default): once per generation batch, where TRL scores the completions
 and computes the old and reference log-probs, fastrft.refiner.refine has the frozen refiner continue
 refine_template.format(prompt=..., response=...) greedily, parses the corrected response, diffs it against the sample's
 tokens and weights the tokens it changed (refine_coef) and kept (refine_kept_weight). Each refinement travels in the
 batch dict beside its sample (refined_ids, refined_mask, refined_weights: [B, R]), so TRL's shuffle and split into
-micro-batches keep them together. In compute_loss a refined row is the sample's prompt followed by the refined ids,
-run through the same forward as the sample rows (one batch: sample rows and refined rows right-padded to one width);
-it carries no policy-gradient term, only the sft weight, in the same fused_rft_loss calls. With R_i the refined
-tokens of sample i with a non-zero weight, the refined rows add to TRL's normaliser:
-    "grpo"         sequence i's mean is over its L_i sample tokens and its R_i refined tokens (B * (L_i + R_i) * G)
-    "bnpo"         the micro-batch's refined tokens (sum_i L_i + R_i) * G; the entropy bonus keeps TRL's own mean over
-                   the sample tokens (its coefficient is rescaled to the enlarged normaliser)
-    "dr_grpo"      nothing: B * max_completion_length * G, each refined row's weighted sum joins its sequence's sum
-    "dapo"         the refined tokens of the generation batch over all processes (refined_items_in_batch)
-    "luspo"        nothing: B * G, each refined row's weighted sum joins its sequence's sum
-With refine_coef == 0 no refined row exists and every normaliser is TRL's own.
+micro-batches keep them together. compute_loss adds, to TRL's loss, the weighted cross-entropy of the refined rows
+(the sample's prompt followed by the refined ids, through the same fused head):
+    sum over refined tokens of w * -logp  /  N,
+N the generation batch's completion tokens plus its weighted refined tokens over all processes, divided by the
+processes and, in training, scaled to one accumulation window (DAPO's token mean, whatever loss_type: the
+constraint's weight per changed token does not depend on how the policy term is normalised). With refine_coef == 0
+the loss is TRL's own.
 """
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import inspect
 import math
 import string
-from collections import defaultdict
+import types
 from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from torch import nn
 
-from fastrft.loss import IGNORE_INDEX, fused_rft_loss, kl_estimate
+from fastrft.batch import check_head_matches_model
+from fastrft.loss import IGNORE_INDEX, lm_head_logprobs, model_logit_transform
 from fastrft.refiner import refine
 
 try:
     from accelerate.utils import is_peft_model  # accelerate comes with TRL
     from trl import GRPOTrainer
-    from trl.trainer.utils import (create_model_from_path, disable_dropout_in_model, get_config_model_id, nanmax,
-                                   nanmin, use_adapter)
+    from trl.trainer.utils import (FusedCausalLMOutput, create_model_from_path, disable_dropout_in_model,
+                                   get_config_model_id, use_adapter)
 except ImportError as err:  # the one place TRL is imported: one message whatever is missing
-    raise ImportError('FastRFTGRPOTrainer needs TRL: pip install "fastrft[integrations]"') from err
+    raise ImportError('FastRFTGRPOTrainer needs TRL (1.16 or later): pip install "fastrft[integrations]"') from err
 
-__all__ = ["FastRFTGRPOTrainer", "SUPPORTED_LOSS_TYPES"]
-
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-# Batch fields of vision-language inputs: those models need a forward this trainer does not run.
-_MULTIMODAL_FIELDS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-                      "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-# Text-config attributes that turn h W^T + b into something else before the softmax (scales, soft-capping).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
-
-
-def _check_config(args) -> None:
-    """Raise a ValueError naming each GRPOConfig option whose loss fused_rft_loss cannot express."""
-    if args.loss_type not in SUPPORTED_LOSS_TYPES:
-        raise ValueError(f"loss_type={args.loss_type!r} is not supported by FastRFTGRPOTrainer: its per-token loss is "
-                         f"not fastrft's clipped surrogate; use one of {SUPPORTED_LOSS_TYPES}")
-    if args.importance_sampling_level != "token":
-        raise ValueError(f"importance_sampling_level={args.importance_sampling_level!r} is not supported by "
-                         "FastRFTGRPOTrainer: fastrft.fused_rft_loss clips per-token ratios; use "
-                         "importance_sampling_level='token'")
-    # option: (is it set to something the contract cannot express, what it does, the setting that works)
-    not_expressible = {
-        "delta": (args.delta is not None, "the two-sided clip of the ratio", "None"),
-        "top_entropy_quantile": (args.top_entropy_quantile < 1.0, "the high-entropy token mask", "1.0"),
-        "off_policy_mask_threshold": (args.off_policy_mask_threshold is not None, "the off-policy sequence mask",
-                                      "None"),
-        # TRL's default is True: with beta > 0 the KL term is multiplied by the (differentiable) ratio.
-        "use_bias_correction_kl": (args.use_bias_correction_kl and args.beta != 0.0,
-                                   "the KL term multiplied by the importance ratio, with beta > 0", "False"),
-        "use_adaptive_entropy": (args.use_adaptive_entropy, "the adaptive entropy coefficient", "False"),
-        "entropy_coef": (args.entropy_coef != 0.0 and args.loss_type != "bnpo",
-                         f"an entropy bonus normalised apart from the loss_type={args.loss_type!r} policy term; it is "
-                         "expressible with loss_type='bnpo' only", "0.0"),
-    }
-    for name, (is_set, what, works) in not_expressible.items():
-        if is_set:
-            raise ValueError(f"GRPOConfig.{name}={getattr(args, name)!r} ({what}) is not supported by "
-                             f"FastRFTGRPOTrainer; set {name}={works}")
-    if args.beta < 0:
-        raise ValueError(f"GRPOConfig.beta must be >= 0 for FastRFTGRPOTrainer (it is fastrft's kl_coef), "
-                         f"got {args.beta}")
-    if not 0 <= args.epsilon < 1:
-        raise ValueError(f"GRPOConfig.epsilon must be in [0, 1) (the ratio is clipped at 1 - epsilon), "
-                         f"got {args.epsilon}")
-    if args.epsilon_high is not None and args.epsilon_high < 0:
-        raise ValueError(f"GRPOConfig.epsilon_high must be >= 0, got {args.epsilon_high}")
+__all__ = ["FastRFTGRPOTrainer"]
 
 
 def _check_refine_options(refine_coef, refine_template, parse_refinement, refine_kept_weight, refine_context,
@@ -146,11 +87,6 @@ def _strip_or_none(text: str) -> str | None:
     return text.strip() or None
 
 
-def _pad_right(x: torch.Tensor, width: int, value) -> torch.Tensor:
-    """[n, w] -> [n, width], padded on the right with value."""
-    return nn.functional.pad(x, (0, width - x.size(1)), value=value)
-
-
 def _lm_head(causal_lm: nn.Module) -> nn.Linear:
     head = causal_lm.get_output_embeddings()
     if not isinstance(head, nn.Linear):
@@ -160,16 +96,67 @@ def _lm_head(causal_lm: nn.Module) -> nn.Linear:
     return head
 
 
-class FastRFTGRPOTrainer(GRPOTrainer):
-    """trl.GRPOTrainer (same constructor) whose loss is fastrft.fused_rft_loss on the policy's final hidden states,
-    with fastrft's refiner constraint on top when refine_coef > 0.
+def _route_fused_head(causal_lm: nn.Module, temperature: float) -> None:
+    """Make causal_lm(..., labels=..., fused_lm_head=True), TRL's call for per-token log-probs and entropies, run
+    the model's own forward with the LM head on one position, then fastrft.lm_head_logprobs on its final hidden
+    states. Every other call (generation, plain forwards) keeps the forward the model had."""
+    forward_before = causal_lm.forward   # TRL's fused-head forward, which passes other calls to the model's own
+    if getattr(forward_before, "__func__", None) is type(causal_lm).forward:
+        raise ValueError(f"this TRL ({importlib.metadata.version('trl')}) did not give {type(causal_lm).__name__} a "
+                         "fused LM head (trl.trainer.utils.add_fused_lm_head), the call FastRFTGRPOTrainer takes "
+                         "over to compute log-probs; it needs TRL 1.16 or a later release that keeps it")
+    text_config = causal_lm.config.get_text_config()
+    transform = model_logit_transform(causal_lm)
 
-    Supported: loss_type in SUPPORTED_LOSS_TYPES with token-level importance sampling, beta >= 0 (k3 KL),
-    epsilon/epsilon_high, temperature, num_iterations > 1 (TRL's old log-probs), vLLM importance-sampling correction,
-    tool masks, PEFT adapters outside the LM head, entropy_coef with loss_type='bnpo'. Not supported (ValueError at
-    construction): the other loss types, sequence-level importance sampling, delta, top_entropy_quantile,
-    off_policy_mask_threshold, use_bias_correction_kl with beta > 0 (TRL's default is True: set it False), adaptive
-    entropy, MoE router aux loss, vision-language models and models whose logits are scaled or soft-capped.
+    @functools.wraps(type(causal_lm).forward)   # generate validates its keyword arguments against this signature
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            given = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
+            return forward_before(*args, **{k: v for k, v in given.items() if v is not None}, **kwargs)
+        if getattr(text_config, "output_router_logits", False):   # as the model's own forward would
+            kwargs.setdefault("output_router_logits", True)
+        kwargs.update(use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        outputs = forward_before(*args, **kwargs)
+        hidden = outputs.hidden_states[-1]   # the backbone's last hidden state, after the final norm
+        if shift_labels is None:
+            hidden, targets = hidden[:, :-1], labels[:, 1:]
+        else:   # pre-shifted, as TRL passes them under context or sequence parallelism
+            targets = shift_labels
+        head = _lm_head(self)
+        weight, bias = head.weight, head.bias
+        hidden, targets = hidden.to(weight.device), targets.to(weight.device)
+        if weight.dtype != hidden.dtype:   # an fp32 head (cast_lm_head_to_fp32) or autocast: score in fp32
+            hidden, weight = hidden.float(), weight.float()
+            bias = None if bias is None else bias.float()
+        # The head accumulates in fp32 on its own; autocast would push its matmuls back to low precision.
+        with torch.autocast(hidden.device.type, enabled=False):
+            logp, entropy = lm_head_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                             ignore_index=IGNORE_INDEX, **transform)
+        label_mask = targets != IGNORE_INDEX
+        loss = -logp.sum() / (label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        aux_loss = getattr(outputs, "aux_loss", None)
+        if aux_loss is not None:
+            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+        return FusedCausalLMOutput(loss=loss, log_probs=logp, entropy=entropy, label_mask=label_mask,
+                                   aux_loss=aux_loss)
+
+    causal_lm.forward = types.MethodType(forward, causal_lm)
+
+
+def _fused_probe_logprobs(causal_lm: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The log-probs of ids[0, 1:] as TRL asks for them (check_head_matches_model's probe of this path)."""
+    return causal_lm(input_ids=ids, labels=ids, fused_lm_head=True).log_probs[0]
+
+
+class FastRFTGRPOTrainer(GRPOTrainer):
+    """trl.GRPOTrainer (same constructor, every GRPOConfig option) whose per-token log-probs and entropies, the
+    policy's, the old and the reference model's, come from fastrft.lm_head_logprobs without materialising the
+    logits (see the module docstring), with fastrft's refiner constraint on top when refine_coef > 0. TRL's own
+    compute_loss runs on them: every loss type, importance-sampling level, clipping, masking, KL, entropy bonus, MoE
+    router loss and metric is TRL's. Refused at construction, with the reason: a PEFT adapter on the LM head (the
+    primitive takes the head's weight), vision-language models, sharded weights (FSDP, DeepSpeed ZeRO-3: the head's
+    weight is read outside its module's forward), and models whose logits fastrft cannot reproduce (checked on a
+    short probe against the model's own forward).
 
     Refiner keyword arguments (beyond TRL's):
         refine_coef            sft weight of each token the refiner changed; 0 (default) turns the refiner off and
@@ -211,10 +198,10 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         _check_refine_options(refine_coef, refine_template, parse_refinement, refine_kept_weight, refine_context,
                               refine_max_new_tokens, refine_draft)
         bound = inspect.signature(GRPOTrainer.__init__).bind(None, *args, **kwargs).arguments
-        if bound.get("args") is not None:
-            _check_config(bound["args"])
         super().__init__(*args, **kwargs)
-        _check_config(self.args)
+        for model in (self._causal_lm(self.model), self.ref_model):
+            if model is not None:
+                _route_fused_head(model, self.temperature)
         self._check_model()
         self.refine_coef = float(refine_coef)
         self.refine_template = refine_template
@@ -233,11 +220,6 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         if self.tools:
             raise ValueError("refine_coef > 0 is not supported with tools: the refiner would rewrite the tool "
                              "results along with the model's tokens")
-        sharded = self.is_fsdp_enabled or (
-            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
-        if sharded:
-            raise ValueError("refine_coef > 0 is not supported with sharded weights (FSDP, DeepSpeed ZeRO-3): the "
-                             "refiner generates with the whole model on each process")
 
     def _load_refiner(self, refiner_model, quantization_config):
         """The frozen refiner model, or None for the PEFT policy with its adapters disabled (see the docstring)."""
@@ -279,19 +261,19 @@ class FastRFTGRPOTrainer(GRPOTrainer):
     def _check_model(self) -> None:
         causal_lm = self._causal_lm(self.model)
         config = causal_lm.config
-        text_config = config.get_text_config()
-        if text_config is not config:
+        if config.get_text_config() is not config:
             raise ValueError(f"FastRFTGRPOTrainer supports text-only causal LMs; {type(causal_lm).__name__} is a "
-                             "multimodal model")
-        for name in _LOGIT_TRANSFORMS:
-            value = getattr(text_config, name, None)
-            if value is not None and value != 1.0:
-                raise ValueError(f"the model's config sets {name}={value!r}, which changes the logits beyond "
-                                 "hidden @ lm_head.weight.T + bias; fastrft.fused_rft_loss cannot express it")
-        if self.aux_loss_enabled:
-            raise ValueError("the MoE router load-balancing loss is not supported by FastRFTGRPOTrainer; set "
-                             "GRPOConfig.router_aux_loss_coef=0.0")
+                             "multimodal model (its image inputs are untested with fastrft's head)")
+        if self.is_fsdp_enabled or (self.is_deepspeed_enabled
+                                    and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
+            raise ValueError("FastRFTGRPOTrainer does not support sharded weights (FSDP, DeepSpeed ZeRO-3) yet: "
+                             "fastrft's head reads the LM head's weight outside the module's forward, where it is "
+                             "not gathered")
         _lm_head(causal_lm)
+        for key, model in (("model", causal_lm), ("ref_model", self.ref_model)):
+            if model is not None:
+                check_head_matches_model(model, key, fused_logprobs=_fused_probe_logprobs,
+                                         temperature=self.temperature)
 
     # ------------------------------------------------------------------------------------ refiner (per generation)
 
@@ -364,92 +346,31 @@ class FastRFTGRPOTrainer(GRPOTrainer):
     # ----------------------------------------------------------------------------------------------------- the loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs:
-            raise ValueError("FastRFTGRPOTrainer does not support returning outputs")
-        multimodal = [name for name in _MULTIMODAL_FIELDS if inputs.get(name) is not None]
-        if multimodal:
-            raise ValueError(f"FastRFTGRPOTrainer runs text-only models, but the batch holds {multimodal}")
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)   # TRL's, on fastrft's head
+        if self.refine_coef > 0:
+            loss = loss + self._refined_loss(model, inputs)
+        return loss
+
+    def _refined_loss(self, model, inputs) -> torch.Tensor:
+        """The refiner constraint of the micro-batch: the weighted cross-entropy of its refined rows over DAPO's
+        token count (see the module docstring), logged as fastrft/sft_loss."""
         mode = "train" if self.model.training else "eval"
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]  # [B, T]
-        mask = completion_mask if inputs.get("tool_mask") is None else completion_mask * inputs["tool_mask"]
-        mask = mask.bool()
-        targets = completion_ids.masked_fill(~mask, IGNORE_INDEX)
-        advantages = self._token_advantages(inputs["advantages"], targets.shape)
-        pg_advantages = advantages
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            pg_advantages = advantages * inputs["importance_sampling_ratio"]
-        old_logprobs = inputs.get("old_per_token_logps")
-        ref_logprobs = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
-        entropy_coef = self.entropy_coef if self._entropy_bonus_enabled else 0.0
-
-        n_seq, n_tokens = targets.shape
-        tokens_per_seq = mask.sum(-1)  # [B]: what TRL's normalisers count
         refined = self._refined_rows(inputs)
-        pg_mask = sft_weights = None
-        if refined is not None:
-            # Refined rows below the sample rows, both right-padded to one width; row_seq: each row's sample.
-            rows, refined_ids, refined_mask, refined_weights = refined
-            width = max(n_tokens, refined_ids.size(1))
-            refined_targets = refined_ids.masked_fill(refined_weights == 0, IGNORE_INDEX)
-            targets = torch.cat([_pad_right(targets, width, IGNORE_INDEX), _pad_right(refined_targets, width,
-                                                                                     IGNORE_INDEX)])
-            pg_mask = torch.cat([_pad_right(mask, width, False),
-                                 torch.zeros(len(rows), width, dtype=torch.bool, device=mask.device)])
-            sft_weights = torch.cat([refined_weights.new_zeros(n_seq, width), _pad_right(refined_weights, width, 0)])
-
-            def stack(x):  # [B, T] per-token values of the sample rows -> [B + B', W], 0 on the refined rows
-                return None if x is None else _pad_right(torch.cat([x, x.new_zeros(len(rows), n_tokens)]), width, 0)
-
-            pg_advantages, old_logprobs, ref_logprobs = map(stack, (pg_advantages, old_logprobs, ref_logprobs))
-            row_seq = torch.cat([torch.arange(n_seq, device=rows.device), rows])
-            tokens_per_seq = tokens_per_seq + (inputs["refined_weights"] != 0).sum(-1)
-            input_ids = torch.cat([inputs["prompt_ids"], inputs["prompt_ids"][rows]]), torch.cat(
-                [_pad_right(completion_ids, width, 0), _pad_right(refined_ids, width, 0)])
-            attention_mask = torch.cat([inputs["prompt_mask"], inputs["prompt_mask"][rows]]), torch.cat(
-                [_pad_right(completion_mask, width, 0), _pad_right(refined_mask, width, 0)])
+        if refined is None:
+            loss = torch.zeros((), device=self.accelerator.device)
         else:
-            row_seq = torch.arange(n_seq, device=targets.device)
-            input_ids = inputs["prompt_ids"], completion_ids
-            attention_mask = inputs["prompt_mask"], completion_mask
-
-        hidden = self._final_hidden_states(model, input_ids, attention_mask)  # [B (+ B'), W, H]
-        head = _lm_head(self._causal_lm(model))
-        weight, bias = head.weight, head.bias
-        if weight.dtype != hidden.dtype:  # an fp32 head (cast_lm_head_to_fp32, or autocast): score in fp32
-            hidden, weight = hidden.float(), weight.float()
-            bias = None if bias is None else bias.float()
-        # One contiguous copy, shared by the calls below (fused_rft_loss would copy a strided view on every call).
-        hidden = hidden.to(weight.device).contiguous()
-
-        groups = self._normalized_groups(targets, row_seq, tokens_per_seq, inputs, mode, accumulation)
-        if entropy_coef and refined is not None:
-            # TRL's bonus is a mean over the sample tokens; the bnpo normaliser now counts refined tokens too.
-            entropy_coef *= groups[0][1] / (mask.sum().clamp(min=1).item() * accumulation)
-        loss = 0.0
-        logprobs = torch.zeros(targets.shape, device=hidden.device)
-        entropy = torch.zeros(targets.shape, device=hidden.device)
-        summed = defaultdict(float)
-        # The loss accumulates in fp32 on its own; autocast would push its matmuls back to low precision.
-        with torch.autocast(hidden.device.type, enabled=False):
-            for group_targets, normalizer in groups:
-                out = fused_rft_loss(
-                    hidden, weight, group_targets, bias=bias, advantages=pg_advantages, pg_mask=pg_mask,
-                    old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, sft_weights=sft_weights,
-                    clip_low=self.epsilon_low, clip_high=self.epsilon_high, kl_coef=self.beta, kl_estimator="k3",
-                    entropy_coef=entropy_coef, temperature=self.temperature, normalizer=normalizer,
-                    ignore_index=IGNORE_INDEX)
-                loss = loss + out.loss
-                logprobs += out.logprobs  # the groups' rows are disjoint; each output is 0 off its rows
-                entropy += out.entropy
-                for name in ("pg_loss", "kl_loss", "sft_loss"):
-                    summed[name] += out.metrics[name]
-        # The metrics are TRL's, over the sample rows.
-        logprobs, entropy = logprobs[:n_seq, :n_tokens], entropy[:n_seq, :n_tokens]
-        old_logprobs = None if old_logprobs is None else old_logprobs[:n_seq, :n_tokens]
-        ref_logprobs = None if ref_logprobs is None else ref_logprobs[:n_seq, :n_tokens]
-        self._log_loss_metrics(mode, accumulation, logprobs, entropy, advantages, old_logprobs, ref_logprobs, mask,
-                               summed)
+            rows, refined_ids, refined_mask, refined_weights = refined
+            # A second forward of the step, outside DDP's wrapper: each weight's gradient still reaches DDP's
+            # reduction once, summed over both forwards, when backward runs through the first.
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.accelerator.unwrap_model(model), torch.cat([inputs["prompt_ids"][rows], refined_ids], 1),
+                torch.cat([inputs["prompt_mask"][rows], refined_mask], 1), refined_ids.size(1))
+            items = (inputs["num_items_in_batch"] + inputs["refined_items_in_batch"]).clamp(min=1)
+            normalizer = items / self.accelerator.num_processes
+            if mode == "train":   # the generation batch, rescaled to one accumulation window, as TRL's dapo does
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            loss = (refined_weights * -logps).sum() / normalizer
+        self._metrics[mode]["fastrft/sft_loss"].append(self.accelerator.gather(loss.detach()).mean().item())
         return loss
 
     @staticmethod
@@ -465,90 +386,3 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         width = int(refined_mask[rows].sum(-1).max())
         return (rows, inputs["refined_ids"][rows, :width], refined_mask[rows, :width],
                 inputs["refined_weights"][rows, :width])
-
-    @staticmethod
-    def _token_advantages(advantages, shape):
-        """TRL's advantages, [B] (one per sequence) or [B, T] (from subclasses), as [B, T]."""
-        if advantages.dim() == 1:
-            advantages = advantages[:, None]
-        if advantages.dim() != 2 or advantages.size(0) != shape[0] or advantages.size(1) not in (1, shape[1]):
-            raise ValueError(f"advantages must have shape ({shape[0]},) or {tuple(shape)} (one per sequence or one "
-                             f"per completion token), got {tuple(advantages.shape)}")
-        return advantages.expand(shape)
-
-    def _final_hidden_states(self, model, input_ids, attention_mask):
-        """[B, W, H] hidden states after the final norm at the positions that predict the W completion tokens.
-        input_ids, attention_mask: (prompt part [B, P], left-padded; completion part [B, W], right-padded)."""
-        n_tokens = input_ids[1].size(1)
-        with self.accelerator.autocast():
-            # The call goes through every wrapper (DDP, PEFT, TRL's forward patch); logits_to_keep=1 limits the LM
-            # head to one position. In transformers' language models hidden_states[-1] is the backbone's
-            # last_hidden_state, after the final norm.
-            outputs = model(input_ids=torch.cat(input_ids, dim=1), attention_mask=torch.cat(attention_mask, dim=1),
-                            output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        return outputs.hidden_states[-1][:, -n_tokens - 1:-1]  # position t predicts token t + 1
-
-    def _normalized_groups(self, targets, row_seq, tokens_per_seq, inputs, mode, accumulation):
-        """(targets, normalizer) pairs whose fused losses sum to TRL's loss for self.loss_type. row_seq [rows]: the
-        sequence of each row of targets; tokens_per_seq [B]: its sample tokens plus its weighted refined tokens."""
-        n_seq = tokens_per_seq.size(0)
-        if self.loss_type == "grpo":
-            lengths = tokens_per_seq.clamp(min=1)  # [B]; TRL clamps empty sequences to 1 as well
-            row_lengths = lengths[row_seq]
-            return [(targets.masked_fill((row_lengths != length)[:, None], IGNORE_INDEX),
-                     float(n_seq * length * accumulation)) for length in lengths.unique().tolist()]
-        if self.loss_type == "bnpo":
-            normalizer = tokens_per_seq.sum().clamp(min=1).item() * accumulation
-        elif self.loss_type == "dr_grpo":
-            normalizer = n_seq * self.max_completion_length * accumulation
-        elif self.loss_type == "dapo":
-            # num_items_in_batch counts the whole generation batch; rescale it to one accumulation window.
-            items = torch.as_tensor(inputs["num_items_in_batch"])
-            if inputs.get("refined_items_in_batch") is not None:
-                items = items + inputs["refined_items_in_batch"]
-            normalizer = items.clamp(min=1).item() / self.accelerator.num_processes
-            if mode == "train":
-                normalizer *= accumulation / self.args.steps_per_generation
-        elif self.loss_type == "luspo":
-            normalizer = n_seq * accumulation
-        else:
-            raise ValueError(f"unsupported loss_type {self.loss_type!r}")
-        return [(targets, float(normalizer))]
-
-    @torch.no_grad()
-    def _log_loss_metrics(self, mode, accumulation, logprobs, entropy, advantages, old_logprobs, ref_logprobs, mask,
-                          summed):
-        """TRL's loss metrics under TRL's names (dashboards keep working), from fastrft's per-token outputs of the
-        sample rows, and fastrft/pg_loss, fastrft/kl_loss (and fastrft/sft_loss with the refiner on): those terms of
-        the loss handed to backward (after accumulation scaling)."""
-        metrics = self._metrics[mode]
-
-        def global_mean(x):  # mean over the tokens of every process
-            local = torch.stack([torch.where(mask, x, 0.0).sum(), mask.sum().float()])
-            total, count = self.accelerator.reduce(local, reduction="sum")
-            return (total / count.clamp(min=1)).item()
-
-        def per_sequence_mean(x):  # NaN for empty sequences, which nanmin/nanmax skip
-            return torch.where(mask, x, 0.0).sum(-1) / mask.sum(-1)
-
-        if ref_logprobs is not None:
-            metrics["kl"].append(global_mean(kl_estimate(logprobs, ref_logprobs)))
-        metrics["entropy"].append(global_mean(entropy))
-        ratio = torch.exp(logprobs - old_logprobs) if old_logprobs is not None else torch.ones_like(logprobs)
-        low_clipped = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
-        high_clipped = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
-        metrics["clip_ratio/low_mean"].append(global_mean(low_clipped))
-        metrics["clip_ratio/high_mean"].append(global_mean(high_clipped))
-        metrics["clip_ratio/region_mean"].append(global_mean(torch.maximum(low_clipped, high_clipped)))
-        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(per_sequence_mean(low_clipped))).item())
-        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(per_sequence_mean(high_clipped))).item())
-        device = logprobs.device
-        for name in ("pg_loss", "kl_loss") + (("sft_loss",) if self.refine_coef > 0 else ()):
-            value = torch.tensor(summed[name], device=device)
-            metrics[f"fastrft/{name}"].append(self.accelerator.gather(value).mean().item())
-        if self._entropy_bonus_enabled:
-            # TRL's policy_loss is the micro-batch's loss before the accumulation scaling.
-            policy_loss = torch.tensor((summed["pg_loss"] + summed["kl_loss"]) * accumulation, device=device)
-            metrics["policy_loss"].append(self.accelerator.gather(policy_loss).mean().item())
-            if mode == "train" and self.accelerator.sync_gradients:
-                metrics["entropy_coef"].append(self.entropy_coef)
