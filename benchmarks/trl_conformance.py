@@ -46,7 +46,8 @@ STAND_INS = [
     ("tiny-Qwen2ForCausalLM-2.5", "qwen2", "causal"), ("tiny-Qwen2ForSequenceClassification-2.5", "qwen2", "reward"),
     ("tiny-Qwen3ForCausalLM", "qwen3", "causal"), ("tiny-Qwen3ForSequenceClassification", "qwen3", "reward"),
     ("tiny-Qwen3MoeForCausalLM", "qwen3_moe", "causal"), ("tiny-LlamaForCausalLM-3.2", "llama", "causal"),
-    ("tiny-LlamaForSequenceClassification-3.2", "llama", "reward"), ("tiny-MistralForCausalLM-0.2", "mistral", "causal"),
+    ("tiny-LlamaForSequenceClassification-3.2", "llama", "reward"),
+    ("tiny-MistralForCausalLM-0.2", "mistral", "causal"),
     ("tiny-Cohere2ForCausalLM", "cohere2", "causal"), ("tiny-Gemma2ForCausalLM", "gemma2", "causal"),
     ("tiny-GptOssForCausalLM", "gpt_oss", "causal"), ("tiny-Glm4MoeForCausalLM", "glm4_moe", "causal"),
 ]
