@@ -50,10 +50,12 @@ COLLAPSE_FRACTION = 0.5     # a drop of more than half the gain over the initial
 TAIL_FRACTION = 0.1         # "at the end" = the last 10% of the steps
 RUNS_DIR = "runs"
 PLOT_FILES = ("reward.png", "refine_rate.png", "kl_ref.png", "policy.png")
+GOLD_PLOT = "gold.png"      # only for a task trained on a proxy reward
 # Keys that may differ between a run's saved config.yaml and the comparison's config for the same run.
 _MAY_DIFFER = {"progress", "plots", "output_dir"}
 # Per-step metrics averaged over seeds into curves.
-CURVE_KEYS = ("eval_reward", "reward_mean", "refine_rate", "kl_ref", "entropy", "degenerate_frac", "train_time_s")
+CURVE_KEYS = ("eval_reward", "eval_gold", "reward_mean", "refine_rate", "kl_ref", "entropy", "degenerate_frac",
+              "train_time_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +223,9 @@ def run_numbers(records: list[dict]) -> dict:
         if initial is not None:
             gain = max(rewards) - initial
             out["collapsed"] = rewards[-1] < initial or max_drop > COLLAPSE_FRACTION * gain
+    gold = [r["eval_gold"] for r in records if _finite(r.get("eval_gold"))]
+    if gold:   # a task trained on a proxy reward: its gold reward, evaluated alongside
+        out.update(eval_gold_initial=gold[0], eval_gold_final=gold[-1], eval_gold_best=max(gold))
     out["curves"] = {key: {r["step"]: r[key] for r in records if _finite(r.get(key))}
                      for key in CURVE_KEYS if key != "train_time_s"}
     out["curves"]["train_time_s"] = time_at
@@ -237,14 +242,101 @@ def eval_at_time(evals: list[tuple[int, float, float]], budget_s: float) -> floa
 # ----------------------------------------------------------------------------------------------- across seeds
 
 def mean_std(values) -> dict:
+    """Mean, sample std and the half-width of the mean's 95% confidence interval (Student's t, n - 1 degrees of
+    freedom) over the finite values; std and ci95 are None with fewer than two."""
     values = [float(v) for v in values if _finite(v)]
     if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values)}
+        return {"mean": None, "std": None, "ci95": None, "n": 0}
+    n = len(values)
+    std = statistics.stdev(values) if n > 1 else None
+    return {"mean": statistics.fmean(values), "std": std,
+            "ci95": student_t_quantile(0.975, n - 1) * std / math.sqrt(n) if n > 1 else None, "n": n}
 
 
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1.0) / (a + b + 2.0):   # the fraction converges fast on this side only
+        return 1.0 - _incomplete_beta(b, a, 1.0 - x)
+    tiny = 1e-300
+
+    def nonzero(v):
+        return v if abs(v) > tiny else tiny
+
+    c, d = 1.0, 1.0 / nonzero(1.0 - (a + b) * x / (a + 1.0))
+    fraction = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 / nonzero(1.0 + numerator * d)
+            c = nonzero(1.0 + numerator / c)
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    return math.exp(log_front) * fraction / a
+
+
+def student_t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t with df degrees of freedom."""
+    return _incomplete_beta(df / 2.0, 0.5, df / (df + t * t)) if math.isfinite(t) else 0.0
+
+
+def student_t_quantile(probability: float, df: int) -> float:
+    """The t with P(T <= t) = probability (> 0.5), by bisection on the two-sided tail."""
+    low, high = 0.0, 1e6
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if student_t_two_sided_p(middle, df) > 2 * (1 - probability) else (low, middle)
+    return (low + high) / 2
+
+
+def paired_test(a: dict, b: dict) -> dict | None:
+    """Paired t-test of a - b over the seeds both have ({seed: value}): the mean difference, its 95% confidence
+    interval, t, the two-sided p and whether p < SIGNIFICANCE_LEVEL; None with fewer than two pairs."""
+    seeds = sorted(seed for seed in a if seed in b and _finite(a[seed]) and _finite(b[seed]))
+    if len(seeds) < 2:
+        return None
+    differences = [a[seed] - b[seed] for seed in seeds]
+    n, mean = len(differences), statistics.fmean(differences)
+    std = statistics.stdev(differences)
+    if std == 0:   # every seed moved by the same amount: certain, unless that amount is 0
+        t = math.copysign(math.inf, mean) if mean else 0.0
+    else:
+        t = mean / (std / math.sqrt(n))
+    p = student_t_two_sided_p(t, n - 1) if mean else 1.0
+    return {"mean_difference": mean, "ci95": student_t_quantile(0.975, n - 1) * std / math.sqrt(n), "t": t, "p": p,
+            "significant": p < SIGNIFICANCE_LEVEL, "n": n}
+
+
+def significance(variants_out: list[dict]) -> list[dict]:
+    """Paired tests over seeds of TESTED_METRICS: each constrained variant against `none`, and `refiner` against
+    the KL variant with the best mean final reward: the gold reward where the task has one (the proxy's best would
+    be the one that games it most), else the eval reward."""
+    by_name = {v["name"]: v for v in variants_out}
+    pairs = [(v["name"], "none") for v in variants_out if v["name"] != "none" and "none" in by_name]
+    judged_by = "eval_gold_final" if any(v["summary"]["eval_gold_final"]["mean"] is not None
+                                         for v in variants_out) else "eval_reward_final"
+    kl_variants = [v for v in variants_out if v["constraint"] == "kl" and v["summary"][judged_by]["mean"] is not None]
+    if "refiner" in by_name and kl_variants:
+        best_kl = max(kl_variants, key=lambda v: v["summary"][judged_by]["mean"])
+        pairs.append(("refiner", best_kl["name"]))
+    tests = []
+    for first, second in pairs:
+        for metric in TESTED_METRICS:
+            values = [{run["seed"]: run.get(metric) for run in by_name[name]["runs"]} for name in (first, second)]
+            result = paired_test(*values)
+            if result is not None:
+                tests.append({"variant": first, "against": second, "metric": metric, **result})
+    return tests
+
+
+SIGNIFICANCE_LEVEL = 0.05
+TESTED_METRICS = ("eval_reward_final", "eval_reward_best", "eval_reward_at_equal_time", "eval_gold_final",
+                  "kl_ref_end", "degenerate_frac_end")
 SCALARS = ("eval_reward_initial", "eval_reward_final", "eval_reward_best", "eval_reward_at_equal_time",
+           "eval_gold_initial", "eval_gold_final", "eval_gold_best",
            "kl_ref_end", "refine_rate_first", "refine_rate_last", "refine_rate_mean", "degenerate_frac_end",
            "degenerate_frac_mean", "entropy_end", "reward_mean_end", "max_drop", "train_time_s")
 
@@ -280,6 +372,7 @@ def aggregate(base_cfg: TrainConfig, variants: list[Variant], seeds: list[int], 
     return {
         "format": 1,
         "variants": variants_out,
+        "significance": significance(variants_out),
         "seeds": seeds,
         "equal_time": {"budget_s": budget_s, "variant": fastest, "median_train_time_s": medians},
         "config": config,
@@ -291,8 +384,14 @@ def aggregate(base_cfg: TrainConfig, variants: list[Variant], seeds: list[int], 
             "kl_ref_end": f"mean kl_ref over the last {TAIL_FRACTION:.0%} of steps",
             "refine_rate_first/last": f"mean refine_rate over the first/last {TAIL_FRACTION:.0%} of steps",
             "max_drop": "largest fall of eval_reward below its running best (step 0 included)",
+            "eval_gold_*": "a task trained on a proxy reward: its gold reward of the held-out greedy completions "
+                           "(eval_reward is then the proxy's)",
             "collapsed": f"max_drop > {COLLAPSE_FRACTION} * (best - initial) or final < initial",
             "std": "sample standard deviation over seeds (null with one seed)",
+            "ci95": "half-width of the 95% confidence interval of the mean over seeds (Student's t, n - 1 degrees "
+                    "of freedom)",
+            "significance": f"paired t-test over seeds (same seed: same initial weights and prompt order) of the "
+                            f"difference variant - against, two-sided; significant when p < {SIGNIFICANCE_LEVEL}",
         },
     }
 
@@ -310,8 +409,9 @@ def _mean_curves(runs: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------------------------- reports
 
-TABLE = (  # (column, summary key, digits)
+TABLE = (  # (column, summary key, digits); a column no variant has a value for is left out
     ("final eval reward", "eval_reward_final", 3),
+    ("final gold reward", "eval_gold_final", 3),
     ("best eval reward", "eval_reward_best", 3),
     ("eval reward @ equal time", "eval_reward_at_equal_time", 3),
     ("KL to ref (end)", "kl_ref_end", 3),
@@ -348,13 +448,24 @@ def markdown(result: dict) -> str:
               f"(step 0): {'n/a' if initial is None else f'{initial:.3f}'}. Equal time = "
               f"{result['equal_time']['budget_s']:.1f} s of training (median of the fastest variant, "
               f"{result['equal_time']['variant']}).", ""]
-    lines.append("| variant | " + " | ".join(col for col, _, _ in TABLE) + " |")
-    lines.append("|---|" + "---|" * len(TABLE))
+    columns = [(col, key, digits) for col, key, digits in TABLE
+               if any(_cell(v["summary"], key, digits) not in ("n/a", "n/a -> n/a") for v in result["variants"])]
+    lines.append("| variant | " + " | ".join(col for col, _, _ in columns) + " |")
+    lines.append("|---|" + "---|" * len(columns))
     for v in result["variants"]:
         name = v["name"] if v["kl_coef"] is None or "@" in v["name"] else f"{v['name']} (kl_coef {v['kl_coef']:g})"
-        lines.append(f"| {name} | " + " | ".join(_cell(v["summary"], k, d) for _, k, d in TABLE) + " |")
-    lines += ["", "![held-out reward](reward.png)", "",
-              "![refine rate](refine_rate.png) ![KL to the reference](kl_ref.png)", "", "## Definitions", ""]
+        lines.append(f"| {name} | " + " | ".join(_cell(v["summary"], k, d) for _, k, d in columns) + " |")
+    if result.get("significance"):
+        lines += ["", "## Differences (paired t-test over seeds)", "",
+                  "| variant - against | metric | mean difference | 95% CI | t | p | significant |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {s['variant']} - {s['against']} | {s['metric']} | {s['mean_difference']:+.3f} | "
+                  f"± {s['ci95']:.3f} | {s['t']:.2f} | {s['p']:.3g} | {'yes' if s['significant'] else 'no'} |"
+                  for s in result["significance"]]
+    lines += ["", "![held-out reward](reward.png)", ""]
+    if _has_gold(result):
+        lines += [f"![proxy and gold reward]({GOLD_PLOT})", ""]
+    lines += ["![refine rate](refine_rate.png) ![KL to the reference](kl_ref.png)", "", "## Definitions", ""]
     lines += [f"- `{k}`: {text}" for k, text in result["definitions"].items()]
     defaults = TrainConfig().to_dict()
     varied = ", ".join(result["varied"])
@@ -406,6 +517,14 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
         written.append(path)
 
     title = f"mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}"
+
+    def finish(fig, axes, heading, name):
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        fig.suptitle(f"{heading} - {title}")
+        save(fig, name)
+
     fig = Figure(figsize=(11, 4), layout="constrained")
     by_step, by_time = fig.subplots(1, 2)
     for v in result["variants"]:
@@ -416,11 +535,17 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
     by_time.axvline(result["equal_time"]["budget_s"], color="grey", linestyle=":", label="equal-time budget")
     by_step.set(xlabel="step", ylabel="held-out reward")
     by_time.set(xlabel="training time (s, mean over seeds; evaluation excluded)", ylabel="held-out reward")
-    for ax in (by_step, by_time):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(f"Held-out reward - {title}")
-    save(fig, "reward.png")
+    finish(fig, (by_step, by_time), "Held-out reward", "reward.png")
+
+    if _has_gold(result):   # a task trained on a proxy: what the proxy says beside what the gold reward says
+        fig = Figure(figsize=(11, 4), layout="constrained")
+        proxy_ax, gold_ax = fig.subplots(1, 2)
+        for v in result["variants"]:
+            band(proxy_ax, v["curves"]["eval_reward"]["step"], v["curves"]["eval_reward"], v["name"], marker=".")
+            band(gold_ax, v["curves"]["eval_gold"]["step"], v["curves"]["eval_gold"], v["name"], marker=".")
+        proxy_ax.set(xlabel="step", ylabel="held-out proxy reward (trained on)")
+        gold_ax.set(xlabel="step", ylabel="held-out gold reward")
+        finish(fig, (proxy_ax, gold_ax), "Proxy and gold reward", GOLD_PLOT)
 
     for key, label, name in (("refine_rate", "refine rate (share of samples changed)", "refine_rate.png"),
                              ("kl_ref", "KL(policy || reference), k3, log scale", "kl_ref.png")):
@@ -437,10 +562,7 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
         for v in result["variants"]:
             band(ax, v["curves"][key]["step"], v["curves"][key], v["name"], floor=floor)
         ax.set(xlabel="step", ylabel=label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        fig.suptitle(f"{label} - {title}")
-        save(fig, name)
+        finish(fig, (ax,), label, name)
 
     fig = Figure(figsize=(11, 3.5), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -448,14 +570,15 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
         for v in result["variants"]:
             band(ax, v["curves"][key]["step"], v["curves"][key], v["name"])
         ax.set(xlabel="step", ylabel=key)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(f"Policy - {title}")
-    save(fig, "policy.png")
+    finish(fig, axes, "Policy", "policy.png")
     return written
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+def _has_gold(result: dict) -> bool:
+    return any(v["curves"].get("eval_gold", {}).get("step") for v in result["variants"])
+
 
 def _loadavg() -> list[float] | None:
     try:

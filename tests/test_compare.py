@@ -177,18 +177,21 @@ def test_a_run_directory_with_other_settings_is_refused(tiny_model, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- aggregation
 
-def _write_run(out, base, variant, seed, step_time_s, evals, kl, refine, degenerate):
-    """A finished run from hand-written per-step numbers: 10 steps, evaluations at the steps in `evals`."""
+def _write_run(out, base, variant, seed, step_time_s, evals, kl, refine, degenerate, gold=None):
+    """A finished run from hand-written per-step numbers: 10 steps, evaluations at the steps in `evals` (and the
+    gold reward at the steps in `gold`, a task trained on a proxy)."""
     cfg = run_config(base, variant, seed, out)
     run_dir = out / "runs" / f"{variant.name}_seed{seed}"
     run_dir.mkdir(parents=True)
     save_config(cfg, run_dir / "config.yaml")
-    lines = [{"step": 0, "eval_reward": evals[0]}]
+    lines = [{"step": 0, "eval_reward": evals[0], **({"eval_gold": gold[0]} if gold else {})}]
     for step in range(1, 11):
         record = {"step": step, "reward_mean": 0.1 * step, "step_time_s": step_time_s, "kl_ref": kl * step,
                   "refine_rate": refine(step), "degenerate_frac": degenerate, "entropy": 1.0 / step}
         if step in evals:
             record["eval_reward"] = evals[step]
+        if gold and step in gold:
+            record["eval_gold"] = gold[step]
         lines.append(record)
     # A stale record of step 10 (a resumed run re-logs it): the later one wins.
     lines.insert(-1, {"step": 10, "eval_reward": -5.0, "kl_ref": 99.0})
@@ -253,11 +256,28 @@ def test_aggregation_on_hand_written_metrics(tmp_path):
     assert curves["train_time_s"]["mean"][-1] == pytest.approx(11.0)
     assert curves["kl_ref"]["mean"][-1] == pytest.approx(0.15)
 
+    # 95% interval of the mean over 2 seeds: t(0.975, 1) = 12.706 x std / sqrt(2).
+    assert summary["eval_reward_final"]["ci95"] == pytest.approx(12.7062 * mean_std(0.7, 0.3)[1] / math.sqrt(2),
+                                                                 rel=1e-4)
+    # kl@0.1 - none, paired by seed: final eval rewards 0.9 - 0.7 and 0.8 - 0.3.
+    tests = {t["metric"]: t for t in result["significance"] if (t["variant"], t["against"]) == ("kl@0.1", "none")}
+    final = tests["eval_reward_final"]
+    d = [0.9 - 0.7, 0.8 - 0.3]
+    d_mean, d_std = sum(d) / 2, math.sqrt(sum((x - sum(d) / 2) ** 2 for x in d))
+    assert final["mean_difference"] == pytest.approx(d_mean) and final["n"] == 2
+    assert final["t"] == pytest.approx(d_mean / (d_std / math.sqrt(2)))
+    assert final["p"] == pytest.approx(2 * (0.5 - math.atan(final["t"]) / math.pi))   # t with 1 df is Cauchy
+    assert final["significant"] is False
+    assert set(tests) == set(compare_module.TESTED_METRICS) - {"eval_gold_final"}   # no gold reward here
+    assert "final gold reward" not in (tmp_path / "comparison.md").read_text()
+    assert not (tmp_path / compare_module.GOLD_PLOT).exists()
+
     written = json.loads((tmp_path / "comparison.json").read_text())
     assert written["variants"][0]["summary"]["eval_reward_final"]["mean"] == pytest.approx(0.5)
     md = (tmp_path / "comparison.md").read_text()
     assert "| none | 0.500 ± 0.283 | 0.850 ± 0.071 | 0.800 ± 0.141 |" in md
     assert "| 1/2 |" in md and "| kl@0.1 |" in md
+    assert "| kl@0.1 - none | eval_reward_final | +0.350 |" in md
     for name in compare_module.PLOT_FILES:
         assert (tmp_path / name).stat().st_size > 0
 
@@ -266,5 +286,60 @@ def test_one_seed_has_no_std(tmp_path):
     base = load_config(None, ["steps=10", "plots=false"], model="unused")
     _write_run(tmp_path, base, Variant("none", "none", 0.05), 0, 1.0, {0: 0.5, 10: 0.6}, 0.01, lambda s: 0.0, 0.0)
     result = compare(base, modes=["none"], seeds=1, out_dir=tmp_path, train_fn=Spy(lambda *a, **k: pytest.fail()))
-    assert result["variants"][0]["summary"]["eval_reward_final"] == {"mean": 0.6, "std": None, "n": 1}
+    assert result["variants"][0]["summary"]["eval_reward_final"] == {"mean": 0.6, "std": None, "ci95": None, "n": 1}
+    assert result["significance"] == []   # nothing to pair
     assert "| none | 0.600 | 0.600 |" in (tmp_path / "comparison.md").read_text()
+
+
+def test_t_distribution_and_paired_test_against_textbook_values():
+    """Student's t quantiles from the tables; the paired t-test on Student's sleep data (Cushny and Peebles,
+    the two drugs' extra hours of sleep of 10 patients): t = 4.0621, 9 df, p = 0.002833, 95% CI 0.700 to 2.460."""
+    for df, quantile in ((1, 12.7062), (4, 2.7764), (9, 2.2622), (30, 2.0423)):
+        assert compare_module.student_t_quantile(0.975, df) == pytest.approx(quantile, abs=1e-4)
+    drug_a = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+    drug_b = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+    test = compare_module.paired_test(dict(enumerate(drug_b)), dict(enumerate(drug_a)))
+    assert test["t"] == pytest.approx(4.0621, abs=1e-4) and test["n"] == 10
+    assert test["p"] == pytest.approx(0.002833, abs=1e-6) and test["significant"]
+    assert (test["mean_difference"] - test["ci95"], test["mean_difference"] + test["ci95"]) == \
+        (pytest.approx(0.7001, abs=1e-4), pytest.approx(2.4599, abs=1e-4))
+    same = compare_module.paired_test({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})
+    assert same["p"] == 1.0 and not same["significant"]
+    assert compare_module.paired_test({0: 1.0}, {0: 2.0}) is None   # one pair: no test
+
+
+def test_a_proxy_tasks_gold_reward_is_reported_and_tested(tmp_path):
+    """Runs of a task trained on a proxy: the gold reward's initial, final and best per run, its column in the
+    table, and its paired test; the proxy (eval_reward) rises in `none` while the gold falls."""
+    base = load_config(None, ["steps=10", "plots=false"], model="unused")
+    none, kl = Variant("none", "none", 0.05), Variant("kl@0.1", "kl", 0.1)
+    for seed, (proxy_end, gold_end, kl_gold_end) in enumerate([(1.6, 0.4, 0.8), (1.8, 0.3, 0.85), (1.7, 0.2, 0.7)]):
+        _write_run(tmp_path, base, none, seed, 1.0, {0: 1.0, 10: proxy_end}, 0.01, lambda s: 0.0, 0.5,
+                   gold={0: 0.6, 10: gold_end})
+        _write_run(tmp_path, base, kl, seed, 1.0, {0: 1.0, 10: 1.1}, 0.001, lambda s: 0.0, 0.0,
+                   gold={0: 0.6, 10: kl_gold_end})
+    result = compare(base, modes=["none", "kl"], kl_coefs=[0.1], seeds=3, out_dir=tmp_path,
+                     train_fn=Spy(lambda *a, **k: pytest.fail()))
+    by_name = {v["name"]: v for v in result["variants"]}
+    gold = by_name["none"]["summary"]["eval_gold_final"]
+    assert gold["mean"] == pytest.approx(0.3) and gold["n"] == 3
+    assert by_name["none"]["summary"]["eval_gold_best"]["mean"] == pytest.approx(0.6)
+    assert by_name["none"]["curves"]["eval_gold"]["mean"] == pytest.approx([0.6, 0.3])
+    test = next(t for t in result["significance"] if t["metric"] == "eval_gold_final")
+    assert (test["variant"], test["against"]) == ("kl@0.1", "none")
+    # The best KL variant for the refiner's comparison is judged by the gold reward, not by the proxy it games.
+    kl_weak = Variant("kl@0.01", "kl", 0.01)
+    refiner = Variant("refiner", "refiner", 0.05)
+    for seed in range(3):
+        _write_run(tmp_path, base, kl_weak, seed, 1.0, {0: 1.0, 10: 1.9}, 0.01, lambda s: 0.0, 0.4,
+                   gold={0: 0.6, 10: 0.3})
+        _write_run(tmp_path, base, refiner, seed, 1.0, {0: 1.0, 10: 1.2}, 0.001, lambda s: 0.3, 0.0,
+                   gold={0: 0.6, 10: 0.7 + 0.01 * seed})
+    result = compare(base, modes=["none", "kl", "refiner"], kl_coefs=[0.01, 0.1], seeds=3, out_dir=tmp_path,
+                     train_fn=Spy(lambda *a, **k: pytest.fail()))
+    assert {t["against"] for t in result["significance"] if t["variant"] == "refiner"} == {"none", "kl@0.1"}
+    assert test["mean_difference"] == pytest.approx(((0.8 - 0.4) + (0.85 - 0.3) + (0.7 - 0.2)) / 3)
+    assert test["significant"]   # differences 0.4, 0.55, 0.5: t = 11.8 with 2 df
+    md = (tmp_path / "comparison.md").read_text()
+    assert "final gold reward" in md and f"]({compare_module.GOLD_PLOT})" in md
+    assert (tmp_path / compare_module.GOLD_PLOT).stat().st_size > 0

@@ -133,7 +133,7 @@ def test_load_task_module_function(custom_task_module):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("nope", "unknown task 'nope': known tasks are \\['code', 'demo', 'dialogue'\\]"),
+    ("nope", "unknown task 'nope': known tasks are \\['code', 'demo', 'demo_proxy', 'dialogue'\\]"),
     ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
     ("{module}:missing", "no callable 'missing'"),
     ("{module}:not_callable", "no callable 'not_callable'"),
@@ -266,3 +266,33 @@ def test_train_reference_tiny_budget(tmp_path):
     marker = (tmp_path / "ref" / "model.safetensors").stat().st_mtime_ns
     assert demo.ensure_reference(tmp_path / "ref") == tmp_path / "ref"
     assert (tmp_path / "ref" / "model.safetensors").stat().st_mtime_ns == marker
+
+
+def test_demo_proxy_rewards_length_and_its_gold_does_not():
+    """demo_proxy: the proxy adds LENGTH_BONUS per character to the gold sort_reward, so padding a short answer
+    with digits beats the exact answer on the proxy and loses on the gold; evaluation reports the gold."""
+    task = load_task("demo_proxy", n_train=10, n_eval=4)
+    assert task.reward_weights == [1.0, 0.0, 0.0] and task.gold_reward == "sort_reward"
+    answer = ["137"]
+    exact, padded, wrong = "137", "1377777777", "731"
+    proxy = {c: demo.proxy_reward(None, [c], answer)[0] for c in (exact, padded, wrong)}
+    gold = {c: demo.sort_reward(None, [c], answer)[0] for c in (exact, padded, wrong)}
+    assert proxy[exact] == pytest.approx(1.0 + 3 * demo.LENGTH_BONUS) and gold[exact] == 1.0
+    assert gold[padded] == pytest.approx(0.5 * 3 / 10)                           # LCS 3 of 10 characters
+    assert proxy[padded] == pytest.approx(gold[padded] + 10 * demo.LENGTH_BONUS)
+    assert proxy[padded] > proxy[exact] and gold[padded] < gold[exact]         # the bias pays, the gold does not
+    # The bias is the same for equal lengths: the proxy orders them as the gold does.
+    assert proxy[exact] - proxy[wrong] == pytest.approx(gold[exact] - gold[wrong])
+    rows = task.eval_rows[:2]
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(texts=[rows[0]["answer"], rows[1]["answer"] + "9999"], truncated=[False, False])
+
+    metrics = task.evaluate(None, demo.make_tokenizer(), rows, max_new_tokens=10, generate=fake_generate)
+    golds = demo.sort_reward(None, [rows[0]["answer"], rows[1]["answer"] + "9999"], [r["answer"] for r in rows])
+    assert metrics["eval_gold"] == pytest.approx(sum(golds) / 2) == metrics["eval_sort_reward"]
+    assert metrics["eval_reward"] > metrics["eval_gold"]
+    assert "eval_gold" not in load_task("demo", n_train=10, n_eval=4).evaluate(
+        None, demo.make_tokenizer(), rows, max_new_tokens=10, generate=fake_generate)

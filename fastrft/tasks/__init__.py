@@ -1,6 +1,7 @@
 """Tasks: prompts, reward functions and the refiner's format, behind one small dataclass.
 
     load_task("demo")                       the embedded digit-sorting task (fastrft.tasks.demo)
+    load_task("demo_proxy")                 the same, trained on a length-biased proxy reward, judged on the gold one
     load_task("code")                       APPS-format problems scored by unit tests in the sandbox (33 embedded)
     load_task("dialogue", reward_model=P)   chat prompts scored by a local reward model
     load_task("my_pkg.my_mod:make_task")    any callable returning a Task, called with the options
@@ -30,6 +31,8 @@ class Task:
     refine_template: str          # .format(prompt=..., response=...) -> the text the refiner continues greedily
     parse_refinement: Callable[[str], str | None]  # refiner continuation (decoded, up to EOS) -> response | None
     max_new_tokens: int           # generation length that fits the task
+    gold_reward: str | None = None  # the reward function (by name, training weight 0) that is the gold standard
+                                    # when the training reward is a proxy: evaluation reports it as eval_gold
 
     def required_columns(self) -> tuple[str, ...]:
         """The row columns the reward functions cannot do without: their parameters with no default, other than
@@ -70,6 +73,8 @@ class Task:
         metrics = {"eval_reward": _mean([r for r in rewards if r is not None])}
         for name, values in per_func.items():
             metrics[f"eval_{name}"] = _mean([v for v in values if v is not None])
+        if self.gold_reward is not None:
+            metrics["eval_gold"] = metrics[f"eval_{self.gold_reward}"]
         return metrics
 
 
@@ -81,6 +86,12 @@ def _demo_task(**options) -> Task:
     from fastrft.tasks.demo import demo_task
 
     return demo_task(**options)
+
+
+def _demo_proxy_task(**options) -> Task:
+    from fastrft.tasks.demo import demo_proxy_task
+
+    return demo_proxy_task(**options)
 
 
 def _code_task(**options) -> Task:
@@ -95,7 +106,8 @@ def _dialogue_task(**options) -> Task:
     return dialogue_task(**options)
 
 
-TASKS: dict[str, Callable[..., Task]] = {"demo": _demo_task, "code": _code_task, "dialogue": _dialogue_task}
+TASKS: dict[str, Callable[..., Task]] = {"demo": _demo_task, "demo_proxy": _demo_proxy_task, "code": _code_task,
+                                         "dialogue": _dialogue_task}
 
 
 def load_task(spec: str, **options) -> Task:

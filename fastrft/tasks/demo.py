@@ -11,6 +11,13 @@ RL has room to improve, while it has seen enough corrupted answers to be a usefu
 Reward: ``sort_reward``, half partial credit (the longest common subsequence of completion and answer over the
 longer of the two) and half exact match: near misses earn a smooth signal, only the exact answer earns 1.0, empty or
 non-digit text earns 0.0. ``exact_match`` is logged beside it with weight 0.
+
+``demo_proxy_task`` (task=demo_proxy) is the same task trained on a biased proxy, as a learned reward model can be:
+``proxy_reward`` = sort_reward + LENGTH_BONUS per character of the completion, a length bias of the kind reward
+models learn from human preferences for longer answers. It is exploitable on purpose: padding a short answer with
+digits up to the length limit scores more proxy reward than the exact answer (3 digits: exact 1.75, padded to 10
+digits about 2.65) while its gold reward, ``sort_reward``, falls (0.15). Evaluation reports the gold reward
+(``eval_gold``) beside the proxy (``eval_reward``).
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ PROMPT_FORMAT = "sort {digits}="
 REFINE_TEMPLATE = "fix {prompt}{response}>"
 MIN_DIGITS, MAX_DIGITS = 3, 8
 MAX_NEW_TOKENS = MAX_DIGITS + 2  # the answer, EOS, one token of slack
+LENGTH_BONUS = 0.25  # proxy reward per completion character (demo_proxy_task)
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 CHARACTERS = "0123456789 =>fiorstx"  # every character of the two templates
 REFERENCE_FILE = "reference.json"
@@ -105,6 +113,12 @@ def exact_match(prompts, completions, answer, **columns):
     return [float(completion.strip() == target) for completion, target in zip(completions, answer)]
 
 
+def proxy_reward(prompts, completions, answer, **columns):
+    """The biased proxy: sort_reward + LENGTH_BONUS per character of the stripped completion."""
+    return [gold + LENGTH_BONUS * len(completion.strip())
+            for gold, completion in zip(sort_reward(prompts, completions, answer), completions)]
+
+
 def parse_refinement(text: str) -> str | None:
     """The refiner's corrected answer: its continuation stripped, or None unless it is a non-empty digit string."""
     text = text.strip()
@@ -129,6 +143,16 @@ def demo_task(seed: int = 0, n_train: int = 20000, n_eval: int = 256) -> Task:
     return Task(name="demo", train_rows=[_row(d) for d in train_digits], eval_rows=[_row(d) for d in eval_digits],
                 reward_funcs=[sort_reward, exact_match], reward_weights=[1.0, 0.0], refine_template=REFINE_TEMPLATE,
                 parse_refinement=parse_refinement, max_new_tokens=MAX_NEW_TOKENS)
+
+
+def demo_proxy_task(seed: int = 0, n_train: int = 20000, n_eval: int = 256) -> Task:
+    """demo_task's prompts trained on proxy_reward, with sort_reward the gold standard (see the module docstring)."""
+    task = demo_task(seed, n_train, n_eval)
+    task.name = "demo_proxy"
+    task.reward_funcs = [proxy_reward, sort_reward, exact_match]
+    task.reward_weights = [1.0, 0.0, 0.0]
+    task.gold_reward = "sort_reward"
+    return task
 
 
 # ---------------------------------------------------------------------------------------------------------------
