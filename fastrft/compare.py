@@ -433,7 +433,7 @@ def _cell(summary: dict, key, digits: int) -> str:
     if stat["mean"] is None:
         return "n/a"
     text = f"{stat['mean']:.{digits}f}"
-    return text if stat["std"] is None else f"{text} ± {stat['std']:.{digits}f}"
+    return text if stat["ci95"] is None else f"{text} ± {stat['ci95']:.{digits}f}"
 
 
 def markdown(result: dict) -> str:
@@ -444,8 +444,9 @@ def markdown(result: dict) -> str:
         lines += ["```", result["command"], "```", ""]
     initial = result["variants"][0]["summary"]["eval_reward_initial"]["mean"]
     lines += [f"{len(result['variants'])} variants x {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
-              f"{result['config']['steps']} steps each; mean ± std over seeds. Held-out reward of the reference "
-              f"(step 0): {'n/a' if initial is None else f'{initial:.3f}'}. Equal time = "
+              f"{result['config']['steps']} steps each; mean ± the half-width of its 95% confidence interval over "
+              f"seeds (Student's t; the std is in comparison.json). Held-out reward of the reference (step 0): "
+              f"{'n/a' if initial is None else f'{initial:.3f}'}. Equal time = "
               f"{result['equal_time']['budget_s']:.1f} s of training (median of the fastest variant, "
               f"{result['equal_time']['variant']}).", ""]
     columns = [(col, key, digits) for col, key, digits in TABLE

@@ -275,7 +275,7 @@ def test_aggregation_on_hand_written_metrics(tmp_path):
     written = json.loads((tmp_path / "comparison.json").read_text())
     assert written["variants"][0]["summary"]["eval_reward_final"]["mean"] == pytest.approx(0.5)
     md = (tmp_path / "comparison.md").read_text()
-    assert "| none | 0.500 ± 0.283 | 0.850 ± 0.071 | 0.800 ± 0.141 |" in md
+    assert "| none | 0.500 ± 2.541 | 0.850 ± 0.635 | 0.800 ± 1.271 |" in md   # 95% intervals: 8.985 std
     assert "| 1/2 |" in md and "| kl@0.1 |" in md
     assert "| kl@0.1 - none | eval_reward_final | +0.350 |" in md
     for name in compare_module.PLOT_FILES:
