@@ -19,12 +19,13 @@ ids, random advantages, a randomly initialised model (nothing downloaded):
   --model qwen2.5-1.5b   the Qwen2.5-1.5B shape: hidden 1536, 28 layers, 12/2 heads, vocab 151936, tied embeddings
                          (the CUDA default, bf16)
 
-Reported per (provider, L): update tokens/s (B * L / median fwd+bwd time over --repeat runs after --warmup), its time
-against the floor (the update's FLOPs, 3 x (2 x body parameters x tokens + attention + 2 x head x completion tokens),
-over the matmul rate measured in the same run: "x floor") and against TRL's time at the same L ("vs trl", < 1 is
-faster), and peak memory beyond what was allocated before the step and the gradients it leaves (CUDA: max_memory_allocated; CPU: peak
-RSS, VmHWM after resetting it through /proc/self/clear_refs, with glibc's mmap threshold fixed so that freed buffers
-leave the RSS). Each (provider, L) runs in a fresh process, so no provider reuses another's freed memory. Then, per
+Reported per (provider, L): update tokens/s (B * L / median fwd+bwd time over --repeat runs after --warmup), its
+time against the floor (the update's FLOPs as bench_step counts them, 3 x (2 x body parameters x tokens + attention
++ 2 x head x completion tokens), over the matmul rate measured in the same run: "x floor") and against TRL's time at
+the same L ("vs trl", < 1 is faster), and peak memory beyond what was allocated before the step and the gradients it
+leaves (CUDA: max_memory_allocated; CPU: peak RSS, VmHWM after resetting it through /proc/self/clear_refs, with
+glibc's mmap threshold fixed so that freed buffers leave the RSS).
+Each (provider, L) runs in a fresh process, so no provider reuses another's freed memory. Then, per
 provider, the longest L whose peak stays within --budget-gb (lengths double until both providers exceed it or
 --max-length is reached). Prints a table and one JSON line; writes benchmarks/results/bench_vs_trl_<device>.{json,md}.
 
@@ -48,7 +49,7 @@ fix_malloc_mmap_threshold()
 
 import torch  # noqa: E402
 
-from bench_step import matmul_rate  # noqa: E402
+from bench_step import matmul_rate, update_flops as step_update_flops  # noqa: E402
 from fastrft.machine import describe_machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,31 +73,26 @@ def model_config(name: str, max_len: int):
 
 
 def update_flops(args, length: int) -> float:
-    """FLOPs of one forward + backward of the update: matmuls of the body over every token, causal attention, and
-    the LM head over the completion tokens (the head's FLOPs are the same whether or not the logits are stored)."""
+    """bench_step's FLOPs of one forward + backward of the update, for B rows of prompt_len + length tokens."""
     from transformers import AutoModelForCausalLM
 
-    config = model_config(args.model, args.prompt_len + length + 8)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    head = model.get_output_embeddings().weight.numel()
-    body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
-    tokens = args.prompt_len + length
-    attention = 2 * config.num_hidden_layers * config.hidden_size * tokens * (tokens + 1)
-    return 3 * args.batch * (2 * body * tokens + attention + 2 * head * length)
+    from fastrft.batch import Row
+
+    with torch.device("meta"):   # the parameter counts, without the weights
+        model = AutoModelForCausalLM.from_config(model_config(args.model, args.prompt_len + length + 8))
+    return step_update_flops(model, [Row([0] * args.prompt_len, [0] * length)] * args.batch)
 
 
-def add_ratios(rows: list[dict], args, rate: float) -> None:
-    """x floor and the ratios to TRL's row at the same length, in place."""
-    for row in rows:
-        if "ms" not in row:
-            continue
-        row["x_floor"] = row["ms"] / 1e3 / (update_flops(args, row["length"]) / rate)
-        trl = next((r for r in rows if r["provider"] == "trl" and r["length"] == row["length"] and "ms" in r), None)
-        if trl is not None:
-            row["time_vs_trl"] = row["ms"] / trl["ms"]
-            if row["peak_extra_gb"] is not None and trl["peak_extra_gb"]:
-                row["peak_vs_trl"] = row["peak_extra_gb"] / trl["peak_extra_gb"]
+def add_ratios(row: dict, rows: list[dict], args, rate: float) -> None:
+    """x floor and the ratios to TRL's row at the same length (timed before the others), in place."""
+    if "ms" not in row:
+        return
+    row["x_floor"] = row["ms"] / 1e3 / (update_flops(args, row["length"]) / rate)
+    trl = next((r for r in rows if r["provider"] == "trl" and r["length"] == row["length"] and "ms" in r), None)
+    if trl is not None:
+        row["time_vs_trl"] = row["ms"] / trl["ms"]
+        if row["peak_extra_gb"] is not None and trl["peak_extra_gb"]:
+            row["peak_vs_trl"] = row["peak_extra_gb"] / trl["peak_extra_gb"]
 
 
 def make_step(provider: str, args, length: int, device: torch.device):
@@ -261,7 +257,7 @@ def main():
         for provider in providers:
             row = run_child(provider, length, timing_argv)
             timed.append(row)
-            add_ratios(timed, args, rate)
+            add_ratios(row, timed, args, rate)
             print(format_row(row), flush=True)
     write_results(payload(), tag)
 

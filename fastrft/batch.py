@@ -239,12 +239,13 @@ def final_hidden(model, batch: Batch) -> torch.Tensor:
     return out.last_hidden_state
 
 
-def final_hidden_and_router_loss(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The final hidden states and the MoE router's load-balancing loss, both from the model's own forward (the LM
-    head on one position only): each architecture's router loss is its own."""
-    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                output_hidden_states=True, output_router_logits=True, logits_to_keep=1)
-    return out.hidden_states[-1], out.aux_loss
+def own_forward_hidden(forward, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A causal LM's own forward (forward: the model, or its forward function) with the LM head on one position
+    only: the final hidden states (hidden_states[-1], after the final norm) and the MoE router's load-balancing loss
+    when asked with output_router_logits=True (each architecture's own), else None."""
+    kwargs.update(use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    out = forward(*args, **kwargs)
+    return out.hidden_states[-1], getattr(out, "aux_loss", None)
 
 
 def router_loss_coef(model, cfg) -> float:
@@ -329,7 +330,8 @@ def rft_loss(model, batch: Batch, cfg, *, use_old: bool, normalizer: float | Non
     load-balancing loss (metrics["router_loss"]: the unweighted loss)."""
     head = lm_head(model)
     if router_weight > 0:
-        hidden, router_loss = final_hidden_and_router_loss(model, batch)
+        hidden, router_loss = own_forward_hidden(model, input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                                 output_router_logits=True)
     else:
         hidden = final_hidden(model, batch)
     out = fused_rft_loss(

@@ -316,8 +316,7 @@ def significance(variants_out: list[dict]) -> list[dict]:
     be the one that games it most), else the eval reward."""
     by_name = {v["name"]: v for v in variants_out}
     pairs = [(v["name"], "none") for v in variants_out if v["name"] != "none" and "none" in by_name]
-    judged_by = "eval_gold_final" if any(v["summary"]["eval_gold_final"]["mean"] is not None
-                                         for v in variants_out) else "eval_reward_final"
+    judged_by = "eval_gold_final" if _has_gold(variants_out) else "eval_reward_final"
     kl_variants = [v for v in variants_out if v["constraint"] == "kl" and v["summary"][judged_by]["mean"] is not None]
     if "refiner" in by_name and kl_variants:
         best_kl = max(kl_variants, key=lambda v: v["summary"][judged_by]["mean"])
@@ -464,7 +463,7 @@ def markdown(result: dict) -> str:
                   f"± {s['ci95']:.3f} | {s['t']:.2f} | {s['p']:.3g} | {'yes' if s['significant'] else 'no'} |"
                   for s in result["significance"]]
     lines += ["", "![held-out reward](reward.png)", ""]
-    if _has_gold(result):
+    if _has_gold(result["variants"]):
         lines += [f"![proxy and gold reward]({GOLD_PLOT})", ""]
     lines += ["![refine rate](refine_rate.png) ![KL to the reference](kl_ref.png)", "", "## Definitions", ""]
     lines += [f"- `{k}`: {text}" for k, text in result["definitions"].items()]
@@ -538,7 +537,7 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
     by_time.set(xlabel="training time (s, mean over seeds; evaluation excluded)", ylabel="held-out reward")
     finish(fig, (by_step, by_time), "Held-out reward", "reward.png")
 
-    if _has_gold(result):   # a task trained on a proxy: what the proxy says beside what the gold reward says
+    if _has_gold(result["variants"]):   # a task trained on a proxy: what the proxy says beside what the gold reward says
         fig = Figure(figsize=(11, 4), layout="constrained")
         proxy_ax, gold_ax = fig.subplots(1, 2)
         for v in result["variants"]:
@@ -577,8 +576,9 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def _has_gold(result: dict) -> bool:
-    return any(v["curves"].get("eval_gold", {}).get("step") for v in result["variants"])
+def _has_gold(variants: list[dict]) -> bool:
+    """Whether the runs are of a task trained on a proxy reward (a gold reward was evaluated)."""
+    return any(v["summary"]["eval_gold_final"]["mean"] is not None for v in variants)
 
 
 def _loadavg() -> list[float] | None:

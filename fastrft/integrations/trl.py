@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastrft.batch import check_head_matches_model
+from fastrft.batch import check_head_matches_model, own_forward_hidden
 from fastrft.loss import IGNORE_INDEX, lm_head_logprobs, model_logit_transform
 from fastrft.refiner import refine
 
@@ -115,9 +115,7 @@ def _route_fused_head(causal_lm: nn.Module, temperature: float) -> None:
             return forward_before(*args, **{k: v for k, v in given.items() if v is not None}, **kwargs)
         if getattr(text_config, "output_router_logits", False):   # as the model's own forward would
             kwargs.setdefault("output_router_logits", True)
-        kwargs.update(use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        outputs = forward_before(*args, **kwargs)
-        hidden = outputs.hidden_states[-1]   # the backbone's last hidden state, after the final norm
+        hidden, aux_loss = own_forward_hidden(forward_before, *args, **kwargs)
         if shift_labels is None:
             hidden, targets = hidden[:, :-1], labels[:, 1:]
         else:   # pre-shifted, as TRL passes them under context or sequence parallelism
@@ -134,7 +132,6 @@ def _route_fused_head(causal_lm: nn.Module, temperature: float) -> None:
                                              ignore_index=IGNORE_INDEX, **transform)
         label_mask = targets != IGNORE_INDEX
         loss = -logp.sum() / (label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-        aux_loss = getattr(outputs, "aux_loss", None)
         if aux_loss is not None:
             loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
         return FusedCausalLMOutput(loss=loss, log_probs=logp, entropy=entropy, label_mask=label_mask,
