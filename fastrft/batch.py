@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastrft.distributed import SINGLE, World, gradient_sync
 from fastrft.loss import IGNORE_INDEX, fused_rft_loss, kl_estimate, model_logit_transform, token_logprobs
 
 PACKING = ("auto", "true", "false")
@@ -323,62 +324,113 @@ def sequence_logprobs(model, rows: list[Row], device: torch.device, *, path: Att
     return out
 
 
+class CausalLMWithFusedLoss(torch.nn.Module):
+    """A causal LM whose forward is fastrft's fused loss: the model body to its final hidden states, then
+    fused_rft_loss over its LM head under its logit transform; logits are never materialised.
+
+        loss_module = CausalLMWithFusedLoss(model)
+        out = loss_module(input_ids, targets, advantages=A, clip_high=0.28)   # a FusedRFTOutput
+        out.loss.backward()
+
+    targets[b, t] is the token position t predicts (IGNORE_INDEX where no loss is read); loss options are
+    fused_rft_loss's. The head is read inside this module's forward, which is what wrappers that gather a module's
+    weights for its forward need: under FSDP2, shard each decoder layer, then this module as the root
+    (fully_shard(loss_module)), and FSDP2 gathers the head (tied to the embeddings or not) for the loss and
+    reduce-scatters its gradient; DDP(loss_module) works alike. router_weight > 0 adds that multiple of an MoE model's
+    router load-balancing loss (metrics["router_loss"]: the unweighted loss)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, targets, *, position_ids=None, attention_mask=None, router_weight: float = 0.0,
+                **loss_options):
+        model = self.model
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        if router_weight > 0:
+            hidden, router_loss = own_forward_hidden(model, **inputs, output_router_logits=True)
+        else:
+            hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+        head = lm_head(model)
+        out = fused_rft_loss(hidden, head.weight, targets, bias=head.bias, **model_logit_transform(model),
+                             **loss_options)
+        if router_weight > 0:
+            out.loss = out.loss + router_weight * router_loss
+            out.metrics["router_loss"] = float(router_loss.detach())
+        return out
+
+
+def loss_module_of(model) -> torch.nn.Module:
+    """model when it computes the fused loss (a CausalLMWithFusedLoss, sharded by FSDP2 or wrapped in DDP), else a
+    CausalLMWithFusedLoss over the causal LM model."""
+    inner = getattr(model, "module", model)   # DDP keeps the module it wraps as .module
+    return model if isinstance(inner, CausalLMWithFusedLoss) else CausalLMWithFusedLoss(model)
+
+
+def causal_lm_of(loss_module) -> torch.nn.Module:
+    return getattr(loss_module, "module", loss_module).model
+
+
 def rft_loss(model, batch: Batch, cfg, *, use_old: bool, normalizer: float | None = None,
              router_weight: float = 0.0):
-    """fused_rft_loss on the batch under cfg's coefficients; normalizer: the step's token count when the batch is
-    one micro-batch of several (default: the batch's own). router_weight > 0 adds that multiple of the MoE router's
-    load-balancing loss (metrics["router_loss"]: the unweighted loss)."""
-    head = lm_head(model)
-    if router_weight > 0:
-        hidden, router_loss = own_forward_hidden(model, input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                                 output_router_logits=True)
-    else:
-        hidden = final_hidden(model, batch)
-    out = fused_rft_loss(
-        hidden, head.weight, batch.targets, bias=head.bias, advantages=batch.advantages, pg_mask=batch.pg_mask,
-        old_logprobs=batch.old_logprobs if use_old else None,
+    """fused_rft_loss on the batch under cfg's coefficients, through model (a causal LM, or the module that computes
+    its loss: see loss_module_of); normalizer: the step's token count when the batch is one micro-batch of several
+    (default: the batch's own). router_weight > 0 adds that multiple of the MoE router's load-balancing loss."""
+    return loss_module_of(model)(
+        batch.input_ids, batch.targets, position_ids=batch.position_ids, router_weight=router_weight,
+        advantages=batch.advantages, pg_mask=batch.pg_mask, old_logprobs=batch.old_logprobs if use_old else None,
         ref_logprobs=batch.ref_logprobs if cfg.uses_kl else None, sft_weights=batch.sft_weights,
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef if cfg.uses_kl else 0.0,
         kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
-        normalizer=normalizer, **model_logit_transform(model),
-    )
-    if router_weight > 0:
-        out.loss = out.loss + router_weight * router_loss
-        out.metrics["router_loss"] = float(router_loss.detach())
-    return out
+        normalizer=normalizer)
 
 
 def accumulate_gradients(model, rows: list[Row], cfg, path: AttentionPath, device: torch.device, *, use_old: bool,
-                         kl_values: list | None = None) -> tuple[dict[str, float], int]:
-    """Adds the gradients of one optimizer step's loss over rows to model's .grad, micro-batch by micro-batch: each
-    micro-batch's loss is divided by the loss-token count of all the rows (DAPO's token mean over the optimizer
-    step), so the sum is the loss of one batch of every row, and activation memory is one micro-batch's. Appends the
-    k3 KL to the reference of each policy-gradient token to kl_values when given. An MoE model's router loss joins
-    with router_loss_coef's weight, each micro-batch's weighted by its share of the loss tokens. Returns the loss
-    terms (loss, pg_loss, sft_loss, kl_loss: sums; router_loss: the token-weighted mean; clip_frac, entropy: means
-    over the policy-gradient tokens) and the number of micro-batches."""
-    normalizer = float(max(1, sum(row.loss_tokens for row in rows)))
-    router_coef = router_loss_coef(model, cfg)
-    totals = dict.fromkeys(("loss", "pg_loss", "sft_loss", "kl_loss", "router_loss"), 0.0)
-    clipped = pg_token_count = 0.0
-    entropies, n_batches = [], 0
-    with attention(model, path):
-        for indices, batch in micro_batches(rows, path, device):
-            share = sum(rows[i].loss_tokens for i in indices) / normalizer
-            out = rft_loss(model, batch, cfg, use_old=use_old, normalizer=normalizer,
+                         kl_values: list | None = None, world: World = SINGLE) -> tuple[dict[str, float], int]:
+    """Adds the gradients of one optimizer step's loss over rows to the model's .grad, micro-batch by micro-batch:
+    each micro-batch's loss is divided by the loss-token count of all the rows (DAPO's token mean over the optimizer
+    step), so the sum is the loss of one batch of every row, and activation memory is one micro-batch's. model: a
+    causal LM or the module that computes its loss (loss_module_of). Appends the k3 KL to the reference of each
+    policy-gradient token to kl_values when given. An MoE model's router loss joins with router_loss_coef's weight,
+    each micro-batch's weighted by its share of the loss tokens. Returns the loss terms (loss, pg_loss, sft_loss,
+    kl_loss: sums; router_loss: the token-weighted mean; clip_frac, entropy: means over the policy-gradient tokens)
+    and the number of micro-batches.
+
+    Data-parallel (world.size > 1, rows: this rank's): the normaliser counts every rank's loss tokens; every rank
+    runs the same number of micro-batches, a rank short of rows padding with idle ones of zero weight (FSDP2 and DDP
+    run collectives in each forward and backward); each loss is scaled by world.size against the engines' mean of
+    the gradients; the returned terms are over every rank."""
+    loss_module = loss_module_of(model)
+    normalizer = float(max(1, world.sum([sum(row.loss_tokens for row in rows)])[0]))
+    router_coef = router_loss_coef(causal_lm_of(loss_module), cfg)
+    plan = list(micro_batches(rows, path, device))
+    n_batches = int(world.max([len(plan)])[0])
+    idle = build_batch([Row(prompt_ids=[0], target_ids=[0], pg=True)], device, packed=path.packed)
+    plan += [(None, idle)] * (n_batches - len(plan))
+    sums = dict.fromkeys(("loss", "pg_loss", "sft_loss", "kl_loss", "router_loss", "clipped", "pg_tokens",
+                          "entropy"), 0.0)
+    with attention(causal_lm_of(loss_module), path):
+        for k, (indices, batch) in enumerate(plan):
+            share = 0.0 if indices is None else sum(rows[i].loss_tokens for i in indices) / normalizer
+            out = rft_loss(loss_module, batch, cfg, use_old=use_old, normalizer=normalizer,
                            router_weight=router_coef * share)
-            out.loss.backward()
-            n_batches += 1
-            totals["loss"] += float(out.loss.detach())
+            with gradient_sync(loss_module, last=k == n_batches - 1):
+                # An idle micro-batch's loss times 0 still runs the backward, and with it the engine's collectives.
+                (out.loss * (world.size if indices is not None else 0.0)).backward()
+            if indices is None:
+                continue
+            sums["loss"] += float(out.loss.detach())
             for name in ("pg_loss", "sft_loss", "kl_loss"):
-                totals[name] += out.metrics[name]
-            totals["router_loss"] += out.metrics.get("router_loss", 0.0) * share
-            clipped += out.metrics["clip_frac"] * out.metrics["pg_tokens"]
-            pg_token_count += out.metrics["pg_tokens"]
+                sums[name] += out.metrics[name]
+            sums["router_loss"] += out.metrics.get("router_loss", 0.0) * share
+            sums["clipped"] += out.metrics["clip_frac"] * out.metrics["pg_tokens"]
+            sums["pg_tokens"] += out.metrics["pg_tokens"]
             pg_tokens = batch.pg_mask & (batch.targets != IGNORE_INDEX)
-            entropies.append(out.entropy[pg_tokens])
+            sums["entropy"] += float(out.entropy[pg_tokens].sum())
             if kl_values is not None:
                 kl_values.append(kl_estimate(out.logprobs[pg_tokens], batch.ref_logprobs[pg_tokens]))
-    entropy = torch.cat(entropies)
-    return {**totals, "clip_frac": clipped / max(1.0, pg_token_count),
-            "entropy": float(entropy.mean()) if entropy.numel() else 0.0}, n_batches
+    totals = dict(zip(sums, world.sum(list(sums.values()))))
+    pg_token_count = max(1.0, totals.pop("pg_tokens"))
+    totals["clip_frac"] = totals.pop("clipped") / pg_token_count
+    totals["entropy"] /= pg_token_count
+    return totals, n_batches

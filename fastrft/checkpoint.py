@@ -6,17 +6,20 @@
     StopSignal()                                                            SIGINT/SIGTERM -> a flag, while active
 
 Layout of one checkpoint (run_dir/checkpoints/step_{step:08d}/):
-    model.pt         model.state_dict() (torch.save: tied weights stay tied, which safetensors would refuse), or with
-                     trainable_only=True the parameters that train (a LoRA run's adapters): the rest is the base
-                     model the run loads anyway
-    optimizer.pt     optimizer.state_dict(), when an optimizer was given
+    weights/         a torch.distributed.checkpoint (DCP) of {"model": the model's weights, "optimizer": its state},
+                     keyed by parameter name (torch.distributed.checkpoint.state_dict): every rank writes its own
+                     shards, and DCP reshards on load, so a checkpoint written by N ranks loads at any world size
+                     (one process included). With trainable_only=True only the parameters that train (a LoRA run's
+                     adapters): the rest is the base model the run loads anyway. Tied weights are stored once.
     scheduler.pt     scheduler.state_dict(), when a scheduler was given
-    rng.pt           python `random`, numpy's global generator, torch CPU and every CUDA device
+    rng.pt           python `random`, numpy's global generator, torch CPU and every CUDA device: rank 0's; rank r's
+                     in rng_{r}.pt (a rank that had none when loading at a larger world size derives its own)
     state.json       the trainer's own JSON-able state (data position, counters, ...)
-    checkpoint.json  manifest, written last: step, the files above and each one's sha256. A directory without it
-                     is not a checkpoint; a file whose sha256 differs is corrupt, and loading falls back to the
-                     previous checkpoint.
-and run_dir/checkpoints/latest holds the name of the newest one.
+    checkpoint.json  manifest, written last (by rank 0, once every rank has written): step, every file above and
+                     each one's sha256. A directory without it is not a checkpoint; a file whose sha256 differs is
+                     corrupt, and loading falls back to the previous checkpoint.
+and run_dir/checkpoints/latest holds the name of the newest one. Checkpoints of earlier versions (model.pt and
+optimizer.pt, torch.save of the state dicts) still load in one process.
 
 Atomicity: everything is written into a hidden sibling (.tmp-step_...), each file fsynced, then the directory is
 renamed into place and `latest` replaced (write + fsync + os.replace). A crash at any point leaves the previous
@@ -24,9 +27,12 @@ checkpoint intact and `latest` naming it; leftovers of the crash are removed by 
 already exists moves the old directory aside first: a crash in that instant loses that step and `latest` falls back to
 the previous one.
 
-Simplified: one writer per run directory (no locking); everything is saved from this process (no sharded or
-distributed state); the files are loaded with torch.load(weights_only=True), so an optimizer or scheduler whose state
-holds arbitrary Python objects cannot be restored.
+Data-parallel runs: every rank calls save_checkpoint and load_checkpoint with its World; rank 0 alone creates,
+renames and prunes directories, checks the checksums and picks the checkpoint to load. The run directory must be one
+filesystem that every rank sees (a shared filesystem across nodes).
+
+Simplified: one job per run directory (no locking); the .pt files are loaded with torch.load(weights_only=True), so a
+scheduler whose state holds arbitrary Python objects cannot be restored.
 """
 from __future__ import annotations
 
@@ -40,21 +46,26 @@ import signal
 import tempfile
 import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from fastrft.distributed import SINGLE, World, local_tensor
 from fastrft.rundir import CHECKPOINTS_DIR, fsync_dir
 
 LATEST_FILE = "latest"
 MANIFEST_FILE = "checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
+WEIGHTS_DIR = "weights"
 
 
 def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    state: dict | None = None, keep: int | None = 2, trainable_only: bool = False) -> Path:
-    """Write a checkpoint of `step` under run_dir/checkpoints/ and return its directory.
+                    state: dict | None = None, keep: int | None = 2, trainable_only: bool = False,
+                    world: World = SINGLE) -> Path:
+    """Write a checkpoint of `step` under run_dir/checkpoints/ and return its directory. Every rank of a
+    data-parallel job calls it (collectively) with its World.
 
     Keeps the newest `keep` checkpoints (by step; None keeps all), never the one just written nor the one `latest`
     names. `state` must be JSON-serialisable: it comes back as-is from load_checkpoint."""
@@ -62,9 +73,10 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
-    weights = trainable_weights(model) if trainable_only else model.state_dict()
-    poisoned = [name for name, t in weights.items() if t.is_floating_point() and not t.isfinite().all()]
-    if poisoned:   # a checkpoint is what a run falls back to: it must never hold NaN or inf weights
+    weights = _weights_state(model, optimizer, trainable_only)
+    poisoned = [name for name, t in weights["model"].items()
+                if t.is_floating_point() and not local_tensor(t).isfinite().all()]
+    if world.max([len(poisoned)])[0]:   # a checkpoint is what a run falls back to: never NaN or inf weights
         raise ValueError(f"not saving step {step}: the model's weights hold NaN or inf ({', '.join(poisoned[:3])}"
                          f"{', ...' if len(poisoned) > 3 else ''}); the previous checkpoint stays the latest")
     try:  # before touching the disk, so a bad state costs nothing
@@ -73,54 +85,60 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
         raise ValueError(f"state must be JSON-serialisable: {e}") from e
 
     ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(ckpt_root)
     name = f"step_{step:08d}"
     final_dir = ckpt_root / name
-
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=ckpt_root))
+    tmp_dir = None
+    if world.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(ckpt_root)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=ckpt_root))
+    tmp_dir = Path(world.broadcast(str(tmp_dir)))
     try:
-        files = ["model.pt", "rng.pt", "state.json"]
-        _write_torch(tmp_dir / "model.pt", weights)
-        if optimizer is not None:
-            _write_torch(tmp_dir / "optimizer.pt", optimizer.state_dict())
-            files.append("optimizer.pt")
-        if scheduler is not None:
-            _write_torch(tmp_dir / "scheduler.pt", scheduler.state_dict())
-            files.append("scheduler.pt")
-        _write_torch(tmp_dir / "rng.pt", _rng_state())
-        _write_bytes(tmp_dir / "state.json", state_json.encode())
-        manifest = {"step": step, "files": sorted(files), "torch": torch.__version__,
-                    "weights": "trainable" if trainable_only else "all",
-                    "sha256": {name: _sha256(tmp_dir / name) for name in sorted(files)}}
-        _write_bytes(tmp_dir / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
-        fsync_dir(tmp_dir)
-
-        if final_dir.exists():  # the same step saved again (say a periodic save, then a stop at that step)
-            old_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{name}-", dir=ckpt_root))
-            os.replace(final_dir, old_dir / name)
-            os.replace(tmp_dir, final_dir)
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, final_dir)
-        fsync_dir(ckpt_root)
+        _save_weights(weights, tmp_dir / WEIGHTS_DIR, world)
+        _write_torch(tmp_dir / _rng_file(world.rank), _rng_state())
+        if world.is_main:
+            if scheduler is not None:
+                _write_torch(tmp_dir / "scheduler.pt", scheduler.state_dict())
+            _write_bytes(tmp_dir / "state.json", state_json.encode())
+        world.barrier()   # every rank's files are on disk
+        if world.is_main:
+            files = sorted(str(f.relative_to(tmp_dir)) for f in tmp_dir.rglob("*") if f.is_file())
+            manifest = {"step": step, "files": files, "torch": torch.__version__, "world_size": world.size,
+                        "weights": "trainable" if trainable_only else "all",
+                        "optimizer": optimizer is not None, "scheduler": scheduler is not None,
+                        "sha256": {f: _sha256(tmp_dir / f) for f in files}}
+            _write_bytes(tmp_dir / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+            fsync_dir(tmp_dir / WEIGHTS_DIR)
+            fsync_dir(tmp_dir)
+            if final_dir.exists():  # the same step saved again (say a periodic save, then a stop at that step)
+                old_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{name}-", dir=ckpt_root))
+                os.replace(final_dir, old_dir / name)
+                os.replace(tmp_dir, final_dir)
+                shutil.rmtree(old_dir, ignore_errors=True)
+            else:
+                os.replace(tmp_dir, final_dir)
+            fsync_dir(ckpt_root)
     except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if world.is_main:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
 
-    latest_tmp = ckpt_root / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
-    _write_bytes(latest_tmp, f"{name}\n".encode())
-    os.replace(latest_tmp, ckpt_root / LATEST_FILE)
-    fsync_dir(ckpt_root)
-
-    if keep is not None:
-        _prune(ckpt_root, keep, protect={name})
+    if world.is_main:
+        latest_tmp = ckpt_root / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
+        _write_bytes(latest_tmp, f"{name}\n".encode())
+        os.replace(latest_tmp, ckpt_root / LATEST_FILE)
+        fsync_dir(ckpt_root)
+        if keep is not None:
+            _prune(ckpt_root, keep, protect={name})
+    world.barrier()   # no rank reads the run folder before the checkpoint is in place
     return final_dir
 
 
 def load_checkpoint(run_dir, *, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    map_location="cpu") -> tuple[int, dict]:
+                    map_location="cpu", world: World = SINGLE) -> tuple[int, dict]:
     """Restore model, optimizer, scheduler and RNG states from the newest good checkpoint; return (step, state).
+    Every rank of a data-parallel job calls it (collectively) with its World; the checkpoint may come from any
+    world size.
 
     `run_dir` is a run directory (the checkpoint `latest` names, else the highest complete step_* directory) or one
     checkpoint directory. Every file is checked against the manifest's sha256 before anything is restored. In a
@@ -128,45 +146,59 @@ def load_checkpoint(run_dir, *, model: torch.nn.Module, optimizer=None, schedule
     the previous one is tried; when none is good, the newest one's error is raised (FileNotFoundError for a missing
     file, ValueError for an unreadable one). ValueError too when a good checkpoint does not fit the
     model/optimizer. Nothing is modified unless every file reads back."""
-    candidates = _checkpoints_newest_first(Path(run_dir))
+    choice = _choose_checkpoint(Path(run_dir), optimizer is not None, scheduler is not None) if world.is_main \
+        else None
+    ckpt_dir, manifest, error = world.broadcast(choice)
+    if error is not None:
+        raise error
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        state = json.loads((ckpt_dir / "state.json").read_text())
+        own_rng = _rng_file(world.rank) in manifest["files"]
+        rng = _read_torch(ckpt_dir / _rng_file(world.rank if own_rng else 0), "cpu")
+        scheduler_state = _read_torch(ckpt_dir / "scheduler.pt", map_location) if scheduler is not None else None
+        if "model.pt" in manifest["files"]:
+            _load_torch_save(ckpt_dir, manifest, model, optimizer, map_location, world)
+        else:
+            _load_weights(ckpt_dir / WEIGHTS_DIR, manifest, model, optimizer, world)
+        if scheduler is not None:
+            scheduler.load_state_dict(scheduler_state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"checkpoint {ckpt_dir} does not fit the model/optimizer/scheduler given: {e}") from e
+    _set_rng_state(rng)
+    if not own_rng:
+        # A rank the saving job did not have: its own stream, derived from rank 0's.
+        seed = int(torch.randint(2**62, ())) + world.rank
+        random.seed(seed)
+        torch.manual_seed(seed)
+    return manifest["step"], state
+
+
+def _choose_checkpoint(run_dir: Path, with_optimizer: bool, with_scheduler: bool):
+    """(directory, manifest, None) of the newest checkpoint whose every file checks out, or (None, None, the newest
+    one's error)."""
+    candidates = _checkpoints_newest_first(run_dir)
     if not candidates:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}: expected {Path(run_dir) / CHECKPOINTS_DIR}/step_*/"
-                                f"{MANIFEST_FILE} (or {MANIFEST_FILE} in {run_dir} itself)")
+        return None, None, FileNotFoundError(
+            f"no checkpoint in {run_dir}: expected {run_dir / CHECKPOINTS_DIR}/step_*/{MANIFEST_FILE} (or "
+            f"{MANIFEST_FILE} in {run_dir} itself)")
     errors = []
     for ckpt_dir in candidates:
         try:
-            saved = _read_checkpoint(ckpt_dir, optimizer is not None, scheduler is not None, map_location)
-            break
+            return str(ckpt_dir), _verified_manifest(ckpt_dir, with_optimizer, with_scheduler), None
         except (FileNotFoundError, ValueError) as e:
             errors.append(e)
             if ckpt_dir is not candidates[-1]:
                 warnings.warn(f"checkpoint {ckpt_dir} is unusable ({e}); falling back to the previous one",
-                              stacklevel=2)
-    else:
-        raise errors[0]
-    try:
-        if saved["weights"] == "trainable":
-            expected = set(trainable_weights(model))
-            if set(saved["model"]) != expected:
-                raise ValueError(f"it holds the trainable weights {_names(set(saved['model']) - expected)} the "
-                                 f"model does not train, and lacks {_names(expected - set(saved['model']))}")
-            model.load_state_dict(saved["model"], strict=False)
-        else:
-            model.load_state_dict(saved["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ValueError(f"checkpoint {ckpt_dir} does not fit the model/optimizer/scheduler given: {e}") from e
-    _set_rng_state(saved["rng"])
-    return saved["step"], saved["state"]
+                              stacklevel=3)
+    return None, None, errors[0]
 
 
-def _read_checkpoint(ckpt_dir: Path, with_optimizer: bool, with_scheduler: bool, map_location) -> dict:
-    """Everything one checkpoint holds, each file checked against its manifest checksum; nothing restored yet."""
+def _verified_manifest(ckpt_dir: Path, with_optimizer: bool, with_scheduler: bool) -> dict:
+    """The checkpoint's manifest, after checking that it holds what the caller restores and that every file's
+    sha256 matches."""
     manifest = _read_manifest(ckpt_dir)
-    if with_optimizer and "optimizer.pt" not in manifest["files"]:
+    if with_optimizer and not manifest["optimizer"]:
         raise FileNotFoundError(f"{ckpt_dir} holds no optimizer state (it was saved without an optimizer)")
     if with_scheduler and "scheduler.pt" not in manifest["files"]:
         raise FileNotFoundError(f"{ckpt_dir} holds no scheduler state (it was saved without a scheduler)")
@@ -174,16 +206,96 @@ def _read_checkpoint(ckpt_dir: Path, with_optimizer: bool, with_scheduler: bool,
         if _sha256(ckpt_dir / name) != digest:
             raise ValueError(f"corrupt checkpoint file {ckpt_dir / name}: its sha256 differs from the one in "
                              f"{MANIFEST_FILE} (changed or truncated since it was written)")
+    for name in ("state.json", _rng_file(0)):
+        if name not in manifest["files"]:
+            raise FileNotFoundError(f"checkpoint file missing: {ckpt_dir / name}")
     state_path = ckpt_dir / "state.json"
     try:
-        state = json.loads(state_path.read_text())
+        json.loads(state_path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"corrupt checkpoint file {state_path}: {e}") from e
-    return {"step": manifest["step"], "state": state, "rng": _read_torch(ckpt_dir / "rng.pt", "cpu"),
-            "weights": manifest["weights"],
-            "model": _read_torch(ckpt_dir / "model.pt", map_location),
-            "optimizer": _read_torch(ckpt_dir / "optimizer.pt", map_location) if with_optimizer else None,
-            "scheduler": _read_torch(ckpt_dir / "scheduler.pt", map_location) if with_scheduler else None}
+    for name in manifest["files"]:   # the small files; unreadable ones surface here, before anything is restored
+        if name.endswith(".pt") and name not in ("model.pt", "optimizer.pt"):
+            _read_torch(ckpt_dir / name, "cpu")
+    return manifest
+
+
+def _weights_state(model, optimizer, trainable_only: bool) -> dict:
+    """{"model": weights, "optimizer": state} keyed by parameter name, DTensor shards under FSDP2
+    (torch.distributed.checkpoint.state_dict)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        out = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        out = {"model": model_state, "optimizer": optimizer_state}
+    if trainable_only:
+        # By name: StateDictOptions(ignore_frozen_params=True) keeps a frozen head tied to the embeddings.
+        trainable = set(trainable_weights(model))
+        out["model"] = {name: t for name, t in out["model"].items() if name in trainable}
+    return out
+
+
+@contextmanager
+def _single_process_quiet():
+    # DCP warns that it assumes one process whenever torch.distributed is not initialised: that is the intent here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _save_weights(weights: dict, path: Path, world: World) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with _single_process_quiet():
+        dcp.save(weights, checkpoint_id=str(path), no_dist=world.size == 1)
+
+
+def _load_weights(path: Path, manifest: dict, model, optimizer, world: World) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    trainable = manifest["weights"] == "trainable"
+    template = _weights_state(model, optimizer, trainable)
+    saved = {key.split(".", 1)[1] for key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+             if key.startswith("model.")}
+    if saved != set(template["model"]):
+        what = "trainable weights" if trainable else "weights"
+        raise ValueError(f"it holds the {what} {_names(saved - set(template['model']))} the model does not have"
+                         f"{' trainable' if trainable else ''}, and lacks {_names(set(template['model']) - saved)}")
+    with _single_process_quiet():
+        dcp.load(template, checkpoint_id=str(path), no_dist=world.size == 1)
+    options = StateDictOptions(strict=not trainable)
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, template["model"], options=options)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=template["model"],
+                       optim_state_dict=template["optimizer"], options=options)
+
+
+def _load_torch_save(ckpt_dir: Path, manifest: dict, model, optimizer, map_location, world: World) -> None:
+    """A checkpoint of an earlier version: model.pt and optimizer.pt, whole state dicts of one process."""
+    if world.size > 1:
+        raise ValueError(f"it is an earlier version's single-process checkpoint (model.pt): resume it in one "
+                         f"process; its next checkpoint loads at any world size")
+    weights = _read_torch(ckpt_dir / "model.pt", map_location)
+    if manifest["weights"] == "trainable":
+        expected = set(trainable_weights(model))
+        if set(weights) != expected:
+            raise ValueError(f"it holds the trainable weights {_names(set(weights) - expected)} the "
+                             f"model does not train, and lacks {_names(expected - set(weights))}")
+        model.load_state_dict(weights, strict=False)
+    else:
+        model.load_state_dict(weights)
+    if optimizer is not None:
+        optimizer.load_state_dict(_read_torch(ckpt_dir / "optimizer.pt", map_location))
+
+
+def _rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng_{rank}.pt"
 
 
 def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -320,7 +432,9 @@ def _read_manifest(ckpt_dir: Path) -> dict:
     weights = manifest.get("weights", "all")   # checkpoints written before LoRA hold every weight
     if weights not in ("all", "trainable"):
         raise ValueError(f"corrupt checkpoint manifest {path}: weights must be 'all' or 'trainable', got {weights!r}")
-    return {"step": step, "files": files, "sha256": sha256, "weights": weights}
+    # Earlier versions listed optimizer.pt among the files; DCP keeps the optimizer in weights/.
+    optimizer = bool(manifest.get("optimizer", "optimizer.pt" in files))
+    return {"step": step, "files": files, "sha256": sha256, "weights": weights, "optimizer": optimizer}
 
 
 def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:

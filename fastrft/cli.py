@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+from fastrft.distributed import launched_rank
 from fastrft.rundir import RunDir
 
 # The embedded demo: RL from the project's own reference model on the synthetic sorting task, on the CPU.
@@ -39,23 +41,25 @@ def _train(args) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
-    print(json.dumps(summary, indent=1))
+    if launched_rank() == 0:
+        print(json.dumps(summary, indent=1))
     return 0
 
 
 def _demo(args) -> int:
     from fastrft.config import load_config
-    from fastrft.tasks.demo import ensure_reference
     from fastrft.trainer import train
 
     t0 = time.perf_counter()
     print("fastrft demo: reference model (trained once by fastrft.tasks.demo, then cached)", flush=True)
-    reference = ensure_reference(Path(args.cache_dir), max_steps=args.reference_steps)
+    reference = _demo_reference(args)
     cfg = load_config(None, args.overrides, **{**DEMO_DEFAULTS, "model": str(reference)})
     if not args.overwrite and not any(item.startswith("output_dir=") for item in args.overrides):
         cfg.output_dir = str(_free_run_dir(Path(cfg.output_dir)))
     summary = train(cfg, overwrite=args.overwrite)
     total_s = time.perf_counter() - t0
+    if launched_rank() != 0:
+        return 0
     rows = [
         ("held-out reward, reference model", summary["eval_reward_initial"]),
         ("held-out reward, after RL", summary["eval_reward_final"]),
@@ -124,9 +128,7 @@ def _compare(args) -> int:
         raise ValueError(f"--kl-coefs must be comma-separated numbers, got {args.kl_coefs!r}") from None
     expand_variants(args.modes.split(","), kl_coefs)   # mode errors before the demo's reference is trained
     if args.demo:
-        from fastrft.tasks.demo import ensure_reference
-
-        reference = ensure_reference(Path(args.cache_dir), max_steps=args.reference_steps)
+        reference = _demo_reference(args)
         cfg = load_config(None, args.overrides, **{**DEMO_DEFAULTS, "model": str(reference)})
     else:
         cfg = load_config(args.config, args.overrides)
@@ -139,10 +141,22 @@ def _compare(args) -> int:
     except KeyboardInterrupt as exc:
         print(f"fastrft compare: {exc or 'interrupted'}", file=sys.stderr)
         return 130
+    if launched_rank() != 0:
+        return 0
     print((Path(args.out) / "comparison.md").read_text())
     plots = ", ".join(Path(p).name for p in result.get("plots", []))
     print(f"written to {args.out}: comparison.json, comparison.md{', ' + plots if plots else ''}")
     return 0
+
+
+def _demo_reference(args) -> Path:
+    """The demo's reference model, trained into --cache-dir unless cached there (under torchrun by rank 0 alone)."""
+    from fastrft.config import TrainConfig
+    from fastrft.distributed import rank_zero_first
+    from fastrft.tasks.demo import ensure_reference
+
+    with rank_zero_first(TrainConfig.dist_timeout_s):
+        return ensure_reference(Path(args.cache_dir), max_steps=args.reference_steps)
 
 
 def _add_reference_args(parser) -> None:
@@ -191,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
-        print(f"fastrft {args.command}: error: {exc}", file=sys.stderr)
+        rank = f" (rank {launched_rank()})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"fastrft {args.command}: error{rank}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from fastrft.config import CONSTRAINTS, TrainConfig, load_config
+from fastrft.distributed import launched_rank
 from fastrft.machine import describe_machine
 from fastrft.rundir import RunDir
 
@@ -153,16 +154,20 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
     plan = [(v, s, run_config(base_cfg, v, s, out_dir)) for v in variants for s in seeds]
     states = [run_state(cfg) for _, _, cfg in plan]   # every run directory checked before any training
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Under torchrun every rank trains each run (its share of the prompts); rank 0 alone reports and writes.
+    main_rank = launched_rank() == 0
     load_start = _loadavg()
     t_start = time.perf_counter()
     trained = []
     for i, ((variant, seed, cfg), state) in enumerate(zip(plan, states), start=1):
         name = run_name(variant, seed)
         if state == "finished":
-            print(f"fastrft compare [{i}/{len(plan)}] {name}: finished earlier, kept", flush=True)
+            if main_rank:
+                print(f"fastrft compare [{i}/{len(plan)}] {name}: finished earlier, kept", flush=True)
             continue
-        print(f"fastrft compare [{i}/{len(plan)}] {name}: "
-              f"{'resuming from its last checkpoint' if state == 'resume' else 'training'}", flush=True)
+        if main_rank:
+            print(f"fastrft compare [{i}/{len(plan)}] {name}: "
+                  f"{'resuming from its last checkpoint' if state == 'resume' else 'training'}", flush=True)
         # "start": nothing to resume from; what an earlier attempt left there (no checkpoint) is replaced.
         summary = train_fn(cfg, resume=state == "resume", overwrite=state == "start")
         trained.append(name)
@@ -170,6 +175,8 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
             raise KeyboardInterrupt(f"stopped by {summary['stopped_by']} during {name} (checkpoint saved); run the "
                                     f"same command again to continue the comparison")
     result = aggregate(base_cfg, variants, seeds, out_dir)
+    if not main_rank:
+        return result
     result["command"] = command
     result["environment"] = describe_machine()
     # One entry per call that wrote this directory: an interrupted comparison's earlier calls stay on record.

@@ -23,6 +23,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+REF_SHARDING = ("shard", "replicate")
 
 
 @dataclass
@@ -101,6 +102,13 @@ class TrainConfig:
                                            # naming the embeddings or the LM head trains them whole
     load_in_4bit: bool = False             # QLoRA: the policy's base weights in NF4 (bitsandbytes, CUDA; lora_r > 0)
 
+    # Data parallelism (torchrun --nproc-per-node N -m fastrft train ...; fastrft.distributed).
+    fsdp: bool | None = None               # shard the policy with FSDP2 per decoder layer; false: DDP (whole copies);
+                                           # default: true when the job has more than one rank
+    ref_sharding: str | None = None        # "shard" (FSDP2, gathered for its phases) | "replicate" (a whole copy per
+                                           # rank); default: shard under fsdp, else replicate
+    dist_timeout_s: float = 600.0          # a collective that waits longer (a rank died) ends the job with an error
+
     # Logging and checkpoints.
     eval_every: int = 10
     eval_size: int | None = None           # held-out prompts per evaluation; default: all
@@ -117,7 +125,7 @@ class TrainConfig:
         for name, allowed in (("constraint", CONSTRAINTS), ("overlong", OVERLONG), ("lr_schedule", LR_SCHEDULES),
                               ("dtype", DTYPES), ("optimizer", OPTIMIZERS), ("ref_quantization", QUANTIZATIONS),
                               ("kl_estimator", KL_ESTIMATORS),
-                              ("packing", PACKING)):
+                              ("packing", PACKING), ("ref_sharding", REF_SHARDING + (None,))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         self._check_numbers()
@@ -183,7 +191,7 @@ _RANGES = (
       "max_tokens_per_batch", "max_new_tokens", "refine_max_new_tokens", "eval_size"), lambda v: v >= 1, ">= 1"),
     (("max_resample_rounds", "overlong_buffer", "refine_context", "warmup_steps", "lora_r"), lambda v: v >= 0,
      ">= 0"),
-    (("lr", "temperature", "lora_alpha"), lambda v: v > 0, "> 0"),
+    (("lr", "temperature", "lora_alpha", "dist_timeout_s"), lambda v: v > 0, "> 0"),
     (("lora_dropout",), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("kl_coef", "refine_coef", "refine_kept_weight", "weight_decay", "grad_clip", "clip_high", "entropy_coef",
       "overlong_penalty", "router_aux_loss_coef"), lambda v: v >= 0, ">= 0"),

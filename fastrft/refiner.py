@@ -41,6 +41,21 @@ class RefineResult:
     passes: int = 0                        # forward passes of the refiner
     draft: rollout.DraftStats | None = None   # what the drafts saved (draft=True)
 
+    @classmethod
+    def merged(cls, parts: list[RefineResult]) -> RefineResult:
+        """Several results (the ranks' of one step) as one: refinements in order, counts summed."""
+        out = cls(refinements=[r for part in parts for r in part.refinements])
+        for part in parts:
+            for name in ("failed", "unchanged", "changed_tokens", "refined_tokens", "passes"):
+                setattr(out, name, getattr(out, name) + getattr(part, name))
+            for reason, count in part.failures.items():
+                out.failures[reason] = out.failures.get(reason, 0) + count
+            if part.draft is not None:
+                out.draft = out.draft or rollout.DraftStats()
+                for name in ("passes", "offered", "accepted", "plain_rows"):
+                    setattr(out.draft, name, getattr(out.draft, name) + getattr(part.draft, name))
+        return out
+
     @property
     def draft_accepted(self) -> float | None:
         """The fraction of the draft tokens offered that the refiner's greedy decoding accepted."""

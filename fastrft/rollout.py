@@ -67,8 +67,10 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         for row, ids in enumerate(batch):
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
+        # synced_gpus=False: transformers would keep every rank of an FSDP job decoding in lockstep, for per-layer
+        # all-gathers that fastrft's gathered weights (fastrft.distributed) never make.
         output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                generation_config=gen_config)
+                                generation_config=gen_config, synced_gpus=False)
         for ids, new in zip(batch, output[:, width:].tolist()):
             end = new.index(eos_id) + 1 if eos_id in new else len(new)
             completion = new[:end]

@@ -15,12 +15,21 @@ attention path). `run_step(run, step)` is one step, its phases named functions o
                   optionally several minibatch updates with stored old log-probs
 and returns a `StepRecord`, which `train_run` logs, with held-out evaluation and checkpoints around it.
 
+Data parallelism (torchrun --nproc-per-node N -m fastrft train ...; fastrft.distributed): each rank runs phases 1-4
+on its own share of the step's prompts (whole groups; dynamic sampling refills each rank's share from the one prompt
+stream every rank advances alike), and phase 5 is one optimizer step over every rank's rows, DAPO's token-mean
+normaliser counted over all ranks, so the update does not depend on N. The policy is sharded by FSDP2 per decoder
+layer (fsdp=true, the default past one rank) or replicated under DDP; the reference sharded or replicated
+(ref_sharding). Metrics are reduced over the ranks and written by rank 0, which alone writes the run folder and draws
+the progress bar; checkpoints are torch.distributed.checkpoint's, loadable at any world size. At one rank all of
+this is the single-process loop.
+
 Tests plug fakes in at the seams: the Run's task, its models, its `generate` (the sampler of rollouts, evaluation and
 the refiner).
 
-Simplified on purpose: one process, one device (users who outgrow it reuse the loss through the TRL integration);
-the reference model is the refiner (no separate refiner checkpoint); prompts are drawn in a seeded order, without
-curriculum or replay.
+Simplified on purpose: the reference model is the refiner (no separate refiner checkpoint); prompts are drawn in a
+seeded order, without curriculum or replay; `minibatches` splits each rank's rows (at N ranks a minibatch is the
+union of the ranks' splits).
 """
 from __future__ import annotations
 
@@ -46,6 +55,8 @@ from fastrft.batch import (AttentionPath, Batch, Row, accumulate_gradients, buil
                            router_loss_coef, sequence_logprobs)
 from fastrft.checkpoint import StopSignal, load_checkpoint, save_checkpoint
 from fastrft.config import TrainConfig, load_config, save_config
+from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world, local_tensor,  # noqa: F401
+                                 process_group, shard_frozen, shard_policy)
 from fastrft.lora import adapters_disabled, add_lora, merge_lora
 from fastrft.refiner import RefineResult, refine
 from fastrft.rewards import is_degenerate
@@ -58,12 +69,18 @@ PHASES = ("rollout", "reward", "reference", "refine", "update")
 
 # ----------------------------------------------------------------------------------------------- set-up helpers
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: World = SINGLE) -> torch.device:
+    """The run's device; under torchrun "auto" and "cuda" mean this rank's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available")
+    if device.type == "cuda" and world.size > 1:
+        if device.index is not None:
+            raise ValueError(f"device={name!r} under torchrun: each rank takes the GPU of its LOCAL_RANK, so give "
+                             f"device=cuda or device=auto")
+        return torch.device("cuda", world.local_rank)
     return device
 
 
@@ -80,16 +97,18 @@ def load_tokenizers(policy_path: str, ref_path: str):
     return policy_tok
 
 
-def load_models(cfg: TrainConfig, device: torch.device):
+def load_models(cfg: TrainConfig, device: torch.device, policy_dtype: torch.dtype | None = None):
     """(policy, reference) with SDPA attention; choose_attention then moves them to a varlen kernel where one runs.
     With lora_r > 0 the policy carries LoRA adapters, and without ref_model the reference is the policy itself
-    (`reference_model` switches its adapters off)."""
+    (`reference_model` switches its adapters off). policy_dtype: the policy's weights' dtype when it differs from
+    cfg.dtype (fp32 master weights under FSDP2's mixed precision)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()   # one progress bar: the run's
 
     dtype = getattr(torch, cfg.dtype)
-    policy = _load_model(cfg.model, "model", dtype, device, "4bit" if cfg.load_in_4bit else "none", "load_in_4bit")
+    policy = _load_model(cfg.model, "model", policy_dtype or dtype, device, "4bit" if cfg.load_in_4bit else "none",
+                         "load_in_4bit")
     if cfg.lora_r:
         add_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                  target_modules=cfg.lora_target_modules)
@@ -217,7 +236,7 @@ class Run:
     run_dir: RunDir
     device: torch.device
     tokenizer: Any
-    policy: Any
+    policy: Any                       # the causal LM (its weights FSDP2 shards when sharded)
     ref: Any                          # the policy itself in a LoRA run without ref_model (see reference_model)
     task: Task
     stream: PromptStream
@@ -230,6 +249,13 @@ class Run:
     start_step: int = 0               # the checkpoint's step when resumed
     skipped_steps: int = 0            # steps whose update was not applied (a non-finite loss or gradient)
     generate: Callable = generate     # the sampler of rollouts, evaluation and the refiner
+    world: World = SINGLE             # this process's rank in a data-parallel job
+    policy_loss: Any = None           # the module whose forward is the policy's fused loss: CausalLMWithFusedLoss,
+                                      # FSDP2's root or in DDP under data parallelism (default: over policy)
+
+    def __post_init__(self):
+        if self.policy_loss is None:
+            self.policy_loss = shard_policy(self.policy, SINGLE, fsdp=False)
 
     @property
     def stores_old_logprobs(self) -> bool:
@@ -260,6 +286,18 @@ class RolloutStats:
     degenerate: int = 0
     groups_dropped: int = 0
     prompts_drawn: int = 0
+
+    @classmethod
+    def merged(cls, parts: list[RolloutStats]) -> RolloutStats:
+        """The ranks' stats as one step's (lists in rank order)."""
+        out = cls()
+        for part in parts:
+            out.rewards += part.rewards
+            for name, values in part.per_func.items():
+                out.per_func.setdefault(name, []).extend(values)
+            for name in ("none_rewards", "degenerate", "groups_dropped", "prompts_drawn"):
+                setattr(out, name, getattr(out, name) + getattr(part, name))
+        return out
 
 
 @dataclass
@@ -328,10 +366,11 @@ class StepRecord:
 
 # ----------------------------------------------------------------------------------------------- set-up
 
-def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Run:
+def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, world: World = SINGLE) -> Run:
     """Everything a run needs, from cfg; resume restores the last good checkpoint of cfg.output_dir, overwrite
     replaces the run that folder holds. Bad input (config, data, model directories) fails before any model loads,
-    and the run folder is written only once everything has loaded: a failed start or resume changes nothing there."""
+    and the run folder is written only once everything has loaded: a failed start or resume changes nothing there.
+    Every rank of a data-parallel job calls it with its World (init_world)."""
     if not cfg.model:
         raise ValueError("model is not set: give the local path of the policy's initial weights (model=PATH)")
     if resume and overwrite:
@@ -343,7 +382,11 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         raise ValueError(f"{run_dir.path} already holds a run ({', '.join(p.name for p in run_dir.run_files())}): "
                          f"continue it with `fastrft train --resume {run_dir.path}`, or start a new one in another "
                          f"output_dir (output_dir=PATH), or replace it with --overwrite")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, world)
+    fsdp = cfg.fsdp if cfg.fsdp is not None else world.size > 1
+    ref_sharding = cfg.ref_sharding or ("shard" if fsdp else "replicate")
+    if world.size > 1:
+        check_distributable(cfg, fsdp, ref_sharding)
     check_model_dir(cfg.model, "model")
     check_model_dir(cfg.ref_model or cfg.model, "ref_model")
     random.seed(cfg.seed)
@@ -354,7 +397,9 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     eval_rows = load_rows(cfg.eval_dataset, required=columns) if cfg.eval_dataset else task.eval_rows
 
     tokenizer = load_tokenizers(cfg.model, cfg.ref_model or cfg.model)
-    policy, ref = load_models(cfg, device)
+    # Under FSDP2's mixed precision the policy keeps fp32 master weights, gathered and computed in cfg.dtype.
+    mixed_precision = getattr(torch, cfg.dtype) if fsdp and world.size > 1 and cfg.dtype != "float32" else None
+    policy, ref = load_models(cfg, device, policy_dtype=torch.float32 if mixed_precision else None)
     check_vocabularies(cfg, tokenizer, policy, ref)
     check_head_matches_model(policy, "model")
     if ref is not policy:
@@ -362,27 +407,47 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     router_loss_coef(policy, cfg)   # a router loss asked of a model without a router fails here, not mid-run
     path = choose_attention(cfg.packing, policy, device, cfg.max_tokens_per_batch)
     use_attention(path, policy, ref)
+    policy_loss = shard_policy(policy, world, fsdp=fsdp, mixed_precision=mixed_precision)
+    if ref is not policy and ref_sharding == "shard":
+        ref = shard_frozen(ref, world)
     optimizer = make_optimizer(cfg, policy, device)
     scheduler = make_scheduler(cfg, optimizer)
 
     start_step, state, metrics = 0, {"stream": {"epoch": 0, "index": 0}, "skipped_steps": 0}, []
     if resume:
         start_step, state = load_checkpoint(run_dir.path, model=policy, optimizer=optimizer, scheduler=scheduler,
-                                            map_location=device)
+                                            map_location=device, world=world)
         # Steps logged after the checkpoint are run again: their old records go.
         metrics = run_dir.metrics_to_resume(start_step)
-    # Everything has loaded: only now does the run folder change.
-    if overwrite:
-        run_dir.clear()
-    run_dir.create()
-    save_config(cfg, run_dir.config)
-    run_dir.write_metrics(metrics)
+    elif world.size > 1:
+        # The same weights on every rank (the seed above); a sampling stream of its own for each.
+        seed = cfg.seed + 1_000_003 * world.rank
+        random.seed(seed)
+        torch.manual_seed(seed)
+    # Everything has loaded: only now does the run folder change (rank 0 writes it).
+    if world.is_main:
+        if overwrite:
+            run_dir.clear()
+        run_dir.create()
+        save_config(cfg, run_dir.config)
+        run_dir.write_metrics(metrics)
+    world.barrier()
     return Run(cfg=cfg, run_dir=run_dir, device=device, tokenizer=tokenizer, policy=policy, ref=ref, task=task,
                stream=PromptStream(train_rows, cfg.seed, **state["stream"]),
                eval_rows=eval_rows[:cfg.eval_size] if cfg.eval_size else eval_rows, optimizer=optimizer,
                scheduler=scheduler, attention=path, max_new_tokens=cfg.max_new_tokens or task.max_new_tokens,
                refine_template=cfg.refine_template or task.refine_template, start_step=start_step,
-               skipped_steps=state.get("skipped_steps", 0))
+               skipped_steps=state.get("skipped_steps", 0), world=world, policy_loss=policy_loss)
+
+
+def check_distributable(cfg: TrainConfig, fsdp: bool, ref_sharding: str) -> None:
+    """Options a data-parallel run cannot take, refused with the key before anything loads."""
+    if fsdp and cfg.load_in_4bit:
+        raise ValueError("load_in_4bit=true with fsdp: FSDP2 does not shard bitsandbytes' 4-bit weights; run QLoRA "
+                         "with fsdp=false (each rank holds the 4-bit base) or in one process")
+    if ref_sharding == "shard" and cfg.ref_quantization != "none":
+        raise ValueError(f"ref_quantization={cfg.ref_quantization} with ref_sharding=shard: FSDP2 does not shard "
+                         f"bitsandbytes' quantized weights; give ref_sharding=replicate")
 
 
 def check_model_dir(path: str, key: str) -> None:
@@ -454,31 +519,39 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Runs cfg.steps steps into cfg.output_dir; returns the summary (also written to summary.json). A folder that
-    holds a run is continued with resume=True or replaced with overwrite=True, never silently reused."""
-    return train_run(make_run(cfg, resume=resume, overwrite=overwrite))
+    holds a run is continued with resume=True or replaced with overwrite=True, never silently reused. Under torchrun
+    every rank calls it: a data-parallel run over the job's ranks."""
+    with process_group(cfg.dist_timeout_s) as world:
+        return train_run(make_run(cfg, resume=resume, overwrite=overwrite, world=world))
 
 
 def train_run(run: Run) -> dict:
-    cfg = run.cfg
+    cfg, world = run.cfg, run.world
     if run.start_step == 0 and run.eval_rows:
-        run.run_dir.append_metrics({"step": 0, **evaluate(run)})
+        eval_metrics = evaluate(run)
+        if world.is_main:
+            run.run_dir.append_metrics({"step": 0, **eval_metrics})
     progress = None
-    if cfg.progress:
+    if cfg.progress and world.is_main:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=cfg.steps, initial=run.start_step, desc="fastrft", unit="step", dynamic_ncols=True)
     step = run.start_step
+    stop_requested = False
     with StopSignal() as stop:
-        while step < cfg.steps and not stop.requested:
+        while step < cfg.steps and not stop_requested:
             step += 1
             record = run_step(run, step)
             if run.eval_rows and (step % cfg.eval_every == 0 or step == cfg.steps):
                 record.eval = evaluate(run)
-            run.run_dir.append_metrics(record.to_dict())
-            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
+            if world.is_main:
+                run.run_dir.append_metrics(record.to_dict())
+            # A signal reaches the ranks at different moments: every rank stops after the same step.
+            stop_requested = bool(world.max([stop.requested])[0])
+            if step % cfg.save_every == 0 or step == cfg.steps or stop_requested:
                 save_checkpoint(run.run_dir.path, step, model=run.policy, optimizer=run.optimizer,
                                 scheduler=run.scheduler, state=run.checkpoint_state(),
-                                trainable_only=cfg.lora_r > 0)
+                                trainable_only=cfg.lora_r > 0, world=world)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(reward=f"{_mean(record.rollout.rewards):.3f}",
@@ -486,25 +559,31 @@ def train_run(run: Run) -> dict:
     if progress is not None:
         progress.close()
 
-    summary = summarize(run.run_dir, run.skipped_steps, step, stop.signal_name if stop.requested else None)
-    run.run_dir.write_summary(summary)
-    if cfg.plots:
-        try:
-            from fastrft.plots import plot_run
+    summary = None
+    if world.is_main:
+        summary = summarize(run.run_dir, run.skipped_steps, step,
+                            (stop.signal_name or "SIGTERM") if stop_requested else None)
+        run.run_dir.write_summary(summary)
+        if cfg.plots:
+            try:
+                from fastrft.plots import plot_run
 
-            plot_run(run.run_dir.path)
-        except ImportError as exc:
-            note_once(f"plots skipped: {exc}")
-    return summary
+                plot_run(run.run_dir.path)
+            except ImportError as exc:
+                note_once(f"plots skipped: {exc}")
+    return world.broadcast(summary)
 
 
 def run_step(run: Run, step: int) -> StepRecord:
+    """One step; under data parallelism every rank runs it on its share and gets the step's record over all ranks."""
     times_s: dict[str, float] = dict.fromkeys(PHASES, 0.0)
     t_step = time.perf_counter()
+    world = run.world
     groups, rollout = sample_groups(run, times_s)                              # 1-3
     rows = sample_rows(run.cfg, groups)
     refinement = None
-    if rows:
+    any_rows = bool(world.max([len(rows)])[0])   # a rank without rows still joins the others' collectives
+    if any_rows:
         with _timed(times_s, "reference"):
             reference_logprobs(run, rows)                                      # 4
         if run.cfg.uses_refiner:
@@ -512,50 +591,67 @@ def run_step(run: Run, step: int) -> StepRecord:
                 refined, refinement = refined_rows(run, groups)
             rows += refined
     with _timed(times_s, "update"):
-        update = update_policy(run, rows) if rows else UpdateStats()           # 5
+        update = update_policy(run, rows) if any_rows else UpdateStats()       # 5
         # The schedule follows the step count, skipped steps included; torch warns when no optimizer step came first.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             run.scheduler.step()
     run.skipped_steps += update.skipped
-    return StepRecord(step=step, rollout=rollout, groups=groups, refine=refinement, update=update,
-                      trained_tokens=sum(len(r.target_ids) for r in rows), skipped_steps=run.skipped_steps,
-                      lr=run.scheduler.get_last_lr()[0], times_s=times_s, step_time_s=time.perf_counter() - t_step,
-                      peak_mem_gb=_peak_mem_gb(run.device))
+    ranks = world.gather((groups, rollout, refinement, sum(len(r.target_ids) for r in rows), times_s,
+                          time.perf_counter() - t_step, _peak_mem_gb(run.device)))
+    return StepRecord(step=step, rollout=RolloutStats.merged([r[1] for r in ranks]),
+                      groups=[g for r in ranks for g in r[0]],
+                      refine=None if refinement is None else RefineResult.merged([r[2] for r in ranks]),
+                      update=update, trained_tokens=sum(r[3] for r in ranks), skipped_steps=run.skipped_steps,
+                      lr=run.scheduler.get_last_lr()[0],
+                      times_s={phase: max(r[4][phase] for r in ranks) for phase in PHASES},
+                      step_time_s=max(r[5] for r in ranks), peak_mem_gb=max(r[6] for r in ranks))
 
 
 # ----------------------------------------------------------------------------------------------- phases 1-3
 
 def sample_groups(run: Run, times_s: dict[str, float]) -> tuple[list[Group], RolloutStats]:
-    """prompts_per_step groups of scored samples; with dynamic sampling, zero-variance groups are dropped and
-    refilled from further prompts for up to max_resample_rounds more rounds."""
-    cfg = run.cfg
+    """prompts_per_step groups of scored samples (this rank's share of them); with dynamic sampling, zero-variance
+    groups are dropped and refilled from further prompts for up to max_resample_rounds more rounds."""
+    cfg, world = run.cfg, run.world
     groups: list[Group] = []
     stats = RolloutStats()
-    for _ in range(1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)):
-        needed = cfg.prompts_per_step - len(groups)
-        if needed == 0:
-            break
-        rows = run.stream.take(needed)
-        stats.prompts_drawn += len(rows)
-        with _timed(times_s, "rollout"):
-            samples = run.generate(run.policy, run.tokenizer, encode_prompts(run.tokenizer, [r["prompt"] for r in rows]),
-                                   max_new_tokens=run.max_new_tokens, num_samples=cfg.group_size,
-                                   temperature=cfg.temperature, top_p=cfg.top_p,
-                                   batch_size=cfg.generation_batch_size)
-        with _timed(times_s, "reward"):
-            expanded = [r for r in rows for _ in range(cfg.group_size)]
-            rewards, per_func = run.task.score(expanded, samples.texts, samples.truncated)
-        for name, values in per_func.items():
-            stats.per_func.setdefault(name, []).extend(v for v in values if v is not None)
-        for g, row in enumerate(rows):
-            group = score_group(cfg, run.max_new_tokens, row, samples, range(g * cfg.group_size,
-                                                                             (g + 1) * cfg.group_size), rewards, stats)
-            if group is None:
-                stats.groups_dropped += 1
-            else:
-                groups.append(group)
+    share = len(world.share(cfg.prompts_per_step))
+    with policy_model(run) as policy:
+        for _ in range(1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)):
+            # Every rank draws the prompts all ranks need, in rank order, and keeps its own: one stream, no overlap.
+            needed = world.gather(share - len(groups))
+            if sum(needed) == 0:
+                break
+            start = sum(needed[:world.rank])
+            rows = run.stream.take(sum(needed))[start:start + needed[world.rank]]
+            if rows:
+                stats.prompts_drawn += len(rows)
+                groups += scored_groups(run, policy, rows, stats, times_s)
     return groups, stats
+
+
+def scored_groups(run: Run, policy, rows: list[dict], stats: RolloutStats, times_s: dict[str, float]) -> list[Group]:
+    """The groups of rows' samples that teach something (see score_group); the others counted as dropped."""
+    cfg = run.cfg
+    with _timed(times_s, "rollout"):
+        samples = run.generate(policy, run.tokenizer, encode_prompts(run.tokenizer, [r["prompt"] for r in rows]),
+                               max_new_tokens=run.max_new_tokens, num_samples=cfg.group_size,
+                               temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size)
+    with _timed(times_s, "reward"):
+        expanded = [r for r in rows for _ in range(cfg.group_size)]
+        rewards, per_func = run.task.score(expanded, samples.texts, samples.truncated)
+    for name, values in per_func.items():
+        stats.per_func.setdefault(name, []).extend(v for v in values if v is not None)
+    groups = []
+    for g, row in enumerate(rows):
+        group = score_group(cfg, run.max_new_tokens, row, samples, range(g * cfg.group_size, (g + 1) * cfg.group_size),
+                            rewards, stats)
+        if group is None:
+            stats.groups_dropped += 1
+        else:
+            groups.append(group)
+    return groups
 
 
 def score_group(cfg: TrainConfig, max_new_tokens: int, row: dict, samples, members, rewards,
@@ -604,16 +700,25 @@ def sample_rows(cfg: TrainConfig, groups: list[Group]) -> list[Row]:
 # ----------------------------------------------------------------------------------------------- phase 4
 
 @contextmanager
+def policy_model(run: Run):
+    """The policy for the block's no-grad forwards (rollout, old log-probs, evaluation), its whole weights gathered
+    where FSDP2 shards them. Every rank enters it together."""
+    with gathered(run.policy_loss):
+        yield run.policy
+
+
+@contextmanager
 def reference_model(run: Run):
-    """The reference (and refiner) for the block: the separate model, or the policy itself with its LoRA adapters
-    off and in eval mode (no weights copied)."""
+    """The reference (and refiner) for the block, gathered where sharded: the separate model, or the policy itself
+    with its LoRA adapters off and in eval mode (no weights copied). Every rank enters it together."""
     if run.ref is not run.policy:
-        yield run.ref
+        with gathered(run.ref):
+            yield run.ref
         return
     was_training = run.policy.training
     run.policy.eval()
     try:
-        with adapters_disabled(run.policy):
+        with policy_model(run), adapters_disabled(run.policy):
             yield run.policy
     finally:
         run.policy.train(was_training)
@@ -650,34 +755,36 @@ def refined_rows(run: Run, groups: list[Group]) -> tuple[list[Row], RefineResult
 def update_policy(run: Run, rows: list[Row]) -> UpdateStats:
     """ppo_epochs passes of `minibatches` optimizer steps over the rows, each accumulated over token-budgeted
     micro-batches. A non-finite loss or gradient skips that optimizer step and leaves the weights as they were."""
-    cfg = run.cfg
+    cfg, world = run.cfg, run.world
     if run.stores_old_logprobs:
         pg_rows = [r for r in rows if r.pg]
-        for row, lp in zip(pg_rows, sequence_logprobs(run.policy, pg_rows, run.device, path=run.attention,
-                                                      temperature=cfg.temperature)):
-            row.old_logprobs = lp
+        with policy_model(run) as policy:
+            for row, lp in zip(pg_rows, sequence_logprobs(policy, pg_rows, run.device, path=run.attention,
+                                                          temperature=cfg.temperature)):
+                row.old_logprobs = lp
     run.policy.train()
     stats = UpdateStats()
     sums: dict[str, float] = {}
     kl_values = []
     for epoch in range(cfg.ppo_epochs):
         for minibatch in (rows[i::cfg.minibatches] for i in range(cfg.minibatches)):
-            if not minibatch:
+            if not world.max([len(minibatch)])[0]:
                 continue
             run.optimizer.zero_grad(set_to_none=True)
-            result, n_batches = accumulate_gradients(run.policy, minibatch, cfg, run.attention, run.device,
+            result, n_batches = accumulate_gradients(run.policy_loss, minibatch, cfg, run.attention, run.device,
                                                      use_old=run.stores_old_logprobs,
-                                                     kl_values=kl_values if epoch == 0 else None)
+                                                     kl_values=kl_values if epoch == 0 else None, world=world)
             if epoch == 0:
                 stats.micro_batches += n_batches
-            grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(),
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            # Over every rank: FSDP2's gradients are DTensors, whose norm is one too.
+            grad_norm = full_value(torch.nn.utils.clip_grad_norm_(
+                run.policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
             if not (math.isfinite(result["loss"]) and torch.isfinite(grad_norm)):
                 run.optimizer.zero_grad(set_to_none=True)
                 stats.nonfinite_updates += 1
                 continue
             run.optimizer.step()
-            if not _finite_weights(run.policy):
+            if not _finite_weights(run.policy, world):
                 raise FloatingPointError(
                     "an optimizer step left NaN or inf in the policy's weights from a finite loss and gradient (the "
                     f"learning rate, lr={cfg.lr}, too large for them?); the run stops here so that they never reach "
@@ -688,22 +795,32 @@ def update_policy(run: Run, rows: list[Row]) -> UpdateStats:
                 sums[name] = sums.get(name, 0.0) + value
     for name, value in sums.items():
         setattr(stats, name, value / stats.optimizer_steps)
-    if kl_values and sum(v.numel() for v in kl_values):
-        stats.kl_ref = float(torch.cat(kl_values).mean())
+    kl_sum, kl_count = world.sum([float(sum(v.sum() for v in kl_values)), sum(v.numel() for v in kl_values)])
+    if kl_count:
+        stats.kl_ref = kl_sum / kl_count
     return stats
 
 
-def _finite_weights(model) -> bool:
-    """Whether every trainable weight is finite (one reduction, one device sync)."""
-    return bool(torch.stack([p.isfinite().all() for p in model.parameters() if p.requires_grad]).all())
+def _finite_weights(model, world: World) -> bool:
+    """Whether every trainable weight is finite, on every rank (one reduction, one device sync per rank)."""
+    local = bool(torch.stack([local_tensor(p).isfinite().all() for p in model.parameters() if p.requires_grad]).all())
+    return not world.max([not local])[0]
 
 
 # ----------------------------------------------------------------------------------------------- evaluation, logs
 
 def evaluate(run: Run) -> dict:
-    """The task's held-out metrics (eval_*) of the policy."""
-    return run.task.evaluate(run.policy, run.tokenizer, run.eval_rows, max_new_tokens=run.max_new_tokens,
-                             batch_size=run.cfg.generation_batch_size, generate=run.generate)
+    """The task's held-out metrics (eval_*) of the policy; under data parallelism each rank evaluates its share of
+    the prompts and each metric (a mean over prompts) is the mean over all of them."""
+    rows = [run.eval_rows[i] for i in run.world.share(len(run.eval_rows))]
+    with policy_model(run) as policy:
+        metrics = run.task.evaluate(policy, run.tokenizer, rows, max_new_tokens=run.max_new_tokens,
+                                    batch_size=run.cfg.generation_batch_size, generate=run.generate) if rows else {}
+    ranks = [(m, n) for m, n in run.world.gather((metrics, len(rows))) if n]
+    if len(ranks) == 1:
+        return ranks[0][0]
+    total = sum(n for _, n in ranks)
+    return {name: sum(m[name] * n for m, n in ranks) / total for name in ranks[0][0]}
 
 
 @contextmanager

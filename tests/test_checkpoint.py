@@ -19,6 +19,7 @@ import torch
 from fastrft import checkpoint
 from fastrft.checkpoint import StopSignal, latest_checkpoint, load_checkpoint, save_checkpoint
 
+SHARD = "weights/__0_0.distcp"   # the weights' DCP shard written by a single process
 DATA = torch.linspace(-1.0, 1.0, 40 * 6, dtype=torch.float64).reshape(40, 6).float()  # fixed dataset, 40 rows
 
 
@@ -147,7 +148,8 @@ def test_layout_and_latest(tmp_path):
                                state={"data_pos": 3})
     assert ckpt_dir == tmp_path / "checkpoints" / "step_00000007"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [
-        "checkpoint.json", "model.pt", "optimizer.pt", "rng.pt", "scheduler.pt", "state.json"]
+        "checkpoint.json", "rng.pt", "scheduler.pt", "state.json", "weights"]
+    assert sorted(p.name for p in (ckpt_dir / "weights").iterdir()) == [".metadata", "__0_0.distcp"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000007"
     assert json.loads((ckpt_dir / "state.json").read_text()) == {"data_pos": 3}
     assert latest_checkpoint(tmp_path) == ckpt_dir
@@ -179,7 +181,7 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
     good = _weights(model)
     _shift(model)
 
-    # A hard crash while writing step 6: model.pt and optimizer.pt are on disk, nothing cleans up.
+    # A hard crash while writing step 6: the weights are on disk, nothing cleans up.
     write = checkpoint._write_torch
 
     def write_then_crash(path, obj):
@@ -194,7 +196,7 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     leftovers = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
-    assert len(leftovers) == 1 and (leftovers[0] / "model.pt").is_file()
+    assert len(leftovers) == 1 and (leftovers[0] / "weights" / ".metadata").is_file()
     assert not (tmp_path / "checkpoints" / "step_00000006").exists()
 
     fresh, fresh_optimizer, fresh_scheduler = _make()
@@ -256,8 +258,8 @@ def test_missing_and_corrupt(tmp_path):
     second = save_checkpoint(tmp_path, 2, model=model, keep=None)
 
     before = _weights(model)
-    (second / "model.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=re.escape(str(second / "model.pt"))):
+    (second / SHARD).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=re.escape(str(second / SHARD))):
         load_checkpoint(second, model=model)       # one checkpoint asked for by name: no fallback
     _assert_same(before, _weights(model))
     (second / "rng.pt").unlink()
@@ -266,7 +268,7 @@ def test_missing_and_corrupt(tmp_path):
     (second / "checkpoint.json").write_text("{trunc")
     with pytest.raises(ValueError, match="manifest"):
         load_checkpoint(second, model=model)
-    (first / "model.pt").write_bytes(b"")
+    (first / SHARD).write_bytes(b"")
     with pytest.warns(UserWarning, match="step_00000002 is unusable"):   # and none is good: the newest's error
         with pytest.raises(ValueError, match="corrupt checkpoint manifest"):
             load_checkpoint(tmp_path, model=model)
@@ -340,7 +342,7 @@ def test_stop_signal_off_main_thread_is_noop():
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
-@pytest.mark.parametrize("victim", ["model.pt", "optimizer.pt", "state.json"])
+@pytest.mark.parametrize("victim", [SHARD, "weights/.metadata", "state.json"])
 def test_a_damaged_file_is_found_and_the_previous_checkpoint_loads(tmp_path, damage, victim):
     """Bytes flipped or cut off in any file of the newest checkpoint: its checksum catches it at load, a warning
     names the file, and the previous checkpoint is restored instead (not silently wrong weights)."""
@@ -373,3 +375,24 @@ def test_nan_weights_never_reach_a_checkpoint(tmp_path):
         save_checkpoint(tmp_path, 2, model=model)
     assert latest_checkpoint(tmp_path).name == "step_00000001"
     assert not (tmp_path / "checkpoints" / "step_00000002").exists()
+
+
+def test_a_checkpoint_of_an_earlier_version_still_loads(tmp_path):
+    """Before DCP a checkpoint held model.pt and optimizer.pt (torch.save of whole state dicts): runs saved then
+    resume."""
+    model, optimizer, scheduler = _train_from_scratch(3)[:3]
+    old = tmp_path / "checkpoints" / "step_00000003"
+    old.mkdir(parents=True)
+    files = {"model.pt": model.state_dict(), "optimizer.pt": optimizer.state_dict(),
+             "scheduler.pt": scheduler.state_dict(), "rng.pt": checkpoint._rng_state()}
+    for name, obj in files.items():
+        torch.save(obj, old / name)
+    (old / "state.json").write_text('{"data_pos": 12}')
+    names = sorted([*files, "state.json"])
+    (old / "checkpoint.json").write_text(json.dumps({"step": 3, "files": names, "weights": "all", "sha256": {
+        name: checkpoint._sha256(old / name) for name in names}}))
+    fresh, fresh_optimizer, fresh_scheduler = _make()
+    assert load_checkpoint(tmp_path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler) == \
+        (3, {"data_pos": 12})
+    _assert_same(_weights(model), _weights(fresh))
+    assert fresh_optimizer.state_dict()["state"][0]["exp_avg"].equal(optimizer.state_dict()["state"][0]["exp_avg"])

@@ -364,7 +364,7 @@ def test_a_failed_resume_changes_nothing_on_disk(tiny_model, tmp_path):
     resumed = load_config(run_dir / "config.yaml", ["steps=4", "lr=5e-4", "ref_model=/nonexistent/model"])
     with pytest.raises(ValueError, match="ref_model='/nonexistent/model': no such directory"):
         train(resumed, resume=True)
-    for name in ("metrics.jsonl", "checkpoints/step_00000002/model.pt"):
+    for name in ("metrics.jsonl", "checkpoints/step_00000002/weights/__0_0.distcp"):
         (run_dir / name).write_bytes(before[name][:-10])      # cut short: nothing usable to resume from
     before = snapshot(run_dir)
     with pytest.raises(ValueError, match="corrupt checkpoint file"):

@@ -1,0 +1,111 @@
+"""One rank of a data-parallel test run, launched by tests/test_distributed.py under torchrun (or alone for one rank):
+
+    torchrun --nproc-per-node 2 tests/dist_worker.py train RUN_DIR key=value ...
+    torchrun --nproc-per-node 2 tests/dist_worker.py resume RUN_DIR key=value ...
+    torchrun --nproc-per-node 2 tests/dist_worker.py loss OUT.pt              FSDP2 over CausalLMWithFusedLoss
+
+A real `fastrft train` except for the rollout sampler, which samples each prompt from a seed of its own (its token
+ids), so that a prompt's samples do not depend on which rank draws it or what else is in its batch: a 2-rank run then
+equals a 1-rank run on the same global batch. FASTRFT_TEST_FAULT="rank:step:kill|raise|hang" makes that rank fail in
+that step's reward phase.
+"""
+import os
+import signal
+import sys
+import time
+import zlib
+
+import torch
+
+from fastrft.config import load_config
+from fastrft.rollout import Samples, generate
+from fastrft.trainer import init_world, make_run, train_run
+
+
+def per_prompt_generate(model, tokenizer, prompt_ids, **kwargs):
+    if kwargs.get("greedy"):
+        return generate(model, tokenizer, prompt_ids, **kwargs)
+    out = Samples([], [], [], [])
+    for ids in prompt_ids:
+        torch.manual_seed(zlib.crc32(str(ids).encode()))
+        one = generate(model, tokenizer, [ids], **kwargs)
+        for name in ("prompt_ids", "completion_ids", "texts", "truncated"):
+            getattr(out, name).extend(getattr(one, name))
+    return out
+
+
+def inject_fault(run, spec: str) -> None:
+    rank, step, how = spec.split(":")
+    if int(rank) != run.world.rank:
+        return
+    score = run.task.score
+    saved_before = run.run_dir.path / "checkpoints" / f"step_{int(step) - 1:08d}"
+
+    def failing_score(*args, **kwargs):
+        if saved_before.is_dir():   # the previous step is over, checkpoint included: this is step `step`
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if how == "raise":
+                raise RuntimeError(f"injected failure on rank {rank}")
+            time.sleep(3600)   # hang
+        return score(*args, **kwargs)
+
+    run.task.score = failing_score
+
+
+def run_training(mode: str, run_dir: str, overrides: list[str]) -> None:
+    if mode == "resume":
+        cfg = load_config(os.path.join(run_dir, "config.yaml"), overrides, output_dir=run_dir)
+    else:
+        cfg = load_config(None, overrides, output_dir=run_dir)
+    world = init_world(cfg.dist_timeout_s)
+    run = make_run(cfg, resume=mode == "resume", world=world)
+    run.generate = per_prompt_generate
+    if os.environ.get("FASTRFT_TEST_FAULT"):
+        inject_fault(run, os.environ["FASTRFT_TEST_FAULT"])
+    train_run(run)
+    if world.size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def fused_loss_gradients(out_path: str) -> None:
+    """The gradients of CausalLMWithFusedLoss over a fixed batch: one process, or FSDP2 over the ranks, each with its
+    share of the rows; written by rank 0 as {name: full gradient}."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fastrft import CausalLMWithFusedLoss
+
+    world = init_world(60)
+    torch.manual_seed(0)
+    tied = os.environ.get("FASTRFT_TEST_TIED", "1") == "1"
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+    loss_module = CausalLMWithFusedLoss(model)
+    batch = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 101, (4, 9), generator=batch)
+    targets = torch.randint(0, 101, (4, 9), generator=batch)
+    targets[:, :3] = -100
+    advantages = torch.randn(4, 9, generator=batch)
+    normalizer = float((targets != -100).sum())
+    if world.size > 1:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(loss_module)
+    rows = slice(None) if world.size == 1 else slice(2 * world.rank, 2 * world.rank + 2)
+    out = loss_module(input_ids[rows], targets[rows], advantages=advantages[rows], normalizer=normalizer)
+    # FSDP2 averages the gradients over the ranks; the token-mean loss wants their sum.
+    (out.loss * world.size).backward()
+    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for name, p in model.named_parameters()}
+    if world.rank == 0:
+        torch.save(grads, out_path)
+    if world.size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "loss":
+        fused_loss_gradients(sys.argv[2])
+    else:
+        run_training(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -1,0 +1,157 @@
+"""Data parallelism on the CPU: `fastrft train`'s loop under torchrun, 2 ranks over the gloo backend
+(tests/dist_worker.py is each rank), against the same run in one process.
+
+The rollout sampler of these runs samples each prompt from a seed of its own (dist_worker.per_prompt_generate), so the
+2-rank run sees the very samples of the 1-rank run: what differs is only how the step is split over the ranks, which
+must not change the result (losses, metrics, weights within fp32 tolerance), with FSDP2 or DDP. Checkpoints move
+between world sizes; a failing rank ends the job; FSDP2 over CausalLMWithFusedLoss gives one process's gradients."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastrft.checkpoint import load_checkpoint
+from fastrft.rundir import RunDir
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+RUN = ["task=demo", "device=cpu", "steps=3", "prompts_per_step=4", "group_size=4", "eval_size=8", "eval_every=3",
+       "save_every=1", "progress=false", "plots=false", "lr=3e-4", "constraint=kl+refiner", "refine_coef=0.5",
+       "dist_timeout_s=60"]
+EXACT = ("step", "groups_used", "groups_dropped", "prompts_drawn", "reward_none", "micro_batches", "refine_failed")
+CLOSE = ("reward_mean", "reward_std", "response_len", "refine_rate", "changed_token_frac", "pg_loss", "sft_loss",
+         "kl_loss", "loss", "clip_frac", "entropy", "grad_norm", "kl_ref", "lr", "eval_reward")
+
+
+def launch(nproc: int, *args: str, fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """tests/dist_worker.py under torchrun with nproc ranks (one: plain python), its output captured."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if fault:
+        env["FASTRFT_TEST_FAULT"] = fault
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    return subprocess.run([*launcher, str(WORKER), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def train_ok(nproc: int, *args: str) -> None:
+    done = launch(nproc, *args)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def runs(demo_reference, tmp_path_factory):
+    """Run directories by name: one rank (one), two ranks with FSDP2 (fsdp) and with DDP (ddp), each 3 steps."""
+    root = tmp_path_factory.mktemp("distributed")
+    for name, nproc, extra in (("one", 1, []), ("fsdp", 2, []), ("ddp", 2, ["fsdp=false"])):
+        train_ok(nproc, "train", str(root / name), f"model={demo_reference}", *RUN, *extra)
+    return {name: root / name for name in ("one", "fsdp", "ddp")}
+
+
+def steps(run_dir: Path) -> list[dict]:
+    return RunDir(run_dir).read_metrics()
+
+
+def final_weights(run_dir: Path, model_dir: str) -> dict[str, torch.Tensor]:
+    """The run's last checkpoint loaded into the model in this (single) process."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    load_checkpoint(run_dir, model=model)
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def assert_same_run(ours: Path, theirs: Path, model_dir: str) -> None:
+    a, b = steps(ours), steps(theirs)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    for mine, other in zip(a, b):
+        for key in EXACT:
+            assert mine.get(key) == other.get(key), (mine["step"], key)
+        for key in CLOSE:
+            if key in mine or key in other:
+                assert mine[key] == pytest.approx(other[key], rel=1e-4, abs=1e-6), (mine["step"], key)
+    ours_w, theirs_w = final_weights(ours, model_dir), final_weights(theirs, model_dir)
+    assert ours_w.keys() == theirs_w.keys()
+    for name in ours_w:
+        torch.testing.assert_close(ours_w[name], theirs_w[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "ddp"])
+def test_two_ranks_train_as_one_rank_does(runs, demo_reference, engine):
+    one = steps(runs["one"])
+    # The run did something worth comparing: refinements, a KL, dynamic sampling's refills.
+    assert any(r.get("refine_rate", 0) > 0 for r in one) and any(r.get("kl_ref", 0) > 0 for r in one[1:])
+    assert sum(r.get("prompts_drawn", 0) for r in one) > 3 * 4
+    assert_same_run(runs[engine], runs["one"], demo_reference)
+    # Two ranks wrote one checkpoint: every rank's RNG, one set of DCP shards.
+    ckpt = runs[engine] / "checkpoints" / "step_00000003"
+    assert {"rng.pt", "rng_1.pt", "checkpoint.json"} <= {p.name for p in ckpt.iterdir()}
+    assert json.loads((ckpt / "checkpoint.json").read_text())["world_size"] == 2
+
+
+def resumed_from_step_2(source: Path, target: Path) -> Path:
+    """A copy of source as it was after step 2's checkpoint (the later one gone)."""
+    shutil.copytree(source, target)
+    shutil.rmtree(target / "checkpoints" / "step_00000003")
+    (target / "checkpoints" / "latest").write_text("step_00000002\n")
+    return target
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [("fsdp", 1), ("one", 2)])
+def test_a_checkpoint_resumes_at_another_world_size(runs, demo_reference, tmp_path, saved_by, resumed_by):
+    run_dir = resumed_from_step_2(runs[saved_by], tmp_path / "resumed")
+    train_ok(resumed_by, "resume", str(run_dir))
+    assert_same_run(run_dir, runs["one"], demo_reference)
+
+
+@pytest.mark.parametrize("how, said", [("kill", "SIGKILL"), ("raise", "RuntimeError: injected failure on rank 1"),
+                                       ("hang", "Timed out")])
+def test_a_failing_rank_ends_the_job_with_its_error(demo_reference, tmp_path, how, said):
+    """Rank 1 dies (SIGKILL), raises, or hangs in step 2's reward phase: the job ends, non-zero, saying why; a hang
+    within the collective timeout (10 s here) plus torchrun's grace period, never for good."""
+    t0 = time.monotonic()
+    done = launch(2, "train", str(tmp_path / "run"), f"model={demo_reference}", *RUN, "dist_timeout_s=10",
+                  fault=f"1:2:{how}", timeout=240)
+    assert done.returncode != 0
+    assert said in done.stdout + done.stderr, done.stderr[-4000:]
+    assert time.monotonic() - t0 < 120
+    # What was saved before the failure is intact: step 1's checkpoint.
+    assert (tmp_path / "run" / "checkpoints" / "step_00000001" / "checkpoint.json").is_file()
+
+
+def test_mixed_precision_keeps_fp32_master_weights(demo_reference, tmp_path):
+    """dtype=bfloat16 under FSDP2: computed in bf16 through FSDP2's mixed-precision policy, the weights (and so the
+    checkpoint) in fp32."""
+    run_dir = tmp_path / "run"
+    train_ok(2, "train", str(run_dir), f"model={demo_reference}", *RUN, "steps=2", "dtype=bfloat16")
+    records = steps(run_dir)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all(math.isfinite(r["loss"]) for r in records[1:])
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(run_dir / "checkpoints" / "step_00000002" / "weights")).read_metadata()
+    dtypes = {meta.properties.dtype for key, meta in metadata.state_dict_metadata.items() if key.startswith("model.")}
+    assert dtypes == {torch.float32}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_loss_under_fsdp2_gives_the_single_process_gradients(tmp_path, tied):
+    """CausalLMWithFusedLoss as FSDP2's root, each rank with half the rows: the head is gathered for the loss and
+    its gradient (tied to the embeddings or not) reduce-scattered by FSDP2, equal to one process's on all rows."""
+    os.environ["FASTRFT_TEST_TIED"] = "1" if tied else "0"
+    try:
+        for nproc in (1, 2):
+            done = launch(nproc, "loss", str(tmp_path / f"grads{nproc}.pt"))
+            assert done.returncode == 0, done.stderr[-4000:]
+    finally:
+        del os.environ["FASTRFT_TEST_TIED"]
+    one, two = (torch.load(tmp_path / f"grads{n}.pt") for n in (1, 2))
+    assert one.keys() == two.keys() and any("lm_head" in name for name in one) != tied
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
