@@ -13,9 +13,9 @@ Sharding: each decoder layer (the classes the model names in `_no_split_modules`
 does) is one FSDP2 unit, and `CausalLMWithFusedLoss`, the module whose forward runs the model body and fastrft's
 fused loss, is the root: it owns the embeddings, the final norm and the LM head (tied or not), so the head is gathered
 for the loss and its gradient reduce-scattered by FSDP2 itself. The first forward through a sharded module fixes it as
-FSDP2's root, so `shard_policy`/`shard_frozen` run one tiny forward right away (and reshard the root, which FSDP2
-leaves gathered after a forward, expecting a backward): the rollout's generation, which calls the layers directly,
-can then never claim a layer as the root, and the optimizer is built over the sharded parameters.
+FSDP2's root, so `shard_policy`/`shard_frozen` run one tiny forward right away (`fix_root`): the rollout's
+generation, which calls the layers directly, can then never claim a layer as the root, and the optimizer is built
+over the sharded parameters.
 
 Generation, the reference and refiner passes, the old log-probs and evaluation run on whole weights: `gathered`
 all-gathers every unit once and keeps it gathered for the block (TRL's `ds3_gather_for_generation`, done with FSDP2's
@@ -197,11 +197,8 @@ def shard_policy(policy, world: World, *, fsdp: bool, mixed_precision: torch.dty
     for layer in decoder_layers(policy):
         fully_shard(layer, mp_policy=_mixed_precision(mixed_precision, root=False))
     fully_shard(module, mp_policy=_mixed_precision(mixed_precision, root=True))
-    device = next(policy.parameters()).device
-    with torch.no_grad():
-        ids = torch.zeros(1, ROOT_WARMUP_TOKENS, dtype=torch.long, device=device)
-        module(ids, ids)
-    module.reshard()   # a root's forward keeps its weights gathered for a backward: this one has none
+    ids = torch.zeros(1, ROOT_WARMUP_TOKENS, dtype=torch.long, device=next(policy.parameters()).device)
+    fix_root(module, ids, ids)
     return module
 
 
@@ -215,11 +212,17 @@ def shard_frozen(model, world: World):
     for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        model(input_ids=torch.zeros(1, ROOT_WARMUP_TOKENS, dtype=torch.long, device=device), use_cache=False)
-    model.reshard()
+    fix_root(model, input_ids=torch.zeros(1, ROOT_WARMUP_TOKENS, dtype=torch.long,
+                                          device=next(model.parameters()).device), use_cache=False)
     return model
+
+
+def fix_root(module, *args, **kwargs) -> None:
+    """Makes the sharded module FSDP2's root: a forward of it (args, kwargs: a tiny input), without gradients, then
+    its weights sharded again (a root's forward keeps them gathered, for a backward that this one never has)."""
+    with torch.no_grad():
+        module(*args, **kwargs)
+    module.reshard()
 
 
 def is_sharded(module) -> bool:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from fastrft.batch import check_head_matches_model, own_forward_hidden
+from fastrft.distributed import ROOT_WARMUP_TOKENS, fix_root, gathered, is_sharded
 from fastrft.loss import IGNORE_INDEX, lm_head_logprobs, model_logit_transform
 from fastrft.refiner import refine
 
@@ -248,7 +249,11 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         refiner_model.eval()
         if self.args.disable_dropout:
             disable_dropout_in_model(refiner_model)
-        return self.accelerator.prepare_model(refiner_model, evaluation_mode=True)
+        refiner_model = self.accelerator.prepare_model(refiner_model, evaluation_mode=True)
+        if is_sharded(refiner_model):   # FSDP2 takes the first module to run forward as its root: make it this one
+            fix_root(refiner_model, input_ids=torch.zeros(1, ROOT_WARMUP_TOKENS, dtype=torch.long,
+                                                          device=self.accelerator.device))
+        return refiner_model
 
     def _causal_lm(self, model: nn.Module) -> nn.Module:
         """The transformers model under the DDP/accelerate and PEFT wrappers (PEFT's adapters live inside it)."""
@@ -261,14 +266,17 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         if config.get_text_config() is not config:
             raise ValueError(f"FastRFTGRPOTrainer supports text-only causal LMs; {type(causal_lm).__name__} is a "
                              "multimodal model (its image inputs are untested with fastrft's head)")
-        if self.is_fsdp_enabled or (self.is_deepspeed_enabled
-                                    and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
-            raise ValueError("FastRFTGRPOTrainer does not support sharded weights (FSDP, DeepSpeed ZeRO-3) yet: "
-                             "fastrft's head reads the LM head's weight outside the module's forward, where it is "
-                             "not gathered")
+        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise ValueError("FastRFTGRPOTrainer supports FSDP2 (fsdp_version: 2 in accelerate's config, or "
+                             "fsdp_config={'version': 2}), not FSDP1, whose flat parameters hide the LM head's weight")
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise ValueError("FastRFTGRPOTrainer does not support DeepSpeed ZeRO-3 yet (its partitioned LM head is "
+                             "untested here: DeepSpeed does not run on this project's CPU test machines); use FSDP2 "
+                             "(fsdp_version: 2) to shard the weights, or ZeRO-1/2")
         _lm_head(causal_lm)
         for key, model in (("model", causal_lm), ("ref_model", self.ref_model)):
-            if model is not None:
+            # Under FSDP2 with cpu_ram_efficient_loading the weights are real on rank 0 only: it probes for all.
+            if model is not None and not any(p.is_meta for p in model.parameters()):
                 check_head_matches_model(model, key, fused_logprobs=_fused_probe_logprobs,
                                          temperature=self.temperature)
 
@@ -290,12 +298,16 @@ class FastRFTGRPOTrainer(GRPOTrainer):
 
     @contextmanager
     def _refiner(self):
-        """The refiner model to generate with: the frozen refiner, or the PEFT policy with its adapters disabled."""
+        """The refiner model to generate with: the frozen refiner, or the PEFT policy with its adapters disabled;
+        under FSDP2 its whole weights gathered for the block (fastrft.distributed.gathered: every process calls the
+        refiner once per generation batch, and decodes as far as its own samples need)."""
         if self.refiner_model is not None:
-            yield self.accelerator.unwrap_model(self.refiner_model)
+            refiner = self.accelerator.unwrap_model(self.refiner_model)
+            with gathered(refiner):
+                yield refiner
             return
         policy = self.accelerator.unwrap_model(self.model)
-        with use_adapter(policy, adapter_name="ref" if "ref" in policy.peft_config else None):
+        with gathered(policy), use_adapter(policy, adapter_name="ref" if "ref" in policy.peft_config else None):
             yield policy
 
     def _refine(self, prompts: list, completion_ids: list[list[int]]) -> dict:

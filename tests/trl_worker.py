@@ -1,0 +1,149 @@
+"""FastRFTGRPOTrainer on 1 or 2 CPU processes, launched by tests/test_distributed.py (2 under torchrun, gloo):
+
+    python tests/trl_worker.py train MODEL_DIR OUT_DIR PER_DEVICE_BATCH
+    python tests/trl_worker.py grads MODEL_DIR OUT_DIR
+
+train: TRL's own trainer end to end (rewards, advantages, old and reference log-probs through fastrft's head, its
+loss, the refiner constraint, the optimizer; data parallel over the processes); rank 0 writes the final weights and
+the logged metrics to OUT_DIR.
+
+grads: one generation batch through the trainer's _generate_and_score_completions and compute_loss with the policy,
+TRL's reference model and the refiner sharded by FSDP2 as accelerate shards them (fully_shard per decoder layer, then
+the model; the reference and the refiner whole, as TRL's prepare_fsdp and accelerate's prepare_model do), each
+process with half the batch; rank 0 writes every weight's whole gradient. Accelerate turns FSDP on only on
+accelerators (its CPU processes are plain data parallel), so on the CPU the sharding is applied here, the way
+accelerate's fsdp2_prepare_model applies it.
+
+Both sample through a rollout_func (TRL's seam for custom generation) that writes each prompt's completions from a
+seed of its own, so that 1 process and 2 see the same samples.
+"""
+import json
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_integrations import char_tokenizer, tiny_llama  # noqa: E402
+
+NUM_GENERATIONS, COMPLETION_TOKENS = 4, 5
+
+
+def seeded_rollout(prompts, trainer):
+    """For each prompt (its num_generations copies are adjacent) num_generations completions drawn from the prompt's
+    own seed: letters and spaces, sometimes an early EOS."""
+    tokenizer = trainer.processing_class
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    completion_ids = []
+    for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
+        draw = torch.Generator().manual_seed(zlib.crc32(f"{prompt}/{i % NUM_GENERATIONS}".encode()))
+        tokens = torch.randint(4, tokenizer.vocab_size, (COMPLETION_TOKENS,), generator=draw).tolist()
+        stop = int(torch.randint(2, COMPLETION_TOKENS + 1, (), generator=draw))
+        completion_ids.append(tokens[:stop - 1] + [tokenizer.eos_token_id] if stop < COMPLETION_TOKENS else tokens)
+    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+
+def letters(completions, **kwargs):
+    """A reward that varies between a prompt's samples: the completion's letters."""
+    return [float(len(c.replace(" ", ""))) for c in completions]
+
+
+def save_stopping_refiner(path: Path) -> None:
+    """A refiner that ends every refinement at once (EOS first): its residual stream is one attention bias, which
+    only the EOS row of its head reads. Its refinements then parse to the same short text, deterministic on any
+    number of processes."""
+    model = tiny_llama(attention_bias=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.layers[0].self_attn.o_proj.bias.fill_(1.0)
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight[model.config.eos_token_id] = 1.0
+    model.save_pretrained(path)
+
+
+PROMPTS = ["abc", "hey", "xyz", "qqa"]   # of one length: left padding would shift positions (TRL passes no position ids)
+
+
+def make_trainer(model_dir: str, out_dir: str, per_device_batch: int):
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from fastrft.integrations import FastRFTGRPOTrainer
+
+    args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=per_device_batch,
+                      num_generations=NUM_GENERATIONS, max_completion_length=COMPLETION_TOKENS, learning_rate=1e-2,
+                      beta=0.1, loss_type="dapo", report_to="none", logging_steps=1, save_strategy="no",
+                      disable_tqdm=True, max_steps=2, seed=0, use_cpu=True,
+                      optim="sgd")   # Adam would amplify the rounding of near-zero gradients into whole steps
+    refiner_dir = Path(out_dir) / "refiner"
+    if not refiner_dir.is_dir():
+        save_stopping_refiner(refiner_dir)
+    return FastRFTGRPOTrainer(model=model_dir, reward_funcs=letters, args=args,
+                              train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+                              processing_class=char_tokenizer(), rollout_func=seeded_rollout, refine_coef=0.5,
+                              refine_template="fix: {response}\n", refiner_model=str(refiner_dir),
+                              parse_refinement=lambda text: "ab")
+
+
+def shard_as_accelerate_does(trainer) -> None:
+    """FSDP2 over the trainer's models as accelerate (policy) and TRL's prepare_fsdp (reference) apply it, and the
+    refiner made the root of its own (as FastRFTGRPOTrainer._load_refiner does after accelerate's prepare_model)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fastrft.distributed import ROOT_WARMUP_TOKENS, fix_root
+
+    for layer in trainer.model.model.layers:
+        fully_shard(layer)
+    fully_shard(trainer.model)
+    fully_shard(trainer.ref_model)
+    fully_shard(trainer.refiner_model)
+    fix_root(trainer.refiner_model, input_ids=torch.zeros(1, ROOT_WARMUP_TOKENS, dtype=torch.long))
+
+
+def gradients(model_dir: str, out_dir: str) -> None:
+    trainer = make_trainer(model_dir, out_dir, per_device_batch=8 // int(os.environ.get("WORLD_SIZE", "1")))
+    rank, world_size = trainer.accelerator.process_index, trainer.accelerator.num_processes
+    if world_size > 1:
+        shard_as_accelerate_does(trainer)
+    sharded = {name: all(hasattr(p, "to_local") for p in model.parameters())
+               for name, model in (("model", trainer.model), ("ref_model", trainer.ref_model),
+                                   ("refiner_model", trainer.refiner_model))}
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps   # set by train()'s loop
+    # Two prompts' groups: two processes take one each; one process takes both and runs the loss on each group's
+    # half of the batch in turn, so that every forward pads as the two processes' do (the padded width changes a
+    # forward's rounding: a whole batch's gradient and its halves' summed differ by ~1e-3 relative, TRL's own
+    # trainer alike).
+    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(NUM_GENERATIONS)]
+    share = len(rows) // world_size
+    batch = trainer._generate_and_score_completions(rows[rank * share:(rank + 1) * share])
+    for half in range(share // NUM_GENERATIONS):
+        part = {key: value[half * NUM_GENERATIONS:(half + 1) * NUM_GENERATIONS]
+                if isinstance(value, torch.Tensor) and value.dim() > 0 else value for key, value in batch.items()}
+        trainer.compute_loss(trainer.model, part, num_items_in_batch=batch["num_items_in_batch"]).backward()
+    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for name, p in trainer.model.named_parameters()}
+    if rank == 0:
+        torch.save({"grads": grads, "refine_rate": trainer._metrics["train"]["refine/rate"][-1], "sharded": sharded},
+                   Path(out_dir) / "grads.pt")
+
+
+def main(model_dir: str, out_dir: str, per_device_batch: int) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    trainer = make_trainer(model_dir, out_dir, per_device_batch)
+    trainer.train()
+    weights = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainer.accelerator.is_main_process:
+        torch.save({name: t.clone() for name, t in weights.items()}, Path(out_dir) / "weights.pt")
+        (Path(out_dir) / "log.json").write_text(json.dumps(trainer.state.log_history))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "grads":
+        gradients(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
