@@ -460,7 +460,8 @@ class FusedRFTLoss(nn.Module):
 
     The head is any module with a [V, H] ``weight`` (and optional ``bias``): an nn.Linear, tied to the input
     embedding or not. Keyword arguments given at construction are defaults for every call; a frozen head
-    (requires_grad=False, as under LoRA) costs no weight-gradient work."""
+    (requires_grad=False, as under LoRA) costs no weight-gradient work. With sharded weights (FSDP2) the head must be
+    read inside the forward of the module the engine gathers it for: use fastrft.CausalLMWithFusedLoss as the root."""
 
     def __init__(self, lm_head: nn.Module, **defaults):
         super().__init__()

@@ -7,6 +7,7 @@ must not change the result (losses, metrics, weights within fp32 tolerance), wit
 between world sizes; a failing rank ends the job; FSDP2 over CausalLMWithFusedLoss gives one process's gradients."""
 import json
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -202,3 +203,14 @@ def test_trl_trainer_trains_on_two_processes_as_on_one(trl_model, tmp_path):
     one, two = (torch.load(tmp_path / f"p{n}" / "weights.pt") for n in (1, 2))
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_fsdp2_example_runs_and_learns():
+    """examples/fsdp2_fused_loss.py, the README's FSDP2 loop, on 2 ranks."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(WORKER.parent.parent / "examples" / "fsdp2_fused_loss.py"), "--steps", "12"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rewards = [float(r) for r in re.findall(r"reward ([0-9.]+)", done.stdout)]
+    assert len(rewards) == 12
+    assert sum(rewards[-3:]) > 2 * sum(rewards[:3]), f"the toy reward should rise: {rewards}"

@@ -151,10 +151,11 @@ class FastRFTGRPOTrainer(GRPOTrainer):
     policy's, the old and the reference model's, come from fastrft.lm_head_logprobs without materialising the
     logits (see the module docstring), with fastrft's refiner constraint on top when refine_coef > 0. TRL's own
     compute_loss runs on them: every loss type, importance-sampling level, clipping, masking, KL, entropy bonus, MoE
-    router loss and metric is TRL's. Refused at construction, with the reason: a PEFT adapter on the LM head (the
-    primitive takes the head's weight), vision-language models, sharded weights (FSDP, DeepSpeed ZeRO-3: the head's
-    weight is read outside its module's forward), and models whose logits fastrft cannot reproduce (checked on a
-    short probe against the model's own forward).
+    router loss and metric is TRL's. Under FSDP2 (accelerate's fsdp_version: 2) the log-probs are computed inside
+    the sharded model's own forward, where FSDP2 has gathered the LM head, and FSDP2 reduce-scatters its gradient.
+    Refused at construction, with the reason: a PEFT adapter on the LM head (the primitive takes the head's weight),
+    vision-language models, FSDP1 (flat parameters) and DeepSpeed ZeRO-3 (untested: see _check_model), and models
+    whose logits fastrft cannot reproduce (checked on a short probe against the model's own forward).
 
     Refiner keyword arguments (beyond TRL's):
         refine_coef            sft weight of each token the refiner changed; 0 (default) turns the refiner off and
@@ -180,7 +181,8 @@ class FastRFTGRPOTrainer(GRPOTrainer):
                                model), without gradients or optimiser state. Every refiner also holds its KV cache
                                while it generates (the generation batch's samples at once).
     The refiner runs once per generation batch on each process's own samples, with transformers models (not vLLM),
-    and is refused with tools (it would rewrite tool results) and with sharded weights (DeepSpeed ZeRO-3, FSDP).
+    under FSDP2 on its whole weights, gathered for that call; it is refused with tools (it would rewrite tool
+    results).
     Logged: refine/rate (samples with a refinement that changed something), refine/failed (samples whose refinement
     was too long, unparseable or empty), refine/changed_token_frac (changed tokens / refined tokens),
     refine/passes (the refiner's forward passes) and, with refine_draft, refine/draft_accepted (the share of draft
@@ -270,9 +272,10 @@ class FastRFTGRPOTrainer(GRPOTrainer):
             raise ValueError("FastRFTGRPOTrainer supports FSDP2 (fsdp_version: 2 in accelerate's config, or "
                              "fsdp_config={'version': 2}), not FSDP1, whose flat parameters hide the LM head's weight")
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise ValueError("FastRFTGRPOTrainer does not support DeepSpeed ZeRO-3 yet (its partitioned LM head is "
-                             "untested here: DeepSpeed does not run on this project's CPU test machines); use FSDP2 "
-                             "(fsdp_version: 2) to shard the weights, or ZeRO-1/2")
+            raise ValueError("FastRFTGRPOTrainer does not support DeepSpeed ZeRO-3 yet: its partitioned LM head, "
+                             "which fastrft reads outside the head's own forward, is untested (transformers' Trainer "
+                             "runs DeepSpeed only on GPUs); shard the weights with FSDP2 (fsdp_version: 2), or use "
+                             "ZeRO-1/2")
         _lm_head(causal_lm)
         for key, model in (("model", causal_lm), ("ref_model", self.ref_model)):
             # Under FSDP2 with cpu_ram_efficient_loading the weights are real on rank 0 only: it probes for all.

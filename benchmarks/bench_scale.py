@@ -1,0 +1,180 @@
+"""Does data parallelism pay: a training step's time and memory per rank at 1 and 2 ranks (FSDP2, gloo, CPU)?
+
+The update of one `fastrft train` step (fastrft.batch.accumulate_gradients over the step's sample rows in
+token-budgeted micro-batches, the fused loss in CausalLMWithFusedLoss's forward, gradient clipping, AdamW), for a
+randomly initialised model of Qwen2.5-0.5B's width (hidden 896, vocabulary 151936, tied embeddings) with --layers
+layers, on each of --rows counts of rows of the demo's shape:
+    1 rank    one process, 2 threads, every row
+    2 ranks   torchrun, FSDP2 per decoder layer (fastrft.distributed.shard_policy), 1 thread each, half the rows each
+Per rank: the median step time over --repeat steps (after --warmup); the communication inside one step (the wall
+time of FSDP2's all-gather and reduce-scatter regions, from torch.profiler); the bytes of the parameters and AdamW's
+state it holds (its shards); its peak RSS. Floor: the update's FLOPs on the rank's rows (fwd + bwd of every layer's
+matmuls, attention, the LM head on target tokens) over the matmul rate its threads measure. Targets: parameter +
+optimizer bytes per rank at 2 ranks at most 0.55x of 1 rank's; the 2-rank step no slower than the 1-rank step.
+
+    python benchmarks/bench_scale.py                  # about 5 minutes on the 2-core CPU
+Prints a table, then one JSON line; writes benchmarks/results/bench_scale_cpu.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import fix_malloc_mmap_threshold, rss_bytes  # noqa: E402
+from models import qwen_width_description, qwen_width_model  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+CONFIGS = ((1, 2), (2, 1))   # (ranks, threads per rank): the machine's 2 cores either way, 1 rank first
+COMM_REGIONS = ("FSDP::all_gather", "FSDP::post_backward_reduce")
+
+
+def worker(args) -> None:
+    """One rank's measurements; rank 0 writes them, with every rank's, to args.out."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench_step import demo_rows, matmul_rate, update_flops
+    from fastrft.batch import SDPA, AttentionPath, accumulate_gradients
+    from fastrft.config import TrainConfig
+    from fastrft.distributed import full_value, init_world, local_tensor, shard_policy
+
+    torch.set_num_threads(args.threads)
+    world = init_world(600)
+    device = torch.device("cpu")
+    model = qwen_width_model(args.layers)
+    loss_module = shard_policy(model, world, fsdp=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    rows = [demo_rows(args.rows, model.config.vocab_size)[i] for i in world.share(args.rows)]
+    cfg = TrainConfig(model="unused", constraint="kl")
+    path = AttentionPath(False, SDPA, args.max_tokens)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        accumulate_gradients(loss_module, rows, cfg, path, device, use_old=False, world=world)
+        full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.repeat):
+        world.barrier()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    comm_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key.startswith(COMM_REGIONS))
+    state_bytes = {
+        "parameters": sum(local_tensor(p).numel() * p.element_size() for p in model.parameters()),
+        "optimizer": sum(local_tensor(t).numel() * t.element_size() for s in optimizer.state.values()
+                         for t in s.values() if isinstance(t, torch.Tensor) and t.dim() > 0),
+    }
+    flops = update_flops(model, rows)
+    rate = matmul_rate(device, torch.float32)
+    mine = {"rank": world.rank, "threads": args.threads, "rows": len(rows),
+            "step_s": sorted(times)[len(times) // 2], "step_times_s": times, "comm_s": comm_us / 1e6,
+            "flops": flops, "matmul_flops_per_s": rate, "floor_s": flops / rate,
+            "param_bytes": state_bytes["parameters"], "optimizer_bytes": state_bytes["optimizer"],
+            "peak_rss_bytes": rss_bytes()["VmHWM"]}
+    ranks = world.gather(mine)
+    if world.is_main:
+        Path(args.out).write_text(json.dumps(ranks))
+    if world.size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def launch(ranks: int, threads: int, rows: int, args, out: Path) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", __file__,
+               "--worker", "--threads", str(threads), "--out", str(out), "--layers", str(args.layers), "--rows",
+               str(rows), "--repeat", str(args.repeat), "--warmup", str(args.warmup), "--max-tokens",
+               str(args.max_tokens)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{ranks}-rank run failed:\n{done.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def summarize(ranks: int, threads: int, rows: int, per_rank: list[dict]) -> dict:
+    slowest = max(per_rank, key=lambda r: r["step_s"])
+    return {"rows": rows, "ranks": ranks, "threads_per_rank": threads, "step_s": slowest["step_s"],
+            "comm_s": max(r["comm_s"] for r in per_rank), "floor_s": max(r["floor_s"] for r in per_rank),
+            "state_bytes_per_rank": max(r["param_bytes"] + r["optimizer_bytes"] for r in per_rank),
+            "peak_rss_bytes_per_rank": max(r["peak_rss_bytes"] for r in per_rank), "per_rank": per_rank}
+
+
+def markdown(payload: dict) -> str:
+    env = payload["machine"]
+    lines = [
+        "# bench_scale: one update step at 1 and 2 ranks (FSDP2, gloo)", "",
+        f"Model: {payload['model']}; demo-shaped rows per step as below. Machine: "
+        f"{env.get('cpu', '?')}; torch {env['torch']}, transformers {env['transformers']}, commit "
+        f"{env['commit']}{' (dirty)' if env.get('dirty') else ''}; command `{env['command']}`.", "",
+        "| rows | ranks x threads | step s | floor s | step / floor | communication s | params + AdamW per rank GB | "
+        "peak RSS per rank GB |",
+        "|---|---|---|---|---|---|---|---|"]
+    for r in payload["configs"]:
+        lines.append(f"| {r['rows']} | {r['ranks']} x {r['threads_per_rank']} | {r['step_s']:.2f} | {r['floor_s']:.2f} | "
+                     f"{r['step_s'] / r['floor_s']:.2f}x | {r['comm_s']:.2f} | "
+                     f"{r['state_bytes_per_rank'] / 1e9:.3f} | {r['peak_rss_bytes_per_rank'] / 1e9:.2f} |")
+    lines.append("")
+    for ratios in payload["ratios"]:
+        lines.append(f"{ratios['rows']} rows, 2 ranks over 1: step time {ratios['step_time']:.2f}x (target <= 1; "
+                     f"without the communication {ratios['step_time_without_comm']:.2f}x), parameter + optimizer "
+                     f"bytes per rank {ratios['state_bytes']:.3f}x (target <= 0.55), peak RSS per rank "
+                     f"{ratios['peak_rss']:.2f}x; communication {ratios['comm_share']:.0%} of the 2-rank step.  ")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rows", default="32,128", help="comma-separated rows per step (one size per run)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.rows = int(args.rows)
+        worker(args)
+        return
+    from fastrft.machine import describe_machine
+
+    payload = {"machine": describe_machine(), "args": vars(args), "model": qwen_width_description(args.layers)}
+    payload["machine"]["command"] = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:])
+    payload["configs"], payload["ratios"] = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_scale-") as work:
+        for rows in (int(n) for n in args.rows.split(",")):
+            one, two = (summarize(ranks, threads, rows, launch(ranks, threads, rows, args,
+                                                               Path(work) / f"{rows}-{ranks}.json"))
+                        for ranks, threads in CONFIGS)
+            payload["configs"] += [one, two]
+            payload["ratios"].append({
+                "rows": rows, "step_time": two["step_s"] / one["step_s"],
+                "step_time_without_comm": (two["step_s"] - two["comm_s"]) / one["step_s"],
+                "state_bytes": two["state_bytes_per_rank"] / one["state_bytes_per_rank"],
+                "peak_rss": two["peak_rss_bytes_per_rank"] / one["peak_rss_bytes_per_rank"],
+                "comm_share": two["comm_s"] / two["step_s"]})
+    text = markdown(payload)
+    print(text)
+    print(json.dumps(payload))
+    out = Path(args.out) if args.out else RESULTS / "bench_scale_cpu"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    fix_malloc_mmap_threshold()
+    main()
