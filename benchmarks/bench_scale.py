@@ -88,6 +88,7 @@ def worker(args) -> None:
     if world.is_main:
         Path(args.out).write_text(json.dumps(ranks))
     if world.size > 1:
+        world.barrier()   # gloo aborts a process whose peer tears down while it is still sending
         torch.distributed.destroy_process_group()
 
 

@@ -86,6 +86,7 @@ def main():
             print(f"step {step:3d}  reward {mean_reward.item():.3f}  entropy {out.metrics['entropy']:.3f}",
                   flush=True)
     if distributed:
+        dist.barrier()   # gloo aborts a process whose peer tears down while it is still sending
         dist.destroy_process_group()
 
 

@@ -405,7 +405,8 @@ def accumulate_gradients(model, rows: list[Row], cfg, path: AttentionPath, devic
     router_coef = router_loss_coef(causal_lm_of(loss_module), cfg)
     plan = list(micro_batches(rows, path, device))
     n_batches = int(world.max([len(plan)])[0])
-    idle = build_batch([Row(prompt_ids=[0], target_ids=[0], pg=True)], device, packed=path.packed)
+    # A non-zero advantage: the loss skips rows of zero weight, and this one's backward must reach every layer.
+    idle = build_batch([Row(prompt_ids=[0], target_ids=[0], pg=True, advantage=1.0)], device, packed=path.packed)
     plan += [(None, idle)] * (n_batches - len(plan))
     sums = dict.fromkeys(("loss", "pg_loss", "sft_loss", "kl_loss", "router_loss", "clipped", "pg_tokens",
                           "entropy"), 0.0)

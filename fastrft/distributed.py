@@ -140,6 +140,7 @@ def process_group(timeout_s: float):
     world = init_world(timeout_s)
     try:
         yield world
+        world.barrier()   # gloo aborts the process when a peer tears down while it is still sending
     finally:
         if world.size > 1 and not existed:
             dist.destroy_process_group()
@@ -240,6 +241,9 @@ def gathered(module):
         return
     from torch.distributed.fsdp import FSDPModule
 
+    if not hasattr(module, "reset_iter_state"):
+        raise RuntimeError(f"this torch ({torch.__version__}) lacks FSDPModule.reset_iter_state, which fastrft needs "
+                           f"to run generation on FSDP2-sharded weights; upgrade torch (2.13 has it)")
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
     layers = [m for m in units if m is not module]
     module.set_reshard_after_forward(False)
@@ -248,8 +252,9 @@ def gathered(module):
     try:
         yield
     finally:
-        for unit in units:
-            unit.reshard()
+        # Reshards every unit and forgets the block's forwards: FSDP2 would take them for the next backward's
+        # (it prefetches in their order), and their number differs from rank to rank.
+        module.reset_iter_state()
         for layer in layers:   # the root keeps FSDP2's root default: gathered from forward through backward
             layer.set_reshard_after_forward(True, recurse=False)
 

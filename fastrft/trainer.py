@@ -55,8 +55,8 @@ from fastrft.batch import (AttentionPath, Batch, Row, accumulate_gradients, buil
                            router_loss_coef, sequence_logprobs)
 from fastrft.checkpoint import StopSignal, load_checkpoint, save_checkpoint
 from fastrft.config import TrainConfig, load_config, save_config
-from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world, local_tensor,  # noqa: F401
-                                 process_group, shard_frozen, shard_policy)
+from fastrft.distributed import (SINGLE, World, full_value, gathered, local_tensor, process_group, shard_frozen,
+                                 shard_policy)
 from fastrft.lora import adapters_disabled, add_lora, merge_lora
 from fastrft.refiner import RefineResult, refine
 from fastrft.rewards import is_degenerate

@@ -19,7 +19,8 @@ import torch
 
 from fastrft.config import load_config
 from fastrft.rollout import Samples, generate
-from fastrft.trainer import init_world, make_run, train_run
+from fastrft.distributed import init_world
+from fastrft.trainer import make_run, train_run
 
 
 def per_prompt_generate(model, tokenizer, prompt_ids, **kwargs):
@@ -65,6 +66,7 @@ def run_training(mode: str, run_dir: str, overrides: list[str]) -> None:
         inject_fault(run, os.environ["FASTRFT_TEST_FAULT"])
     train_run(run)
     if world.size > 1:
+        world.barrier()
         torch.distributed.destroy_process_group()
 
 
@@ -101,6 +103,7 @@ def fused_loss_gradients(out_path: str) -> None:
     if world.rank == 0:
         torch.save(grads, out_path)
     if world.size > 1:
+        world.barrier()   # gloo aborts the process when a peer tears down while it is still sending
         torch.distributed.destroy_process_group()
 
 

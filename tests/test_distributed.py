@@ -214,3 +214,39 @@ def test_the_fsdp2_example_runs_and_learns():
     rewards = [float(r) for r in re.findall(r"reward ([0-9.]+)", done.stdout)]
     assert len(rewards) == 12
     assert sum(rewards[-3:]) > 2 * sum(rewards[:3]), f"the toy reward should rise: {rewards}"
+
+
+def test_a_rank_without_prompts_joins_the_others_step(demo_reference, tmp_path):
+    """One prompt per step over 2 ranks: rank 1 draws nothing, runs no rollout, and still takes part in every
+    collective of the step (gathered weights, idle micro-batches through FSDP2's forward and backward, the
+    checkpoint), so the job gives the 1-rank run's result."""
+    extra = ["prompts_per_step=1", "steps=2", "eval_every=2"]
+    train_ok(1, "train", str(tmp_path / "one"), f"model={demo_reference}", *RUN, *extra)
+    train_ok(2, "train", str(tmp_path / "two"), f"model={demo_reference}", *RUN, *extra)
+    a, b = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert [r["step"] for r in b] == [0, 1, 2]
+    for mine, other in zip(b, a):
+        for key in ("reward_mean", "pg_loss", "sft_loss", "kl_ref", "grad_norm", "eval_reward"):
+            if key in other:
+                assert mine[key] == pytest.approx(other[key], rel=1e-4, abs=1e-6), (mine["step"], key)
+    ours, theirs = final_weights(tmp_path / "two", demo_reference), final_weights(tmp_path / "one", demo_reference)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_lora_on_two_ranks_trains_as_on_one(demo_reference, tmp_path):
+    """LoRA under FSDP2: adapters trained over sharded frozen weights, the reference the gathered policy with its
+    adapters off, checkpoints of the adapters alone; the 1-rank run's result."""
+    extra = ["steps=2", "eval_every=2", "lora_r=4", "lr=3e-3"]
+    train_ok(1, "train", str(tmp_path / "one"), f"model={demo_reference}", *RUN, *extra)
+    train_ok(2, "train", str(tmp_path / "two"), f"model={demo_reference}", *RUN, *extra)
+    a, b = steps(tmp_path / "one"), steps(tmp_path / "two")
+    for mine, other in zip(b, a):
+        for key in ("reward_mean", "pg_loss", "sft_loss", "kl_ref", "grad_norm", "eval_reward"):
+            if key in other:
+                assert mine[key] == pytest.approx(other[key], rel=1e-4, abs=1e-6), (mine["step"], key)
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(tmp_path / "two" / "checkpoints" / "step_00000002" / "weights")).read_metadata()
+    saved = {key for key in metadata.state_dict_metadata if key.startswith("model.")}
+    assert saved and all("lora_" in key for key in saved)

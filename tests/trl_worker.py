@@ -147,3 +147,6 @@ if __name__ == "__main__":
         gradients(sys.argv[2], sys.argv[3])
     else:
         main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()   # gloo aborts a process whose peer tears down while it is still sending
+        torch.distributed.destroy_process_group()
