@@ -32,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import fix_malloc_mmap_threshold, rss_bytes  # noqa: E402
 from models import qwen_width_description, qwen_width_model  # noqa: E402
+from report import publish  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"full": ["lora_r=0"], "lora": ["lora_r=16"]}
 STEP = ["task=demo", "steps=1", "prompts_per_step=4", "group_size=4", "constraint=kl+refiner", "refine_coef=1.0",
         "dynamic_sampling=false", "progress=false", "plots=false", "max_new_tokens=16", "refine_max_new_tokens=16"]
@@ -193,13 +193,8 @@ def main():
             payload["lora_over_full_over_start"] = lora["peak_over_start_bytes"] / full["peak_over_start_bytes"]
         if args.budget_gb > 0:
             payload["budget"] = [largest_fitting(v, args, directory, measured) for v in VARIANTS]
-    text = markdown(payload)
-    print(text)
-    print(json.dumps(payload))
-    out = Path(args.out) if args.out else RESULTS / f"bench_memory_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text)
+    publish(payload, markdown(payload), f"bench_memory_{'cuda' if args.device.startswith('cuda') else 'cpu'}",
+            args.out)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import fix_malloc_mmap_threshold, rss_bytes  # noqa: E402
 from models import qwen_width_description, qwen_width_model  # noqa: E402
+from report import publish  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 CONFIGS = ((1, 2), (2, 1))   # (ranks, threads per rank): the machine's 2 cores either way, 1 rank first
 COMM_REGIONS = ("FSDP::all_gather", "FSDP::post_backward_reduce")
 
@@ -167,13 +167,7 @@ def main():
                 "state_bytes": two["state_bytes_per_rank"] / one["state_bytes_per_rank"],
                 "peak_rss": two["peak_rss_bytes_per_rank"] / one["peak_rss_bytes_per_rank"],
                 "comm_share": two["comm_s"] / two["step_s"]})
-    text = markdown(payload)
-    print(text)
-    print(json.dumps(payload))
-    out = Path(args.out) if args.out else RESULTS / "bench_scale_cpu"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text)
+    publish(payload, markdown(payload), "bench_scale_cpu", args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastrft.distributed import launched_rank
+from fastrft.distributed import end_world, launched_rank
 from fastrft.rundir import RunDir
 
 # The embedded demo: RL from the project's own reference model on the synthetic sorting task, on the CPU.
@@ -47,13 +47,11 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
-    from fastrft.config import load_config
     from fastrft.trainer import train
 
     t0 = time.perf_counter()
     print("fastrft demo: reference model (trained once by fastrft.tasks.demo, then cached)", flush=True)
-    reference = _demo_reference(args)
-    cfg = load_config(None, args.overrides, **{**DEMO_DEFAULTS, "model": str(reference)})
+    cfg = _demo_config(args)
     if not args.overwrite and not any(item.startswith("output_dir=") for item in args.overrides):
         cfg.output_dir = str(_free_run_dir(Path(cfg.output_dir)))
     summary = train(cfg, overwrite=args.overwrite)
@@ -128,8 +126,7 @@ def _compare(args) -> int:
         raise ValueError(f"--kl-coefs must be comma-separated numbers, got {args.kl_coefs!r}") from None
     expand_variants(args.modes.split(","), kl_coefs)   # mode errors before the demo's reference is trained
     if args.demo:
-        reference = _demo_reference(args)
-        cfg = load_config(None, args.overrides, **{**DEMO_DEFAULTS, "model": str(reference)})
+        cfg = _demo_config(args)
     else:
         cfg = load_config(args.config, args.overrides)
     command = ["fastrft", "compare", *(["--demo"] if args.demo else ["--config", args.config]), "--modes", args.modes,
@@ -149,14 +146,18 @@ def _compare(args) -> int:
     return 0
 
 
-def _demo_reference(args) -> Path:
-    """The demo's reference model, trained into --cache-dir unless cached there (under torchrun by rank 0 alone)."""
-    from fastrft.config import TrainConfig
+def _demo_config(args):
+    """The demo's config with the overrides, its model the demo's reference, trained into --cache-dir unless cached
+    there (under torchrun by rank 0 alone, the others waiting within the config's dist_timeout_s)."""
+    from fastrft.config import load_config
     from fastrft.distributed import rank_zero_first
     from fastrft.tasks.demo import ensure_reference
 
-    with rank_zero_first(TrainConfig.dist_timeout_s):
-        return ensure_reference(Path(args.cache_dir), max_steps=args.reference_steps)
+    cfg = load_config(None, args.overrides, **DEMO_DEFAULTS)
+    if not cfg.model:   # model=PATH among the overrides runs the demo from that model instead
+        with rank_zero_first(cfg.dist_timeout_s):
+            cfg.model = str(ensure_reference(Path(args.cache_dir), max_steps=args.reference_steps))
+    return cfg
 
 
 def _add_reference_args(parser) -> None:
@@ -203,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p_export.set_defaults(func=_export)
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        end_world()
+        return status
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         rank = f" (rank {launched_rank()})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"fastrft {args.command}: error{rank}: {exc}", file=sys.stderr)

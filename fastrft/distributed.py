@@ -104,8 +104,8 @@ SINGLE = World()
 
 def init_world(timeout_s: float) -> World:
     """The job's World from torchrun's environment, initialising the default process group (nccl where CUDA is, else
-    gloo) with timeout_s on every collective: a rank that dies leaves the others an error, never a hang. Without
-    torchrun, or with one process, the single-process World."""
+    gloo) with timeout_s on every collective, unless one exists: a rank that dies leaves the others an error, never a
+    hang. Without torchrun, or with one process, the single-process World."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return SINGLE
@@ -120,9 +120,22 @@ def init_world(timeout_s: float) -> World:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        # One process group for the process's life (end_world ends it): torchrun's store outlives a destroyed group,
+        # and a second group over it would find the first one's stale addresses (fastrft compare trains run after run).
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank,
                  comm_device=f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def end_world() -> None:
+    """Ends the process group, if any, once every rank is done with it (gloo aborts a process whose peer tears its
+    group down first). Called by the command line when a command has finished well; after a failure torchrun ends the
+    other ranks itself."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def launched_rank() -> int:
@@ -131,31 +144,15 @@ def launched_rank() -> int:
 
 
 @contextmanager
-def process_group(timeout_s: float):
-    """The job's World for the block (init_world), its process group destroyed at the end when the block created
-    it."""
-    import torch.distributed as dist
-
-    existed = dist.is_available() and dist.is_initialized()
-    world = init_world(timeout_s)
-    try:
-        yield world
-        world.barrier()   # gloo aborts the process when a peer tears down while it is still sending
-    finally:
-        if world.size > 1 and not existed:
-            dist.destroy_process_group()
-
-
-@contextmanager
 def rank_zero_first(timeout_s: float):
     """Under torchrun the block runs on rank 0 first, then on the other ranks, which find what it made (a cached
     model) instead of making it again at the same time."""
-    with process_group(timeout_s) as world:
-        if not world.is_main:
-            world.barrier()
-        yield
-        if world.is_main:
-            world.barrier()
+    world = init_world(timeout_s)
+    if not world.is_main:
+        world.barrier()
+    yield
+    if world.is_main:
+        world.barrier()
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

@@ -55,7 +55,7 @@ from fastrft.batch import (AttentionPath, Batch, Row, accumulate_gradients, buil
                            router_loss_coef, sequence_logprobs)
 from fastrft.checkpoint import StopSignal, load_checkpoint, save_checkpoint
 from fastrft.config import TrainConfig, load_config, save_config
-from fastrft.distributed import (SINGLE, World, full_value, gathered, local_tensor, process_group, shard_frozen,
+from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world, local_tensor, shard_frozen,
                                  shard_policy)
 from fastrft.lora import adapters_disabled, add_lora, merge_lora
 from fastrft.refiner import RefineResult, refine
@@ -520,9 +520,9 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Runs cfg.steps steps into cfg.output_dir; returns the summary (also written to summary.json). A folder that
     holds a run is continued with resume=True or replaced with overwrite=True, never silently reused. Under torchrun
-    every rank calls it: a data-parallel run over the job's ranks."""
-    with process_group(cfg.dist_timeout_s) as world:
-        return train_run(make_run(cfg, resume=resume, overwrite=overwrite, world=world))
+    every rank calls it: a data-parallel run over the job's ranks (the process group stays for the next run;
+    fastrft.distributed.end_world ends it)."""
+    return train_run(make_run(cfg, resume=resume, overwrite=overwrite, world=init_world(cfg.dist_timeout_s)))
 
 
 def train_run(run: Run) -> dict:

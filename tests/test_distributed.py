@@ -250,3 +250,33 @@ def test_lora_on_two_ranks_trains_as_on_one(demo_reference, tmp_path):
     metadata = dcp.FileSystemReader(str(tmp_path / "two" / "checkpoints" / "step_00000002" / "weights")).read_metadata()
     saved = {key for key in metadata.state_dict_metadata if key.startswith("model.")}
     assert saved and all("lora_" in key for key in saved)
+
+
+def test_the_command_line_under_torchrun(demo_reference, tmp_path):
+    """`torchrun -m fastrft train ...`, as the README has it: one run folder, one summary printed (rank 0's)."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "fastrft", "train", f"model={demo_reference}", f"output_dir={run_dir}", *RUN,
+                           "steps=2", "eval_every=2"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count('"eval_reward_final"') == 1
+    assert [r["step"] for r in steps(run_dir)] == [0, 1, 2]
+    assert json.loads((run_dir / "checkpoints" / "step_00000002" / "checkpoint.json").read_text())["world_size"] == 2
+
+
+def test_compare_passes_torchrun_through(tmp_path):
+    """`torchrun -m fastrft compare --demo ...`: the demo's reference trained once (rank 0 first, the other rank
+    finds it cached), every run on both ranks, one comparison written and printed."""
+    out = tmp_path / "cmp"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "fastrft", "compare", "--demo", "--modes", "none,kl", "--seeds", "1",
+                           "--reference-steps", "20", "--cache-dir", str(tmp_path / "reference"), "--out", str(out),
+                           "steps=1", "prompts_per_step=2", "group_size=4", "eval_size=4", "eval_every=1",
+                           "progress=false", "plots=false"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("written to") == 1
+    result = json.loads((out / "comparison.json").read_text())
+    assert [v["name"] for v in result["variants"]] == ["none", "kl"]
+    manifests = sorted((out / "runs").glob("*/checkpoints/step_00000001/checkpoint.json"))
+    assert len(manifests) == 2 and all(json.loads(m.read_text())["world_size"] == 2 for m in manifests)
