@@ -19,9 +19,11 @@ over the sharded parameters.
 
 Generation, the reference and refiner passes, the old log-probs and evaluation run on whole weights: `gathered`
 all-gathers every unit once and keeps it gathered for the block (TRL's `ds3_gather_for_generation`, done with FSDP2's
-public unshard/reshard). Their number of forward passes differs from rank to rank (sequences end at different
-lengths), which per-layer all-gathers could not survive. Peak weight memory in those phases is one whole copy per
-rank; the update, where gradients, optimizer state and activations live, runs sharded.
+public unshard and reset_iter_state). Their number of forward passes differs from rank to rank (sequences end at
+different lengths), which per-layer all-gathers could not survive. Peak weight memory in those phases is one whole
+copy per rank; the update, where gradients, optimizer state and activations live, runs sharded.
+
+The process group lives as long as the process (a `fastrft compare` trains run after run in it); `end_world` ends it.
 
 Simplified: one data-parallel dimension (no tensor or pipeline parallelism, no hybrid sharding); sampling is not
 batch-invariant, so the same seed gives runs that agree in distribution, not token for token, across world sizes.
