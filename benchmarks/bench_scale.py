@@ -4,13 +4,16 @@ The update of one `fastrft train` step (fastrft.batch.accumulate_gradients over 
 token-budgeted micro-batches, the fused loss in CausalLMWithFusedLoss's forward, gradient clipping, AdamW), for a
 randomly initialised model of Qwen2.5-0.5B's width (hidden 896, vocabulary 151936, tied embeddings) with --layers
 layers, on each of --rows counts of rows of the demo's shape:
-    1 rank    one process, 2 threads, every row
-    2 ranks   torchrun, FSDP2 per decoder layer (fastrft.distributed.shard_policy), 1 thread each, half the rows each
+    1 rank        one process, 2 threads, every row
+    2 ranks FSDP2 torchrun, FSDP2 per decoder layer (fastrft.distributed.shard_policy), 1 thread and half the rows each
+    2 ranks DDP   the other implementation fsdp=false gives: whole weights and AdamW state per rank, gradients
+                  all-reduced
 Per rank: the median step time over --repeat steps (after --warmup); the communication inside one step (the wall
 time of FSDP2's all-gather and reduce-scatter regions, from torch.profiler); the bytes of the parameters and AdamW's
 state it holds (its shards); its peak RSS. Floor: the update's FLOPs on the rank's rows (fwd + bwd of every layer's
 matmuls, attention, the LM head on target tokens) over the matmul rate its threads measure. Targets: parameter +
-optimizer bytes per rank at 2 ranks at most 0.55x of 1 rank's; the 2-rank step no slower than the 1-rank step.
+optimizer bytes per rank at 2 ranks (FSDP2) at most 0.55x of 1 rank's; the 2-rank step no slower than the 1-rank
+step.
 
     python benchmarks/bench_scale.py                  # about 5 minutes on the 2-core CPU
 Prints a table, then one JSON line; writes benchmarks/results/bench_scale_cpu.{json,md}.
@@ -31,8 +34,10 @@ from memory import fix_malloc_mmap_threshold, rss_bytes  # noqa: E402
 from models import qwen_width_description, qwen_width_model  # noqa: E402
 from report import publish  # noqa: E402
 
-CONFIGS = ((1, 2), (2, 1))   # (ranks, threads per rank): the machine's 2 cores either way, 1 rank first
-COMM_REGIONS = ("FSDP::all_gather", "FSDP::post_backward_reduce")
+# (ranks, threads per rank, engine): the machine's 2 cores in each, 1 rank first.
+CONFIGS = ((1, 2, "fsdp"), (2, 1, "fsdp"), (2, 1, "ddp"))
+# The profiler regions of the collectives: FSDP2's gather and reduce-scatter, DDP's all-reduce (gloo's own op).
+COMM_REGIONS = ("FSDP::all_gather", "FSDP::post_backward_reduce", "gloo:all_reduce")
 
 
 def worker(args) -> None:
@@ -49,7 +54,7 @@ def worker(args) -> None:
     world = init_world(600)
     device = torch.device("cpu")
     model = qwen_width_model(args.layers)
-    loss_module = shard_policy(model, world, fsdp=True)
+    loss_module = shard_policy(model, world, fsdp=args.engine == "fsdp")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     rows = [demo_rows(args.rows, model.config.vocab_size)[i] for i in world.share(args.rows)]
     cfg = TrainConfig(model="unused", constraint="kl")
@@ -92,21 +97,22 @@ def worker(args) -> None:
         torch.distributed.destroy_process_group()
 
 
-def launch(ranks: int, threads: int, rows: int, args, out: Path) -> list[dict]:
+def launch(ranks: int, threads: int, engine: str, rows: int, args, out: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", __file__,
-               "--worker", "--threads", str(threads), "--out", str(out), "--layers", str(args.layers), "--rows",
-               str(rows), "--repeat", str(args.repeat), "--warmup", str(args.warmup), "--max-tokens",
-               str(args.max_tokens)]
+               "--worker", "--threads", str(threads), "--engine", engine, "--out", str(out), "--layers",
+               str(args.layers), "--rows", str(rows), "--repeat", str(args.repeat), "--warmup", str(args.warmup),
+               "--max-tokens", str(args.max_tokens)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{ranks}-rank run failed:\n{done.stderr[-4000:]}")
     return json.loads(out.read_text())
 
 
-def summarize(ranks: int, threads: int, rows: int, per_rank: list[dict]) -> dict:
+def summarize(ranks: int, threads: int, engine: str, rows: int, per_rank: list[dict]) -> dict:
     slowest = max(per_rank, key=lambda r: r["step_s"])
-    return {"rows": rows, "ranks": ranks, "threads_per_rank": threads, "step_s": slowest["step_s"],
+    return {"rows": rows, "ranks": ranks, "threads_per_rank": threads, "engine": engine if ranks > 1 else "-",
+            "step_s": slowest["step_s"],
             "comm_s": max(r["comm_s"] for r in per_rank), "floor_s": max(r["floor_s"] for r in per_rank),
             "state_bytes_per_rank": max(r["param_bytes"] + r["optimizer_bytes"] for r in per_rank),
             "peak_rss_bytes_per_rank": max(r["peak_rss_bytes"] for r in per_rank), "per_rank": per_rank}
@@ -119,19 +125,21 @@ def markdown(payload: dict) -> str:
         f"Model: {payload['model']}; demo-shaped rows per step as below. Machine: "
         f"{env.get('cpu', '?')}; torch {env['torch']}, transformers {env['transformers']}, commit "
         f"{env['commit']}{' (dirty)' if env.get('dirty') else ''}; command `{env['command']}`.", "",
-        "| rows | ranks x threads | step s | floor s | step / floor | communication s | params + AdamW per rank GB | "
-        "peak RSS per rank GB |",
-        "|---|---|---|---|---|---|---|---|"]
+        "| rows | ranks x threads | engine | step s | floor s | step / floor | communication s | "
+        "params + AdamW per rank GB | peak RSS per rank GB |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for r in payload["configs"]:
-        lines.append(f"| {r['rows']} | {r['ranks']} x {r['threads_per_rank']} | {r['step_s']:.2f} | {r['floor_s']:.2f} | "
-                     f"{r['step_s'] / r['floor_s']:.2f}x | {r['comm_s']:.2f} | "
+        lines.append(f"| {r['rows']} | {r['ranks']} x {r['threads_per_rank']} | {r['engine']} | {r['step_s']:.2f} | "
+                     f"{r['floor_s']:.2f} | {r['step_s'] / r['floor_s']:.2f}x | {r['comm_s']:.2f} | "
                      f"{r['state_bytes_per_rank'] / 1e9:.3f} | {r['peak_rss_bytes_per_rank'] / 1e9:.2f} |")
     lines.append("")
     for ratios in payload["ratios"]:
-        lines.append(f"{ratios['rows']} rows, 2 ranks over 1: step time {ratios['step_time']:.2f}x (target <= 1; "
-                     f"without the communication {ratios['step_time_without_comm']:.2f}x), parameter + optimizer "
+        lines.append(f"{ratios['rows']} rows, 2 ranks (FSDP2) over 1: step time {ratios['step_time']:.2f}x "
+                     f"(target <= 1; without the communication {ratios['step_time_without_comm']:.2f}x), parameter + optimizer "
                      f"bytes per rank {ratios['state_bytes']:.3f}x (target <= 0.55), peak RSS per rank "
-                     f"{ratios['peak_rss']:.2f}x; communication {ratios['comm_share']:.0%} of the 2-rank step.  ")
+                     f"{ratios['peak_rss']:.2f}x; communication {ratios['comm_share']:.0%} of the 2-rank step. "
+                     f"FSDP2 over DDP at 2 ranks: step time {ratios['fsdp_over_ddp_step_time']:.2f}x, parameter + "
+                     f"optimizer bytes {ratios['fsdp_over_ddp_state_bytes']:.3f}x.  ")
     return "\n".join(lines) + "\n"
 
 
@@ -145,6 +153,7 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--engine", default="fsdp", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.rows = int(args.rows)
@@ -157,16 +166,19 @@ def main():
     payload["configs"], payload["ratios"] = [], []
     with tempfile.TemporaryDirectory(prefix="bench_scale-") as work:
         for rows in (int(n) for n in args.rows.split(",")):
-            one, two = (summarize(ranks, threads, rows, launch(ranks, threads, rows, args,
-                                                               Path(work) / f"{rows}-{ranks}.json"))
-                        for ranks, threads in CONFIGS)
-            payload["configs"] += [one, two]
+            one, two, ddp = (summarize(ranks, threads, engine, rows,
+                                       launch(ranks, threads, engine, rows, args,
+                                              Path(work) / f"{rows}-{ranks}-{engine}.json"))
+                             for ranks, threads, engine in CONFIGS)
+            payload["configs"] += [one, two, ddp]
             payload["ratios"].append({
                 "rows": rows, "step_time": two["step_s"] / one["step_s"],
                 "step_time_without_comm": (two["step_s"] - two["comm_s"]) / one["step_s"],
                 "state_bytes": two["state_bytes_per_rank"] / one["state_bytes_per_rank"],
                 "peak_rss": two["peak_rss_bytes_per_rank"] / one["peak_rss_bytes_per_rank"],
-                "comm_share": two["comm_s"] / two["step_s"]})
+                "comm_share": two["comm_s"] / two["step_s"],
+                "fsdp_over_ddp_step_time": two["step_s"] / ddp["step_s"],
+                "fsdp_over_ddp_state_bytes": two["state_bytes_per_rank"] / ddp["state_bytes_per_rank"]})
     publish(payload, markdown(payload), "bench_scale_cpu", args.out)
 
 

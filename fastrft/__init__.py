@@ -5,7 +5,8 @@ from fastrft.loss import (FusedRFTLoss, FusedRFTOutput, fused_rft_loss, lm_head_
                           token_logprobs)
 
 __all__ = [
-    "CausalLMWithFusedLoss", "DiffWeights", "FusedRFTLoss", "FusedRFTOutput", "diff_mask", "diff_masks", "diff_weights", "fused_rft_loss",
+    "CausalLMWithFusedLoss", "DiffWeights", "FusedRFTLoss", "FusedRFTOutput", "diff_mask", "diff_masks",
+    "diff_weights", "fused_rft_loss",
     "lm_head_logprobs", "model_logit_transform", "token_logprobs",
 ]
 __version__ = "0.1.0"

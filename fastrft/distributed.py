@@ -1,6 +1,6 @@
 """Data parallelism over torchrun's ranks, through torch.distributed's own engines: FSDP2 (`fully_shard`) or DDP.
 
-    world = init_world(timeout_s)            # torchrun's environment -> the process group (gloo on the CPU, nccl on CUDA)
+    world = init_world(timeout_s)            # torchrun's environment -> the process group (gloo on CPU, nccl on CUDA)
     loss_module = shard_policy(policy, world, fsdp=True, mixed_precision=torch.bfloat16)
     with gathered(loss_module): generate(policy, ...)   # whole weights for the step's no-grad phases
     loss_module(input_ids, targets, ...).loss.backward() # FSDP2 gathers the head for the loss, reduce-scatters its grad

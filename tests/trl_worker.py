@@ -64,7 +64,8 @@ def save_stopping_refiner(path: Path) -> None:
     model.save_pretrained(path)
 
 
-PROMPTS = ["abc", "hey", "xyz", "qqa"]   # of one length: left padding would shift positions (TRL passes no position ids)
+# Of one length: left padding would shift positions (TRL passes no position ids).
+PROMPTS = ["abc", "hey", "xyz", "qqa"]
 
 
 def make_trainer(model_dir: str, out_dir: str, per_device_batch: int):
