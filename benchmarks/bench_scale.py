@@ -135,8 +135,9 @@ def markdown(payload: dict) -> str:
     lines.append("")
     for ratios in payload["ratios"]:
         lines.append(f"{ratios['rows']} rows, 2 ranks (FSDP2) over 1: step time {ratios['step_time']:.2f}x "
-                     f"(target <= 1; without the communication {ratios['step_time_without_comm']:.2f}x), parameter + optimizer "
-                     f"bytes per rank {ratios['state_bytes']:.3f}x (target <= 0.55), peak RSS per rank "
+                     f"(target <= 1; without the communication {ratios['step_time_without_comm']:.2f}x), "
+                     f"parameter + optimizer bytes per rank {ratios['state_bytes']:.3f}x (target <= 0.55), peak RSS "
+                     f"per rank "
                      f"{ratios['peak_rss']:.2f}x; communication {ratios['comm_share']:.0%} of the 2-rank step. "
                      f"FSDP2 over DDP at 2 ranks: step time {ratios['fsdp_over_ddp_step_time']:.2f}x, parameter + "
                      f"optimizer bytes {ratios['fsdp_over_ddp_state_bytes']:.3f}x.  ")
