@@ -413,9 +413,9 @@ def accumulate_gradients(model, rows: list[Row], cfg, path: AttentionPath, devic
     with attention(causal_lm_of(loss_module), path):
         for k, (indices, batch) in enumerate(plan):
             share = 0.0 if indices is None else sum(rows[i].loss_tokens for i in indices) / normalizer
-            out = rft_loss(loss_module, batch, cfg, use_old=use_old, normalizer=normalizer,
-                           router_weight=router_coef * share)
-            with gradient_sync(loss_module, last=k == n_batches - 1):
+            with gradient_sync(loss_module, last=k == n_batches - 1):   # DDP decides in the forward
+                out = rft_loss(loss_module, batch, cfg, use_old=use_old, normalizer=normalizer,
+                               router_weight=router_coef * share)
                 # An idle micro-batch's loss times 0 still runs the backward, and with it the engine's collectives.
                 (out.loss * (world.size if indices is not None else 0.0)).backward()
             if indices is None:

@@ -73,7 +73,10 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
-    weights = _weights_state(model, optimizer, trainable_only)
+    # An optimizer before its first step has no state: DCP's state-dict API would create it (with a step of lr 0,
+    # which shifts AdamW's bias correction), so it is recorded as fresh instead.
+    optimizer_fresh = optimizer is not None and not optimizer.state
+    weights = _weights_state(model, None if optimizer_fresh else optimizer, trainable_only)
     poisoned = [name for name, t in weights["model"].items()
                 if t.is_floating_point() and not local_tensor(t).isfinite().all()]
     if world.max([len(poisoned)])[0]:   # a checkpoint is what a run falls back to: never NaN or inf weights
@@ -105,7 +108,8 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
             files = sorted(str(f.relative_to(tmp_dir)) for f in tmp_dir.rglob("*") if f.is_file())
             manifest = {"step": step, "files": files, "torch": torch.__version__, "world_size": world.size,
                         "weights": "trainable" if trainable_only else "all",
-                        "optimizer": optimizer is not None, "scheduler": scheduler is not None,
+                        "optimizer": optimizer is not None, "optimizer_fresh": optimizer_fresh,
+                        "scheduler": scheduler is not None,
                         "sha256": {f: _sha256(tmp_dir / f) for f in files}}
             _write_bytes(tmp_dir / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
             fsync_dir(tmp_dir / WEIGHTS_DIR)
@@ -257,6 +261,8 @@ def _load_weights(path: Path, manifest: dict, model, optimizer, world: World) ->
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     trainable = manifest["weights"] == "trainable"
+    if manifest["optimizer_fresh"]:
+        optimizer = None   # saved before its first step: the fresh optimizer given is that state already
     template = _weights_state(model, optimizer, trainable)
     saved = {key.split(".", 1)[1] for key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
              if key.startswith("model.")}
@@ -434,7 +440,8 @@ def _read_manifest(ckpt_dir: Path) -> dict:
         raise ValueError(f"corrupt checkpoint manifest {path}: weights must be 'all' or 'trainable', got {weights!r}")
     # Earlier versions listed optimizer.pt among the files; DCP keeps the optimizer in weights/.
     optimizer = bool(manifest.get("optimizer", "optimizer.pt" in files))
-    return {"step": step, "files": files, "sha256": sha256, "weights": weights, "optimizer": optimizer}
+    return {"step": step, "files": files, "sha256": sha256, "weights": weights, "optimizer": optimizer,
+            "optimizer_fresh": bool(manifest.get("optimizer_fresh", False))}
 
 
 def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:

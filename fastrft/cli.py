@@ -152,10 +152,11 @@ def _demo_config(args):
     from fastrft.config import load_config
     from fastrft.distributed import rank_zero_first
     from fastrft.tasks.demo import ensure_reference
+    from fastrft.trainer import resolve_device
 
     cfg = load_config(None, args.overrides, **DEMO_DEFAULTS)
     if not cfg.model:   # model=PATH among the overrides runs the demo from that model instead
-        with rank_zero_first(cfg.dist_timeout_s):
+        with rank_zero_first(cfg.dist_timeout_s, cuda=resolve_device(cfg.device).type == "cuda"):
             cfg.model = str(ensure_reference(Path(args.cache_dir), max_steps=args.reference_steps))
     return cfg
 

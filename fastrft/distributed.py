@@ -104,10 +104,11 @@ class World:
 SINGLE = World()
 
 
-def init_world(timeout_s: float) -> World:
+def init_world(timeout_s: float, cuda: bool | None = None) -> World:
     """The job's World from torchrun's environment, initialising the default process group (nccl where CUDA is, else
     gloo) with timeout_s on every collective, unless one exists: a rank that dies leaves the others an error, never a
-    hang. Without torchrun, or with one process, the single-process World."""
+    hang. Without torchrun, or with one process, the single-process World. cuda: whether the ranks compute on GPUs
+    (default: when CUDA is there); False keeps a CPU run on gloo on a GPU machine."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return SINGLE
@@ -117,7 +118,7 @@ def init_world(timeout_s: float) -> World:
     if missing:
         raise ValueError(f"WORLD_SIZE={size} but {', '.join(missing)} not set: launch data-parallel runs with "
                          f"torchrun (torchrun --nproc-per-node N -m fastrft train ...)")
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -146,10 +147,10 @@ def launched_rank() -> int:
 
 
 @contextmanager
-def rank_zero_first(timeout_s: float):
+def rank_zero_first(timeout_s: float, cuda: bool | None = None):
     """Under torchrun the block runs on rank 0 first, then on the other ranks, which find what it made (a cached
-    model) instead of making it again at the same time."""
-    world = init_world(timeout_s)
+    model) instead of making it again at the same time. timeout_s, cuda: init_world's."""
+    world = init_world(timeout_s, cuda)
     if not world.is_main:
         world.barrier()
     yield
@@ -259,8 +260,8 @@ def gathered(module):
 
 
 def gradient_sync(module, last: bool):
-    """The micro-batch's backward: DDP all-reduces only on the last of an optimizer step's micro-batches (no_sync
-    before); FSDP2 reduce-scatters every one, which keeps only sharded gradients between them."""
+    """The micro-batch's forward and backward: DDP all-reduces only on the last of an optimizer step's micro-batches
+    (no_sync before); FSDP2 reduce-scatters every one, which keeps only sharded gradients between them."""
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(module, DistributedDataParallel) and not last:

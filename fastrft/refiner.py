@@ -43,17 +43,20 @@ class RefineResult:
 
     @classmethod
     def merged(cls, parts: list[RefineResult]) -> RefineResult:
-        """Several results (the ranks' of one step) as one: refinements in order, counts summed."""
+        """Several results (the ranks' of one step, run side by side) as one: refinements in order, counts summed,
+        forward passes the most any part made (the step waited for that one)."""
         out = cls(refinements=[r for part in parts for r in part.refinements])
         for part in parts:
-            for name in ("failed", "unchanged", "changed_tokens", "refined_tokens", "passes"):
+            for name in ("failed", "unchanged", "changed_tokens", "refined_tokens"):
                 setattr(out, name, getattr(out, name) + getattr(part, name))
+            out.passes = max(out.passes, part.passes)
             for reason, count in part.failures.items():
                 out.failures[reason] = out.failures.get(reason, 0) + count
             if part.draft is not None:
                 out.draft = out.draft or rollout.DraftStats()
-                for name in ("passes", "offered", "accepted", "plain_rows"):
+                for name in ("offered", "accepted", "plain_rows"):
                     setattr(out.draft, name, getattr(out.draft, name) + getattr(part.draft, name))
+                out.draft.passes = max(out.draft.passes, part.draft.passes)
         return out
 
     @property

@@ -522,7 +522,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     holds a run is continued with resume=True or replaced with overwrite=True, never silently reused. Under torchrun
     every rank calls it: a data-parallel run over the job's ranks (the process group stays for the next run;
     fastrft.distributed.end_world ends it)."""
-    return train_run(make_run(cfg, resume=resume, overwrite=overwrite, world=init_world(cfg.dist_timeout_s)))
+    world = init_world(cfg.dist_timeout_s, cuda=resolve_device(cfg.device).type == "cuda")
+    return train_run(make_run(cfg, resume=resume, overwrite=overwrite, world=world))
 
 
 def train_run(run: Run) -> dict:

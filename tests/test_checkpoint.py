@@ -396,3 +396,15 @@ def test_a_checkpoint_of_an_earlier_version_still_loads(tmp_path):
         (3, {"data_pos": 12})
     _assert_same(_weights(model), _weights(fresh))
     assert fresh_optimizer.state_dict()["state"][0]["exp_avg"].equal(optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_a_checkpoint_before_the_first_step_leaves_the_optimizer_fresh(tmp_path):
+    """An optimizer without state yet (no step taken) is recorded as fresh: saving does not create its state (DCP's
+    state-dict API would, with a step of lr 0 that shifts AdamW's bias correction), and loading leaves it fresh."""
+    model, optimizer, scheduler = _make()
+    save_checkpoint(tmp_path, 0, model=model, optimizer=optimizer, scheduler=scheduler)
+    assert not optimizer.state
+    fresh, fresh_optimizer, fresh_scheduler = _make()
+    load_checkpoint(tmp_path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    assert not fresh_optimizer.state
+    _assert_same(_weights(model), _weights(fresh))
