@@ -403,15 +403,18 @@ def accumulate_gradients(model, rows: list[Row], cfg, path: AttentionPath, devic
     loss_module = loss_module_of(model)
     normalizer = float(max(1, world.sum([sum(row.loss_tokens for row in rows)])[0]))
     router_coef = router_loss_coef(causal_lm_of(loss_module), cfg)
-    plan = list(micro_batches(rows, path, device))
-    n_batches = int(world.max([len(plan)])[0])
-    # A non-zero advantage: the loss skips rows of zero weight, and this one's backward must reach every layer.
-    idle = build_batch([Row(prompt_ids=[0], target_ids=[0], pg=True, advantage=1.0)], device, packed=path.packed)
-    plan += [(None, idle)] * (n_batches - len(plan))
+    planned = plan_micro_batches([row.length for row in rows], path.max_tokens, packed=path.packed)
+    n_batches = int(world.max([len(planned)])[0])
     sums = dict.fromkeys(("loss", "pg_loss", "sft_loss", "kl_loss", "router_loss", "clipped", "pg_tokens",
                           "entropy"), 0.0)
     with attention(causal_lm_of(loss_module), path):
-        for k, (indices, batch) in enumerate(plan):
+        for k in range(n_batches):
+            indices = planned[k] if k < len(planned) else None
+            # An idle micro-batch: one token of non-zero advantage (the loss skips rows of zero weight, and this
+            # one's backward must reach every layer).
+            batch = build_batch([rows[i] for i in indices] if indices is not None else
+                                [Row(prompt_ids=[0], target_ids=[0], pg=True, advantage=1.0)], device,
+                                packed=path.packed)
             share = 0.0 if indices is None else sum(rows[i].loss_tokens for i in indices) / normalizer
             with gradient_sync(loss_module, last=k == n_batches - 1):   # DDP decides in the forward
                 out = rft_loss(loss_module, batch, cfg, use_old=use_old, normalizer=normalizer,

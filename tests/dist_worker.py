@@ -19,7 +19,7 @@ import torch
 
 from fastrft.config import load_config
 from fastrft.rollout import Samples, generate
-from fastrft.distributed import init_world
+from fastrft.distributed import full_value, init_world
 from fastrft.trainer import make_run, train_run
 
 
@@ -98,7 +98,7 @@ def fused_loss_gradients(out_path: str) -> None:
     out = loss_module(input_ids[rows], targets[rows], advantages=advantages[rows], normalizer=normalizer)
     # FSDP2 averages the gradients over the ranks; the token-mean loss wants their sum.
     (out.loss * world.size).backward()
-    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+    grads = {name: full_value(p.grad).clone()
              for name, p in model.named_parameters()}
     if world.rank == 0:
         torch.save(grads, out_path)

@@ -105,6 +105,8 @@ def shard_as_accelerate_does(trainer) -> None:
 
 
 def gradients(model_dir: str, out_dir: str) -> None:
+    from fastrft.distributed import full_value
+
     trainer = make_trainer(model_dir, out_dir, per_device_batch=8 // int(os.environ.get("WORLD_SIZE", "1")))
     rank, world_size = trainer.accelerator.process_index, trainer.accelerator.num_processes
     if world_size > 1:
@@ -125,7 +127,7 @@ def gradients(model_dir: str, out_dir: str) -> None:
         part = {key: value[half * NUM_GENERATIONS:(half + 1) * NUM_GENERATIONS]
                 if isinstance(value, torch.Tensor) and value.dim() > 0 else value for key, value in batch.items()}
         trainer.compute_loss(trainer.model, part, num_items_in_batch=batch["num_items_in_batch"]).backward()
-    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+    grads = {name: full_value(p.grad).clone()
              for name, p in trainer.model.named_parameters()}
     if rank == 0:
         torch.save({"grads": grads, "refine_rate": trainer._metrics["train"]["refine/rate"][-1], "sharded": sharded},
