@@ -14,6 +14,11 @@ Two layouts; `choose_attention` picks one per run (config `packing`: auto | true
 Never a dense [T, T] mask over the batch: that is what SDPA makes of a packed row, so packed rows only go to the two
 varlen kernels (bench_step.py measures the dense variant as the baseline it replaced).
 
+A refinement shares its sample's prompt and the targets before its first change: on the padded path (SDPA or eager
+attention, a model without sliding windows) it rides in its sample's row as a branch (`Branch`) after the sample's
+tokens, under a per-row tree mask that lets the branch see only the shared prefix and itself, so the shared tokens go
+through the model once; elsewhere it is a row of its own (`with_refinements` decides).
+
 A micro-batch holds at most `max_tokens` tokens (packed: their sum; padded: rows x longest row, the padding
 included), so activation memory is bounded by the budget, not by the step's rollout count; a row longer than the
 budget goes alone.
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,6 +36,7 @@ from fastrft.loss import IGNORE_INDEX, fused_rft_loss, kl_estimate, model_logit_
 
 PACKING = ("auto", "true", "false")
 FLASH, FLEX, SDPA, EAGER = "flash_attention_2", "flex_attention", "sdpa", "eager"
+TREE_MASK_ATTENTION = (SDPA, EAGER)   # the implementations that take a custom [B, 1, L, L] mask
 _NOTED: set[str] = set()
 
 
@@ -42,28 +48,39 @@ def note_once(message: str) -> None:
 
 
 @dataclass
+class Branch:
+    """A refinement read in its sample's row: it shares the row's prompt and first `at` targets; its targets from
+    there on (target_ids, weighted by sft_weights) follow the row's tokens, and attend only to the shared prefix and
+    to each other."""
+    at: int
+    target_ids: list[int]
+    sft_weights: torch.Tensor
+
+
+@dataclass
 class Row:
-    """One sequence of the update: a prompt and the target tokens the loss reads (a sample or a refinement)."""
+    """One sequence of the update: a prompt and the target tokens the loss reads (a sample or a refinement), and
+    perhaps its refinement as a branch (see with_refinements)."""
     prompt_ids: list[int]
     target_ids: list[int]
     advantage: float = 0.0
     pg: bool = False                                   # policy-gradient row (sample) or not (refined row)
-    sft_weights: torch.Tensor | None = None            # [len(target_ids)] for refined rows
+    sft_weights: torch.Tensor | None = None            # [len(target_ids)]: a refined row's, or a branch's shared part
     old_logprobs: torch.Tensor | None = None           # [len(target_ids)], stored for minibatch updates
     ref_logprobs: torch.Tensor | None = None           # [len(target_ids)], for the KL term
+    branch: Branch | None = None
 
     @property
     def length(self) -> int:
-        """Tokens the model reads: the prompt and every target but the last."""
-        return len(self.prompt_ids) + len(self.target_ids) - 1
+        """Tokens the model reads: the prompt, every target but the last, and the branch's tokens."""
+        return len(self.prompt_ids) + len(self.target_ids) - 1 + (len(self.branch.target_ids) if self.branch else 0)
 
     @property
     def loss_tokens(self) -> int:
-        """Targets that count in the loss's default normaliser: all of a policy-gradient row's, the weighted ones of
-        a refined row (DAPO's token mean)."""
-        if self.pg:
-            return len(self.target_ids)
-        return 0 if self.sft_weights is None else int(torch.count_nonzero(self.sft_weights))
+        """Targets that count in the loss's default normaliser (DAPO's token mean): all of a policy-gradient row's,
+        and every weighted one (a refined row's; a branch's, in its shared part and its own)."""
+        weighted = [w for w in (self.sft_weights, self.branch and self.branch.sft_weights) if w is not None]
+        return (len(self.target_ids) if self.pg else 0) + sum(int(torch.count_nonzero(w)) for w in weighted)
 
 
 @dataclass
@@ -76,54 +93,78 @@ class Batch:
     sft_weights: torch.Tensor
     old_logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
-    target_slices: list[tuple[int, int, int]]   # per row of the batch: (row of the tensors, start, end)
+    target_slices: list[tuple[int, int, int]]   # per row of the batch: (row of the tensors, start, end), no branch
+    attention_mask: torch.Tensor | None = None  # [B, 1, L, L] bool (True: attends) where rows branch, else None
 
 
 def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: int = 0) -> Batch:
     """Sequence i reads prompt + target[:-1]; the hidden state at position len(prompt) - 1 + j predicts target[j].
     packed: all sequences in one row, position_ids restarting at 0; else one right-padded row per sequence, position
-    ids 0..L-1 through the padding (no mask needed: see the module docstring)."""
+    ids 0..L-1 through the padding (no mask needed: see the module docstring). A row's branch (padded only) follows
+    its tokens: first the token at the position that predicts target `at` again, then the branch's targets but the
+    last, at the positions they would have in a row of their own; its tree mask hides from them the row's tokens
+    from that position on."""
+    if packed and any(row.branch for row in rows):
+        raise ValueError("a row with a branch needs the padded layout (its tree mask is per row)")
     lengths = [row.length for row in rows]
     width = sum(lengths) if packed else max(lengths)
     shape = (1, width) if packed else (len(rows), width)
     # Flat positions of every token and every target, built as lists and written with one indexed copy per tensor.
-    token_at, tokens, target_at, target_ids, slices = [], [], [], [], []
-    per_target = {"advantages": [], "pg_mask": []}
+    token_at, tokens, positions, target_at, target_ids, slices, hidden = [], [], [], [], [], [], []
+    per_target = {"advantages": [], "pg_mask": [], "sft_weights": [], "old_logprobs": [], "ref_logprobs": []}
+
+    def add_targets(at: int, ids: list[int], advantage: float, pg: bool, **values) -> None:
+        target_at.extend(range(at, at + len(ids)))
+        target_ids.extend(ids)
+        per_target["advantages"] += [advantage] * len(ids)
+        per_target["pg_mask"] += [pg] * len(ids)
+        for name, value in values.items():
+            per_target[name].append(torch.zeros(len(ids)) if value is None else value.float())
+
     start = 0
-    for i, (row, length) in enumerate(zip(rows, lengths)):
+    for i, row in enumerate(rows):
         if not packed:
             start = i * width
-        token_at.extend(range(start, start + length))
+        main = len(row.prompt_ids) + len(row.target_ids) - 1
+        token_at.extend(range(start, start + main))
         tokens += row.prompt_ids + row.target_ids[:-1]
+        positions.extend(range(main))
         t0 = start + len(row.prompt_ids) - 1
-        target_at.extend(range(t0, t0 + len(row.target_ids)))
-        target_ids += row.target_ids
-        per_target["advantages"] += [row.advantage] * len(row.target_ids)
-        per_target["pg_mask"] += [row.pg] * len(row.target_ids)
+        add_targets(t0, row.target_ids, row.advantage, row.pg, sft_weights=row.sft_weights,
+                    old_logprobs=row.old_logprobs, ref_logprobs=row.ref_logprobs)
         b, offset = (0, 0) if packed else (i, start)   # slices index the [rows, width] tensors
         slices.append((b, t0 - offset, t0 - offset + len(row.target_ids)))
-        start += length
+        if row.branch is not None:
+            fork = len(row.prompt_ids) - 1 + row.branch.at   # the position whose hidden state predicts target `at`
+            n = len(row.branch.target_ids)
+            token_at.extend(range(start + main, start + main + n))
+            tokens += [(row.prompt_ids + row.target_ids)[fork]] + row.branch.target_ids[:-1]
+            positions.extend(range(fork, fork + n))
+            add_targets(start + main, row.branch.target_ids, 0.0, False, sft_weights=row.branch.sft_weights,
+                        old_logprobs=None, ref_logprobs=None)
+            hidden.append((i, main, main + n, fork, main))   # (row, its queries, the keys they must not see)
+        start += row.length
     token_at, target_at = torch.tensor(token_at), torch.tensor(target_at)
 
-    def scatter(at, values, dtype, fill=0):
-        out = torch.full(shape, fill, dtype=dtype)
+    def scatter(at, values, dtype, fill=0, base=None):
+        out = torch.full(shape, fill, dtype=dtype) if base is None else base
         out.view(-1)[at] = torch.as_tensor(values, dtype=dtype)
         return out.to(device)
 
-    if packed:
-        position_ids = torch.tensor([j for length in lengths for j in range(length)])[None]
-    else:
-        position_ids = torch.arange(width).repeat(len(rows), 1)
-    per_row = {name: torch.cat([torch.zeros(len(row.target_ids)) if getattr(row, name) is None
-                                else getattr(row, name).float() for row in rows])
-               for name in ("sft_weights", "old_logprobs", "ref_logprobs")}
-    return Batch(scatter(token_at, tokens, torch.long, pad_id), position_ids.to(device),
+    attention_mask = None
+    if hidden:   # causal, minus what each branch must not see; padding attends causally (no all-masked query row)
+        attention_mask = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(rows), 1, 1)
+        for i, q0, q1, k0, k1 in hidden:
+            attention_mask[i, q0:q1, k0:k1] = False
+        attention_mask = attention_mask[:, None].to(device)
+    return Batch(scatter(token_at, tokens, torch.long, pad_id),
+                 scatter(token_at, positions, torch.long, base=torch.arange(width).repeat(shape[0], 1)),
                  scatter(target_at, target_ids, torch.long, IGNORE_INDEX),
                  scatter(target_at, per_target["advantages"], torch.float32),
                  scatter(target_at, per_target["pg_mask"], torch.bool),
-                 *(scatter(target_at, per_row[name], torch.float32)
+                 *(scatter(target_at, torch.cat(per_target[name]), torch.float32)
                    for name in ("sft_weights", "old_logprobs", "ref_logprobs")),
-                 slices)
+                 slices, attention_mask)
 
 
 def plan_micro_batches(lengths: list[int], max_tokens: int, *, packed: bool) -> list[list[int]]:
@@ -156,11 +197,18 @@ class AttentionPath:
     packed: bool
     attn_implementation: str      # for the micro-batches' forwards: FLASH or FLEX when packed, else any
     max_tokens: int
+    branches: bool = False        # refinements ride in their samples' rows (padded, SDPA or eager, full attention)
+
+    def __post_init__(self):
+        if self.branches and (self.packed or self.attn_implementation not in TREE_MASK_ATTENTION):
+            raise ValueError(f"branches need padded rows through {' or '.join(TREE_MASK_ATTENTION)}, not "
+                             f"{'packed' if self.packed else 'padded'} rows through {self.attn_implementation}")
 
     @property
     def description(self) -> str:
         if not self.packed:
-            return f"padded length-bucketed micro-batches through {self.attn_implementation}"
+            shared = ", refinements sharing their samples' rows" if self.branches else ""
+            return f"padded length-bucketed micro-batches through {self.attn_implementation}{shared}"
         kernel = {FLASH: "flash-attn's varlen kernel", FLEX: "torch's flex_attention with a block mask"}
         return f"packed micro-batches through {kernel.get(self.attn_implementation, self.attn_implementation)}"
 
@@ -200,7 +248,8 @@ def choose_attention(packing: str, model, device: torch.device, max_tokens: int)
         # The padded path runs on whatever the model was loaded with, except a packed-only kernel; eager attention
         # becomes SDPA where the architecture has it (Gemma 2 and GPT-OSS, for example, have only eager).
         padded = loaded if loaded in (FLASH, SDPA) else SDPA if model._supports_sdpa else EAGER
-        path = AttentionPath(False, padded, max_tokens)
+        path = AttentionPath(False, padded, max_tokens,
+                             branches=padded in TREE_MASK_ATTENTION and beyond_causal(model) is None)
         if packing == "true":
             note_once(f"packing=true, but {why}: {path.description} instead")
         elif packing == "auto":
@@ -226,6 +275,34 @@ def attention(model, path: AttentionPath):
         model.set_attn_implementation(loaded)
 
 
+def with_refinements(rows: list[Row], refined: list[Row | None], path: AttentionPath) -> list[Row]:
+    """The sample rows and their refined rows (refined[i]: rows[i]'s, or None): each refinement a branch of its
+    sample's row where path allows (AttentionPath.branches), its weights on the shared targets joining the sample's
+    own; else the refined rows after the samples. Either way the same loss and gradients."""
+    if len(rows) != len(refined):
+        raise ValueError(f"{len(rows)} rows but {len(refined)} refinements")
+    if not path.branches:
+        return rows + [r for r in refined if r is not None]
+    out = []
+    for row, refinement in zip(rows, refined):
+        if refinement is None:
+            out.append(row)
+            continue
+        if refinement.prompt_ids != row.prompt_ids or row.branch is not None or row.sft_weights is not None:
+            raise ValueError("a refinement branches off its own sample's row: the same prompt, no weights or "
+                             "branch there yet")
+        at = 0
+        while at < min(len(row.target_ids), len(refinement.target_ids)) and \
+                row.target_ids[at] == refinement.target_ids[at]:
+            at += 1
+        weights = refinement.sft_weights.float()
+        shared = torch.zeros(len(row.target_ids))
+        shared[:at] = weights[:at]
+        branch = Branch(at, refinement.target_ids[at:], weights[at:]) if at < len(refinement.target_ids) else None
+        out.append(replace(row, sft_weights=shared if shared.any() else None, branch=branch))
+    return out
+
+
 def micro_batches(rows: list[Row], path: AttentionPath, device: torch.device):
     """(indices into rows, Batch) for each micro-batch of rows."""
     for indices in plan_micro_batches([row.length for row in rows], path.max_tokens, packed=path.packed):
@@ -234,9 +311,32 @@ def micro_batches(rows: list[Row], path: AttentionPath, device: torch.device):
 
 # ----------------------------------------------------------------------------------------------- forwards
 
+def beyond_causal(model) -> str | None:
+    """What in the model's attention goes beyond a causal mask (a sliding window, attention chunks, layers of other
+    kinds), which a mask or cache made for causal attention alone would miss; None for plain causal attention."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = getattr(config, "layer_types", None)
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False \
+            and (layer_types is None or "sliding_attention" in layer_types):
+        return f"a sliding attention window of {config.sliding_window}"
+    if getattr(config, "attention_chunk_size", None):
+        return f"attention chunks of {config.attention_chunk_size}"
+    other = sorted(set(layer_types or ()) - {"full_attention", "sliding_attention"})
+    return f"layers of type {', '.join(other)}" if other else None
+
+
+def model_attention_mask(model, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A [B, 1, L, L] boolean mask (a batch's tree mask) as the model's attention takes it: SDPA as it is, eager as
+    an additive float mask (0 where it attends, the float32 minimum where not); any other mask as it is."""
+    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool or model.config._attn_implementation != EAGER:
+        return mask
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+
+
 def final_hidden(model, batch: Batch) -> torch.Tensor:
     """The model's final hidden states (after the final norm), never its logits."""
-    out = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    out = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                           attention_mask=model_attention_mask(model, batch.attention_mask))
     return out.last_hidden_state
 
 
@@ -313,6 +413,7 @@ def sequence_logprobs(model, rows: list[Row], device: torch.device, *, path: Att
     the old log-probs."""
     head = lm_head(model)
     out: list[torch.Tensor | None] = [None] * len(rows)
+    rows = [replace(row, branch=None) if row.branch else row for row in rows]   # log-probs of the row's own targets
     with attention(model, path):
         for indices, batch in micro_batches(rows, path, device):
             hidden = final_hidden(model, batch)
@@ -346,7 +447,8 @@ class CausalLMWithFusedLoss(torch.nn.Module):
     def forward(self, input_ids, targets, *, position_ids=None, attention_mask=None, router_weight: float = 0.0,
                 **loss_options):
         model = self.model
-        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        inputs = dict(input_ids=input_ids, position_ids=position_ids,
+                      attention_mask=model_attention_mask(model, attention_mask))
         if router_weight > 0:
             hidden, router_loss = own_forward_hidden(model, **inputs, output_router_logits=True)
         else:
@@ -377,7 +479,8 @@ def rft_loss(model, batch: Batch, cfg, *, use_old: bool, normalizer: float | Non
     its loss: see loss_module_of); normalizer: the step's token count when the batch is one micro-batch of several
     (default: the batch's own). router_weight > 0 adds that multiple of the MoE router's load-balancing loss."""
     return loss_module_of(model)(
-        batch.input_ids, batch.targets, position_ids=batch.position_ids, router_weight=router_weight,
+        batch.input_ids, batch.targets, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
+        router_weight=router_weight,
         advantages=batch.advantages, pg_mask=batch.pg_mask, old_logprobs=batch.old_logprobs if use_old else None,
         ref_logprobs=batch.ref_logprobs if cfg.uses_kl else None, sft_weights=batch.sft_weights,
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef if cfg.uses_kl else 0.0,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastrft.batch import beyond_causal
+
 
 @dataclass
 class Samples:
@@ -89,7 +91,7 @@ class DraftStats:
     passes: int = 0          # forward passes of the model
     offered: int = 0         # draft tokens put up for verification
     accepted: int = 0        # of those, tokens the greedy decoding confirmed
-    plain_rows: int = 0      # rows decoded without drafts (models with a sliding attention window)
+    plain_rows: int = 0      # rows decoded without drafts (attention beyond a causal mask)
 
 
 @torch.no_grad()
@@ -110,8 +112,9 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
     A row whose draft holds (its EOS included) finishes in about log2(len(draft) / first_block) + 1 passes, a row
     whose draft is useless decodes one token a pass, as generate() does. Rejected tokens stay in the cache, masked
     out of attention, so that every row of the batch keeps one cache length (transformers' dynamic cache, any causal
-    LM), until the cache is compacted. EOS and max_new_tokens end a row as in generate(). A model with a sliding
-    attention window is decoded plainly (its cache drops slots by count). Returns the completions (as generate's
+    LM), until the cache is compacted. EOS and max_new_tokens end a row as in generate(). A model whose attention
+    goes beyond a causal mask (fastrft.batch.beyond_causal: a sliding window's cache drops slots by count) is decoded
+    plainly. Returns the completions (as generate's
     Samples) and what the drafts saved (DraftStats)."""
     if len(prompt_ids) != len(drafts):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(drafts)} drafts")
@@ -124,7 +127,7 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(drafts[i]))
     was_training = model.training
     model.eval()
-    sliding = _has_sliding_window(model)
+    sliding = beyond_causal(model) is not None
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         if sliding:
@@ -346,11 +349,3 @@ def _greedy_tokens(head, hidden: torch.Tensor, at: list[tuple[int, int]], chunk_
     selected = hidden[rows, cols]
     chunk = max(1, chunk_elems // head.weight.shape[0])
     return torch.cat([head(part).argmax(-1) for part in selected.split(chunk)]).tolist()
-
-
-def _has_sliding_window(model) -> bool:
-    """Whether some layer attends to a sliding window: its cache keeps only its last slots, masked ones included."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layer_types = getattr(config, "layer_types", None)
-    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False \
-        and (layer_types is None or "sliding_attention" in layer_types)

@@ -9,7 +9,8 @@ attention path). `run_step(run, step)` is one step, its phases named functions o
   4. constraint   `reference_logprobs`: the reference's log-probs of the samples (the KL term, and kl_ref in every
                   mode); `refined_rows`: the refiner's corrections as weighted cross-entropy rows (fastrft.refiner)
   5. update       `update_policy`: sample rows (policy gradient) and refined rows (cross-entropy) in token-budgeted
-                  micro-batches (fastrft.batch: packed through a varlen attention kernel, or padded by length),
+                  micro-batches (fastrft.batch: packed through a varlen attention kernel, or padded by length, a
+                  refinement then read in its sample's row past their shared prefix),
                   final hidden states only, fastrft.fused_rft_loss with the step's token count as its normaliser,
                   gradients accumulated over the micro-batches; gradient clipping; AdamW; warm-up and decay;
                   optionally several minibatch updates with stored old log-probs
@@ -52,7 +53,7 @@ import torch
 # Batch, build_batch and final_hidden stay importable from here, where they used to live.
 from fastrft.batch import (AttentionPath, Batch, Row, accumulate_gradients, build_batch,  # noqa: F401
                            check_head_matches_model, choose_attention, final_hidden, note_once, rft_loss,
-                           router_loss_coef, sequence_logprobs)
+                           router_loss_coef, sequence_logprobs, with_refinements)
 from fastrft.checkpoint import StopSignal, load_checkpoint, save_checkpoint
 from fastrft.config import TrainConfig, load_config, save_config
 from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world, local_tensor, shard_frozen,
@@ -582,6 +583,7 @@ def run_step(run: Run, step: int) -> StepRecord:
     world = run.world
     groups, rollout = sample_groups(run, times_s)                              # 1-3
     rows = sample_rows(run.cfg, groups)
+    trained_tokens = sum(len(row.target_ids) for row in rows)
     refinement = None
     any_rows = bool(world.max([len(rows)])[0])   # a rank without rows still joins the others' collectives
     if any_rows:
@@ -590,7 +592,8 @@ def run_step(run: Run, step: int) -> StepRecord:
         if run.cfg.uses_refiner:
             with _timed(times_s, "refine"):
                 refined, refinement = refined_rows(run, groups)
-            rows += refined
+            trained_tokens += sum(len(row.target_ids) for row in refined if row is not None)
+            rows = with_refinements(rows, refined, run.attention)
     with _timed(times_s, "update"):
         update = update_policy(run, rows) if any_rows else UpdateStats()       # 5
         # The schedule follows the step count, skipped steps included; torch warns when no optimizer step came first.
@@ -598,7 +601,7 @@ def run_step(run: Run, step: int) -> StepRecord:
             warnings.simplefilter("ignore", UserWarning)
             run.scheduler.step()
     run.skipped_steps += update.skipped
-    ranks = world.gather((groups, rollout, refinement, sum(len(r.target_ids) for r in rows), times_s,
+    ranks = world.gather((groups, rollout, refinement, trained_tokens, times_s,
                           time.perf_counter() - t_step, _peak_mem_gb(run.device)))
     return StepRecord(step=step, rollout=RolloutStats.merged([r[1] for r in ranks]),
                       groups=[g for r in ranks for g in r[0]],
@@ -732,9 +735,9 @@ def reference_logprobs(run: Run, rows: list[Row]) -> None:
         row.ref_logprobs = lp
 
 
-def refined_rows(run: Run, groups: list[Group]) -> tuple[list[Row], RefineResult]:
-    """The refiner's corrections of every sample (in sample_rows' order) that it changed, as weighted
-    cross-entropy rows after the sample's prompt."""
+def refined_rows(run: Run, groups: list[Group]) -> tuple[list[Row | None], RefineResult]:
+    """The refiner's correction of every sample (in sample_rows' order) as a weighted cross-entropy row after the
+    sample's prompt; None where it changed nothing."""
     cfg = run.cfg
     prompts = [group.row["prompt"] for group in groups for _ in group.texts]
     with reference_model(run) as ref:
@@ -746,8 +749,8 @@ def refined_rows(run: Run, groups: list[Group]) -> tuple[list[Row], RefineResult
                         kept_weight=cfg.refine_kept_weight, context=cfg.refine_context, draft=cfg.refine_draft,
                         generate=run.generate)
     prompt_ids = [group.prompt_ids for group in groups for _ in group.texts]
-    rows = [Row(ids, refinement.refined_ids, sft_weights=refinement.sft_weights)
-            for ids, refinement in zip(prompt_ids, result.refinements) if refinement is not None]
+    rows = [None if refinement is None else Row(ids, refinement.refined_ids, sft_weights=refinement.sft_weights)
+            for ids, refinement in zip(prompt_ids, result.refinements)]
     return rows, result
 
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastrft.batch import (FLASH, FLEX, SDPA, AttentionPath, Row, accumulate_gradients, attention, build_batch,
-                           choose_attention, final_hidden, plan_micro_batches, rft_loss, sequence_logprobs)
+from fastrft.batch import (EAGER, FLASH, FLEX, SDPA, AttentionPath, Row, accumulate_gradients, attention,
+                           build_batch, choose_attention, final_hidden, plan_micro_batches, rft_loss, sequence_logprobs,
+                           with_refinements)
 from fastrft.config import TrainConfig
 
 CPU = torch.device("cpu")
@@ -120,20 +121,25 @@ class LargestSquare(TorchDispatchMode):
 
 
 def test_no_tensor_of_the_whole_batch_squared(model):
-    """The update (forward and backward) and the log-probs on the path this machine uses: no tensor has two
-    dimensions as long as the batch's T tokens, as a [T, T] attention mask would; the dense packed layout does
-    (the spy can tell)."""
-    rows = make_rows(random_lengths(40, seed=1), seed=1)
-    total = sum(row.length for row in rows)
-    assert total > max(model.config.hidden_size, model.config.intermediate_size, model.config.vocab_size)
+    """The update (forward and backward) and the log-probs on the path this machine uses, refinements branching
+    off their samples' rows: no tensor has two dimensions as long as the batch's T tokens, as a [T, T] attention
+    mask would; the dense packed layout does (the spy can tell)."""
     path = choose_attention("auto", model, CPU, max_tokens=10**6)   # the whole step in one micro-batch
-    for run in (lambda p: accumulate_gradients(model, rows, CFG, p, CPU, use_old=False),
-                lambda p: sequence_logprobs(model, rows, CPU, path=p, temperature=1.0)):
+    dense = AttentionPath(True, SDPA, 10**6)
+    samples = make_rows(random_lengths(40, seed=1), seed=1, refined_every=10**9)
+    refined = [Row(row.prompt_ids, row.target_ids[:i % 3] + [7, 8], sft_weights=torch.ones(i % 3 + 2))
+               if i % 4 == 0 else None for i, row in enumerate(samples)]
+    rows = {p: with_refinements(samples, refined, p) for p in (path, dense)}
+    assert path.branches and sum(row.branch is not None for row in rows[path]) == 10
+    total = sum(row.length for row in rows[path])
+    assert total > max(model.config.hidden_size, model.config.intermediate_size, model.config.vocab_size)
+    for run in (lambda p: accumulate_gradients(model, rows[p], CFG, p, CPU, use_old=False),
+                lambda p: sequence_logprobs(model, rows[p], CPU, path=p, temperature=1.0)):
         with LargestSquare() as spy:
             run(path)
         assert spy.largest < total, f"a tensor with two dimensions >= {spy.largest} (T = {total})"
         with LargestSquare() as spy:
-            run(AttentionPath(True, SDPA, 10**6))
+            run(dense)
         assert spy.largest >= total
 
 
@@ -179,6 +185,115 @@ def test_plan_micro_batches_keeps_to_the_budget():
         plan_micro_batches([3], 0, packed=False)
 
 
+def sample_and_refined_rows(vocab, seed=0):
+    """Sample rows and the refinement of each (or None), forking from the sample everywhere a refinement can: at
+    its first token, in the middle, after its last (a longer refinement), before its end (a shorter one), nowhere (a
+    refinement that is a prefix of the sample), of a sample off the policy gradient; weights on shared tokens too."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(4, vocab, (n,), generator=gen).tolist()
+
+    forks = [None, 0, 2, "longer", "shorter", 4, None, "prefix", "not-pg", 1]
+    rows, refined = [], []
+    for fork in forks:
+        prompt, sample = ids(int(torch.randint(2, 7, (1,), generator=gen))), ids(6)
+        rows.append(Row(prompt, sample, advantage=float(torch.randn(1, generator=gen)), pg=fork != "not-pg",
+                        ref_logprobs=-torch.rand(6, generator=gen) * 3))
+        if fork is None:
+            refined.append(None)
+            continue
+        refinement = {"longer": sample + ids(2), "shorter": sample[:3] + ids(1), "prefix": sample[:4],
+                      "not-pg": sample[:3] + ids(4)}.get(fork) or sample[:fork] + ids(3)
+        weights = torch.rand(len(refinement), generator=gen) * (torch.rand(len(refinement), generator=gen) > 0.3)
+        weights[-1] = 0.7
+        refined.append(Row(prompt, refinement, sft_weights=weights))
+    return rows, refined
+
+
+BRANCH_MODELS = {"llama-sdpa": (None, SDPA), "llama-eager": (None, EAGER), "qwen2-gqa": ("qwen2", SDPA),
+                 "gemma-scaled-embeddings": ("gemma", EAGER), "cohere-parallel-block": ("cohere", SDPA)}
+
+
+@pytest.mark.parametrize("kind", BRANCH_MODELS)
+def test_refinements_as_branches_give_the_loss_and_grads_of_rows_of_their_own(model, kind):
+    """A refinement in its sample's row (the shared prefix once, a tree mask) and in a row of its own: the same loss
+    terms and gradients, in one micro-batch and in several, with fewer rows and tokens."""
+    model_type, implementation = BRANCH_MODELS[kind]
+    policy = model if model_type is None else tiny_causal_lm(model_type)
+    if model_type is not None:
+        with torch.no_grad():
+            policy.get_output_embeddings().weight.div_(40.0)   # logits of a few nats, a KL of the same
+    policy.set_attn_implementation(implementation)
+    rows, refined = sample_and_refined_rows(policy.config.vocab_size)
+    try:
+        separate = with_refinements(rows, refined, AttentionPath(False, implementation, 10**6))
+        expected, expected_grads, _ = loss_and_grads(policy, separate, AttentionPath(False, implementation, 10**6))
+        for budget in (10**6, 40):
+            path = AttentionPath(False, implementation, budget, branches=True)
+            branched = with_refinements(rows, refined, path)
+            assert len(branched) == len(rows) and sum(row.branch is not None for row in branched) == 7
+            assert sum(row.length for row in branched) < sum(row.length for row in separate)
+            assert sum(row.loss_tokens for row in branched) == sum(row.loss_tokens for row in separate)
+            terms, grads, n_batches = loss_and_grads(policy, branched, path)
+            assert (n_batches > 1) == (budget == 40)
+            for name in ("loss", "pg_loss", "sft_loss", "kl_loss", "clip_frac", "entropy"):
+                assert terms[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        model.set_attn_implementation(SDPA)
+
+
+def test_a_branch_sees_only_its_shared_prefix(model):
+    """The branch's hidden states are those of its refinement alone, the sample's are those of the sample alone,
+    and the log-probs of a branched row are its sample's."""
+    sample = Row([5, 6, 7], [8, 9, 10, 11], advantage=1.0, pg=True)
+    refinement = Row([5, 6, 7], [8, 12, 13], sft_weights=torch.ones(3))
+    path = AttentionPath(False, SDPA, 10**6, branches=True)
+    [branched] = with_refinements([sample], [refinement], path)
+    assert (branched.branch.at, branched.branch.target_ids, branched.length) == (1, [12, 13], 8)
+    batch = build_batch([branched], CPU, packed=False)
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 3, 4]
+    assert batch.targets[0].tolist() == [-100, -100, 8, 9, 10, 11, 12, 13]
+    assert batch.sft_weights[0].tolist() == [0, 0, 1, 0, 0, 0, 1, 1] and batch.pg_mask[0, 2:6].all()
+    with torch.no_grad():
+        together = final_hidden(model, batch)[0]
+        alone = {name: final_hidden(model, build_batch([row], CPU, packed=False))[0]
+                 for name, row in (("sample", sample), ("refinement", refinement))}
+    torch.testing.assert_close(together[:6], alone["sample"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[6:], alone["refinement"][3:], atol=1e-5, rtol=1e-5)
+    [ours] = sequence_logprobs(model, [branched], CPU, path=path, temperature=1.0)
+    torch.testing.assert_close(ours, sequence_logprobs(model, [sample], CPU, path=path, temperature=1.0)[0])
+
+
+def test_with_refinements_checks_its_inputs(model):
+    rows, refined = sample_and_refined_rows(50)
+    path = AttentionPath(False, SDPA, 10**6, branches=True)
+    with pytest.raises(ValueError, match="10 rows but 9 refinements"):
+        with_refinements(rows, refined[:-1], path)
+    refined[1].prompt_ids = [3]
+    with pytest.raises(ValueError, match="its own sample's row"):
+        with_refinements(rows, refined, path)
+    with pytest.raises(ValueError, match="padded layout"):
+        build_batch(with_refinements(rows[:3], [None, None, refined[2]], path), CPU, packed=True)
+    for packed, implementation in ((True, FLEX), (False, FLASH)):
+        with pytest.raises(ValueError, match="branches need padded rows through sdpa or eager"):
+            AttentionPath(packed, implementation, 64, branches=True)
+
+
+def test_branches_only_where_the_mask_is_plain_causal(model):
+    """choose_attention takes branches on the padded path of a causal model; never for a sliding window (the tree
+    mask would replace the window's) nor on a packed path."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    assert choose_attention("auto", model, CPU, 512).branches
+    sliding = AutoModelForCausalLM.from_config(MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=16), attn_implementation="sdpa")
+    assert not choose_attention("auto", sliding, CPU, 512).branches
+    assert not choose_attention("auto", model, torch.device("cuda"), 512).branches
+
 def test_choose_attention_says_once_which_path(model, capsys):
     from fastrft import batch as batch_module
 
@@ -191,7 +306,7 @@ def test_choose_attention_says_once_which_path(model, capsys):
     assert "flash-attn needs CUDA" in err
     assert choose_attention("true", model, CPU, 512).packed is False
     assert "packing=true, but no variable-length attention on cpu" in capsys.readouterr().err
-    assert choose_attention("false", model, CPU, 512) == AttentionPath(False, SDPA, 512)
+    assert choose_attention("false", model, CPU, 512) == AttentionPath(False, SDPA, 512, branches=True)
     assert capsys.readouterr().err == ""
     with pytest.raises(ValueError, match="packing must be one of"):
         choose_attention("yes please", model, CPU, 512)

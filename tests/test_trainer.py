@@ -1,6 +1,7 @@
 """The RFT loop on the CPU with a tiny model built from a config and saved locally: real steps in every constraint
 mode, constraints that act, resume, non-finite skip, refiner failure, dynamic sampling, configuration errors.
 Fakes plug in at the Run's seams (its task, its models, its generate), never at module globals."""
+import dataclasses
 import math
 import os
 import signal
@@ -112,6 +113,42 @@ def test_refined_rows_change_the_update(tiny_model, tmp_path):
             assert record["sft_loss"] == 0
     assert any(not torch.equal(final["none"][k], final["refiner"][k]) for k in final["none"])
 
+
+def test_refinements_in_their_samples_rows_train_as_rows_of_their_own(tiny_model, tmp_path):
+    """Refiner steps with each refinement read in its sample's row (the default here: padded rows through SDPA)
+    and as a row of its own: the same losses, metrics and weights. The refiner keeps the first half of each response
+    and changes the rest, so refinements fork from their samples all along them."""
+    final, metrics = {}, {}
+    for branches in (True, False):
+        run = make_run(config(tiny_model, tmp_path / str(branches), "steps=2", "constraint=kl+refiner",
+                              "refine_draft=false", "eval_every=100", "save_every=100"))
+        varied_rewards(run)
+        assert run.attention.branches
+        run.attention = dataclasses.replace(run.attention, branches=branches)
+        real_generate = run.generate
+
+        def generate(model, tokenizer, prompt_ids, real_generate=real_generate, run=run, **kwargs):
+            if model is not run.ref or not kwargs.get("greedy"):
+                return real_generate(model, tokenizer, prompt_ids, **kwargs)
+            responses = [tokenizer.decode(ids, skip_special_tokens=True).split("=", 1)[1][:-1] for ids in prompt_ids]
+            texts = [r[:len(r) // 2] + "7" * (i % 3 + 1) for i, r in enumerate(responses)]
+            return Samples(prompt_ids, [[1]] * len(texts), texts, [False] * len(texts))
+
+        run.generate = generate
+        run.task.parse_refinement = lambda text: text
+        train_run(run)
+        final[branches] = weights(run.policy)
+        metrics[branches] = [r for r in read_metrics(tmp_path / str(branches) / "run") if r["step"] > 0]
+    for ours, theirs in zip(metrics[True], metrics[False]):
+        assert ours["refine_rate"] > 0.5 and ours["sft_loss"] > 0
+        for name in ("pg_loss", "sft_loss", "kl_ref", "entropy", "refine_rate", "changed_token_frac"):
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name
+        assert ours["tokens_per_s"] * ours["time_update_s"] == pytest.approx(
+            theirs["tokens_per_s"] * theirs["time_update_s"], rel=1e-6)   # the same trained tokens
+    # AdamW's first steps are about lr (3e-4) per weight, whatever the gradient's size: tiny gradients, equal but
+    # for rounding, can move a few weights differently by a fraction of that.
+    for name, weight in final[True].items():
+        torch.testing.assert_close(weight, final[False][name], rtol=1e-4, atol=1e-5, msg=name)
 
 def test_refiner_failures_are_counted_and_cost_nothing(tiny_model, tmp_path):
     run = make_run(config(tiny_model, tmp_path, "steps=1", "constraint=refiner"))
