@@ -87,7 +87,7 @@ def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, complet
         # generate() runs each batch until its longest completion ends: one pass per token of it.
         result.passes = sum(max(map(len, written.completion_ids[i:i + batch_size]))
                             for i in range(0, len(texts), batch_size))
-    parsed: list[tuple[int, list[int]]] = []
+    corrections: dict[int, str] = {}
     for i, (raw, truncated) in enumerate(zip(written.texts, written.truncated)):
         corrected = None if truncated else parse(raw)
         reason = "too_long" if truncated else "unparseable" if corrected is None else "empty" if not corrected else None
@@ -95,9 +95,11 @@ def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, complet
             result.failed += 1
             result.failures[reason] = result.failures.get(reason, 0) + 1
             continue
-        parsed.append((i, tokenizer(corrected, add_special_tokens=False)["input_ids"] + [eos]))
-    if not parsed:
+        corrections[i] = corrected
+    if not corrections:
         return result
+    parsed = [(i, ids + [eos]) for i, ids in zip(corrections, tokenizer(list(corrections.values()),
+                                                                        add_special_tokens=False)["input_ids"])]
     masks = diff_masks([completion_ids[i] for i, _ in parsed], [ids for _, ids in parsed])
     # The weights on the refiner's device (the Triton kernel on CUDA), back once for the update's rows.
     weights = diff_weights(masks, changed_weight=changed_weight, kept_weight=kept_weight, context=context,

@@ -24,14 +24,18 @@ class Samples:
 
 
 def encode_prompts(tokenizer, prompts) -> list[list[int]]:
-    encoded = []
-    for prompt in prompts:
+    encoded: list = [None] * len(prompts)
+    strings = []
+    for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
-            encoded.append(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            strings.append(i)
         elif isinstance(prompt, list):
-            encoded.append(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+            encoded[i] = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         else:
             raise ValueError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+    if strings:   # one call for all the strings: a fast tokenizer encodes them as one batch
+        for i, ids in zip(strings, tokenizer([prompts[i] for i in strings], add_special_tokens=True)["input_ids"]):
+            encoded[i] = ids
     return encoded
 
 
@@ -74,13 +78,17 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                 generation_config=gen_config, synced_gpus=False)
         for ids, new in zip(batch, output[:, width:].tolist()):
-            end = new.index(eos_id) + 1 if eos_id in new else len(new)
-            completion = new[:end]
             samples.prompt_ids.append(ids)
-            samples.completion_ids.append(completion)
-            samples.truncated.append(eos_id not in completion)
-            samples.texts.append(tokenizer.decode(completion, skip_special_tokens=True))
+            samples.completion_ids.append(new[:new.index(eos_id) + 1] if eos_id in new else new)
     model.train(was_training)
+    return _with_texts(samples, tokenizer)
+
+
+def _with_texts(samples: Samples, tokenizer) -> Samples:
+    """samples with truncated and texts filled in from their completions (decoded in one batch)."""
+    eos_id = tokenizer.eos_token_id
+    samples.truncated = [eos_id not in completion for completion in samples.completion_ids]
+    samples.texts = tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
     return samples
 
 
@@ -142,13 +150,7 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
                                                max_new_tokens, first_block, lookahead, ngram, stats)):
             completions[i] = ids
     model.train(was_training)
-    samples = Samples([], [], [], [])
-    for ids, completion in zip(prompt_ids, completions):
-        samples.prompt_ids.append(ids)
-        samples.completion_ids.append(completion)
-        samples.truncated.append(eos_id not in completion)
-        samples.texts.append(tokenizer.decode(completion, skip_special_tokens=True))
-    return samples, stats
+    return _with_texts(Samples(list(prompt_ids), completions, [], []), tokenizer), stats
 
 
 class _DraftRow:

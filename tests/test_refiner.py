@@ -154,6 +154,9 @@ class IdTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(str(i) for i in ids if not (skip_special_tokens and i in (0, 1, 2)))
 
+    def batch_decode(self, sequences, skip_special_tokens=True):
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
 
 def edited(ids, gen, rate):
     """ids with about rate of its tokens substituted, inserted or deleted."""
