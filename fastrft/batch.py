@@ -8,16 +8,18 @@ Two layouts; `choose_attention` picks one per run (config `packing`: auto | true
            kernel, or torch's flex_attention with a block mask built from the sequence boundaries (both CUDA;
            transformers finds the boundaries in the position_ids).
   padded   rows sorted by length and cut into micro-batches by the token budget, right-padded, position_ids
-           counting on through the padding and no attention mask at all: a right-padded row's real tokens only ever
-           attend to real tokens under the causal mask, so plain causal attention is exact for every token the loss
-           reads. Attention costs the square of each micro-batch's longest row, never of the whole batch.
+           counting on through the padding and no attention mask (but for branches, below): a right-padded row's
+           real tokens only ever attend to real tokens under the causal mask, so plain causal attention is exact
+           for every token the loss reads. Attention costs the square of each micro-batch's longest row, never of
+           the whole batch.
 Never a dense [T, T] mask over the batch: that is what SDPA makes of a packed row, so packed rows only go to the two
 varlen kernels (bench_step.py measures the dense variant as the baseline it replaced).
 
 A refinement shares its sample's prompt and the targets before its first change: on the padded path (SDPA or eager
-attention, a model without sliding windows) it rides in its sample's row as a branch (`Branch`) after the sample's
-tokens, under a per-row tree mask that lets the branch see only the shared prefix and itself, so the shared tokens go
-through the model once; elsewhere it is a row of its own (`with_refinements` decides).
+attention, a model whose attention takes a custom mask and is plain causal: `tree_mask_blocker`) it rides in its
+sample's row as a branch (`Branch`) after the sample's tokens, under a per-row [L, L] tree mask that lets the branch
+see only the shared prefix and itself, so the shared tokens go through the model once; elsewhere it is a row of its
+own (`with_refinements` decides).
 
 A micro-batch holds at most `max_tokens` tokens (packed: their sum; padded: rows x longest row, the padding
 included), so activation memory is bounded by the budget, not by the step's rollout count; a row longer than the
@@ -32,7 +34,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from fastrft.distributed import SINGLE, World, gradient_sync
-from fastrft.loss import IGNORE_INDEX, fused_rft_loss, kl_estimate, model_logit_transform, token_logprobs
+from fastrft.loss import (IGNORE_INDEX, beyond_causal, fused_rft_loss, kl_estimate, model_logit_transform,
+                          token_logprobs)
 
 PACKING = ("auto", "true", "false")
 FLASH, FLEX, SDPA, EAGER = "flash_attention_2", "flex_attention", "sdpa", "eager"
@@ -86,7 +89,8 @@ class Row:
 @dataclass
 class Batch:
     input_ids: torch.Tensor       # [1, T] packed, or [B, L] right-padded
-    position_ids: torch.Tensor    # same shape: restarting at 0 per sequence (packed), 0..L-1 per row (padded)
+    position_ids: torch.Tensor    # same shape: restarting at 0 per sequence (packed), 0..L-1 per row (padded;
+                                  # a branch's restart at its fork)
     targets: torch.Tensor         # same shape, IGNORE_INDEX off the target positions
     advantages: torch.Tensor
     pg_mask: torch.Tensor
@@ -95,12 +99,13 @@ class Batch:
     ref_logprobs: torch.Tensor
     target_slices: list[tuple[int, int, int]]   # per row of the batch: (row of the tensors, start, end), no branch
     attention_mask: torch.Tensor | None = None  # [B, 1, L, L] bool (True: attends) where rows branch, else None
+    loss_tokens: int = 0                        # the rows' Row.loss_tokens: the batch's own normaliser
 
 
 def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: int = 0) -> Batch:
     """Sequence i reads prompt + target[:-1]; the hidden state at position len(prompt) - 1 + j predicts target[j].
     packed: all sequences in one row, position_ids restarting at 0; else one right-padded row per sequence, position
-    ids 0..L-1 through the padding (no mask needed: see the module docstring). A row's branch (padded only) follows
+    ids 0..L-1 through the padding (no mask needed without branches: see the module docstring). A row's branch (padded only) follows
     its tokens: first the token at the position that predicts target `at` again, then the branch's targets but the
     last, at the positions they would have in a row of their own; its tree mask hides from them the row's tokens
     from that position on."""
@@ -110,7 +115,7 @@ def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: 
     width = sum(lengths) if packed else max(lengths)
     shape = (1, width) if packed else (len(rows), width)
     # Flat positions of every token and every target, built as lists and written with one indexed copy per tensor.
-    token_at, tokens, positions, target_at, target_ids, slices, hidden = [], [], [], [], [], [], []
+    token_at, tokens, positions, target_at, target_ids, slices, masked_keys = [], [], [], [], [], [], []
     per_target = {"advantages": [], "pg_mask": [], "sft_weights": [], "old_logprobs": [], "ref_logprobs": []}
 
     def add_targets(at: int, ids: list[int], advantage: float, pg: bool, **values) -> None:
@@ -142,7 +147,7 @@ def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: 
             positions.extend(range(fork, fork + n))
             add_targets(start + main, row.branch.target_ids, 0.0, False, sft_weights=row.branch.sft_weights,
                         old_logprobs=None, ref_logprobs=None)
-            hidden.append((i, main, main + n, fork, main))   # (row, its queries, the keys they must not see)
+            masked_keys.append((i, main, main + n, fork, main))   # (row, the branch's queries, keys they miss)
         start += row.length
     token_at, target_at = torch.tensor(token_at), torch.tensor(target_at)
 
@@ -152,9 +157,9 @@ def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: 
         return out.to(device)
 
     attention_mask = None
-    if hidden:   # causal, minus what each branch must not see; padding attends causally (no all-masked query row)
+    if masked_keys:   # causal, minus what each branch must not see; padding attends causally (no all-masked row)
         attention_mask = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(rows), 1, 1)
-        for i, q0, q1, k0, k1 in hidden:
+        for i, q0, q1, k0, k1 in masked_keys:
             attention_mask[i, q0:q1, k0:k1] = False
         attention_mask = attention_mask[:, None].to(device)
     return Batch(scatter(token_at, tokens, torch.long, pad_id),
@@ -164,7 +169,7 @@ def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: 
                  scatter(target_at, per_target["pg_mask"], torch.bool),
                  *(scatter(target_at, torch.cat(per_target[name]), torch.float32)
                    for name in ("sft_weights", "old_logprobs", "ref_logprobs")),
-                 slices, attention_mask)
+                 slices, attention_mask, sum(row.loss_tokens for row in rows))
 
 
 def plan_micro_batches(lengths: list[int], max_tokens: int, *, packed: bool) -> list[list[int]]:
@@ -236,6 +241,22 @@ def varlen_attention(model, device: torch.device) -> tuple[str | None, str]:
     return None, "; ".join(reasons)
 
 
+def tree_mask_blocker(model) -> str | None:
+    """Why the model cannot take refinements as branches (a [B, 1, L, L] mask given to its forward), or None: its
+    attention goes beyond a causal mask; its attention is not transformers' pluggable kind, which reads such a mask
+    as it is (ALiBi models build biases from a [B, L] mask, recurrent ones ignore it); its router loss reads a
+    [B, L] mask."""
+    reason = beyond_causal(model)
+    if reason is not None:
+        return reason
+    if not getattr(model, "_supports_attention_backend", False):
+        return f"{type(model).__name__}'s attention does not take a custom mask"
+    config = model.config.get_text_config()
+    if hasattr(config, "output_router_logits"):
+        return "its router loss reads a [batch, length] mask"
+    return None
+
+
 def choose_attention(packing: str, model, device: torch.device, max_tokens: int) -> AttentionPath:
     """The path of the run's forwards (see the module docstring), said once. packing: "auto" takes a varlen kernel
     where one runs and padded micro-batches elsewhere; "true" asks for packing and says so when it cannot be had;
@@ -249,7 +270,7 @@ def choose_attention(packing: str, model, device: torch.device, max_tokens: int)
         # becomes SDPA where the architecture has it (Gemma 2 and GPT-OSS, for example, have only eager).
         padded = loaded if loaded in (FLASH, SDPA) else SDPA if model._supports_sdpa else EAGER
         path = AttentionPath(False, padded, max_tokens,
-                             branches=padded in TREE_MASK_ATTENTION and beyond_causal(model) is None)
+                             branches=padded in TREE_MASK_ATTENTION and tree_mask_blocker(model) is None)
         if packing == "true":
             note_once(f"packing=true, but {why}: {path.description} instead")
         elif packing == "auto":
@@ -298,7 +319,8 @@ def with_refinements(rows: list[Row], refined: list[Row | None], path: Attention
         weights = refinement.sft_weights.float()
         shared = torch.zeros(len(row.target_ids))
         shared[:at] = weights[:at]
-        branch = Branch(at, refinement.target_ids[at:], weights[at:]) if at < len(refinement.target_ids) else None
+        # A refinement weighted only where it agrees with its sample needs no branch.
+        branch = Branch(at, refinement.target_ids[at:], weights[at:]) if weights[at:].any() else None
         out.append(replace(row, sft_weights=shared if shared.any() else None, branch=branch))
     return out
 
@@ -311,26 +333,14 @@ def micro_batches(rows: list[Row], path: AttentionPath, device: torch.device):
 
 # ----------------------------------------------------------------------------------------------- forwards
 
-def beyond_causal(model) -> str | None:
-    """What in the model's attention goes beyond a causal mask (a sliding window, attention chunks, layers of other
-    kinds), which a mask or cache made for causal attention alone would miss; None for plain causal attention."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layer_types = getattr(config, "layer_types", None)
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False \
-            and (layer_types is None or "sliding_attention" in layer_types):
-        return f"a sliding attention window of {config.sliding_window}"
-    if getattr(config, "attention_chunk_size", None):
-        return f"attention chunks of {config.attention_chunk_size}"
-    other = sorted(set(layer_types or ()) - {"full_attention", "sliding_attention"})
-    return f"layers of type {', '.join(other)}" if other else None
-
-
 def model_attention_mask(model, mask: torch.Tensor | None) -> torch.Tensor | None:
     """A [B, 1, L, L] boolean mask (a batch's tree mask) as the model's attention takes it: SDPA as it is, eager as
-    an additive float mask (0 where it attends, the float32 minimum where not); any other mask as it is."""
+    an additive mask in the model's dtype (0 where it attends, the dtype's minimum where not); any other mask as it
+    is."""
     if mask is None or mask.dim() != 4 or mask.dtype != torch.bool or model.config._attn_implementation != EAGER:
         return mask
-    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    dtype = model.dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def final_hidden(model, batch: Batch) -> torch.Tensor:
@@ -477,7 +487,7 @@ def rft_loss(model, batch: Batch, cfg, *, use_old: bool, normalizer: float | Non
              router_weight: float = 0.0):
     """fused_rft_loss on the batch under cfg's coefficients, through model (a causal LM, or the module that computes
     its loss: see loss_module_of); normalizer: the step's token count when the batch is one micro-batch of several
-    (default: the batch's own). router_weight > 0 adds that multiple of the MoE router's load-balancing loss."""
+    (default: the batch's own, Batch.loss_tokens). router_weight > 0 adds that multiple of the MoE router's load-balancing loss."""
     return loss_module_of(model)(
         batch.input_ids, batch.targets, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
         router_weight=router_weight,
@@ -485,7 +495,7 @@ def rft_loss(model, batch: Batch, cfg, *, use_old: bool, normalizer: float | Non
         ref_logprobs=batch.ref_logprobs if cfg.uses_kl else None, sft_weights=batch.sft_weights,
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef if cfg.uses_kl else 0.0,
         kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
-        normalizer=normalizer)
+        normalizer=float(max(1, batch.loss_tokens)) if normalizer is None else normalizer)
 
 
 def accumulate_gradients(model, rows: list[Row], cfg, path: AttentionPath, device: torch.device, *, use_old: bool,

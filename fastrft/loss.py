@@ -369,6 +369,20 @@ def model_logit_transform(model) -> dict:
             "softcap": getattr(text, "final_logit_softcapping", None)}
 
 
+def beyond_causal(model) -> str | None:
+    """What in the model's attention goes beyond a causal mask (a sliding window, attention chunks, layers of other
+    kinds), which a mask or cache made for causal attention alone would miss; None for plain causal attention."""
+    config = getattr(model, "config", model)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(config, "layer_types", None)
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False \
+            and (layer_types is None or "sliding_attention" in layer_types):
+        return f"a sliding attention window of {config.sliding_window}"
+    if getattr(config, "attention_chunk_size", None):
+        return f"attention chunks of {config.attention_chunk_size}"
+    other = sorted(set(layer_types or ()) - {"full_attention", "sliding_attention"})
+    return f"layers of type {', '.join(other)}" if other else None
+
 def fused_rft_loss(
     hidden, weight, targets, *, bias=None, advantages=None, pg_mask=None, old_logprobs=None, ref_logprobs=None,
     sft_weights=None, clip_low=0.2, clip_high=0.28, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrft.batch import beyond_causal
+from fastrft.loss import beyond_causal
 
 
 @dataclass
@@ -121,7 +121,7 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
     whose draft is useless decodes one token a pass, as generate() does. Rejected tokens stay in the cache, masked
     out of attention, so that every row of the batch keeps one cache length (transformers' dynamic cache, any causal
     LM), until the cache is compacted. EOS and max_new_tokens end a row as in generate(). A model whose attention
-    goes beyond a causal mask (fastrft.batch.beyond_causal: a sliding window's cache drops slots by count) is decoded
+    goes beyond a causal mask (fastrft.loss.beyond_causal: a sliding window's cache drops slots by count) is decoded
     plainly. Returns the completions (as generate's
     Samples) and what the drafts saved (DraftStats)."""
     if len(prompt_ids) != len(drafts):

@@ -283,16 +283,40 @@ def test_with_refinements_checks_its_inputs(model):
 
 
 def test_branches_only_where_the_mask_is_plain_causal(model):
-    """choose_attention takes branches on the padded path of a causal model; never for a sliding window (the tree
-    mask would replace the window's) nor on a packed path."""
-    from transformers import AutoModelForCausalLM, MistralConfig
+    """choose_attention takes branches on the padded path of a model whose attention reads a custom mask as it is;
+    never for a sliding window (the tree mask would replace the window's), ALiBi attention (biases built from a
+    [B, L] mask), an MoE router loss (which reads a [B, L] mask), nor on a packed path."""
+    from fastrft.batch import tree_mask_blocker
 
-    assert choose_attention("auto", model, CPU, 512).branches
-    sliding = AutoModelForCausalLM.from_config(MistralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=16), attn_implementation="sdpa")
-    assert not choose_attention("auto", sliding, CPU, 512).branches
+    assert choose_attention("auto", model, CPU, 512).branches and tree_mask_blocker(model) is None
+    blocked = {"mistral": "a sliding attention window of 4096", "bloom": "does not take a custom mask",
+               "qwen3_moe": "router loss"}
+    for model_type, reason in blocked.items():
+        other = tiny_causal_lm(model_type)
+        assert reason in tree_mask_blocker(other), model_type
+        assert not choose_attention("auto", other, CPU, 512).branches
     assert not choose_attention("auto", model, torch.device("cuda"), 512).branches
+
+
+def test_a_refinement_weighted_only_where_it_agrees_needs_no_branch():
+    sample = Row([5, 6], [8, 9, 10], advantage=1.0, pg=True)
+    path = AttentionPath(False, SDPA, 10**6, branches=True)
+    [row] = with_refinements([sample], [Row([5, 6], [8, 9, 12, 13], sft_weights=torch.tensor([0.5, 1, 0, 0]))], path)
+    assert row.branch is None and row.sft_weights.tolist() == [0.5, 1, 0] and row.loss_tokens == 5
+
+
+def test_a_batch_of_branched_rows_has_the_separate_rows_own_normaliser(model):
+    """rft_loss without a normaliser divides by the batch's own loss tokens, the shared tokens of a branch counted
+    as in rows of their own."""
+    rows, refined = sample_and_refined_rows(model.config.vocab_size, seed=1)
+    losses = []
+    for branches in (False, True):
+        path = AttentionPath(False, SDPA, 10**6, branches=branches)
+        batch = build_batch(with_refinements(rows, refined, path), CPU, packed=False)
+        with torch.no_grad():
+            losses.append(float(rft_loss(model, batch, CFG, use_old=False).loss))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
 
 def test_choose_attention_says_once_which_path(model, capsys):
     from fastrft import batch as batch_module

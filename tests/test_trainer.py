@@ -150,6 +150,7 @@ def test_refinements_in_their_samples_rows_train_as_rows_of_their_own(tiny_model
     for name, weight in final[True].items():
         torch.testing.assert_close(weight, final[False][name], rtol=1e-4, atol=1e-5, msg=name)
 
+
 def test_refiner_failures_are_counted_and_cost_nothing(tiny_model, tmp_path):
     run = make_run(config(tiny_model, tmp_path, "steps=1", "constraint=refiner"))
     run.task.parse_refinement = lambda text: None
