@@ -15,11 +15,15 @@ Two layouts; `choose_attention` picks one per run (config `packing`: auto | true
 Never a dense [T, T] mask over the batch: that is what SDPA makes of a packed row, so packed rows only go to the two
 varlen kernels (bench_step.py measures the dense variant as the baseline it replaced).
 
-A refinement shares its sample's prompt and the targets before its first change: on the padded path (SDPA or eager
-attention, a model whose attention takes a custom mask and is plain causal: `tree_mask_blocker`) it rides in its
-sample's row as a branch (`Branch`) after the sample's tokens, under a per-row [L, L] tree mask that lets the branch
-see only the shared prefix and itself, so the shared tokens go through the model once; elsewhere it is a row of its
-own (`with_refinements` decides).
+Tree rows, on the padded path where the model's attention takes a custom mask and is plain causal (SDPA or eager:
+`tree_mask_blocker`), under a per-row [L, L] tree mask, so that shared tokens go through the model once:
+  - a refinement shares its sample's prompt and the targets before its first change: it rides in its sample's row
+    as a branch (`Branch`) after the sample's tokens, seeing only the shared prefix and itself (`with_refinements`);
+    elsewhere it is a row of its own;
+  - a GRPO group's samples share their prompt: adjacent rows of one prompt share one row, the prompt once, each
+    sample after it seeing the prompt and itself, where that costs less than rows apart (`prompt_stacks`: the tokens
+    saved against the longer row's attention, by the model's FLOPs).
+The loss, gradients and log-probs are those of every sequence in a row of its own.
 
 A micro-batch holds at most `max_tokens` tokens (packed: their sum; padded: rows x longest row, the padding
 included), so activation memory is bounded by the budget, not by the step's rollout count; a row longer than the
@@ -102,21 +106,38 @@ class Batch:
     loss_tokens: int = 0                        # the rows' Row.loss_tokens: the batch's own normaliser
 
 
-def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: int = 0) -> Batch:
+def stack_length(rows: list[Row], stack: list[int]) -> int:
+    """Tokens of the tensor row that holds rows[stack] (one prompt): the prompt once, each row's own tokens after it."""
+    shared = len(rows[stack[0]].prompt_ids) - 1
+    return shared + sum(rows[i].length - shared for i in stack)
+
+
+def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: int = 0,
+                stacks: list[list[int]] | None = None) -> Batch:
     """Sequence i reads prompt + target[:-1]; the hidden state at position len(prompt) - 1 + j predicts target[j].
     packed: all sequences in one row, position_ids restarting at 0; else one right-padded row per sequence, position
-    ids 0..L-1 through the padding (no mask needed without branches: see the module docstring). A row's branch (padded only) follows
-    its tokens: first the token at the position that predicts target `at` again, then the branch's targets but the
-    last, at the positions they would have in a row of their own; its tree mask hides from them the row's tokens
-    from that position on."""
-    if packed and any(row.branch for row in rows):
-        raise ValueError("a row with a branch needs the padded layout (its tree mask is per row)")
-    lengths = [row.length for row in rows]
+    ids 0..L-1 through the padding (no mask needed for a row alone: see the module docstring).
+
+    Tree rows (padded only), under a per-row tree mask: stacks (indices into rows; default each row alone) puts rows
+    of one prompt in one tensor row, the prompt but its last token once, then each row's segment, its prompt's last
+    token and its targets but the last, at the positions they would have alone, seeing the prompt and itself only.
+    A row's branch follows its segment: the segment's token at the position that predicts target `at` again, then
+    the branch's targets but the last, seeing the prompt and the segment before that position."""
+    stacks = [[i] for i in range(len(rows))] if stacks is None else stacks
+    if packed and (any(row.branch for row in rows) or any(len(stack) > 1 for stack in stacks)):
+        raise ValueError("rows sharing a prompt or with a branch need the padded layout (their tree mask is per row)")
+    lengths = [stack_length(rows, stack) for stack in stacks]
     width = sum(lengths) if packed else max(lengths)
-    shape = (1, width) if packed else (len(rows), width)
+    shape = (1, width) if packed else (len(stacks), width)
     # Flat positions of every token and every target, built as lists and written with one indexed copy per tensor.
-    token_at, tokens, positions, target_at, target_ids, slices, masked_keys = [], [], [], [], [], [], []
+    token_at, tokens, positions, target_at, target_ids, masked_keys = [], [], [], [], [], []
+    slices: list = [None] * len(rows)
     per_target = {"advantages": [], "pg_mask": [], "sft_weights": [], "old_logprobs": [], "ref_logprobs": []}
+
+    def add_tokens(at: int, ids: list[int], first_position: int) -> None:
+        token_at.extend(range(at, at + len(ids)))
+        tokens.extend(ids)
+        positions.extend(range(first_position, first_position + len(ids)))
 
     def add_targets(at: int, ids: list[int], advantage: float, pg: bool, **values) -> None:
         target_at.extend(range(at, at + len(ids)))
@@ -126,29 +147,41 @@ def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: 
         for name, value in values.items():
             per_target[name].append(torch.zeros(len(ids)) if value is None else value.float())
 
+    def mask_keys(b: int, queries: tuple[int, int], keys: tuple[int, int]) -> None:
+        if keys[1] > keys[0]:
+            masked_keys.append((b, *queries, *keys))
+
     start = 0
-    for i, row in enumerate(rows):
+    for b, (stack, length) in enumerate(zip(stacks, lengths)):
         if not packed:
-            start = i * width
-        main = len(row.prompt_ids) + len(row.target_ids) - 1
-        token_at.extend(range(start, start + main))
-        tokens += row.prompt_ids + row.target_ids[:-1]
-        positions.extend(range(main))
-        t0 = start + len(row.prompt_ids) - 1
-        add_targets(t0, row.target_ids, row.advantage, row.pg, sft_weights=row.sft_weights,
-                    old_logprobs=row.old_logprobs, ref_logprobs=row.ref_logprobs)
-        b, offset = (0, 0) if packed else (i, start)   # slices index the [rows, width] tensors
-        slices.append((b, t0 - offset, t0 - offset + len(row.target_ids)))
-        if row.branch is not None:
-            fork = len(row.prompt_ids) - 1 + row.branch.at   # the position whose hidden state predicts target `at`
-            n = len(row.branch.target_ids)
-            token_at.extend(range(start + main, start + main + n))
-            tokens += [(row.prompt_ids + row.target_ids)[fork]] + row.branch.target_ids[:-1]
-            positions.extend(range(fork, fork + n))
-            add_targets(start + main, row.branch.target_ids, 0.0, False, sft_weights=row.branch.sft_weights,
-                        old_logprobs=None, ref_logprobs=None)
-            masked_keys.append((i, main, main + n, fork, main))   # (row, the branch's queries, keys they miss)
-        start += row.length
+            start = b * width
+        row_b, offset = (0, 0) if packed else (b, start)   # slices and masks index the [rows, width] tensors
+        prompt = rows[stack[0]].prompt_ids
+        shared = len(prompt) - 1
+        add_tokens(start, prompt[:-1], 0)
+        column = start + shared
+        others = start - offset + shared   # where the segments start in the tensor row
+        for i in stack:
+            row = rows[i]
+            if row.prompt_ids != prompt:
+                raise ValueError("the rows of a stack share one prompt")
+            segment, n = column, len(row.target_ids)
+            add_tokens(segment, prompt[-1:] + row.target_ids[:-1], shared)
+            add_targets(segment, row.target_ids, row.advantage, row.pg, sft_weights=row.sft_weights,
+                        old_logprobs=row.old_logprobs, ref_logprobs=row.ref_logprobs)
+            slices[i] = (row_b, segment - offset, segment - offset + n)
+            mask_keys(row_b, (segment - offset, segment - offset + n), (others, segment - offset))   # the others'
+            column += n
+            if row.branch is not None:
+                at, m = row.branch.at, len(row.branch.target_ids)
+                add_tokens(column, [(prompt[-1:] + row.target_ids)[at]] + row.branch.target_ids[:-1], shared + at)
+                add_targets(column, row.branch.target_ids, 0.0, False, sft_weights=row.branch.sft_weights,
+                            old_logprobs=None, ref_logprobs=None)
+                queries = (column - offset, column - offset + m)
+                mask_keys(row_b, queries, (others, segment - offset))
+                mask_keys(row_b, queries, (segment - offset + at, column - offset))   # its sample from the fork on
+                column += m
+        start += length
     token_at, target_at = torch.tensor(token_at), torch.tensor(target_at)
 
     def scatter(at, values, dtype, fill=0, base=None):
@@ -157,10 +190,10 @@ def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: 
         return out.to(device)
 
     attention_mask = None
-    if masked_keys:   # causal, minus what each branch must not see; padding attends causally (no all-masked row)
-        attention_mask = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(rows), 1, 1)
-        for i, q0, q1, k0, k1 in masked_keys:
-            attention_mask[i, q0:q1, k0:k1] = False
+    if masked_keys:   # causal, minus what each segment must not see; padding attends causally (no all-masked row)
+        attention_mask = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(stacks), 1, 1)
+        for b, q0, q1, k0, k1 in masked_keys:
+            attention_mask[b, q0:q1, k0:k1] = False
         attention_mask = attention_mask[:, None].to(device)
     return Batch(scatter(token_at, tokens, torch.long, pad_id),
                  scatter(token_at, positions, torch.long, base=torch.arange(width).repeat(shape[0], 1)),
@@ -203,16 +236,21 @@ class AttentionPath:
     attn_implementation: str      # for the micro-batches' forwards: FLASH or FLEX when packed, else any
     max_tokens: int
     branches: bool = False        # refinements ride in their samples' rows (padded, SDPA or eager, full attention)
+    pair_cost: float | None = None   # rows of one prompt share a row where it costs less (see prompt_stacks)
 
     def __post_init__(self):
         if self.branches and (self.packed or self.attn_implementation not in TREE_MASK_ATTENTION):
             raise ValueError(f"branches need padded rows through {' or '.join(TREE_MASK_ATTENTION)}, not "
                              f"{'packed' if self.packed else 'padded'} rows through {self.attn_implementation}")
+        if self.pair_cost is not None and not (self.branches and self.pair_cost >= 0):
+            raise ValueError(f"pair_cost (rows sharing their prompt) needs branches and a cost >= 0, got "
+                             f"branches={self.branches}, pair_cost={self.pair_cost}")
 
     @property
     def description(self) -> str:
         if not self.packed:
-            shared = ", refinements sharing their samples' rows" if self.branches else ""
+            shared = (", a prompt's samples and their refinements sharing rows" if self.pair_cost is not None else
+                      ", refinements sharing their samples' rows" if self.branches else "")
             return f"padded length-bucketed micro-batches through {self.attn_implementation}{shared}"
         kernel = {FLASH: "flash-attn's varlen kernel", FLEX: "torch's flex_attention with a block mask"}
         return f"packed micro-batches through {kernel.get(self.attn_implementation, self.attn_implementation)}"
@@ -257,6 +295,18 @@ def tree_mask_blocker(model) -> str | None:
     return None
 
 
+def attention_pair_cost(model) -> float:
+    """The FLOPs of attending one query to one key (every layer, every head) over the matmul FLOPs of one token
+    through the model's layers (its parameters but the embeddings and the LM head): how much a longer row's
+    attention costs against the tokens a shared prompt saves."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    embeddings = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), lm_head(model))}
+    matmul_params = sum(p.numel() for p in model.parameters()) - sum(embeddings.values())
+    return 2 * config.num_hidden_layers * heads * head_dim / max(1, matmul_params)
+
+
 def choose_attention(packing: str, model, device: torch.device, max_tokens: int) -> AttentionPath:
     """The path of the run's forwards (see the module docstring), said once. packing: "auto" takes a varlen kernel
     where one runs and padded micro-batches elsewhere; "true" asks for packing and says so when it cannot be had;
@@ -269,8 +319,9 @@ def choose_attention(packing: str, model, device: torch.device, max_tokens: int)
         # The padded path runs on whatever the model was loaded with, except a packed-only kernel; eager attention
         # becomes SDPA where the architecture has it (Gemma 2 and GPT-OSS, for example, have only eager).
         padded = loaded if loaded in (FLASH, SDPA) else SDPA if model._supports_sdpa else EAGER
-        path = AttentionPath(False, padded, max_tokens,
-                             branches=padded in TREE_MASK_ATTENTION and tree_mask_blocker(model) is None)
+        branches = padded in TREE_MASK_ATTENTION and tree_mask_blocker(model) is None
+        path = AttentionPath(False, padded, max_tokens, branches=branches,
+                             pair_cost=attention_pair_cost(model) if branches else None)
         if packing == "true":
             note_once(f"packing=true, but {why}: {path.description} instead")
         elif packing == "auto":
@@ -325,10 +376,47 @@ def with_refinements(rows: list[Row], refined: list[Row | None], path: Attention
     return out
 
 
+def prompt_stacks(rows: list[Row], path: AttentionPath) -> list[list[int]]:
+    """The rows each tensor row holds (indices into rows, in order): each row alone, or where path shares prompts
+    (pair_cost), runs of adjacent rows with one prompt (a group's samples) in one tree row (see build_batch) within
+    the token budget. A row joins the run when that costs less than reading it alone, by the tokens read plus
+    pair_cost per query-key pair (a padded row attends over its whole width squared): a long prompt shared by short
+    answers gains, long answers to a short prompt would pay in attention what the prompt saves."""
+    stacks: list[list[int]] = []
+    for i, row in enumerate(rows):
+        if path.pair_cost is not None and stacks and rows[stacks[-1][0]].prompt_ids == row.prompt_ids:
+            width = stack_length(rows, stacks[-1])
+            grown = width + row.length - (len(row.prompt_ids) - 1)
+            joined = grown - width + path.pair_cost * (grown ** 2 - width ** 2)
+            alone = row.length + path.pair_cost * row.length ** 2
+            if grown <= path.max_tokens and joined < alone:
+                stacks[-1].append(i)
+                continue
+        stacks.append([i])
+    return stacks
+
+
+def micro_batch_plan(rows: list[Row], path: AttentionPath) -> list[list[list[int]]]:
+    """Each micro-batch's stacks of rows (prompt_stacks), cut by the token budget (plan_micro_batches)."""
+    stacks = prompt_stacks(rows, path)
+    planned = plan_micro_batches([stack_length(rows, stack) for stack in stacks], path.max_tokens,
+                                 packed=path.packed)
+    return [[stacks[k] for k in batch] for batch in planned]
+
+
+def planned_batch(rows: list[Row], stacks: list[list[int]], device: torch.device,
+                  path: AttentionPath) -> tuple[list[int], Batch]:
+    """(indices into rows, Batch) of one micro-batch of micro_batch_plan."""
+    indices = [i for stack in stacks for i in stack]
+    at = {i: k for k, i in enumerate(indices)}
+    return indices, build_batch([rows[i] for i in indices], device, packed=path.packed,
+                                stacks=[[at[i] for i in stack] for stack in stacks])
+
+
 def micro_batches(rows: list[Row], path: AttentionPath, device: torch.device):
     """(indices into rows, Batch) for each micro-batch of rows."""
-    for indices in plan_micro_batches([row.length for row in rows], path.max_tokens, packed=path.packed):
-        yield indices, build_batch([rows[i] for i in indices], device, packed=path.packed)
+    for stacks in micro_batch_plan(rows, path):
+        yield planned_batch(rows, stacks, device, path)
 
 
 # ----------------------------------------------------------------------------------------------- forwards
@@ -516,18 +604,17 @@ def accumulate_gradients(model, rows: list[Row], cfg, path: AttentionPath, devic
     loss_module = loss_module_of(model)
     normalizer = float(max(1, world.sum([sum(row.loss_tokens for row in rows)])[0]))
     router_coef = router_loss_coef(causal_lm_of(loss_module), cfg)
-    planned = plan_micro_batches([row.length for row in rows], path.max_tokens, packed=path.packed)
+    planned = micro_batch_plan(rows, path)
     n_batches = int(world.max([len(planned)])[0])
     sums = dict.fromkeys(("loss", "pg_loss", "sft_loss", "kl_loss", "router_loss", "clipped", "pg_tokens",
                           "entropy"), 0.0)
     with attention(causal_lm_of(loss_module), path):
         for k in range(n_batches):
-            indices = planned[k] if k < len(planned) else None
             # An idle micro-batch: one token of non-zero advantage (the loss skips rows of zero weight, and this
             # one's backward must reach every layer).
-            batch = build_batch([rows[i] for i in indices] if indices is not None else
-                                [Row(prompt_ids=[0], target_ids=[0], pg=True, advantage=1.0)], device,
-                                packed=path.packed)
+            indices, batch = planned_batch(rows, planned[k], device, path) if k < len(planned) else \
+                (None, build_batch([Row(prompt_ids=[0], target_ids=[0], pg=True, advantage=1.0)], device,
+                                   packed=path.packed))
             share = 0.0 if indices is None else sum(rows[i].loss_tokens for i in indices) / normalizer
             with gradient_sync(loss_module, last=k == n_batches - 1):   # DDP decides in the forward
                 out = rft_loss(loss_module, batch, cfg, use_old=use_old, normalizer=normalizer,

@@ -6,8 +6,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastrft.batch import (EAGER, FLASH, FLEX, SDPA, AttentionPath, Row, accumulate_gradients, attention,
-                           build_batch, choose_attention, final_hidden, plan_micro_batches, rft_loss, sequence_logprobs,
-                           with_refinements)
+                           attention_pair_cost, build_batch, choose_attention, final_hidden, plan_micro_batches,
+                           prompt_stacks, rft_loss, sequence_logprobs, with_refinements)
 from fastrft.config import TrainConfig
 
 CPU = torch.device("cpu")
@@ -122,15 +122,18 @@ class LargestSquare(TorchDispatchMode):
 
 def test_no_tensor_of_the_whole_batch_squared(model):
     """The update (forward and backward) and the log-probs on the path this machine uses, refinements branching
-    off their samples' rows: no tensor has two dimensions as long as the batch's T tokens, as a [T, T] attention
-    mask would; the dense packed layout does (the spy can tell)."""
+    off their samples' rows and samples sharing their prompt's: no tensor has two dimensions as long as the batch's
+    T tokens, as a [T, T] attention mask would; the dense packed layout does (the spy can tell)."""
     path = choose_attention("auto", model, CPU, max_tokens=10**6)   # the whole step in one micro-batch
     dense = AttentionPath(True, SDPA, 10**6)
     samples = make_rows(random_lengths(40, seed=1), seed=1, refined_every=10**9)
+    for i, row in enumerate(samples):   # groups of 4 samples of one prompt
+        row.prompt_ids = samples[i - i % 4].prompt_ids
     refined = [Row(row.prompt_ids, row.target_ids[:i % 3] + [7, 8], sft_weights=torch.ones(i % 3 + 2))
                if i % 4 == 0 else None for i, row in enumerate(samples)]
     rows = {p: with_refinements(samples, refined, p) for p in (path, dense)}
     assert path.branches and sum(row.branch is not None for row in rows[path]) == 10
+    assert max(len(stack) for stack in prompt_stacks(rows[path], path)) == 4
     total = sum(row.length for row in rows[path])
     assert total > max(model.config.hidden_size, model.config.intermediate_size, model.config.vocab_size)
     for run in (lambda p: accumulate_gradients(model, rows[p], CFG, p, CPU, use_old=False),
@@ -185,10 +188,11 @@ def test_plan_micro_batches_keeps_to_the_budget():
         plan_micro_batches([3], 0, packed=False)
 
 
-def sample_and_refined_rows(vocab, seed=0):
-    """Sample rows and the refinement of each (or None), forking from the sample everywhere a refinement can: at
-    its first token, in the middle, after its last (a longer refinement), before its end (a shorter one), nowhere (a
-    refinement that is a prefix of the sample), of a sample off the policy gradient; weights on shared tokens too."""
+def sample_and_refined_rows(vocab, seed=0, group=1):
+    """Sample rows (in runs of `group` with one prompt, as a GRPO group's) and the refinement of each (or None),
+    forking from the sample everywhere a refinement can: at its first token, in the middle, after its last (a longer
+    refinement), before its end (a shorter one), nowhere (a refinement that is a prefix of the sample), of a sample
+    off the policy gradient; weights on shared tokens too."""
     gen = torch.Generator().manual_seed(seed)
 
     def ids(n):
@@ -196,10 +200,11 @@ def sample_and_refined_rows(vocab, seed=0):
 
     forks = [None, 0, 2, "longer", "shorter", 4, None, "prefix", "not-pg", 1]
     rows, refined = [], []
-    for fork in forks:
-        prompt, sample = ids(int(torch.randint(2, 7, (1,), generator=gen))), ids(6)
+    for k, fork in enumerate(forks):
+        prompt = ids(int(torch.randint(2, 7, (1,), generator=gen))) if k % group == 0 else rows[-1].prompt_ids
+        sample = ids(int(torch.randint(1, 7, (1,), generator=gen))) if fork is None else ids(6)
         rows.append(Row(prompt, sample, advantage=float(torch.randn(1, generator=gen)), pg=fork != "not-pg",
-                        ref_logprobs=-torch.rand(6, generator=gen) * 3))
+                        ref_logprobs=-torch.rand(len(sample), generator=gen) * 3))
         if fork is None:
             refined.append(None)
             continue
@@ -216,31 +221,39 @@ BRANCH_MODELS = {"llama-sdpa": (None, SDPA), "llama-eager": (None, EAGER), "qwen
 
 
 @pytest.mark.parametrize("kind", BRANCH_MODELS)
-def test_refinements_as_branches_give_the_loss_and_grads_of_rows_of_their_own(model, kind):
-    """A refinement in its sample's row (the shared prefix once, a tree mask) and in a row of its own: the same loss
-    terms and gradients, in one micro-batch and in several, with fewer rows and tokens."""
+def test_tree_rows_give_the_loss_grads_and_logprobs_of_rows_apart(model, kind):
+    """Refinements in their samples' rows (the shared prefix once, a tree mask), and a prompt's samples with them in
+    one row (the prompt once): the loss terms, gradients and log-probs of every sequence in a row of its own, in
+    one micro-batch and in several, with fewer tokens."""
     model_type, implementation = BRANCH_MODELS[kind]
     policy = model if model_type is None else tiny_causal_lm(model_type)
     if model_type is not None:
         with torch.no_grad():
             policy.get_output_embeddings().weight.div_(40.0)   # logits of a few nats, a KL of the same
     policy.set_attn_implementation(implementation)
-    rows, refined = sample_and_refined_rows(policy.config.vocab_size)
+    rows, refined = sample_and_refined_rows(policy.config.vocab_size, group=4)
+    apart = AttentionPath(False, implementation, 10**6)
     try:
-        separate = with_refinements(rows, refined, AttentionPath(False, implementation, 10**6))
-        expected, expected_grads, _ = loss_and_grads(policy, separate, AttentionPath(False, implementation, 10**6))
-        for budget in (10**6, 40):
-            path = AttentionPath(False, implementation, budget, branches=True)
+        separate = with_refinements(rows, refined, apart)
+        expected, expected_grads, _ = loss_and_grads(policy, separate, apart)
+        expected_logprobs = sequence_logprobs(policy, rows, CPU, path=apart, temperature=0.7)
+        for budget, pair_cost in ((10**6, None), (40, None), (10**6, 0.0), (30, 0.0)):
+            path = AttentionPath(False, implementation, budget, branches=True, pair_cost=pair_cost)
             branched = with_refinements(rows, refined, path)
             assert len(branched) == len(rows) and sum(row.branch is not None for row in branched) == 7
-            assert sum(row.length for row in branched) < sum(row.length for row in separate)
             assert sum(row.loss_tokens for row in branched) == sum(row.loss_tokens for row in separate)
+            stacks = prompt_stacks(branched, path)
+            assert [len(stack) for stack in stacks] == ([1] * 10 if pair_cost is None else
+                                                        [4, 4, 2] if budget == 10**6 else [3, 1, 4, 2])
             terms, grads, n_batches = loss_and_grads(policy, branched, path)
-            assert (n_batches > 1) == (budget == 40)
+            assert (n_batches > 1) == (budget < 10**6)
             for name in ("loss", "pg_loss", "sft_loss", "kl_loss", "clip_frac", "entropy"):
                 assert terms[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
             for name, grad in grads.items():
                 torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+            for ours, theirs in zip(sequence_logprobs(policy, branched, CPU, path=path, temperature=0.7),
+                                    expected_logprobs):
+                torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     finally:
         model.set_attn_implementation(SDPA)
 
@@ -265,6 +278,50 @@ def test_a_branch_sees_only_its_shared_prefix(model):
     torch.testing.assert_close(together[6:], alone["refinement"][3:], atol=1e-5, rtol=1e-5)
     [ours] = sequence_logprobs(model, [branched], CPU, path=path, temperature=1.0)
     torch.testing.assert_close(ours, sequence_logprobs(model, [sample], CPU, path=path, temperature=1.0)[0])
+
+
+def test_a_prompts_samples_in_one_row_see_the_prompt_and_themselves(model):
+    """Two samples of one prompt and a refinement of the second in one tree row: each sequence's hidden states are
+    those it has alone."""
+    prompt = [5, 6, 7]
+    first, second = Row(prompt, [8, 9], advantage=1.0, pg=True), Row(prompt, [10, 11, 12], advantage=-1.0, pg=True)
+    path = AttentionPath(False, SDPA, 10**6, branches=True, pair_cost=0.0)
+    rows = with_refinements([first, second], [None, Row(prompt, [10, 13], sft_weights=torch.ones(2))], path)
+    assert prompt_stacks(rows, path) == [[0, 1]]
+    batch = build_batch(rows, CPU, packed=False, stacks=[[0, 1]])
+    # prompt[:-1] | 7 8 (first) | 7 10 11 (second) | 10 (its branch, re-reading 10 at the fork)
+    assert batch.input_ids[0].tolist() == [5, 6, 7, 8, 7, 10, 11, 10]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 2, 3, 4, 3]
+    assert batch.targets[0].tolist() == [-100, -100, 8, 9, 10, 11, 12, 13]
+    assert batch.target_slices == [(0, 2, 4), (0, 4, 7)]
+    with torch.no_grad():
+        together = final_hidden(model, batch)[0]
+        alone = [final_hidden(model, build_batch([row], CPU, packed=False))[0]
+                 for row in (first, second, Row(prompt, [10, 13]))]
+    for columns, sequence, positions in (([0, 1, 2, 3], 0, slice(0, 4)), ([0, 1, 4, 5, 6], 1, slice(0, 5)),
+                                         ([7], 2, slice(3, 4))):
+        torch.testing.assert_close(together[columns], alone[sequence][positions], atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_stacks_share_a_prompt_where_it_costs_less():
+    """A long prompt with short answers shares a row; long answers to a short prompt do not when attention costs
+    enough; never past the token budget, across prompts, or on a path without pair_cost."""
+    def group(prompt_len, answer_len, n=4, prompt=None):
+        prompt = prompt or list(range(4, 4 + prompt_len))
+        return [Row(prompt, [3] * answer_len, advantage=1.0, pg=True) for _ in range(n)]
+
+    sharing = AttentionPath(False, SDPA, 10**6, branches=True, pair_cost=1e-3)
+    assert prompt_stacks(group(100, 5), sharing) == [[0, 1, 2, 3]]
+    assert prompt_stacks(group(3, 400), sharing) == [[0], [1], [2], [3]]   # 1e-3 x the square outweighs 2 tokens
+    assert prompt_stacks(group(3, 400), AttentionPath(False, SDPA, 10**6, branches=True, pair_cost=0.0)) == \
+        [[0, 1, 2, 3]]
+    assert prompt_stacks(group(100, 5), AttentionPath(False, SDPA, 113, branches=True, pair_cost=1e-3)) == \
+        [[0, 1], [2, 3]]   # the prompt's 99 tokens and two answers' 5 each fit 113 tokens, a third would not
+    assert prompt_stacks(group(20, 5, n=2) + group(20, 5, n=2, prompt=list(range(30, 50))), sharing) == \
+        [[0, 1], [2, 3]]
+    assert prompt_stacks(group(100, 5), AttentionPath(False, SDPA, 10**6, branches=True)) == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match="pair_cost"):
+        AttentionPath(False, SDPA, 64, pair_cost=1e-3)
 
 
 def test_with_refinements_checks_its_inputs(model):
@@ -330,7 +387,8 @@ def test_choose_attention_says_once_which_path(model, capsys):
     assert "flash-attn needs CUDA" in err
     assert choose_attention("true", model, CPU, 512).packed is False
     assert "packing=true, but no variable-length attention on cpu" in capsys.readouterr().err
-    assert choose_attention("false", model, CPU, 512) == AttentionPath(False, SDPA, 512, branches=True)
+    assert choose_attention("false", model, CPU, 512) == AttentionPath(False, SDPA, 512, branches=True,
+                                                                       pair_cost=attention_pair_cost(model))
     assert capsys.readouterr().err == ""
     with pytest.raises(ValueError, match="packing must be one of"):
         choose_attention("yes please", model, CPU, 512)

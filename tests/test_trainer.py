@@ -114,17 +114,18 @@ def test_refined_rows_change_the_update(tiny_model, tmp_path):
     assert any(not torch.equal(final["none"][k], final["refiner"][k]) for k in final["none"])
 
 
-def test_refinements_in_their_samples_rows_train_as_rows_of_their_own(tiny_model, tmp_path):
-    """Refiner steps with each refinement read in its sample's row (the default here: padded rows through SDPA)
-    and as a row of its own: the same losses, metrics and weights. The refiner keeps the first half of each response
-    and changes the rest, so refinements fork from their samples all along them."""
+def test_tree_rows_train_as_rows_apart(tiny_model, tmp_path):
+    """Refiner steps with a prompt's samples and their refinements in tree rows (the default here: padded rows
+    through SDPA) and every sequence in a row of its own: the same losses, metrics and weights. The refiner keeps
+    the first half of each response and changes the rest, so refinements fork from their samples all along them."""
     final, metrics = {}, {}
     for branches in (True, False):
         run = make_run(config(tiny_model, tmp_path / str(branches), "steps=2", "constraint=kl+refiner",
                               "refine_draft=false", "eval_every=100", "save_every=100"))
         varied_rewards(run)
-        assert run.attention.branches
-        run.attention = dataclasses.replace(run.attention, branches=branches)
+        assert run.attention.branches and run.attention.pair_cost is not None
+        if not branches:
+            run.attention = dataclasses.replace(run.attention, branches=False, pair_cost=None)
         real_generate = run.generate
 
         def generate(model, tokenizer, prompt_ids, real_generate=real_generate, run=run, **kwargs):
