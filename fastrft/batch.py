@@ -575,7 +575,8 @@ def rft_loss(model, batch: Batch, cfg, *, use_old: bool, normalizer: float | Non
              router_weight: float = 0.0):
     """fused_rft_loss on the batch under cfg's coefficients, through model (a causal LM, or the module that computes
     its loss: see loss_module_of); normalizer: the step's token count when the batch is one micro-batch of several
-    (default: the batch's own, Batch.loss_tokens). router_weight > 0 adds that multiple of the MoE router's load-balancing loss."""
+    (default: the batch's own, Batch.loss_tokens). router_weight > 0 adds that multiple of the MoE router's
+    load-balancing loss."""
     return loss_module_of(model)(
         batch.input_ids, batch.targets, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
         router_weight=router_weight,
