@@ -307,10 +307,12 @@ def attention_pair_cost(model) -> float:
     return 2 * config.num_hidden_layers * heads * head_dim / max(1, matmul_params)
 
 
-def choose_attention(packing: str, model, device: torch.device, max_tokens: int) -> AttentionPath:
+def choose_attention(packing: str, model, device: torch.device, max_tokens: int, *,
+                     reference=None) -> AttentionPath:
     """The path of the run's forwards (see the module docstring), said once. packing: "auto" takes a varlen kernel
     where one runs and padded micro-batches elsewhere; "true" asks for packing and says so when it cannot be had;
-    "false" is padded."""
+    "false" is padded. Tree rows only where model and reference (a separate model whose forwards take the path too)
+    both take their mask."""
     if packing not in PACKING:
         raise ValueError(f"packing must be one of {PACKING}, got {packing!r}")
     varlen, why = varlen_attention(model, device) if packing != "false" else (None, "")
@@ -319,7 +321,8 @@ def choose_attention(packing: str, model, device: torch.device, max_tokens: int)
         # The padded path runs on whatever the model was loaded with, except a packed-only kernel; eager attention
         # becomes SDPA where the architecture has it (Gemma 2 and GPT-OSS, for example, have only eager).
         padded = loaded if loaded in (FLASH, SDPA) else SDPA if model._supports_sdpa else EAGER
-        branches = padded in TREE_MASK_ATTENTION and tree_mask_blocker(model) is None
+        branches = padded in TREE_MASK_ATTENTION and all(tree_mask_blocker(m) is None for m in (model, reference)
+                                                         if m is not None)
         path = AttentionPath(False, padded, max_tokens, branches=branches,
                              pair_cost=attention_pair_cost(model) if branches else None)
         if packing == "true":
@@ -380,16 +383,20 @@ def prompt_stacks(rows: list[Row], path: AttentionPath) -> list[list[int]]:
     """The rows each tensor row holds (indices into rows, in order): each row alone, or where path shares prompts
     (pair_cost), runs of adjacent rows with one prompt (a group's samples) in one tree row (see build_batch) within
     the token budget. A row joins the run when that costs less than reading it alone, by the tokens read plus
-    pair_cost per query-key pair (a padded row attends over its whole width squared): a long prompt shared by short
-    answers gains, long answers to a short prompt would pay in attention what the prompt saves."""
+    pair_cost per query-key pair (a tree row's masked attention computes its whole width squared, a row alone's
+    causal attention half of it): a long prompt shared by short answers gains, long answers to a short prompt would
+    pay in attention what the prompt saves."""
+    def cost(width: int, masked: bool) -> float:   # a causal kernel skips the upper triangle, a masked one not
+        return width + path.pair_cost * width ** 2 * (1.0 if masked else 0.5)
+
     stacks: list[list[int]] = []
     for i, row in enumerate(rows):
         if path.pair_cost is not None and stacks and rows[stacks[-1][0]].prompt_ids == row.prompt_ids:
             width = stack_length(rows, stacks[-1])
             grown = width + row.length - (len(row.prompt_ids) - 1)
-            joined = grown - width + path.pair_cost * (grown ** 2 - width ** 2)
-            alone = row.length + path.pair_cost * row.length ** 2
-            if grown <= path.max_tokens and joined < alone:
+            apart = cost(width, len(stacks[-1]) > 1 or rows[stacks[-1][0]].branch is not None) + \
+                cost(row.length, row.branch is not None)
+            if grown <= path.max_tokens and cost(grown, True) < apart:
                 stacks[-1].append(i)
                 continue
         stacks.append([i])

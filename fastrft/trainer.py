@@ -406,7 +406,8 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if ref is not policy:
         check_head_matches_model(ref, "ref_model")
     router_loss_coef(policy, cfg)   # a router loss asked of a model without a router fails here, not mid-run
-    path = choose_attention(cfg.packing, policy, device, cfg.max_tokens_per_batch)
+    path = choose_attention(cfg.packing, policy, device, cfg.max_tokens_per_batch,
+                            reference=None if ref is policy else ref)
     use_attention(path, policy, ref)
     policy_loss = shard_policy(policy, world, fsdp=fsdp, mixed_precision=mixed_precision)
     if ref is not policy and ref_sharding == "shard":

@@ -340,9 +340,10 @@ def test_with_refinements_checks_its_inputs(model):
 
 
 def test_branches_only_where_the_mask_is_plain_causal(model):
-    """choose_attention takes branches on the padded path of a model whose attention reads a custom mask as it is;
+    """choose_attention takes tree rows on the padded path of a model whose attention reads a custom mask as it is;
     never for a sliding window (the tree mask would replace the window's), ALiBi attention (biases built from a
-    [B, L] mask), an MoE router loss (which reads a [B, L] mask), nor on a packed path."""
+    [B, L] mask), an MoE router loss (which reads a [B, L] mask), in the policy or the reference, nor on a packed
+    path."""
     from fastrft.batch import tree_mask_blocker
 
     assert choose_attention("auto", model, CPU, 512).branches and tree_mask_blocker(model) is None
@@ -352,6 +353,8 @@ def test_branches_only_where_the_mask_is_plain_causal(model):
         other = tiny_causal_lm(model_type)
         assert reason in tree_mask_blocker(other), model_type
         assert not choose_attention("auto", other, CPU, 512).branches
+        # nor when a separate reference model, whose forwards take the run's path too, could not take the mask
+        assert choose_attention("auto", model, CPU, 512, reference=other).pair_cost is None
     assert not choose_attention("auto", model, torch.device("cuda"), 512).branches
 
 
