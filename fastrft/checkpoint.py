@@ -28,7 +28,9 @@ already exists moves the old directory aside first: a crash in that instant lose
 the previous one.
 
 Data-parallel runs: every rank calls save_checkpoint and load_checkpoint with its World; rank 0 alone creates,
-renames and prunes directories, checks the checksums and picks the checkpoint to load. The run directory must be one
+renames and prunes directories; the checksums are shared out over the ranks by file size (at save and at load, so a
+large checkpoint's hashing takes 1/N of the time and no rank waits on another's long hash), and every rank reaches
+the same choice of checkpoint. The run directory must be one
 filesystem that every rank sees (a shared filesystem across nodes).
 
 Simplified: one job per run directory (no locking); the .pt files are loaded with torch.load(weights_only=True), so a
@@ -104,13 +106,13 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
                 _write_torch(tmp_dir / "scheduler.pt", scheduler.state_dict())
             _write_bytes(tmp_dir / "state.json", state_json.encode())
         world.barrier()   # every rank's files are on disk
+        files = sorted(str(f.relative_to(tmp_dir)) for f in tmp_dir.rglob("*") if f.is_file())
+        sha256 = _shared_sha256(tmp_dir, files, world)
         if world.is_main:
-            files = sorted(str(f.relative_to(tmp_dir)) for f in tmp_dir.rglob("*") if f.is_file())
             manifest = {"step": step, "files": files, "torch": torch.__version__, "world_size": world.size,
                         "weights": "trainable" if trainable_only else "all",
                         "optimizer": optimizer is not None, "optimizer_fresh": optimizer_fresh,
-                        "scheduler": scheduler is not None,
-                        "sha256": {f: _sha256(tmp_dir / f) for f in files}}
+                        "scheduler": scheduler is not None, "sha256": sha256}
             _write_bytes(tmp_dir / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
             fsync_dir(tmp_dir / WEIGHTS_DIR)
             fsync_dir(tmp_dir)
@@ -150,9 +152,8 @@ def load_checkpoint(run_dir, *, model: torch.nn.Module, optimizer=None, schedule
     the previous one is tried; when none is good, the newest one's error is raised (FileNotFoundError for a missing
     file, ValueError for an unreadable one). ValueError too when a good checkpoint does not fit the
     model/optimizer. Nothing is modified unless every file reads back."""
-    choice = _choose_checkpoint(Path(run_dir), optimizer is not None, scheduler is not None) if world.is_main \
-        else None
-    ckpt_dir, manifest, error = world.broadcast(choice)
+    ckpt_dir, manifest, error = _choose_checkpoint(Path(run_dir), optimizer is not None, scheduler is not None,
+                                                   world)
     if error is not None:
         raise error
     ckpt_dir = Path(ckpt_dir)
@@ -178,10 +179,11 @@ def load_checkpoint(run_dir, *, model: torch.nn.Module, optimizer=None, schedule
     return manifest["step"], state
 
 
-def _choose_checkpoint(run_dir: Path, with_optimizer: bool, with_scheduler: bool):
+def _choose_checkpoint(run_dir: Path, with_optimizer: bool, with_scheduler: bool, world: World = SINGLE):
     """(directory, manifest, None) of the newest checkpoint whose every file checks out, or (None, None, the newest
-    one's error)."""
-    candidates = _checkpoints_newest_first(run_dir)
+    one's error); the same on every rank (collective: the ranks share the checksums' work)."""
+    candidates = [Path(c) for c in world.broadcast([str(c) for c in _checkpoints_newest_first(run_dir)]
+                                                   if world.is_main else None)]
     if not candidates:
         return None, None, FileNotFoundError(
             f"no checkpoint in {run_dir}: expected {run_dir / CHECKPOINTS_DIR}/step_*/{MANIFEST_FILE} (or "
@@ -189,25 +191,28 @@ def _choose_checkpoint(run_dir: Path, with_optimizer: bool, with_scheduler: bool
     errors = []
     for ckpt_dir in candidates:
         try:
-            return str(ckpt_dir), _verified_manifest(ckpt_dir, with_optimizer, with_scheduler), None
+            return str(ckpt_dir), _verified_manifest(ckpt_dir, with_optimizer, with_scheduler, world), None
         except (FileNotFoundError, ValueError) as e:
             errors.append(e)
-            if ckpt_dir is not candidates[-1]:
+            if ckpt_dir is not candidates[-1] and world.is_main:
                 warnings.warn(f"checkpoint {ckpt_dir} is unusable ({e}); falling back to the previous one",
                               stacklevel=3)
     return None, None, errors[0]
 
 
-def _verified_manifest(ckpt_dir: Path, with_optimizer: bool, with_scheduler: bool) -> dict:
+def _verified_manifest(ckpt_dir: Path, with_optimizer: bool, with_scheduler: bool, world: World = SINGLE) -> dict:
     """The checkpoint's manifest, after checking that it holds what the caller restores and that every file's
-    sha256 matches."""
+    sha256 matches (every rank reads the manifest and checks the small files; the checksums are shared out)."""
     manifest = _read_manifest(ckpt_dir)
     if with_optimizer and not manifest["optimizer"]:
         raise FileNotFoundError(f"{ckpt_dir} holds no optimizer state (it was saved without an optimizer)")
     if with_scheduler and "scheduler.pt" not in manifest["files"]:
         raise FileNotFoundError(f"{ckpt_dir} holds no scheduler state (it was saved without a scheduler)")
-    for name, digest in manifest["sha256"].items():   # checkpoints written before checksums have none
-        if _sha256(ckpt_dir / name) != digest:
+    expected = manifest["sha256"]   # checkpoints written before checksums have none
+    # A file the manifest names and the folder lacks fails every rank alike (the same listing), before any collective.
+    found = _shared_sha256(ckpt_dir, sorted(expected), world)
+    for name in sorted(expected):
+        if found[name] != expected[name]:
             raise ValueError(f"corrupt checkpoint file {ckpt_dir / name}: its sha256 differs from the one in "
                              f"{MANIFEST_FILE} (changed or truncated since it was written)")
     for name in ("state.json", _rng_file(0)):
@@ -401,6 +406,20 @@ def _write_torch(path: Path, obj) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _shared_sha256(folder: Path, files: list[str], world: World) -> dict[str, str]:
+    """{file: sha256} of folder's files, the work shared out over the ranks by size (largest first, each to the
+    least loaded rank: every rank makes the same assignment from the same listing) and gathered on every rank."""
+    sizes = {name: (folder / name).stat().st_size for name in files}
+    load, mine = [0] * world.size, []
+    for name in sorted(files, key=lambda n: (-sizes[n], n)):
+        rank = load.index(min(load))
+        load[rank] += sizes[name]
+        if rank == world.rank:
+            mine.append(name)
+    return {name: digest for part in world.gather({name: _sha256(folder / name) for name in mine})
+            for name, digest in part.items()}
 
 
 def _sha256(path: Path) -> str:

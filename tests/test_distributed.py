@@ -113,6 +113,23 @@ def test_a_checkpoint_resumes_at_another_world_size(runs, demo_reference, tmp_pa
     assert_same_run(run_dir, runs["one"], demo_reference)
 
 
+def test_a_corrupt_file_found_by_another_rank_falls_back_on_every_rank(runs, demo_reference, tmp_path):
+    """The ranks share out the checksums by file size (the largest to rank 0, the next to rank 1): the latest
+    checkpoint's second-largest file changed after it was written is found by rank 1, and both ranks fall back to
+    the previous checkpoint and resume from there to the uninterrupted run."""
+    run_dir = tmp_path / "corrupt"
+    shutil.copytree(runs["fsdp"], run_dir)
+    latest = run_dir / "checkpoints" / "step_00000003"
+    second = sorted((f for f in latest.rglob("*") if f.is_file()),
+                    key=lambda f: (-f.stat().st_size, str(f.relative_to(latest))))[1]   # as the ranks order them
+    data = bytearray(second.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    second.write_bytes(bytes(data))
+    done = launch(2, "resume", str(run_dir))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert done.stderr.count(f"checkpoint {latest} is unusable (corrupt checkpoint file {second}") == 1
+    assert_same_run(run_dir, runs["one"], demo_reference)
+
 @pytest.mark.parametrize("how, said", [("kill", "SIGKILL"), ("raise", "RuntimeError: injected failure on rank 1"),
                                        ("hang", "Timed out")])
 def test_a_failing_rank_ends_the_job_with_its_error(demo_reference, tmp_path, how, said):
