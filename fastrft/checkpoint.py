@@ -269,12 +269,20 @@ def _load_weights(path: Path, manifest: dict, model, optimizer, world: World) ->
     if manifest["optimizer_fresh"]:
         optimizer = None   # saved before its first step: the fresh optimizer given is that state already
     template = _weights_state(model, optimizer, trainable)
-    saved = {key.split(".", 1)[1] for key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-             if key.startswith("model.")}
-    if saved != set(template["model"]):
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {key.split(".", 1)[1]: entry for key, entry in metadata.items() if key.startswith("model.")}
+    expected = set(template["model"])
+    if set(saved) != expected:
         what = "trainable weights" if trainable else "weights"
-        raise ValueError(f"it holds the {what} {_names(saved - set(template['model']))} the model does not have"
-                         f"{' trainable' if trainable else ''}, and lacks {_names(set(template['model']) - saved)}")
+        raise ValueError(f"it holds the {what} {_names(set(saved) - expected)} the model does not have"
+                         f"{' trainable' if trainable else ''}, and lacks {_names(expected - set(saved))}")
+    saved_dtypes = {name: getattr(getattr(entry, "properties", None), "dtype", None) for name, entry in saved.items()}
+    narrowed = sorted({(str(dtype), str(template["model"][name].dtype)) for name, dtype in saved_dtypes.items()
+                       if dtype is not None and _bits(dtype) > _bits(template["model"][name].dtype)})
+    if narrowed and world.is_main:   # say so: a resumed run otherwise trains on, silently less precise
+        warnings.warn(f"{path.parent}: the checkpoint's {', '.join(f'{a} weights load into {b}' for a, b in narrowed)}"
+                      f" (an FSDP2 mixed-precision run keeps float32 master weights; resume it with the same "
+                      f"engine, or dtype=float32, to keep them)", stacklevel=3)
     with _single_process_quiet():
         dcp.load(template, checkpoint_id=str(path), no_dist=world.size == 1)
     options = StateDictOptions(strict=not trainable)
@@ -285,6 +293,10 @@ def _load_weights(path: Path, manifest: dict, model, optimizer, world: World) ->
     else:
         set_state_dict(model, optimizer, model_state_dict=template["model"],
                        optim_state_dict=template["optimizer"], options=options)
+
+
+def _bits(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits if dtype.is_floating_point else 0
 
 
 def _load_torch_save(ckpt_dir: Path, manifest: dict, model, optimizer, map_location, world: World) -> None:

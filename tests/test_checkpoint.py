@@ -168,6 +168,21 @@ def test_model_only_checkpoint(tmp_path):
         load_checkpoint(tmp_path, model=fresh, optimizer=optimizer)
 
 
+
+def test_weights_loaded_into_a_narrower_dtype_are_said_once(tmp_path):
+    """float32 weights (an FSDP2 mixed-precision run's master weights) resumed into a bfloat16 model load, rounded,
+    with a warning that says so; the same dtype loads without one."""
+    model = Tiny()
+    save_checkpoint(tmp_path, 1, model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(tmp_path, model=Tiny())
+    narrow = Tiny().to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="the checkpoint's torch.float32 weights load into torch.bfloat16") as caught:
+        load_checkpoint(tmp_path, model=narrow)
+    assert len(caught) == 1
+    _assert_same(_weights(model.to(torch.bfloat16)), _weights(narrow))
+
 def _shift(model):
     """Weights other than the saved ones."""
     with torch.no_grad():
