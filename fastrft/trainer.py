@@ -9,8 +9,8 @@ attention path). `run_step(run, step)` is one step, its phases named functions o
   4. constraint   `reference_logprobs`: the reference's log-probs of the samples (the KL term, and kl_ref in every
                   mode); `refined_rows`: the refiner's corrections as weighted cross-entropy rows (fastrft.refiner)
   5. update       `update_policy`: sample rows (policy gradient) and refined rows (cross-entropy) in token-budgeted
-                  micro-batches (fastrft.batch: packed through a varlen attention kernel, or padded by length, a
-                  refinement then read in its sample's row past their shared prefix),
+                  micro-batches (fastrft.batch: packed through a varlen attention kernel, or padded by length in
+                  tree rows: a group's samples after their prompt, read once, each refinement after its sample),
                   final hidden states only, fastrft.fused_rft_loss with the step's token count as its normaliser,
                   gradients accumulated over the micro-batches; gradient clipping; AdamW; warm-up and decay;
                   optionally several minibatch updates with stored old log-probs
