@@ -103,7 +103,12 @@ class Batch:
     ref_logprobs: torch.Tensor
     target_slices: list[tuple[int, int, int]]   # per row of the batch: (row of the tensors, start, end), no branch
     attention_mask: torch.Tensor | None = None  # [B, 1, L, L] bool (True: attends) where rows branch, else None
-    loss_tokens: int = 0                        # the rows' Row.loss_tokens: the batch's own normaliser
+
+    @property
+    def loss_tokens(self) -> int:
+        """Its rows' Row.loss_tokens: policy-gradient targets and weighted ones, a token that is both counted twice
+        (as in rows apart)."""
+        return int(self.pg_mask.sum() + (self.sft_weights != 0).sum())
 
 
 def stack_length(rows: list[Row], stack: list[int]) -> int:
@@ -202,7 +207,7 @@ def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: 
                  scatter(target_at, per_target["pg_mask"], torch.bool),
                  *(scatter(target_at, torch.cat(per_target[name]), torch.float32)
                    for name in ("sft_weights", "old_logprobs", "ref_logprobs")),
-                 slices, attention_mask, sum(row.loss_tokens for row in rows))
+                 slices, attention_mask)
 
 
 def plan_micro_batches(lengths: list[int], max_tokens: int, *, packed: bool) -> list[list[int]]:
@@ -366,10 +371,8 @@ def with_refinements(rows: list[Row], refined: list[Row | None], path: Attention
         if refinement.prompt_ids != row.prompt_ids or row.branch is not None or row.sft_weights is not None:
             raise ValueError("a refinement branches off its own sample's row: the same prompt, no weights or "
                              "branch there yet")
-        at = 0
-        while at < min(len(row.target_ids), len(refinement.target_ids)) and \
-                row.target_ids[at] == refinement.target_ids[at]:
-            at += 1
+        at = next((j for j, (a, b) in enumerate(zip(row.target_ids, refinement.target_ids)) if a != b),
+                  min(len(row.target_ids), len(refinement.target_ids)))
         weights = refinement.sft_weights.float()
         shared = torch.zeros(len(row.target_ids))
         shared[:at] = weights[:at]

@@ -30,8 +30,8 @@ the previous one.
 Data-parallel runs: every rank calls save_checkpoint and load_checkpoint with its World; rank 0 alone creates,
 renames and prunes directories; the checksums are shared out over the ranks by file size (at save and at load, so a
 large checkpoint's hashing takes 1/N of the time and no rank waits on another's long hash), and every rank reaches
-the same choice of checkpoint. The run directory must be one
-filesystem that every rank sees (a shared filesystem across nodes).
+the same choice of checkpoint. The run directory must be one filesystem that every rank sees (a shared filesystem
+across nodes).
 
 Simplified: one job per run directory (no locking); the .pt files are loaded with torch.load(weights_only=True), so a
 scheduler whose state holds arbitrary Python objects cannot be restored.

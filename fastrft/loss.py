@@ -383,6 +383,7 @@ def beyond_causal(model) -> str | None:
     other = sorted(set(layer_types or ()) - {"full_attention", "sliding_attention"})
     return f"layers of type {', '.join(other)}" if other else None
 
+
 def fused_rft_loss(
     hidden, weight, targets, *, bias=None, advantages=None, pg_mask=None, old_logprobs=None, ref_logprobs=None,
     sft_weights=None, clip_low=0.2, clip_high=0.28, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
