@@ -12,10 +12,13 @@ A minimal correction copies most of the response, so the response (and EOS) is t
 only from the first token the refiner changes, re-aligning with the draft as it goes. The result is the plain greedy
 continuation, token for token (draft=False decodes it with generate(), the reference path); when the policy writes
 well, the refiner costs one forward pass.
+
+Identical samples of one prompt (frequent in a GRPO group once the policy settles on an answer) have one greedy
+refinement: it is written once and copied to each of them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,6 +42,7 @@ class RefineResult:
     refined_tokens: int = 0                # tokens of all parsed refinements
     failures: dict = field(default_factory=dict)   # reason -> count
     passes: int = 0                        # forward passes of the refiner
+    copies: int = 0                        # samples identical to an earlier one, given its refinement unwritten
     draft: rollout.DraftStats | None = None   # what the drafts saved (draft=True)
 
     @classmethod
@@ -47,7 +51,7 @@ class RefineResult:
         forward passes the most any part made (the step waited for that one)."""
         out = cls(refinements=[r for part in parts for r in part.refinements])
         for part in parts:
-            for name in ("failed", "unchanged", "changed_tokens", "refined_tokens"):
+            for name in ("failed", "unchanged", "changed_tokens", "refined_tokens", "copies"):
                 setattr(out, name, getattr(out, name) + getattr(part, name))
             out.passes = max(out.passes, part.passes)
             for reason, count in part.failures.items():
@@ -70,14 +74,18 @@ def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, complet
            kept_weight: float = 0.0, context: int = 0, draft: bool = True, generate=None) -> RefineResult:
     """Each completion's refinement (None where unchanged or failed). draft: verify the response as the draft of the
     refiner's greedy continuation (see the module docstring); else decode it with generate, fastrft.rollout.generate
-    (the default) or a stand-in with its signature."""
+    (the default) or a stand-in with its signature. Counts are per sample, copies included."""
     result = RefineResult(refinements=[None] * len(completions))
     texts = [template.format(prompt=p if isinstance(p, str) else p[-1]["content"], response=c)
              for p, c in zip(prompts, completions)]
+    first_of: dict = {}
+    source = [first_of.setdefault((text, tuple(ids)), i) for i, (text, ids) in enumerate(zip(texts, completion_ids))]
+    unique = list(first_of.values())
+    result.copies = len(texts) - len(unique)
     eos = tokenizer.eos_token_id
-    template_ids = rollout.encode_prompts(tokenizer, texts)
+    template_ids = rollout.encode_prompts(tokenizer, [texts[i] for i in unique])
     if draft:
-        drafts = [[t for t in ids if t != eos] + [eos] for ids in completion_ids]
+        drafts = [[t for t in completion_ids[i] if t != eos] + [eos] for i in unique]
         written, result.draft = rollout.greedy_from_drafts(ref_model, tokenizer, template_ids, drafts,
                                                            max_new_tokens=max_new_tokens, batch_size=batch_size)
         result.passes = result.draft.passes
@@ -86,31 +94,41 @@ def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, complet
                                                  greedy=True, batch_size=batch_size)
         # generate() runs each batch until its longest completion ends: one pass per token of it.
         result.passes = sum(max(map(len, written.completion_ids[i:i + batch_size]))
-                            for i in range(0, len(texts), batch_size))
+                            for i in range(0, len(unique), batch_size))
+    # What became of each unique sample: a failure's reason, or (its refinement or None where it changed nothing,
+    # its tokens, the tokens changed).
+    outcomes: dict[int, str | tuple[Refinement | None, int, int]] = {}
     corrections: dict[int, str] = {}
-    for i, (raw, truncated) in enumerate(zip(written.texts, written.truncated)):
+    for i, raw, truncated in zip(unique, written.texts, written.truncated):
         corrected = None if truncated else parse(raw)
         reason = "too_long" if truncated else "unparseable" if corrected is None else "empty" if not corrected else None
         if reason:
+            outcomes[i] = reason
+        else:
+            corrections[i] = corrected
+    if corrections:
+        parsed = [(i, ids + [eos]) for i, ids in zip(corrections, tokenizer(list(corrections.values()),
+                                                                            add_special_tokens=False)["input_ids"])]
+        masks = diff_masks([completion_ids[i] for i, _ in parsed], [ids for _, ids in parsed])
+        # The weights on the refiner's device (the Triton kernel on CUDA), back once for the update's rows.
+        weights = diff_weights(masks, changed_weight=changed_weight, kept_weight=kept_weight, context=context,
+                               device=next(ref_model.parameters()).device)
+        for (i, refined_ids), mask, row_weights, last in zip(parsed, masks, weights.weights.cpu(),
+                                                              weights.last_index.tolist()):
+            changed = int(mask.sum())
+            outcomes[i] = (Refinement(refined_ids[:last + 1], row_weights[:last + 1], changed)
+                           if changed and last >= 0 else None, len(refined_ids), changed)
+    for i, first in enumerate(source):
+        outcome = outcomes[first]
+        if isinstance(outcome, str):
             result.failed += 1
-            result.failures[reason] = result.failures.get(reason, 0) + 1
+            result.failures[outcome] = result.failures.get(outcome, 0) + 1
             continue
-        corrections[i] = corrected
-    if not corrections:
-        return result
-    parsed = [(i, ids + [eos]) for i, ids in zip(corrections, tokenizer(list(corrections.values()),
-                                                                        add_special_tokens=False)["input_ids"])]
-    masks = diff_masks([completion_ids[i] for i, _ in parsed], [ids for _, ids in parsed])
-    # The weights on the refiner's device (the Triton kernel on CUDA), back once for the update's rows.
-    weights = diff_weights(masks, changed_weight=changed_weight, kept_weight=kept_weight, context=context,
-                           device=next(ref_model.parameters()).device)
-    weights = weights._replace(weights=weights.weights.cpu(), last_index=weights.last_index.cpu())
-    for (i, refined_ids), mask, row_weights, last in zip(parsed, masks, weights.weights, weights.last_index.tolist()):
-        result.refined_tokens += len(refined_ids)
-        changed = int(mask.sum())
+        refinement, refined_tokens, changed = outcome
+        result.refined_tokens += refined_tokens
         result.changed_tokens += changed
-        if changed == 0 or last < 0:
+        if refinement is None:
             result.unchanged += 1
-            continue
-        result.refinements[i] = Refinement(refined_ids[:last + 1], row_weights[:last + 1].clone(), changed)
+        else:   # each sample its own weights: the update's rows never share a tensor
+            result.refinements[i] = replace(refinement, sft_weights=refinement.sft_weights.clone())
     return result

@@ -352,7 +352,7 @@ class StepRecord:
             record.update(refine_rate=sum(r is not None for r in refine.refinements) / len(samples),
                           refine_failed=refine.failed,
                           changed_token_frac=refine.changed_tokens / max(1, refine.refined_tokens),
-                          refine_passes=refine.passes)
+                          refine_passes=refine.passes, refine_copied=refine.copies / len(samples))
             if refine.draft_accepted is not None:
                 record["refine_draft_accepted"] = refine.draft_accepted
         record.update(pg_loss=update.pg_loss, sft_loss=update.sft_loss, kl_loss=update.kl_loss,
@@ -816,16 +816,23 @@ def _finite_weights(model, world: World) -> bool:
 
 def evaluate(run: Run) -> dict:
     """The task's held-out metrics (eval_*) of the policy; under data parallelism each rank evaluates its share of
-    the prompts and each metric (a mean over prompts) is the mean over all of them."""
-    rows = [run.eval_rows[i] for i in run.world.share(len(run.eval_rows))]
-    with policy_model(run) as policy:
-        metrics = run.task.evaluate(policy, run.tokenizer, rows, max_new_tokens=run.max_new_tokens,
-                                    batch_size=run.cfg.generation_batch_size, generate=run.generate) if rows else {}
-    ranks = [(m, n) for m, n in run.world.gather((metrics, len(rows))) if n]
-    if len(ranks) == 1:
-        return ranks[0][0]
-    total = sum(n for _, n in ranks)
-    return {name: sum(m[name] * n for m, n in ranks) / total for name in ranks[0][0]}
+    the prompts, and each metric is its values' sum over all ranks over their number (Task.evaluate_sums): the
+    same as one process's."""
+    task, rows = run.task, [run.eval_rows[i] for i in run.world.share(len(run.eval_rows))]
+    options = dict(max_new_tokens=run.max_new_tokens, batch_size=run.cfg.generation_batch_size,
+                   generate=run.generate)
+    sums = {}
+    if rows:
+        with policy_model(run) as policy:
+            if type(task).evaluate is not Task.evaluate and type(task).evaluate_sums is Task.evaluate_sums:
+                # A task that overrides only evaluate: its means, weighted by the rows each rank evaluated.
+                sums = {name: (value * len(rows), len(rows))
+                        for name, value in task.evaluate(policy, run.tokenizer, rows, **options).items()}
+            else:
+                sums = task.evaluate_sums(policy, run.tokenizer, rows, **options)
+    ranks = [s for s in run.world.gather(sums) if s]
+    names = ranks[0] if ranks else {}
+    return {name: sum(s[name][0] for s in ranks) / max(1, sum(s[name][1] for s in ranks)) for name in names}
 
 
 @contextmanager

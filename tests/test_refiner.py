@@ -32,12 +32,12 @@ def assert_same(plain, drafted):
 
 
 def test_real_samples_of_training_refine_to_the_plain_greedy_tokens(reference):
-    """512 samples of the reference itself on training prompts, as the first RL step draws them (temperature 1.0
-    and a hotter 1.5 for more errors), refined both ways: every refinement identical, and most of them a mix of
-    accepted and rewritten draft tokens."""
+    """1024 samples of the reference itself on training prompts, as the first RL step draws them (temperature 1.0
+    and a hotter 1.5 for more errors), over 500 of them distinct, refined both ways: every refinement identical, and
+    most of them a mix of accepted and rewritten draft tokens."""
     model, tokenizer = reference
     task = demo_task()
-    rows = task.train_rows[:64]
+    rows = task.train_rows[:128]
     torch.manual_seed(0)
     samples = [generate(model, tokenizer, encode_prompts(tokenizer, [r["prompt"] for r in rows]), max_new_tokens=10,
                         num_samples=4, temperature=t) for t in (1.0, 1.5)]
@@ -48,7 +48,8 @@ def test_real_samples_of_training_refine_to_the_plain_greedy_tokens(reference):
                       completions=texts, completion_ids=ids, max_new_tokens=10, draft=draft)
                for draft in (False, True)]
     plain, drafted = results
-    assert len(prompts) >= 500
+    assert len(set(zip(prompts, texts))) >= 500   # identical samples are refined once (copies)
+    assert plain.copies == drafted.copies == len(prompts) - len(set(zip(prompts, texts)))
     for a, b in zip(plain.refinements, drafted.refinements):
         assert (a is None) == (b is None)
         if a is not None:
@@ -59,6 +60,43 @@ def test_real_samples_of_training_refine_to_the_plain_greedy_tokens(reference):
     assert 50 < changed < len(prompts) - 50, "the samples should mix changed and unchanged refinements"
     assert 0 < drafted.draft.accepted < drafted.draft.offered
     assert drafted.passes <= plain.passes   # each pass writes at least one token of every row
+
+
+def test_identical_samples_are_refined_once_and_copied(reference):
+    """Samples repeated within and across prompts: each distinct (prompt, response) is written once, and every copy
+    gets what refining it alone gives (its own weights tensor), counted per sample."""
+    model, tokenizer = reference
+    eos = tokenizer.eos_token_id
+    cases = [("sort 7391=", "1739"), ("sort 7391=", "1379"), ("sort 93714=", "1739"), ("sort 7391=", "1739"),
+             ("sort 7391=", "fix"), ("sort 93714=", "1739"), ("sort 7391=", "1739"), ("sort 7391=", "fix")]
+    prompts, texts = [p for p, _ in cases], [t for _, t in cases]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    written = []
+
+    def counting_generate(model, tokenizer, prompt_ids, **kwargs):
+        written.extend(tokenizer.batch_decode(prompt_ids, skip_special_tokens=True))
+        return generate(model, tokenizer, prompt_ids, **kwargs)
+
+    kwargs = dict(template=REFINE_TEMPLATE, parse=parse_refinement, max_new_tokens=10)
+    for draft in (False, True):
+        written.clear()
+        together = refine(model, tokenizer, prompts=prompts, completions=texts, completion_ids=ids, draft=draft,
+                          generate=counting_generate, **kwargs)
+        if not draft:
+            assert sorted(written) == sorted({REFINE_TEMPLATE.format(prompt=p, response=t) for p, t in cases})
+        assert together.copies == 4
+        alone = [refine(model, tokenizer, prompts=[p], completions=[t], completion_ids=[i], draft=draft, **kwargs)
+                 for p, t, i in zip(prompts, texts, ids)]
+        for mine, single in zip(together.refinements, alone):
+            assert (mine is None) == (single.refinements[0] is None)
+            if mine is not None:
+                assert mine.refined_ids == single.refinements[0].refined_ids
+                assert torch.equal(mine.sft_weights, single.refinements[0].sft_weights)
+        for name in ("failed", "unchanged", "changed_tokens", "refined_tokens"):
+            assert getattr(together, name) == sum(getattr(a, name) for a in alone), name
+        assert sum(together.failures.values()) == together.failed
+        changed = [r for r in together.refinements if r is not None]
+        assert len({id(r.sft_weights) for r in changed}) == len(changed)
 
 
 CONSTRUCTED = {   # response as the refiner sees it -> what the case exercises

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastrft.config import TrainConfig, load_config
+from fastrft.distributed import World
 from fastrft.rollout import Samples
 from fastrft.rundir import RunDir
 from fastrft.tasks.demo import make_model, make_tokenizer
@@ -474,3 +475,53 @@ def test_vocabularies_of_policy_and_reference_must_match(tiny_model, tmp_path):
         cfg = config(tiny_model, tmp_path, "steps=1", *overrides)
         with pytest.raises(ValueError, match="vocabulary rows but the reference .* has"):
             train(cfg)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOfTwoRanks(World):
+    """A rank of two in one process: gather returns what it is given and `others` (the other rank's object) in rank
+    order, and keeps what it was given (sent)."""
+    others: object = None
+    sent: list = dataclasses.field(default_factory=list)
+
+    def gather(self, obj):
+        self.sent.append(obj)
+        return [obj, self.others] if self.rank == 0 else [self.others, obj]
+
+
+@pytest.mark.parametrize("override", ["evaluate_sums", "evaluate"])
+def test_evaluation_over_ranks_is_that_of_one_process(tiny_model, tmp_path, override):
+    """Held-out metrics of prompts shared over two ranks, where one rank's rewards are mostly unscored (None): each
+    metric over all the scored values, as one process computes it; a task overriding only evaluate keeps its
+    per-row weighting of the ranks' means."""
+    from fastrft.tasks import Task
+    from fastrft.trainer import evaluate
+
+    run = make_run(config(tiny_model, tmp_path, "eval_size=6"))
+    answers = {row["prompt"]: text for row, text in zip(run.eval_rows, ["a", "-", "-", "b", "b", "a"])}
+
+    def scripted_generate(model, tokenizer, prompt_ids, **kwargs):
+        texts = [answers[tokenizer.decode(ids, skip_special_tokens=True)] for ids in prompt_ids]
+        return Samples(prompt_ids, [[1] for _ in texts], texts, [False] * len(texts))
+
+    # 1.0 for "a", 0.0 for "b", unscored (None) for "-": rank 0 scores 1 of its 3 (1.0), rank 1 all 3 (1/3).
+    run.task.reward_funcs = [lambda prompts, completions, **kw: [{"a": 1.0, "b": 0.0}.get(c) for c in completions]]
+    run.task.reward_weights = [1.0]
+    if override == "evaluate":
+        class OwnEvaluation(Task):
+            def evaluate(self, *args, **kwargs):
+                return {"eval_reward": Task.evaluate(self, *args, **kwargs)["eval_reward"]}
+
+        run.task = OwnEvaluation(**{f.name: getattr(run.task, f.name) for f in dataclasses.fields(Task)})
+    run.generate = scripted_generate
+    alone = evaluate(run)
+    run.world = OneOfTwoRanks(rank=1, size=2)
+    evaluate(run)
+    run.world = OneOfTwoRanks(rank=0, size=2, others=run.world.sent[-1])
+    shared = evaluate(run)
+    assert alone["eval_reward"] == pytest.approx(2 / 4)
+    if override == "evaluate_sums":
+        assert shared == pytest.approx(alone)
+    else:   # the ranks' means weighted by their rows
+        assert shared["eval_reward"] == pytest.approx((1.0 * 3 + 1 / 3 * 3) / 6)

@@ -341,13 +341,14 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         draft = result.draft
         local = torch.tensor([n_samples, n_refined, result.failed, result.changed_tokens, result.refined_tokens,
                               int((refined_weights != 0).sum()), result.passes, draft.offered if draft else 0,
-                              draft.accepted if draft else 0], device=device)
+                              draft.accepted if draft else 0, result.copies], device=device)
         total = self.accelerator.reduce(local, reduction="sum").tolist()
         samples = max(1, total[0])
         self._metrics[mode]["refine/rate"].append(total[1] / samples)
         self._metrics[mode]["refine/failed"].append(total[2] / samples)
         self._metrics[mode]["refine/changed_token_frac"].append(total[3] / max(1, total[4]))
         self._metrics[mode]["refine/passes"].append(total[6] / self.accelerator.num_processes)
+        self._metrics[mode]["refine/copied"].append(total[9] / samples)
         if self.refine_draft:
             self._metrics[mode]["refine/draft_accepted"].append(total[8] / max(1, total[7]))
         return {"refined_ids": refined_ids.to(device), "refined_mask": refined_mask.to(device),

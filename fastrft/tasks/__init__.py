@@ -61,8 +61,17 @@ class Task:
     def evaluate(self, model, tokenizer, rows: list[dict], *, max_new_tokens: int, batch_size: int = 256,
                  generate=None) -> dict:
         """Held-out metrics, each named eval_*: here the weighted reward of greedy completions (eval_reward) and
-        each reward function's mean. A task with an evaluation of its own overrides this (the code task adds
-        pass@k). generate: fastrft.rollout.generate or a stand-in with its signature."""
+        each reward function's mean, over the completions it scored (None: not scored). The means of
+        evaluate_sums. generate: fastrft.rollout.generate or a stand-in with its signature."""
+        return {name: total / max(1, count)
+                for name, (total, count) in self.evaluate_sums(model, tokenizer, rows, max_new_tokens=max_new_tokens,
+                                                               batch_size=batch_size, generate=generate).items()}
+
+    def evaluate_sums(self, model, tokenizer, rows: list[dict], *, max_new_tokens: int, batch_size: int = 256,
+                      generate=None) -> dict[str, tuple[float, int]]:
+        """evaluate's metrics as (sum, count) of the values each one averages: the trainer adds them up over the
+        ranks' shares of the held-out rows, so that a metric does not depend on how the rows were shared. A task
+        with an evaluation of its own overrides this (the code task adds pass@k)."""
         from fastrft.rollout import encode_prompts
         from fastrft.rollout import generate as default_generate
 
@@ -70,16 +79,18 @@ class Task:
                                                  encode_prompts(tokenizer, [r["prompt"] for r in rows]),
                                                  max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size)
         rewards, per_func = self.score(rows, samples.texts, samples.truncated)
-        metrics = {"eval_reward": _mean([r for r in rewards if r is not None])}
+        sums = {"eval_reward": _sum_count(rewards)}
         for name, values in per_func.items():
-            metrics[f"eval_{name}"] = _mean([v for v in values if v is not None])
+            sums[f"eval_{name}"] = _sum_count(values)
         if self.gold_reward is not None:
-            metrics["eval_gold"] = metrics[f"eval_{self.gold_reward}"]
-        return metrics
+            sums["eval_gold"] = sums[f"eval_{self.gold_reward}"]
+        return sums
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / max(1, len(values))
+def _sum_count(values: list[float | None]) -> tuple[float, int]:
+    """The sum and the number of the values that are not None."""
+    scored = [v for v in values if v is not None]
+    return float(sum(scored)), len(scored)
 
 
 def _demo_task(**options) -> Task:

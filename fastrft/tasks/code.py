@@ -299,15 +299,15 @@ class CodeTask(Task):
     eval_temperature: float = 0.8
     pass_ks: tuple[int, ...] = field(default=(1, 5))
 
-    def evaluate(self, model, tokenizer, rows: list[dict], *, max_new_tokens: int, batch_size: int = 256,
-                 generate=None) -> dict:
+    def evaluate_sums(self, model, tokenizer, rows: list[dict], *, max_new_tokens: int, batch_size: int = 256,
+                      generate=None) -> dict[str, tuple[float, int]]:
         from fastrft.rollout import encode_prompts
         from fastrft.rollout import generate as default_generate
 
-        metrics = super().evaluate(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   generate=generate)
+        sums = super().evaluate_sums(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     generate=generate)
         if not rows:
-            return metrics
+            return sums
         n = self.eval_samples
         samples = (generate or default_generate)(model, tokenizer,
                                                  encode_prompts(tokenizer, [r["prompt"] for r in rows]),
@@ -316,8 +316,9 @@ class CodeTask(Task):
         groups = [samples.texts[i * n:(i + 1) * n] for i in range(len(rows))]
         ks = tuple(k for k in self.pass_ks if k <= n)
         pass_at = evaluate_pass_at_k(self.scorer, rows, groups, ks=ks)
-        metrics.update({f"eval_pass@{k}": pass_at[f"pass@{k}"] for k in ks})
-        return metrics
+        # Every problem has n >= k samples, so each pass@k is a mean over all the rows.
+        sums.update({f"eval_pass@{k}": (pass_at[f"pass@{k}"] * len(rows), len(rows)) for k in ks})
+        return sums
 
 
 # ---------------------------------------------------------------------------------------------------------------
