@@ -39,8 +39,16 @@ def launch(nproc: int, *args: str, fault: str | None = None, timeout: float = 30
         env["FASTRFT_TEST_FAULT"] = fault
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    return subprocess.run([*launcher, str(worker), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    for _ in range(3):
+        done = subprocess.run([*launcher, str(worker), *args], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        # --standalone picks a free port before its store binds it: another process may take it in between.
+        if done.returncode == 0 or not PORT_TAKEN.search(done.stderr):
+            return done
+    return done
+
+
+PORT_TAKEN = re.compile(r"EADDRINUSE|[Aa]ddress already in use|failed to listen on any local network address")
 
 
 def train_ok(nproc: int, *args: str) -> None:
