@@ -45,6 +45,9 @@ class IdTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(map(str, ids))
 
+    def batch_decode(self, sequences, skip_special_tokens=True):
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
 
 def load_model(name: str, reference_dir: Path, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM

@@ -116,7 +116,7 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
          same way, from the KV cache of what is verified. While a row's draft is accepted, its block doubles (up to
          `lookahead`). After a change, the row re-aligns with its draft: where the last `ngram` (down to 1) written
          tokens occur in the draft, the draft's continuation from there is proposed (prompt-lookup decoding), 2
-         tokens at first, cut back to what was accepted on a rejection.
+         tokens at first, cut back on a rejection (_DraftRow says how far).
     A row whose draft holds (its EOS included) finishes in about log2(len(draft) / first_block) + 1 passes, a row
     whose draft is useless decodes one token a pass, as generate() does. Rejected tokens stay in the cache, masked
     out of attention, so that every row of the batch keeps one cache length (transformers' dynamic cache, any causal
@@ -155,10 +155,11 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
 
 class _DraftRow:
     """One row's decoding state: what it has written, where its draft is aligned, what its cache holds, and how many
-    draft tokens it proposes next: doubling while they are accepted, cut back to what was accepted when not (at
-    least 2 after the first block). The evidence it needs grows as its trust falls: a 1-gram match from 4 tokens
-    on, a 2-gram below, a full n-gram at 0 (its last proposal wholly rejected), and then it proposes only into a
-    block that other rows already make longer, or on a probe pass."""
+    draft tokens it proposes next: doubling while they are accepted; when not, cut back to what was accepted, or
+    only halved where the row's drafts have held for long runs between changes (a few edits in a long answer: the
+    next change is as far away), at least 2 after the first block. The evidence it needs grows as its trust falls:
+    a 1-gram match from 4 tokens on, a 2-gram below, a full n-gram at 0 (its last proposal wholly rejected), and
+    then it proposes only into a block that other rows already make longer, or on a probe pass."""
 
     def __init__(self, draft: list[int], ngram: int, size: int):
         self.draft = draft
@@ -167,11 +168,21 @@ class _DraftRow:
         self.valid = 0             # tokens in the cache that attention may see (its position counter)
         self.size = size           # tokens of the next proposal
         self.done = False
-        # n-gram -> the draft positions right after each of its occurrences, in order
-        self.ends: dict[tuple, list[int]] = {}
-        for n in range(1, ngram + 1):
-            for end in range(n, len(draft)):
-                self.ends.setdefault(tuple(draft[end - n:end]), []).append(end)
+        self.accepted = 0          # draft tokens accepted so far
+        self.changes = 0           # proposals rejected so far
+        self.ngram = ngram
+        self._ends: dict[tuple, list[int]] | None = None
+
+    @property
+    def ends(self) -> dict[tuple, list[int]]:
+        """n-gram -> the draft positions right after each of its occurrences, in order; built on first use (a row
+        whose draft holds never re-aligns)."""
+        if self._ends is None:
+            self._ends = {}
+            for n in range(1, self.ngram + 1):
+                for end in range(n, len(self.draft)):
+                    self._ends.setdefault(tuple(self.draft[end - n:end]), []).append(end)
+        return self._ends
 
     def write(self, tokens: list[int], eos_id: int, max_new_tokens: int) -> None:
         for token in tokens:
@@ -180,11 +191,15 @@ class _DraftRow:
                 self.done = True
                 return
 
-    def proposal(self, ngram: int, limit: int) -> list[int]:
-        """The draft's continuation after the nearest occurrence (from the pointer on, else the last before it) of
-        the last n written tokens, n = ngram down to the shortest the row's trust allows; at most limit tokens."""
+    def proposal(self, limit: int) -> list[int]:
+        """At most limit tokens of the draft: its continuation from the pointer where the last written token is the
+        draft's before it (in step), else after the nearest occurrence (from the pointer on, else the last before it)
+        of the last n written tokens, n = ngram down to the shortest the row's trust allows."""
         if limit <= 0:
             return []
+        if 0 < self.pointer <= len(self.draft) and self.out[-1] == self.draft[self.pointer - 1]:
+            return self.draft[self.pointer:self.pointer + limit]
+        ngram = self.ngram
         shortest = 1 if self.size >= 4 else min(2, ngram) if self.size else ngram
         for n in range(min(ngram, len(self.out)), shortest - 1, -1):
             ends = self.ends.get(tuple(self.out[-n:]))
@@ -198,8 +213,12 @@ class _DraftRow:
         # The token written after the accepted ones stands for the next draft position: the draft's own token, or
         # (after a rejection) the most likely edit, its replacement.
         self.pointer += accepted + 1
-        if proposed:
-            self.size = min(lookahead, 2 * max(1, self.size)) if accepted == proposed else accepted
+        self.accepted += accepted
+        if proposed and accepted == proposed:
+            self.size = min(lookahead, 2 * max(1, self.size))
+        elif proposed:
+            self.changes += 1
+            self.size = max(accepted, min(self.size // 2, self.accepted // self.changes))
 
 
 def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_block, lookahead, ngram, stats,
@@ -244,7 +263,7 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
             keep = [a for a, r in enumerate(active) if not rows[r].done]
             mask = _compact(cache, mask, torch.tensor(keep))
             active = [active[a] for a in keep]
-        blocks = _next_blocks([rows[r] for r in active], ngram, max_new_tokens,
+        blocks = _next_blocks([rows[r] for r in active], max_new_tokens,
                               probe=stats.passes % probe_every == 0)
         size = max(len(b) for b in blocks)
         lengths = torch.tensor([len(b) for b in blocks])
@@ -273,11 +292,11 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
     return [row.out for row in rows]
 
 
-def _next_blocks(rows: list[_DraftRow], ngram: int, max_new_tokens: int, probe: bool) -> list[list[int]]:
+def _next_blocks(rows: list[_DraftRow], max_new_tokens: int, probe: bool) -> list[list[int]]:
     """Each row's last token and its proposal; [] for finished rows. The block is as long as the proposals of at
     least a quarter of the rows (one row's long proposal must not multiply every row's compute); rows trusting
     their drafts less fill what is left of it, or probe (a 2-token proposal on every probe pass)."""
-    proposals = [row.proposal(ngram, min(row.size, max_new_tokens - len(row.out) - 1))
+    proposals = [row.proposal(min(row.size, max_new_tokens - len(row.out) - 1))
                  if row.size and not row.done else None for row in rows]
     lengths = sorted((len(p) for p in proposals if p is not None), reverse=True)
     quarter = (len(rows) - 1) // 4
@@ -290,7 +309,7 @@ def _next_blocks(rows: list[_DraftRow], ngram: int, max_new_tokens: int, probe: 
         elif proposal is not None:
             blocks.append([row.out[-1]] + proposal[:limit])
         else:
-            blocks.append([row.out[-1]] + row.proposal(ngram, limit))
+            blocks.append([row.out[-1]] + row.proposal(limit))
     return blocks
 
 
