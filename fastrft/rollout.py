@@ -157,9 +157,10 @@ class _DraftRow:
     """One row's decoding state: what it has written, where its draft is aligned, what its cache holds, and how many
     draft tokens it proposes next: doubling while they are accepted; when not, cut back to what was accepted, or
     only halved where the row's drafts have held for long runs between changes (a few edits in a long answer: the
-    next change is as far away), at least 2 after the first block. The evidence it needs grows as its trust falls:
-    a 1-gram match from 4 tokens on, a 2-gram below, a full n-gram at 0 (its last proposal wholly rejected), and
-    then it proposes only into a block that other rows already make longer, or on a probe pass."""
+    next change is as far away), at least 2 after the first block. In step with its draft (its last token the
+    draft's), it proposes the draft's continuation; else it re-aligns, on evidence that grows as its trust (the
+    proposal's size) falls: a 1-gram match from 4 tokens on, a 2-gram below, a full n-gram at 0, and then it
+    proposes only into a block that other rows already make longer, or on a probe pass."""
 
     def __init__(self, draft: list[int], ngram: int, size: int):
         self.draft = draft

@@ -817,22 +817,33 @@ def _finite_weights(model, world: World) -> bool:
 def evaluate(run: Run) -> dict:
     """The task's held-out metrics (eval_*) of the policy; under data parallelism each rank evaluates its share of
     the prompts, and each metric is its values' sum over all ranks over their number (Task.evaluate_sums): the
-    same as one process's."""
+    same as one process's. Every rank enters the policy's gathering, with prompts to evaluate or not."""
     task, rows = run.task, [run.eval_rows[i] for i in run.world.share(len(run.eval_rows))]
     options = dict(max_new_tokens=run.max_new_tokens, batch_size=run.cfg.generation_batch_size,
                    generate=run.generate)
     sums = {}
-    if rows:
-        with policy_model(run) as policy:
-            if type(task).evaluate is not Task.evaluate and type(task).evaluate_sums is Task.evaluate_sums:
-                # A task that overrides only evaluate: its means, weighted by the rows each rank evaluated.
-                sums = {name: (value * len(rows), len(rows))
-                        for name, value in task.evaluate(policy, run.tokenizer, rows, **options).items()}
-            else:
-                sums = task.evaluate_sums(policy, run.tokenizer, rows, **options)
+    with policy_model(run) as policy:
+        if rows and _own_evaluate(type(task)):
+            # A task whose evaluate is its own, not the means of its evaluate_sums: its means, weighted by the rows
+            # each rank evaluated.
+            sums = {name: (value * len(rows), len(rows))
+                    for name, value in task.evaluate(policy, run.tokenizer, rows, **options).items()}
+        elif rows:
+            sums = task.evaluate_sums(policy, run.tokenizer, rows, **options)
     ranks = [s for s in run.world.gather(sums) if s]
     names = ranks[0] if ranks else {}
     return {name: sum(s[name][0] for s in ranks) / max(1, sum(s[name][1] for s in ranks)) for name in names}
+
+
+def _own_evaluate(task_class) -> bool:
+    """Whether the class's evaluate is overridden below its evaluate_sums (the class nearest to it defining either
+    defines evaluate)."""
+    for cls in task_class.__mro__:
+        if cls is Task or "evaluate_sums" in vars(cls):
+            return False
+        if "evaluate" in vars(cls):
+            return True
+    return False
 
 
 @contextmanager

@@ -242,10 +242,10 @@ def test_the_fsdp2_example_runs_and_learns():
 
 
 def test_a_rank_without_prompts_joins_the_others_step(demo_reference, tmp_path):
-    """One prompt per step over 2 ranks: rank 1 draws nothing, runs no rollout, and still takes part in every
-    collective of the step (gathered weights, idle micro-batches through FSDP2's forward and backward, the
-    checkpoint), so the job gives the 1-rank run's result."""
-    extra = ["prompts_per_step=1", "steps=2", "eval_every=2"]
+    """One prompt per step and one held-out prompt over 2 ranks: rank 1 draws nothing, runs no rollout and no
+    evaluation, and still takes part in every collective of the step (gathered weights, idle micro-batches through
+    FSDP2's forward and backward, the checkpoint, the evaluation's), so the job gives the 1-rank run's result."""
+    extra = ["prompts_per_step=1", "steps=2", "eval_every=2", "eval_size=1"]
     train_ok(1, "train", str(tmp_path / "one"), f"model={demo_reference}", *RUN, *extra)
     train_ok(2, "train", str(tmp_path / "two"), f"model={demo_reference}", *RUN, *extra)
     a, b = steps(tmp_path / "one"), steps(tmp_path / "two")

@@ -48,8 +48,8 @@ def test_real_samples_of_training_refine_to_the_plain_greedy_tokens(reference):
                       completions=texts, completion_ids=ids, max_new_tokens=10, draft=draft)
                for draft in (False, True)]
     plain, drafted = results
-    assert len(set(zip(prompts, texts))) >= 500   # identical samples are refined once (copies)
-    assert plain.copies == drafted.copies == len(prompts) - len(set(zip(prompts, texts)))
+    distinct = len(set(zip(prompts, map(tuple, ids))))   # identical samples are refined once (copies)
+    assert distinct >= 500 and plain.copies == drafted.copies == len(prompts) - distinct
     for a, b in zip(plain.refinements, drafted.refinements):
         assert (a is None) == (b is None)
         if a is not None:
@@ -82,8 +82,14 @@ def test_identical_samples_are_refined_once_and_copied(reference):
         written.clear()
         together = refine(model, tokenizer, prompts=prompts, completions=texts, completion_ids=ids, draft=draft,
                           generate=counting_generate, **kwargs)
-        if not draft:
-            assert sorted(written) == sorted({REFINE_TEMPLATE.format(prompt=p, response=t) for p, t in cases})
+        distinct = list(dict.fromkeys(cases))
+        if draft:   # the distinct samples' drafts, verified as they would be alone
+            once = refine(model, tokenizer, prompts=[p for p, _ in distinct], completions=[t for _, t in distinct],
+                          completion_ids=[ids[cases.index(case)] for case in distinct], draft=True, **kwargs)
+            assert (together.draft.offered, together.draft.accepted, together.passes) == \
+                (once.draft.offered, once.draft.accepted, once.passes)
+        else:
+            assert sorted(written) == sorted(REFINE_TEMPLATE.format(prompt=p, response=t) for p, t in distinct)
         assert together.copies == 4
         alone = [refine(model, tokenizer, prompts=[p], completions=[t], completion_ids=[i], draft=draft, **kwargs)
                  for p, t, i in zip(prompts, texts, ids)]

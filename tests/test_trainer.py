@@ -477,7 +477,6 @@ def test_vocabularies_of_policy_and_reference_must_match(tiny_model, tmp_path):
             train(cfg)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class OneOfTwoRanks(World):
     """A rank of two in one process: gather returns what it is given and `others` (the other rank's object) in rank
@@ -525,3 +524,26 @@ def test_evaluation_over_ranks_is_that_of_one_process(tiny_model, tmp_path, over
         assert shared == pytest.approx(alone)
     else:   # the ranks' means weighted by their rows
         assert shared["eval_reward"] == pytest.approx((1.0 * 3 + 1 / 3 * 3) / 6)
+
+
+
+def test_the_evaluation_a_task_gives_is_its_nearest_override():
+    """The trainer reads evaluate_sums unless a class below the one defining it overrides evaluate alone (then that
+    evaluate's means)."""
+    from fastrft.tasks import Task
+    from fastrft.tasks.code import CodeTask
+    from fastrft.trainer import _own_evaluate
+
+    class OwnMeans(CodeTask):
+        def evaluate(self, *args, **kwargs):
+            return {}
+
+    class OwnSumsAgain(OwnMeans):
+        def evaluate_sums(self, *args, **kwargs):
+            return {}
+
+    class Both(Task):
+        evaluate, evaluate_sums = OwnMeans.evaluate, OwnSumsAgain.evaluate_sums
+
+    assert [_own_evaluate(c) for c in (Task, CodeTask, OwnMeans, OwnSumsAgain, Both)] == \
+        [False, False, True, False, False]

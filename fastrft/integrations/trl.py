@@ -185,9 +185,10 @@ class FastRFTGRPOTrainer(GRPOTrainer):
     results).
     Logged: refine/rate (samples with a refinement that changed something), refine/failed (samples whose refinement
     was too long, unparseable or empty), refine/changed_token_frac (changed tokens / refined tokens),
-    refine/passes (the refiner's forward passes) and, with refine_draft, refine/draft_accepted (the share of draft
-    tokens accepted) over the generation batch, and fastrft/sft_loss, the refined rows' term of the loss handed to
-    backward.
+    refine/passes (the refiner's forward passes), refine/copied (samples identical to another of the process's
+    batch, whose refinement is written once and copied) and, with refine_draft, refine/draft_accepted (the share of
+    draft tokens accepted) over the generation batch, and fastrft/sft_loss, the refined rows' term of the loss
+    handed to backward.
     """
 
     def __init__(self, *args, refine_coef: float = 0.0, refine_template: str | None = None,
