@@ -270,3 +270,26 @@ def test_trainer_logs_the_refiner_passes(tiny_model, tmp_path):
         assert ("refine_draft_accepted" in record) == draft
         if draft:
             assert 0 <= record["refine_draft_accepted"] <= 1
+
+
+def test_a_draft_row_keeps_long_proposals_where_its_draft_holds():
+    """_DraftRow's proposals (they decide only the cost, never the tokens): in step with its draft a row proposes the
+    continuation without building its n-gram index; a rejection after long accepted runs halves the proposal, after
+    short ones cuts it to what was accepted; out of step it re-aligns on the written tokens."""
+    from fastrft.rollout import _DraftRow
+
+    draft = list(range(100, 200))
+    row = _DraftRow(draft, ngram=3, size=16)
+    row.write(draft[:17], eos_id=-1, max_new_tokens=1000)       # the first block accepted, and the token after it
+    row.verified(16, 16, lookahead=512)
+    assert row.size == 32 and row.proposal(32) == draft[17:49] and row._ends is None
+    row.write(draft[17:19] + [7], eos_id=-1, max_new_tokens=1000)   # 2 of 32 accepted, then a replacement
+    row.verified(32, 2, lookahead=512)
+    assert row.size == 16                                       # 18 accepted in 1 change: halved, not cut to 2
+    row.write([draft[20]], eos_id=-1, max_new_tokens=1000)      # the draft's token after the replaced one
+    assert row.proposal(4) == draft[21:25] and row._ends is not None
+
+    choppy = _DraftRow(draft, ngram=3, size=4)
+    choppy.write([draft[0], 7], eos_id=-1, max_new_tokens=1000)
+    choppy.verified(4, 1, lookahead=512)
+    assert choppy.size == 1                                     # runs of 1: cut to what was accepted
