@@ -259,13 +259,15 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
     # 2. The rows that did not finish, from their verified prefix on. `active` maps cache rows to rows; finished
     # rows feed masked padding until the next compaction drops them with the masked slots.
     active = list(range(len(rows)))
+    probe_gap = next_probe = probe_every
     while not all(rows[r].done for r in active):
         if _worth_compacting(mask, [rows[r].done for r in active]):
             keep = [a for a, r in enumerate(active) if not rows[r].done]
             mask = _compact(cache, mask, torch.tensor(keep))
             active = [active[a] for a in keep]
-        blocks = _next_blocks([rows[r] for r in active], max_new_tokens,
-                              probe=stats.passes % probe_every == 0)
+        probe = stats.passes >= next_probe
+        distrusting = [r for r in active if probe and not rows[r].done and rows[r].size == 0]
+        blocks = _next_blocks([rows[r] for r in active], max_new_tokens, probe=probe)
         size = max(len(b) for b in blocks)
         lengths = torch.tensor([len(b) for b in blocks])
         filled = torch.arange(size)[None] < lengths[:, None]
@@ -290,13 +292,17 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
             kept.append(1 + accepted if block else 0)
         # The rejected proposals and the padding leave attention.
         mask[:, -size:] = torch.arange(size)[None] < torch.tensor(kept)[:, None]
+        if probe:   # a probe that won no distrusting row back (its whole probe accepted) waits twice as long
+            probe_gap = probe_every if any(rows[r].size >= 2 for r in distrusting) else 2 * probe_gap
+            next_probe = stats.passes + probe_gap
     return [row.out for row in rows]
 
 
 def _next_blocks(rows: list[_DraftRow], max_new_tokens: int, probe: bool) -> list[list[int]]:
     """Each row's last token and its proposal; [] for finished rows. The block is as long as the proposals of at
     least a quarter of the rows (one row's long proposal must not multiply every row's compute); rows trusting
-    their drafts less fill what is left of it, or probe (a 2-token proposal on every probe pass)."""
+    their drafts less fill what is left of it, or probe (a 2-token proposal on a probe pass: every probe_every
+    passes, the gap doubling while probes win no row back)."""
     proposals = [row.proposal(min(row.size, max_new_tokens - len(row.out) - 1))
                  if row.size and not row.done else None for row in rows]
     lengths = sorted((len(p) for p in proposals if p is not None), reverse=True)
