@@ -266,7 +266,7 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
             mask = _compact(cache, mask, torch.tensor(keep))
             active = [active[a] for a in keep]
         probe = stats.passes >= next_probe
-        distrusting = [r for r in active if probe and not rows[r].done and rows[r].size == 0]
+        distrusting = [r for r in active if not rows[r].done and rows[r].size == 0] if probe else []
         blocks = _next_blocks([rows[r] for r in active], max_new_tokens, probe=probe)
         size = max(len(b) for b in blocks)
         lengths = torch.tensor([len(b) for b in blocks])
