@@ -7,9 +7,16 @@ refine the same rows side by side: plain (generate(greedy=True), one forward pas
 pass over the same tokens (prompt + R, the greedy tokens read off the LM head at R's positions), the least any path
 can do to produce R. EOS is an id the models never write, so every R has its full length.
 
+Part `shared` (--shared-len > 0): the refiner's templates of one prompt's samples begin alike (the prompt, then each
+sample's own response); prompts in groups of --group rows, each group's beginning --shared-len tokens long, the
+draft path with and without reading each common beginning once (greedy_from_drafts' share_prefixes). Floor there:
+one forward pass over each group's beginning once and each row's own tokens.
+
     python benchmarks/bench_refine.py                           # both models, 32/128/512 tokens, 0-100% edits
     python benchmarks/bench_refine.py --models demo --lengths 32 --edits 0,1
-Prints a table, then one JSON line; writes benchmarks/results/bench_refine_<cpu|cuda>.{json,md} after each model.
+    python benchmarks/bench_refine.py --parts shared --lengths 128 --edits 0,0.02 --shared-len 256
+Prints a table, then one JSON line; writes benchmarks/results/bench_refine_<cpu|cuda>.{json,md} after each model
+(part shared: bench_refine_shared_<cpu|cuda>.{json,md}).
 Targets on the 2-core CPU: no edits, the draft path within 1.5x of the floor and at least 5x faster than plain at 128
 tokens; 2% edits, at least 3x faster; 100% edits, at most 1.15x slower.
 """
@@ -145,6 +152,82 @@ def measure(name, model, lengths, edit_shares, rows: int, prompt_len: int, repea
     return out
 
 
+def measure_shared(name, model, lengths, edit_shares, rows: int, group: int, shared_len: int, prompt_len: int,
+                   repeat: int, seed: int) -> list[dict]:
+    """Rows in groups of `group` whose prompts share their first shared_len tokens (then each its own prompt_len
+    tokens, as a sample's response in its refinement template): the draft path with and without shared beginnings,
+    against the floor (a pass over each beginning once, then each row's rest)."""
+    from fastrft.rollout import (_forward, _greedy_tokens, _new_cache, _select_cache, generate,
+                                 greedy_from_drafts)
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    tokenizer = IdTokenizer(eos_token_id=vocab - 1 if name != "demo" else 0)
+    rng = random.Random(seed)
+    out = []
+    for length in lengths:
+        beginnings = [[rng.randrange(3, vocab) for _ in range(shared_len)] for _ in range(-(-rows // group))]
+        prompt_ids = [beginnings[r // group] + [rng.randrange(3, vocab) for _ in range(prompt_len)]
+                      for r in range(rows)]
+        refinements = generate(model, tokenizer, prompt_ids, max_new_tokens=length, greedy=True,
+                               batch_size=rows).completion_ids
+
+        @torch.no_grad()
+        def floor():
+            cache, backbone = _new_cache(model), model.get_decoder()
+            _forward(backbone, cache, torch.tensor(beginnings), torch.ones(len(beginnings), shared_len),
+                     torch.arange(shared_len).repeat(len(beginnings), 1), device)
+            _select_cache(cache, torch.tensor([r // group for r in range(rows)]))
+            rests = torch.tensor([p[shared_len:] + r for p, r in zip(prompt_ids, refinements)])
+            hidden = _forward(backbone, cache, rests, torch.ones(rows, shared_len + rests.shape[1]),
+                              shared_len + torch.arange(rests.shape[1]).repeat(rows, 1), device)
+            return _greedy_tokens(model.get_output_embeddings(), hidden,
+                                  [(row, c) for row in range(rows) for c in range(prompt_len - 1, rests.shape[1] - 1)])
+
+        floor_s, _ = timed(floor, device, repeat)
+        tokens = sum(map(len, refinements))
+        for share in edit_shares:
+            drafts = [edit(r, share, vocab, rng) for r in refinements]
+            row = {"model": name, "rows": rows, "group": group, "shared_len": shared_len, "own_len": prompt_len,
+                   "length": length, "edited": share, "tokens": tokens, "floor_s": floor_s}
+            for label, share_prefixes in (("alone", False), ("shared", True)):
+                seconds, (drafted, stats) = timed(lambda: greedy_from_drafts(
+                    model, tokenizer, prompt_ids, drafts, max_new_tokens=length, batch_size=rows,
+                    share_prefixes=share_prefixes), device, repeat)
+                row[f"{label}_s"] = seconds
+                row[f"{label}_passes"] = stats.passes
+                row[f"{label}_mismatched_rows"] = sum(a != b for a, b in zip(drafted.completion_ids, refinements))
+            row["speedup"] = row["alone_s"] / row["shared_s"]
+            row["shared_over_floor"] = row["shared_s"] / floor_s
+            print(f"{name} {length:4d} tokens {share:5.0%} edited, groups of {group} sharing {shared_len}: alone "
+                  f"{row['alone_s']:.3f} s, shared {row['shared_s']:.3f} s ({row['speedup']:.2f}x), floor "
+                  f"{floor_s:.3f} s", flush=True)
+            out.append(row)
+    return out
+
+
+def markdown_shared(payload: dict) -> str:
+    env = payload["env"]
+    lines = [f"# bench_refine, shared beginnings, on {env['device']}", "",
+             f"torch {env.get('torch')}, transformers {env.get('transformers')}, commit {env['commit']}"
+             f"{' (dirty)' if env.get('dirty') else ''}, {env['cpu_threads']} torch threads, load average "
+             f"{env['load_average']}; command `{env['command']}`", "",
+             f"{payload['dtype']}; median of {payload['repeat']}. Each prompt: its group's beginning, then its own "
+             "tokens (a refinement template: the prompt, then the sample's response). Draft path with each common "
+             "beginning read once (shared) and without (alone); floor: one pass over each beginning once and each "
+             "row's own tokens and refinement.", "",
+             "| model | rows | group | beginning | own | tokens each | edited | alone s | shared s | speedup "
+             "| shared / floor | passes alone / shared | mismatched rows |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in payload["rows"]:
+        lines.append(f"| {r['model']} | {r['rows']} | {r['group']} | {r['shared_len']} | {r['own_len']} | "
+                     f"{r['length']} | {r['edited']:.0%} | {r['alone_s']:.3f} | {r['shared_s']:.3f} | "
+                     f"{r['speedup']:.2f}x | {r['shared_over_floor']:.2f}x | {r['alone_passes']} / "
+                     f"{r['shared_passes']} | {r['alone_mismatched_rows'] + r['shared_mismatched_rows']} |")
+    lines += ["", "Models: " + "; ".join(f"{k}: {v}" for k, v in MODELS.items() if k in payload["models"]), ""]
+    return "\n".join(lines)
+
+
 def markdown(payload: dict) -> str:
     env = payload["env"]
     lines = [f"# bench_refine on {env['device']}", "",
@@ -169,11 +252,14 @@ def markdown(payload: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default="edits", help="edits (the main table), shared (shared beginnings)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--lengths", default="32,128,512", help="refinement lengths in tokens")
     parser.add_argument("--edits", default="0,0.02,0.1,0.5,1", help="shares of the draft's tokens edited")
     parser.add_argument("--rows", default="demo=64,qwen2.5-0.5b-width=8", help="refinements per batch, per model")
     parser.add_argument("--prompt-len", type=int, default=32, help="mean prompt length")
+    parser.add_argument("--group", type=int, default=8, help="part shared: rows per common beginning")
+    parser.add_argument("--shared-len", type=int, default=256, help="part shared: tokens of each common beginning")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--reference-dir", default="runs/demo_reference")
     parser.add_argument("--no-write", action="store_true")
@@ -187,18 +273,28 @@ def main():
     payload = {"env": describe_machine(device), "dtype": str(dtype).replace("torch.", ""),
                "prompt_len": args.prompt_len, "repeat": args.repeat, "models": args.models.split(","), "rows": []}
     tag = "cuda" if device.type == "cuda" else "cpu"
-    for name in payload["models"]:
-        model = load_model(name, Path(args.reference_dir), device, dtype)
-        payload["rows"] += measure(name, model, [int(n) for n in args.lengths.split(",")],
-                                   [float(e) for e in args.edits.split(",")], int(rows.get(name, 8)),
-                                   args.prompt_len, args.repeat, seed=0)
-        if not args.no_write:
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            (RESULTS / f"bench_refine_{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
-            (RESULTS / f"bench_refine_{tag}.md").write_text(markdown(payload))
-        del model
-    print(markdown(payload))
-    print(json.dumps(payload))
+    lengths, edits = [int(n) for n in args.lengths.split(",")], [float(e) for e in args.edits.split(",")]
+    for part in args.parts.split(","):
+        if part not in ("edits", "shared"):
+            raise SystemExit(f"unknown part {part!r}: edits, shared")
+        stem, render = ("bench_refine", markdown) if part == "edits" else ("bench_refine_shared", markdown_shared)
+        part_payload = {**payload, "group": args.group, "shared_len": args.shared_len, "rows": []}
+        for name in payload["models"]:
+            model = load_model(name, Path(args.reference_dir), device, dtype)
+            if part == "edits":
+                part_payload["rows"] += measure(name, model, lengths, edits, int(rows.get(name, 8)),
+                                                args.prompt_len, args.repeat, seed=0)
+            else:
+                part_payload["rows"] += measure_shared(name, model, lengths, edits, int(rows.get(name, 8)),
+                                                       args.group, args.shared_len, args.prompt_len, args.repeat,
+                                                       seed=0)
+            if not args.no_write:
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                (RESULTS / f"{stem}_{tag}.json").write_text(json.dumps(part_payload, indent=1) + "\n")
+                (RESULTS / f"{stem}_{tag}.md").write_text(render(part_payload))
+            del model
+        print(render(part_payload))
+        print(json.dumps(part_payload))
 
 
 if __name__ == "__main__":

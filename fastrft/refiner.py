@@ -61,6 +61,7 @@ class RefineResult:
                 for name in ("offered", "accepted", "plain_rows"):
                     setattr(out.draft, name, getattr(out.draft, name) + getattr(part.draft, name))
                 out.draft.passes = max(out.draft.passes, part.draft.passes)
+                out.draft.prefix_passes = max(out.draft.prefix_passes, part.draft.prefix_passes)
         return out
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import functools
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,25 +64,44 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     )
     expanded = [ids for ids in prompt_ids for _ in range(num_samples)]
     samples = Samples([], [], [], [])
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(expanded), batch_size):
-        batch = expanded[start:start + batch_size]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
-        # synced_gpus=False: transformers would keep every rank of an FSDP job decoding in lockstep, for per-layer
-        # all-gathers that fastrft's gathered weights (fastrft.distributed) never make.
-        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                generation_config=gen_config, synced_gpus=False)
-        for ids, new in zip(batch, output[:, width:].tolist()):
-            samples.prompt_ids.append(ids)
-            samples.completion_ids.append(new[:new.index(eos_id) + 1] if eos_id in new else new)
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(expanded), batch_size):
+            batch = expanded[start:start + batch_size]
+            input_ids, attention_mask = left_padded(batch, pad_id)
+            width = input_ids.shape[1]
+            # synced_gpus=False: transformers would keep every rank of an FSDP job decoding in lockstep, for per-layer
+            # all-gathers that fastrft's gathered weights (fastrft.distributed) never make.
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    generation_config=gen_config, synced_gpus=False)
+            for ids, new in zip(batch, output[:, width:].tolist()):
+                samples.prompt_ids.append(ids)
+                samples.completion_ids.append(new[:new.index(eos_id) + 1] if eos_id in new else new)
     return _with_texts(samples, tokenizer)
+
+
+@contextmanager
+def eval_mode(model):
+    """model in eval mode for the block, as it was after. Only where it was training: transformers' train() is not
+    free (it re-selects the hub kernels' mode), and a frozen reference is always in eval mode."""
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows as one [len(rows), longest] tensor of ids, each row's ids ending at the last column, and its attention
+    mask (1 on the ids, 0 on the padding before them); one copy of all the ids, not one per row."""
+    lengths = torch.tensor([len(ids) for ids in rows])
+    width = int(lengths.max())
+    mask = torch.arange(width)[None] >= width - lengths[:, None]
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    input_ids[mask] = torch.tensor([t for ids in rows for t in ids], dtype=torch.long)   # row-major: rows in order
+    return input_ids, mask.long()
 
 
 def _with_texts(samples: Samples, tokenizer) -> Samples:
@@ -97,6 +117,7 @@ def _with_texts(samples: Samples, tokenizer) -> Samples:
 @dataclass
 class DraftStats:
     passes: int = 0          # forward passes of the model
+    prefix_passes: int = 0   # of those, passes over the common beginnings of prompts (no token written)
     offered: int = 0         # draft tokens put up for verification
     accepted: int = 0        # of those, tokens the greedy decoding confirmed
     plain_rows: int = 0      # rows decoded without drafts (attention beyond a causal mask)
@@ -105,13 +126,15 @@ class DraftStats:
 @torch.no_grad()
 def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: list[list[int]], *,
                        max_new_tokens: int, batch_size: int = 256, first_block: int = 16, lookahead: int = 512,
-                       ngram: int = 3) -> tuple[Samples, DraftStats]:
+                       ngram: int = 3, share_prefixes: bool = True) -> tuple[Samples, DraftStats]:
     """The greedy completion of each prompt, token for token what generate(..., greedy=True) writes, with drafts[i]
     (a guess of completion i, such as the response a refiner corrects) verified instead of decoded:
 
       1. One forward pass over each prompt and the first `first_block` tokens of its draft (left-padded, rows
          bucketed by length): the greedy prediction at each draft position accepts the draft's longest matching
-         prefix, and the prediction after it is the next token.
+         prefix, and the prediction after it is the next token. Where prompts begin alike (share_prefixes; the
+         refiner's templates of one prompt's samples), each common beginning is read once, in a pass before it,
+         and its cache copied to its rows (_shared_prefixes says when that pays).
       2. Then each pass feeds every unfinished row's last token and a block of proposed draft tokens, verified the
          same way, from the KV cache of what is verified. While a row's draft is accepted, its block doubles (up to
          `lookahead`). After a change, the row re-aligns with its draft: where the last `ngram` (down to 1) written
@@ -133,23 +156,22 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
     stats = DraftStats()
     completions: list[list[int] | None] = [None] * len(prompt_ids)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(drafts[i]))
-    was_training = model.training
-    model.eval()
     sliding = beyond_causal(model) is not None
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        if sliding:
-            plain = generate(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens=max_new_tokens,
-                             greedy=True, batch_size=batch_size)
-            for i, ids in zip(batch, plain.completion_ids):
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            if sliding:
+                plain = generate(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens=max_new_tokens,
+                                 greedy=True, batch_size=batch_size)
+                for i, ids in zip(batch, plain.completion_ids):
+                    completions[i] = ids
+                stats.plain_rows += len(batch)
+                continue
+            for i, ids in zip(batch, _verify_batch(model, [prompt_ids[i] for i in batch],
+                                                   [drafts[i][:max_new_tokens] for i in batch], eos_id, pad_id,
+                                                   max_new_tokens, first_block, lookahead, ngram, stats,
+                                                   share_prefixes)):
                 completions[i] = ids
-            stats.plain_rows += len(batch)
-            continue
-        for i, ids in zip(batch, _verify_batch(model, [prompt_ids[i] for i in batch],
-                                               [drafts[i][:max_new_tokens] for i in batch], eos_id, pad_id,
-                                               max_new_tokens, first_block, lookahead, ngram, stats)):
-            completions[i] = ids
-    model.train(was_training)
     return _with_texts(Samples(list(prompt_ids), completions, [], []), tokenizer), stats
 
 
@@ -223,22 +245,33 @@ class _DraftRow:
 
 
 def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_block, lookahead, ngram, stats,
-                  probe_every: int = 16) -> list[list[int]]:
+                  share_prefixes: bool = True, probe_every: int = 16) -> list[list[int]]:
     device = next(model.parameters()).device
     backbone, head = model.get_decoder(), model.get_output_embeddings()
     cache = _new_cache(model)
-    # 1. prompt + the draft's first block, left-padded: every row's block positions end at the last column.
+    # 1. prompt + the draft's first block, left-padded: every row's block positions end at the last column. Where
+    # prompts begin alike, their common beginnings go first, once each, in a pass of their own.
     blocks = [d[:first_block] for d in drafts]
-    width = max(len(p) + len(b) for p, b in zip(prompts, blocks))
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, (p, b) in enumerate(zip(prompts, blocks)):
-        input_ids[r, width - len(p) - len(b):] = torch.tensor(p + b)
-        mask[r, width - len(p) - len(b):] = 1
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    shared = _shared_prefixes(prompts) if share_prefixes else None
+    if shared is None:
+        read = [0] * len(prompts)
+        mask = torch.zeros((len(prompts), 0), dtype=torch.long)
+    else:
+        cluster_of, prefixes = shared
+        input_ids, prefix_mask = left_padded(prefixes, pad_id)
+        _forward(backbone, cache, input_ids, prefix_mask, (prefix_mask.cumsum(1) - 1).clamp(min=0), device)
+        stats.passes += 1
+        stats.prefix_passes += 1
+        _select_cache(cache, torch.tensor(cluster_of))   # each row its cluster's copy
+        mask = prefix_mask[cluster_of]
+        read = [len(prefixes[c]) for c in cluster_of]
+    input_ids, rest_mask = left_padded([p[n:] + b for p, n, b in zip(prompts, read, blocks)], pad_id)
+    positions = torch.tensor(read)[:, None] + (rest_mask.cumsum(1) - 1).clamp(min=0)
+    mask = torch.cat([mask, rest_mask], dim=1)
     hidden = _forward(backbone, cache, input_ids, mask, positions, device)
     stats.passes += 1
     # The predictions after the prompt's last token and after each block token.
+    width = hidden.shape[1]
     predicted = _greedy_tokens(head, hidden, [(r, c) for r, b in enumerate(blocks)
                                               for c in range(width - len(b) - 1, width)])
     rows, k = [], 0
@@ -254,7 +287,7 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
             row.size = max(2, row.size)   # a first change, perhaps a local one: re-align and try the draft again
         stats.offered += len(b)
         stats.accepted += accepted
-        mask[r, width - len(b) + accepted:] = 0          # the rejected block tokens
+        mask[r, mask.shape[1] - len(b) + accepted:] = 0          # the rejected block tokens
         rows.append(row)
     # 2. The rows that did not finish, from their verified prefix on. `active` maps cache rows to rows; finished
     # rows feed masked padding until the next compaction drops them with the masked slots.
@@ -335,14 +368,71 @@ def _compact(cache, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     width = int(valid.sum(1).max())
     columns = torch.arange(mask.shape[1])
     order = torch.argsort(torch.where(valid, columns, columns + mask.shape[1]), dim=1)[:, :width]
+    _select_cache(cache, rows, order)
+    return valid.gather(1, order).long()
+
+
+def _select_cache(cache, rows: torch.Tensor, columns: torch.Tensor | None = None) -> None:
+    """The cache's `rows` (a row may come several times: rows that share a prefix), and of each row only the slots
+    in its row of `columns` (a [len(rows), width] index) where given."""
     for layer in cache.layers:
         device = layer.keys.device
-        index = order.to(device)[:, None, :, None]
         rows_d = rows.to(device)
-        layer.keys = layer.keys[rows_d].gather(2, index.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
-        layer.values = layer.values[rows_d].gather(2, index.expand(-1, layer.values.shape[1], -1,
-                                                                   layer.values.shape[3]))
-    return valid.gather(1, order).long()
+        index = None if columns is None else columns.to(device)[:, None, :, None]
+        for name in ("keys", "values"):
+            kept = getattr(layer, name)[rows_d]
+            if index is not None:
+                kept = kept.gather(2, index.expand(-1, kept.shape[1], -1, kept.shape[3]))
+            setattr(layer, name, kept)
+
+
+def _shared_prefixes(prompts: list[list[int]], min_shared: int = 4,
+                     min_saving: float = 0.25) -> tuple[list[int], list[list[int]]] | None:
+    """Clusters of prompts that begin alike (the refiner's templates of one prompt's samples, which may share a
+    system prompt with every other row too): each row's cluster and each cluster's common beginning, read once in a
+    pass of its own and copied to its rows in the cache. Sorted by their ids, the rows form a tree of common
+    beginnings; a run of rows is one cluster (its members but one, times the shortest common beginning between
+    neighbours, read once) where that saves more than its sub-runs do, split where the common beginning is shortest,
+    and at least min_shared tokens. A cluster's beginning stops before its shortest prompt's last token, and a prompt
+    alone puts all but its last token in that pass too, so that the second pass is as wide as the rows' rests, not
+    as their whole prompts. None where the clusters would save less than min_saving of the prompts' tokens: the
+    extra pass and the copy would cost more."""
+    order = sorted(range(len(prompts)), key=prompts.__getitem__)
+    common = [_common_length(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]
+
+    def clusters(lo: int, hi: int) -> tuple[int, list[tuple[int, int, int]]]:
+        """The best clusters of order[lo:hi]: the tokens they read once, and each one's (lo, hi, beginning)."""
+        if hi - lo == 1:
+            return 0, [(lo, hi, max(0, len(prompts[order[lo]]) - 1))]
+        least = min(common[lo:hi - 1])
+        cuts = [lo] + [i + 1 for i in range(lo, hi - 1) if common[i] == least] + [hi]
+        parts = [clusters(a, b) for a, b in zip(cuts, cuts[1:])]
+        split_saving = sum(saving for saving, _ in parts)
+        if least >= min_shared and (hi - lo - 1) * least >= split_saving:
+            return (hi - lo - 1) * least, [(lo, hi, least)]
+        return split_saving, [c for _, found in parts for c in found]
+
+    saving, found = clusters(0, len(order))
+    if saving < min_saving * sum(map(len, prompts)):
+        return None
+    cluster_of = [0] * len(prompts)
+    for c, (lo, hi, _) in enumerate(found):
+        for r in order[lo:hi]:
+            cluster_of[r] = c
+    return cluster_of, [prompts[order[lo]][:length] for lo, _, length in found]
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    """How many tokens a and b begin with alike, at most the shorter one's length - 1 (binary search over slices:
+    a long template's comparison runs in C)."""
+    lo, hi = 0, max(0, min(len(a), len(b)) - 1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _new_cache(model):

@@ -61,7 +61,7 @@ from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world
 from fastrft.lora import adapters_disabled, add_lora, merge_lora
 from fastrft.refiner import RefineResult, refine
 from fastrft.rewards import is_degenerate
-from fastrft.rollout import encode_prompts, generate
+from fastrft.rollout import encode_prompts, eval_mode, generate
 from fastrft.rundir import RunDir
 from fastrft.tasks import Task, load_rows, load_task
 
@@ -720,13 +720,8 @@ def reference_model(run: Run):
         with gathered(run.ref):
             yield run.ref
         return
-    was_training = run.policy.training
-    run.policy.eval()
-    try:
-        with policy_model(run), adapters_disabled(run.policy):
-            yield run.policy
-    finally:
-        run.policy.train(was_training)
+    with eval_mode(run.policy), policy_model(run), adapters_disabled(run.policy):
+        yield run.policy
 
 
 def reference_logprobs(run: Run, rows: list[Row]) -> None:
@@ -767,7 +762,8 @@ def update_policy(run: Run, rows: list[Row]) -> UpdateStats:
             for row, lp in zip(pg_rows, sequence_logprobs(policy, pg_rows, run.device, path=run.attention,
                                                           temperature=cfg.temperature)):
                 row.old_logprobs = lp
-    run.policy.train()
+    if not run.policy.training:
+        run.policy.train()
     stats = UpdateStats()
     sums: dict[str, float] = {}
     kl_values = []

@@ -59,7 +59,10 @@ def test_real_samples_of_training_refine_to_the_plain_greedy_tokens(reference):
     changed = sum(r is not None for r in plain.refinements)
     assert 50 < changed < len(prompts) - 50, "the samples should mix changed and unchanged refinements"
     assert 0 < drafted.draft.accepted < drafted.draft.offered
-    assert drafted.passes <= plain.passes   # each pass writes at least one token of every row
+    # Each pass writes at least one token of every row, but those over the templates' shared beginnings (a group's
+    # samples share their prompt), which every batch of 256 rows here has.
+    assert drafted.draft.prefix_passes == 3
+    assert drafted.passes - drafted.draft.prefix_passes <= plain.passes
 
 
 def test_identical_samples_are_refined_once_and_copied(reference):
@@ -158,7 +161,8 @@ def test_eos_inside_the_draft_and_drafts_of_other_tokens(reference):
 
 
 def test_unchanged_responses_cost_one_forward_pass(reference):
-    """Where the refiner copies the response (a correct answer), the drafts are accepted whole: one pass."""
+    """Where the refiner copies the response (a correct answer), the drafts are accepted whole: one pass (and one
+    before it over the templates' common beginning, "fix sort ", read once for every row)."""
     model, tokenizer = reference
     eos = tokenizer.eos_token_id
     rows = demo_task().eval_rows[:32]
@@ -170,7 +174,8 @@ def test_unchanged_responses_cost_one_forward_pass(reference):
     drafts = [tokenizer(rows[i]["answer"], add_special_tokens=False)["input_ids"] + [eos] for i in copied]
     plain, drafted, stats = both_paths(model, tokenizer, [prompt_ids[i] for i in copied], drafts, 10)
     assert_same(plain, drafted)
-    assert stats.passes == 1 and stats.accepted == stats.offered == sum(map(len, drafts))
+    assert stats.passes - stats.prefix_passes == 1 and stats.prefix_passes == 1
+    assert stats.accepted == stats.offered == sum(map(len, drafts))
 
 
 def tiny_causal_lm(kind):
@@ -233,6 +238,59 @@ def test_other_architectures(kind):
         unchanged = both_paths(model, tokenizer, prompt_ids[::4], drafts[::4], 24)   # the rate-0 drafts
         assert_same(*unchanged[:2])
         assert unchanged[2].passes == 2   # 16 draft tokens with the prompt, then a block of the other 8
+
+
+@pytest.mark.parametrize("kind", ["qwen2-gqa", "gpt2-absolute-positions"])
+def test_prompts_that_begin_alike_share_their_first_pass(kind, monkeypatch):
+    """Groups of prompts with a common beginning (a GRPO group's refinement templates), identical prompts with
+    different drafts, a prompt that is another's beginning, one-token prompts and prompts alone, in one batch: the
+    beginnings are read once, in a pass of their own, and the completions are the plain greedy ones."""
+    import fastrft.rollout as rollout_module
+
+    model, tokenizer = tiny_causal_lm(kind), IdTokenizer()
+    gen = torch.Generator().manual_seed(2)
+
+    def tokens(n):
+        return torch.randint(3, 48, (n,), generator=gen).tolist()
+
+    prompt_ids = []
+    for beginning in ([1] + tokens(14), [1] + tokens(9)):
+        prompt_ids += [beginning + tokens(n) for n in (1, 3, 6)] + [beginning, beginning, beginning[:5]]
+    prompt_ids += [[1], [1] + tokens(11), [1] + tokens(2)]
+    truth = generate(model, tokenizer, prompt_ids, max_new_tokens=12, greedy=True).completion_ids
+    drafts = [edited(ids, gen, rate) for ids, rate in zip(truth, [0.0, 0.1, 0.5] * 5)]
+    fed = []
+    forward = rollout_module._forward
+
+    def counting_forward(backbone, cache, input_ids, *args):
+        fed.append(input_ids.shape)
+        return forward(backbone, cache, input_ids, *args)
+
+    monkeypatch.setattr(rollout_module, "_forward", counting_forward)
+    plain, drafted, stats = both_paths(model, tokenizer, prompt_ids, drafts, 12)
+    assert_same(plain, drafted)
+    assert stats.prefix_passes == 1
+    shared, first = fed[0], fed[1]
+    assert shared[0] < len(prompt_ids) and first[0] == len(prompt_ids)
+    longest = max(len(p) + min(len(d), 16) for p, d in zip(prompt_ids, drafts))
+    assert shared[0] * shared[1] + first[0] * first[1] < 0.8 * len(prompt_ids) * longest   # padding included
+
+
+def test_shared_prefixes_of_a_batch():
+    """Which rows read their beginnings together (_shared_prefixes), and when the batch reads its prompts whole."""
+    from fastrft.rollout import _shared_prefixes
+
+    a, b = [1, 5, 6, 7, 8, 9], [1, 4, 4, 4, 4, 4, 4]
+    prompts = [a + [10], b + [11, 12], a + [20, 21], a, b + [11], [3, 3]]
+    cluster_of, prefixes = _shared_prefixes(prompts, min_shared=4, min_saving=0.1)
+    assert cluster_of[0] == cluster_of[2] == cluster_of[3] and cluster_of[1] == cluster_of[4]
+    assert prefixes[cluster_of[0]] == a[:5]            # all of a but its last token, left for the second pass
+    assert prefixes[cluster_of[1]] == b                # all of the shorter prompt, b + [11], but its last token
+    assert prefixes[cluster_of[5]] == [3]              # alone: all but its last token
+    assert len(set(cluster_of)) == 3
+    assert _shared_prefixes([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]) is None             # nothing in common
+    assert _shared_prefixes([a, [1, 5, 6, 9, 9, 9]], min_shared=4) is None           # 3 tokens in common
+    assert _shared_prefixes(prompts, min_shared=4, min_saving=0.9) is None         # saves too little
 
 
 def test_bf16_mismatches_only_at_rounding_ties():
