@@ -518,19 +518,23 @@ def _train_path_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
 def sequence_logprobs(model, rows: list[Row], device: torch.device, *, path: AttentionPath,
                       temperature: float) -> list[torch.Tensor]:
     """Per-row log-probs of the target tokens under model (no gradient), in the order of rows: the reference and
-    the old log-probs."""
+    the old log-probs. Identical rows (a group's repeated answers) are read once; each copy gets its own tensor."""
     head = lm_head(model)
-    out: list[torch.Tensor | None] = [None] * len(rows)
-    rows = [replace(row, branch=None) if row.branch else row for row in rows]   # log-probs of the row's own targets
+    first_of: dict[tuple, int] = {}
+    source = [first_of.setdefault((tuple(row.prompt_ids), tuple(row.target_ids)), i) for i, row in enumerate(rows)]
+    # Log-probs of each distinct row's own targets (not of its branch).
+    distinct = [replace(rows[i], branch=None) if rows[i].branch else rows[i] for i in first_of.values()]
+    out: list[torch.Tensor | None] = [None] * len(distinct)
     with attention(model, path):
-        for indices, batch in micro_batches(rows, path, device):
+        for indices, batch in micro_batches(distinct, path, device):
             hidden = final_hidden(model, batch)
             lp = token_logprobs(hidden, head.weight.to(hidden.dtype), batch.targets, temperature=temperature,
                                 bias=None if head.bias is None else head.bias.to(hidden.dtype),
                                 **model_logit_transform(model))
             for i, (b, t0, t1) in zip(indices, batch.target_slices):
                 out[i] = lp[b, t0:t1].float().cpu()
-    return out
+    at = {first: k for k, first in enumerate(first_of.values())}
+    return [out[at[first]] if first == i else out[at[first]].clone() for i, first in enumerate(source)]
 
 
 class CausalLMWithFusedLoss(torch.nn.Module):

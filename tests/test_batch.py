@@ -1,11 +1,13 @@
 """The update's batches (fastrft.batch): every layout and attention path gives the same loss and gradients, micro-
 batches respect their token budget and accumulate to one big batch, and no [T, T] tensor over the whole batch is
 ever made. The reference is the plain per-row computation: each row alone through the model, in float64."""
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastrft.batch import (EAGER, FLASH, FLEX, SDPA, AttentionPath, Row, accumulate_gradients, attention,
+from fastrft.batch import (EAGER, FLASH, FLEX, SDPA, AttentionPath, Branch, Row, accumulate_gradients, attention,
                            attention_pair_cost, build_batch, choose_attention, final_hidden, plan_micro_batches,
                            prompt_stacks, rft_loss, sequence_logprobs, with_refinements)
 from fastrft.config import TrainConfig
@@ -155,6 +157,32 @@ def test_sequence_logprobs_keep_the_rows_order(model):
         assert a.shape == (len(row.target_ids),)
         torch.testing.assert_close(a, alone, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_identical_rows_are_read_once(model, monkeypatch):
+    """A group's repeated answers: sequence_logprobs reads each distinct (prompt, targets) once and gives every copy
+    the same log-probs in a tensor of its own, in the rows' order; a copy with a branch is the same row to it."""
+    import fastrft.batch as batch_module
+
+    rows = make_rows(random_lengths(5, seed=3), seed=3)
+    copies = [replace(rows[2]), replace(rows[0], branch=Branch(1, [5, 6], torch.ones(2))), replace(rows[2])]
+    everything = [rows[0], copies[0], rows[1], rows[2], copies[1], rows[3], rows[4], copies[2]]
+    read = []
+    final_hidden = batch_module.final_hidden
+
+    def counting(model, batch):
+        read.append(len(batch.target_slices))
+        return final_hidden(model, batch)
+
+    monkeypatch.setattr(batch_module, "final_hidden", counting)
+    path = AttentionPath(False, SDPA, 10**6)
+    out = sequence_logprobs(model, everything, CPU, path=path, temperature=0.7)
+    assert sum(read) == 5
+    alone = sequence_logprobs(model, rows, CPU, path=path, temperature=0.7)
+    for got, expected in zip(out, [alone[0], alone[2], alone[1], alone[2], alone[0], alone[3], alone[4], alone[2]]):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert len({id(t) for t in out}) == len(out)
+    assert torch.equal(out[1], out[3]) and torch.equal(out[0], out[4])
 
 
 def test_packed_hidden_states_do_not_attend_across_sequences(model):
