@@ -16,7 +16,9 @@ the same packed tokens.
 
     python benchmarks/bench_step.py                           # every part on the CPU (about 20 minutes)
     python benchmarks/bench_step.py --parts sweep --models tiny --scales 1,8
-Prints tables, then one JSON line; writes benchmarks/results/bench_step_<cpu|cuda>.{json,md} after each part.
+Prints tables, then one JSON line; writes benchmarks/results/bench_step_<cpu|cuda>.{json,md} after each part. The
+parts not measured are kept from the file's earlier run, each with the machine, commit and command it was measured
+with.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from models import QWEN_WIDTH, qwen_width_description, qwen_width_model  # noqa:
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("rollout", "reward", "reference", "refine", "update")
+PART_KEYS = {"demo": ("demo", "demo_ratios"), "sweep": ("sweep", "matmul_gflops"), "plain": ("plain",)}
 DEMO_ROWS = 128                  # one demo step: 16 prompts x 8 samples
 MODELS = {   # name: what it is
     "demo": "the demo's tiny Llama (3 layers, hidden 96, vocabulary 24)",
@@ -277,17 +280,39 @@ def median_seconds(fn, repeat: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def describe_env(env: dict) -> str:
+    return (f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}, commit "
+            f"{env['commit']}{' (dirty)' if env.get('dirty') else ''}, {env['cpu_threads']} torch threads, load "
+            f"average {env['load_average']}; command `{env['command']}`")
+
+
+def kept_parts(path: Path, measured: list[str]) -> dict:
+    """The parts of an earlier run's results (path) that this run does not measure, with the env of each."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    kept = {"part_env": {}}
+    for part, keys in PART_KEYS.items():
+        if part not in measured and earlier.get(keys[0]):
+            kept.update({key: earlier[key] for key in keys if key in earlier})
+            kept["part_env"][part] = earlier.get("part_env", {}).get(part, earlier["env"])
+    return kept
+
+
 def markdown(payload: dict) -> str:
     env = payload["env"]
-    lines = [f"# bench_step on {env['device']}", "",
-             f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}, commit "
-             f"{env['commit']}{' (dirty)' if env.get('dirty') else ''}, {env['cpu_threads']} torch threads, load "
-             f"average {env['load_average']}; command `{env['command']}`", ""]
+    lines = [f"# bench_step on {env['device']}", "", describe_env(env), ""]
+
+    def earlier(part: str) -> list[str]:   # a part kept from an earlier run says what it was measured with
+        part_env = payload.get("part_env", {}).get(part, env)
+        return [] if part_env == env else [f"Kept from an earlier run: {describe_env(part_env)}", ""]
+
     if payload.get("demo"):
         ratios = payload["demo_ratios"]
         lines += ["## The demo step (fastrft demo's settings, 1 torch thread; mean over the steps after the first)", "",
                   "| constraint | path | step s | rollout s | reward s | reference s | refine s | update s | other s "
                   "| micro-batches | refine rate |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines[-2:-2] = earlier("demo")
         for r in payload["demo"]:
             lines.append(f"| {r['constraint']} | {r['path']} | {r['step_s']:.3f} | "
                          + " | ".join(f"{r[f'{p}_s']:.3f}" for p in PHASES)
@@ -305,6 +330,7 @@ def markdown(payload: dict) -> str:
                   "allocated before the update.", "",
                   "| model | path | batch | tokens | update s | us/token | vs 1x | x floor | peak extra MB |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines[-2:-2] = earlier("sweep")
         for r in payload["sweep"]:
             if "skipped" in r:
                 lines.append(f"| {r['model']} | {r['path']} | {r['scale']}x | {r['tokens']} | skipped: "
@@ -317,7 +343,8 @@ def markdown(payload: dict) -> str:
     if payload.get("plain"):
         p = payload["plain"]
         lines += [f"## The update vs a plain forward+backward ({p['model']}, {p['tokens']} tokens in "
-                  f"{p['sequences']} sequences, {p['attention']}, activation checkpointing)", "", "| update | s | tokens/s |", "|---|---:|---:|"]
+                  f"{p['sequences']} sequences, {p['attention']}, activation checkpointing)", "",
+                  *earlier("plain"), "| update | s | tokens/s |", "|---|---:|---:|"]
         for label in ("plain", "fastrft"):
             lines.append(f"| {label} | {p[f'{label}_s']:.4f} | {p[f'{label}_tokens_per_s']:.0f} |"
                          if f"{label}_s" in p else f"| {label} | {p[f'{label}_error']} | |")
@@ -354,6 +381,11 @@ def main():
     payload = {"env": describe_machine(device), "dtype": str(dtype).replace("torch.", ""), "max_tokens": max_tokens,
                "models": args.models.split(",")}
     tag = "cuda" if device.type == "cuda" else "cpu"
+    payload["part_env"] = dict.fromkeys(parts, payload["env"])
+    if not args.no_write:
+        kept = kept_parts(RESULTS / f"bench_step_{tag}.json", parts)
+        payload["part_env"].update(kept.pop("part_env", {}))
+        payload.update(kept)
 
     def write():
         text = markdown(payload)
