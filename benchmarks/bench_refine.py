@@ -272,13 +272,18 @@ def main():
     rows = dict(item.split("=") for item in args.rows.split(","))
     payload = {"env": describe_machine(device), "dtype": str(dtype).replace("torch.", ""),
                "prompt_len": args.prompt_len, "repeat": args.repeat, "models": args.models.split(","), "rows": []}
+    if "shared" in args.parts.split(",") and not (1 <= args.shared_len and 1 <= args.group):
+        raise SystemExit(f"part shared needs --shared-len >= 1 and --group >= 1, got {args.shared_len} and "
+                         f"{args.group}")
     tag = "cuda" if device.type == "cuda" else "cpu"
     lengths, edits = [int(n) for n in args.lengths.split(",")], [float(e) for e in args.edits.split(",")]
     for part in args.parts.split(","):
         if part not in ("edits", "shared"):
             raise SystemExit(f"unknown part {part!r}: edits, shared")
         stem, render = ("bench_refine", markdown) if part == "edits" else ("bench_refine_shared", markdown_shared)
-        part_payload = {**payload, "group": args.group, "shared_len": args.shared_len, "rows": []}
+        part_payload = {**payload, "rows": []}
+        if part == "shared":
+            part_payload.update(group=args.group, shared_len=args.shared_len)
         for name in payload["models"]:
             model = load_model(name, Path(args.reference_dir), device, dtype)
             if part == "edits":

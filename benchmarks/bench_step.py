@@ -39,7 +39,8 @@ from models import QWEN_WIDTH, qwen_width_description, qwen_width_model  # noqa:
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("rollout", "reward", "reference", "refine", "update")
-PART_KEYS = {"demo": ("demo", "demo_ratios"), "sweep": ("sweep", "matmul_gflops"), "plain": ("plain",)}
+PART_KEYS = {"demo": ("demo", "demo_ratios"), "sweep": ("sweep", "matmul_gflops", "sweep_settings"),
+             "plain": ("plain",)}
 DEMO_ROWS = 128                  # one demo step: 16 prompts x 8 samples
 MODELS = {   # name: what it is
     "demo": "the demo's tiny Llama (3 layers, hidden 96, vocabulary 24)",
@@ -281,19 +282,21 @@ def median_seconds(fn, repeat: int, device: torch.device) -> float:
 
 
 def describe_env(env: dict) -> str:
-    return (f"torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}, commit "
-            f"{env['commit']}{' (dirty)' if env.get('dirty') else ''}, {env['cpu_threads']} torch threads, load "
-            f"average {env['load_average']}; command `{env['command']}`")
+    return (f"{env['device']}, torch {env.get('torch')}, triton {env.get('triton')}, transformers "
+            f"{env.get('transformers')}, commit {env['commit']}{' (dirty)' if env.get('dirty') else ''}, "
+            f"{env['cpu_threads']} torch threads, load average {env['load_average']}; command `{env['command']}`")
 
 
-def kept_parts(path: Path, measured: list[str]) -> dict:
-    """The parts of an earlier run's results (path) that this run does not measure, with the env of each."""
+def earlier_parts(path: Path) -> dict:
+    """Every part of an earlier run's results (path), with the env each was measured with: this run replaces a part
+    only once it has measured it (an interrupted run loses nothing)."""
     if not path.exists():
         return {}
     earlier = json.loads(path.read_text())
+    earlier.setdefault("sweep_settings", {key: earlier.get(key) for key in ("dtype", "max_tokens", "models")})
     kept = {"part_env": {}}
     for part, keys in PART_KEYS.items():
-        if part not in measured and earlier.get(keys[0]):
+        if earlier.get(keys[0]):
             kept.update({key: earlier[key] for key in keys if key in earlier})
             kept["part_env"][part] = earlier.get("part_env", {}).get(part, earlier["env"])
     return kept
@@ -323,8 +326,9 @@ def markdown(payload: dict) -> str:
                   f"- refiner step / KL step, default path: {ratios['refiner_over_kl_default']:.2f}x (target <= "
                   f"1.2x; dense packed: {ratios['refiner_over_kl_dense']:.2f}x)", ""]
     if payload.get("sweep"):
+        settings = payload["sweep_settings"]
         lines += ["## The update as the batch grows (forward, backward, AdamW; "
-                  f"{payload['dtype']}, micro-batches of at most {payload['max_tokens']} tokens)", "",
+                  f"{settings['dtype']}, micro-batches of at most {settings['max_tokens']} tokens)", "",
                   f"1x = one demo step's {DEMO_ROWS} sample rows (lengths 13-23). Floor = the update's FLOPs over the "
                   f"measured matmul rate ({payload['matmul_gflops']:.0f} GFLOP/s); peak = memory beyond what was "
                   "allocated before the update.", "",
@@ -339,7 +343,7 @@ def markdown(payload: dict) -> str:
             peak = "n/a" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.0f}"
             lines.append(f"| {r['model']} | {r['path']} | {r['scale']}x | {r['tokens']} | {r['update_s']:.3f} | "
                          f"{r['us_per_token']:.1f} | {r['per_token_vs_smallest']:.2f} | {r['x_floor']:.1f} | {peak} |")
-        lines += ["", "Models: " + "; ".join(f"{k}: {v}" for k, v in MODELS.items() if k in payload["models"]), ""]
+        lines += ["", "Models: " + "; ".join(f"{k}: {v}" for k, v in MODELS.items() if k in settings["models"]), ""]
     if payload.get("plain"):
         p = payload["plain"]
         lines += [f"## The update vs a plain forward+backward ({p['model']}, {p['tokens']} tokens in "
@@ -381,11 +385,9 @@ def main():
     payload = {"env": describe_machine(device), "dtype": str(dtype).replace("torch.", ""), "max_tokens": max_tokens,
                "models": args.models.split(",")}
     tag = "cuda" if device.type == "cuda" else "cpu"
-    payload["part_env"] = dict.fromkeys(parts, payload["env"])
+    payload["part_env"] = {}
     if not args.no_write:
-        kept = kept_parts(RESULTS / f"bench_step_{tag}.json", parts)
-        payload["part_env"].update(kept.pop("part_env", {}))
-        payload.update(kept)
+        payload.update(earlier_parts(RESULTS / f"bench_step_{tag}.json"))
 
     def write():
         text = markdown(payload)
@@ -401,16 +403,20 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             payload["demo"] = demo_step(args.steps, Path(args.reference_dir), Path(tmp))
         payload["demo_ratios"] = demo_ratios(payload["demo"])
+        payload["part_env"]["demo"] = payload["env"]
         torch.set_num_threads(threads)
         write()
     if "sweep" in parts:
         payload["sweep"], rate = sweep(payload["models"], [int(s) for s in args.scales.split(",")], device, dtype,
                                        args.warmup, args.repeat, args.dense_limit_gb, max_tokens)
         payload["matmul_gflops"] = rate / 1e9
+        payload["sweep_settings"] = {key: payload[key] for key in ("dtype", "max_tokens", "models")}
+        payload["part_env"]["sweep"] = payload["env"]
         write()
     if "plain" in parts:
         payload["plain"] = update_vs_plain("qwen2.5-0.5b-width" if device.type == "cuda" else "demo", device, dtype,
                                            args.warmup, args.repeat)
+        payload["part_env"]["plain"] = payload["env"]
     print(write())
     print(json.dumps(payload))
 

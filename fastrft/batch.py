@@ -40,6 +40,7 @@ import torch
 from fastrft.distributed import SINGLE, World, gradient_sync
 from fastrft.loss import (IGNORE_INDEX, beyond_causal, fused_rft_loss, kl_estimate, model_logit_transform,
                           token_logprobs)
+from fastrft.rollout import eval_mode
 
 PACKING = ("auto", "true", "false")
 FLASH, FLEX, SDPA, EAGER = "flash_attention_2", "flex_attention", "sdpa", "eager"
@@ -489,13 +490,9 @@ def check_head_matches_model(model, key: str, fused_logprobs=None, temperature: 
     (final hidden states through token_logprobs under the config's logit transform)."""
     head = lm_head(model)
     ids = ((torch.arange(PROBE_TOKENS + 1) * 7919 + 11) % head.weight.shape[0]).to(head.weight.device)[None]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         logits = model(input_ids=ids, use_cache=False).logits
         ours = (fused_logprobs or _train_path_logprobs)(model, ids).float()
-    finally:
-        model.train(was_training)
     theirs = (logits[0, :-1].float() / temperature).log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
     gap = float((ours.to(theirs.device) - theirs).abs().max())
     rounding = 0.0 if logits.dtype == torch.float32 else 4 * torch.finfo(logits.dtype).eps * float(logits.abs().max())

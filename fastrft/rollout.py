@@ -81,8 +81,9 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
 
 @contextmanager
 def eval_mode(model):
-    """model in eval mode for the block, as it was after. Only where it was training: transformers' train() is not
-    free (it re-selects the hub kernels' mode), and a frozen reference is always in eval mode."""
+    """model in eval mode for the block, back in training mode after where it was training. Only then: transformers'
+    train() is not free (it re-selects the hub kernels' mode), and a frozen reference is always in eval mode. The
+    model's modules are taken to share its mode (fastrft.trainer.load_models sets it on the whole policy)."""
     was_training = model.training
     if was_training:
         model.eval()
@@ -149,6 +150,10 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
     Samples) and what the drafts saved (DraftStats)."""
     if len(prompt_ids) != len(drafts):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(drafts)} drafts")
+    empty = [i for i, ids in enumerate(prompt_ids) if not ids]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} is empty ({len(empty)} empty prompts): greedy decoding continues a "
+                         "prompt's last token")
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     if eos_id is None:
         raise ValueError("the tokenizer has no eos_token: generation could not stop")
@@ -399,21 +404,29 @@ def _shared_prefixes(prompts: list[list[int]], min_shared: int = 4,
     extra pass and the copy would cost more."""
     order = sorted(range(len(prompts)), key=prompts.__getitem__)
     common = [_common_length(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]
-
-    def clusters(lo: int, hi: int) -> tuple[int, list[tuple[int, int, int]]]:
-        """The best clusters of order[lo:hi]: the tokens they read once, and each one's (lo, hi, beginning)."""
+    # The runs of order, children before their parent (an explicit stack: a chain of nested prompts is as deep as
+    # the batch is long): each run's best clusters, as (tokens read once, [(lo, hi, beginning)]).
+    best: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]] = {}
+    stack = [(0, len(order), False)]
+    while stack:
+        lo, hi, children_done = stack.pop()
         if hi - lo == 1:
-            return 0, [(lo, hi, max(0, len(prompts[order[lo]]) - 1))]
+            best[lo, hi] = 0, [(lo, hi, max(0, len(prompts[order[lo]]) - 1))]
+            continue
         least = min(common[lo:hi - 1])
         cuts = [lo] + [i + 1 for i in range(lo, hi - 1) if common[i] == least] + [hi]
-        parts = [clusters(a, b) for a, b in zip(cuts, cuts[1:])]
-        split_saving = sum(saving for saving, _ in parts)
+        parts = list(zip(cuts, cuts[1:]))
+        if not children_done:
+            stack.append((lo, hi, True))
+            stack += [(a, b, False) for a, b in parts]
+            continue
+        split_saving = sum(best[part][0] for part in parts)
         if least >= min_shared and (hi - lo - 1) * least >= split_saving:
-            return (hi - lo - 1) * least, [(lo, hi, least)]
-        return split_saving, [c for _, found in parts for c in found]
-
-    saving, found = clusters(0, len(order))
-    if saving < min_saving * sum(map(len, prompts)):
+            best[lo, hi] = (hi - lo - 1) * least, [(lo, hi, least)]
+        else:
+            best[lo, hi] = split_saving, [c for part in parts for c in best[part][1]]
+    saving, found = best[0, len(order)]
+    if saving == 0 or saving < min_saving * sum(map(len, prompts)):
         return None
     cluster_of = [0] * len(prompts)
     for c, (lo, hi, _) in enumerate(found):

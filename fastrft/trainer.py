@@ -113,6 +113,9 @@ def load_models(cfg: TrainConfig, device: torch.device, policy_dtype: torch.dtyp
     if cfg.lora_r:
         add_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                  target_modules=cfg.lora_target_modules)
+    # One mode for every module (new adapters' dropout included): rollout and evaluation switch the whole policy to
+    # eval mode from it (fastrft.rollout.eval_mode), the update expects it.
+    policy.train()
     if cfg.lora_r and not cfg.ref_model:
         ref = policy
     else:

@@ -111,6 +111,19 @@ def test_the_reference_is_the_base_model_during_a_lora_run(tiny_model, tmp_path)
         assert torch.equal(row.ref_logprobs, expected)
 
 
+def test_every_module_of_a_lora_policy_shares_its_mode(tiny_model, tmp_path):
+    """New adapters' dropout starts in training mode inside a model loaded in eval mode: the run's policy has one
+    mode throughout, so that rollout and evaluation (which switch it to eval mode only where it trains) run without
+    dropout and the update with it."""
+    from fastrft.rollout import eval_mode
+
+    run = make_run(config(tiny_model, tmp_path, "steps=1", "lora_dropout=0.5"))
+    assert all(module.training for module in run.policy.modules())
+    with eval_mode(run.policy):
+        assert not any(module.training for module in run.policy.modules())
+    assert all(module.training for module in run.policy.modules())
+
+
 def test_lora_resume_equals_the_uninterrupted_run(tiny_model, tmp_path):
     train(config(tiny_model, tmp_path / "a", "steps=4", "save_every=2"))
     train(config(tiny_model, tmp_path / "b", "steps=2", "save_every=2"))

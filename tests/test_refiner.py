@@ -291,6 +291,19 @@ def test_shared_prefixes_of_a_batch():
     assert _shared_prefixes([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]) is None             # nothing in common
     assert _shared_prefixes([a, [1, 5, 6, 9, 9, 9]], min_shared=4) is None           # 3 tokens in common
     assert _shared_prefixes(prompts, min_shared=4, min_saving=0.9) is None         # saves too little
+    assert _shared_prefixes([[], [], []]) is None                                   # nothing to read at all
+    chain = list(range(3, 3003))   # 3000 prompts each the beginning of the next: as deep as the batch is long
+    nested = [chain[:n] for n in range(2, 3002)]
+    cluster_of, prefixes = _shared_prefixes(nested)
+    assert all(prompt[:len(prefixes[c])] == prefixes[c] and len(prefixes[c]) < len(prompt)
+               for prompt, c in zip(nested, cluster_of))
+    assert sum(len(prefixes[c]) for c in cluster_of) - sum(map(len, prefixes)) > 0.25 * sum(map(len, nested))
+
+
+def test_an_empty_prompt_is_refused(reference):
+    model, tokenizer = reference
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        greedy_from_drafts(model, tokenizer, [[5, 6], []], [[7], [7]], max_new_tokens=4)
 
 
 def test_bf16_mismatches_only_at_rounding_ties():
