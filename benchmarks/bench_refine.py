@@ -206,12 +206,21 @@ def measure_shared(name, model, lengths, edit_shares, rows: int, group: int, sha
     return out
 
 
-def markdown_shared(payload: dict) -> str:
+def heading(title: str, payload: dict) -> list[str]:
+    """The report's title and what it was measured on."""
     env = payload["env"]
-    lines = [f"# bench_refine, shared beginnings, on {env['device']}", "",
-             f"torch {env.get('torch')}, transformers {env.get('transformers')}, commit {env['commit']}"
-             f"{' (dirty)' if env.get('dirty') else ''}, {env['cpu_threads']} torch threads, load average "
-             f"{env['load_average']}; command `{env['command']}`", "",
+    return [f"# {title} on {env['device']}", "",
+            f"torch {env.get('torch')}, transformers {env.get('transformers')}, commit {env['commit']}"
+            f"{' (dirty)' if env.get('dirty') else ''}, {env['cpu_threads']} torch threads, load average "
+            f"{env['load_average']}; command `{env['command']}`", ""]
+
+
+def models_line(payload: dict) -> list[str]:
+    return ["", "Models: " + "; ".join(f"{k}: {v}" for k, v in MODELS.items() if k in payload["models"]), ""]
+
+
+def markdown_shared(payload: dict) -> str:
+    lines = [*heading("bench_refine, shared beginnings,", payload),
              f"{payload['dtype']}; median of {payload['repeat']}. Each prompt: its group's beginning, then its own "
              "tokens (a refinement template: the prompt, then the sample's response). Draft path with each common "
              "beginning read once (shared) and without (alone); floor: one pass over each beginning once and each "
@@ -224,16 +233,12 @@ def markdown_shared(payload: dict) -> str:
                      f"{r['length']} | {r['edited']:.0%} | {r['alone_s']:.3f} | {r['shared_s']:.3f} | "
                      f"{r['speedup']:.2f}x | {r['shared_over_floor']:.2f}x | {r['alone_passes']} / "
                      f"{r['shared_passes']} | {r['alone_mismatched_rows'] + r['shared_mismatched_rows']} |")
-    lines += ["", "Models: " + "; ".join(f"{k}: {v}" for k, v in MODELS.items() if k in payload["models"]), ""]
+    lines += models_line(payload)
     return "\n".join(lines)
 
 
 def markdown(payload: dict) -> str:
-    env = payload["env"]
-    lines = [f"# bench_refine on {env['device']}", "",
-             f"torch {env.get('torch')}, transformers {env.get('transformers')}, commit {env['commit']}"
-             f"{' (dirty)' if env.get('dirty') else ''}, {env['cpu_threads']} torch threads, load average "
-             f"{env['load_average']}; command `{env['command']}`", "",
+    lines = [*heading("bench_refine", payload),
              f"{payload['dtype']}; prompts of {payload['prompt_len'] // 2} to {3 * payload['prompt_len'] // 2} tokens; "
              f"median of {payload['repeat']}. "
              "Floor: one forward pass over prompt + refinement with the greedy tokens at the refinement's positions. "
@@ -246,7 +251,7 @@ def markdown(payload: dict) -> str:
                      f"{r['plain_passes']} | {r['draft_s']:.3f} | {r['draft_passes']} | {r['draft_accepted']:.2f} | "
                      f"{r['draft_speedup']:.2f}x | {r['draft_over_floor']:.2f}x | {r['plain_tokens_per_s']:.0f} | "
                      f"{r['draft_tokens_per_s']:.0f} | {r['mismatched_rows']} |")
-    lines += ["", "Models: " + "; ".join(f"{k}: {v}" for k, v in MODELS.items() if k in payload["models"]), ""]
+    lines += models_line(payload)
     return "\n".join(lines)
 
 
