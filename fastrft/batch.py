@@ -40,7 +40,7 @@ import torch
 from fastrft.distributed import SINGLE, World, gradient_sync
 from fastrft.loss import (IGNORE_INDEX, beyond_causal, fused_rft_loss, kl_estimate, model_logit_transform,
                           token_logprobs)
-from fastrft.rollout import eval_mode
+from fastrft.rollout import eval_mode, first_occurrences
 
 PACKING = ("auto", "true", "false")
 FLASH, FLEX, SDPA, EAGER = "flash_attention_2", "flex_attention", "sdpa", "eager"
@@ -517,21 +517,20 @@ def sequence_logprobs(model, rows: list[Row], device: torch.device, *, path: Att
     """Per-row log-probs of the target tokens under model (no gradient), in the order of rows: the reference and
     the old log-probs. Identical rows (a group's repeated answers) are read once; each copy gets its own tensor."""
     head = lm_head(model)
-    first_of: dict[tuple, int] = {}
-    source = [first_of.setdefault((tuple(row.prompt_ids), tuple(row.target_ids)), i) for i, row in enumerate(rows)]
-    # Log-probs of each distinct row's own targets (not of its branch).
-    distinct = [replace(rows[i], branch=None) if rows[i].branch else rows[i] for i in first_of.values()]
-    out: list[torch.Tensor | None] = [None] * len(distinct)
+    source = first_occurrences((tuple(row.prompt_ids), tuple(row.target_ids)) for row in rows)
+    firsts = [i for i, first in enumerate(source) if first == i]
+    # Log-probs of each distinct row's own targets (not of its branch), by the row's index.
+    distinct = [replace(rows[i], branch=None) if rows[i].branch else rows[i] for i in firsts]
+    out: dict[int, torch.Tensor] = {}
     with attention(model, path):
         for indices, batch in micro_batches(distinct, path, device):
             hidden = final_hidden(model, batch)
             lp = token_logprobs(hidden, head.weight.to(hidden.dtype), batch.targets, temperature=temperature,
                                 bias=None if head.bias is None else head.bias.to(hidden.dtype),
                                 **model_logit_transform(model))
-            for i, (b, t0, t1) in zip(indices, batch.target_slices):
-                out[i] = lp[b, t0:t1].float().cpu()
-    at = {first: k for k, first in enumerate(first_of.values())}
-    return [out[at[first]] if first == i else out[at[first]].clone() for i, first in enumerate(source)]
+            for k, (b, t0, t1) in zip(indices, batch.target_slices):
+                out[firsts[k]] = lp[b, t0:t1].float().cpu()
+    return [out[first] if first == i else out[first].clone() for i, first in enumerate(source)]
 
 
 class CausalLMWithFusedLoss(torch.nn.Module):

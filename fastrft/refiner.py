@@ -60,8 +60,8 @@ class RefineResult:
                 out.draft = out.draft or rollout.DraftStats()
                 for name in ("offered", "accepted", "plain_rows"):
                     setattr(out.draft, name, getattr(out.draft, name) + getattr(part.draft, name))
-                out.draft.passes = max(out.draft.passes, part.draft.passes)
-                out.draft.prefix_passes = max(out.draft.prefix_passes, part.draft.prefix_passes)
+                for name in ("passes", "prefix_passes"):
+                    setattr(out.draft, name, max(getattr(out.draft, name), getattr(part.draft, name)))
         return out
 
     @property
@@ -79,9 +79,8 @@ def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, complet
     result = RefineResult(refinements=[None] * len(completions))
     texts = [template.format(prompt=p if isinstance(p, str) else p[-1]["content"], response=c)
              for p, c in zip(prompts, completions)]
-    first_of: dict = {}
-    source = [first_of.setdefault((text, tuple(ids)), i) for i, (text, ids) in enumerate(zip(texts, completion_ids))]
-    unique = list(first_of.values())
+    source = rollout.first_occurrences((text, tuple(ids)) for text, ids in zip(texts, completion_ids))
+    unique = [i for i, first in enumerate(source) if first == i]
     result.copies = len(texts) - len(unique)
     eos = tokenizer.eos_token_id
     template_ids = rollout.encode_prompts(tokenizer, [texts[i] for i in unique])

@@ -24,6 +24,13 @@ class Samples:
     truncated: list[bool]            # stopped by max_new_tokens before an EOS
 
 
+def first_occurrences(keys) -> list[int]:
+    """For each key, the index of its first occurrence among keys: identical samples (a GRPO group's repeated
+    answers) are computed once, at their first index, and copied to the others."""
+    first_of: dict = {}
+    return [first_of.setdefault(key, i) for i, key in enumerate(keys)]
+
+
 def encode_prompts(tokenizer, prompts) -> list[list[int]]:
     encoded: list = [None] * len(prompts)
     strings = []
