@@ -4,6 +4,8 @@
 # limit, writing everything under $OUT, short tables last. From the repository root:
 #   OUT=/some/dir bash benchmarks/gpu_session.sh             # tests on CUDA, bench_loss (issue 2), bench_step (issue 4)
 #   OUT=/some/dir bash benchmarks/gpu_session.sh trl         # bench_vs_trl (issue 6)
+#   OUT=/some/dir bash benchmarks/gpu_session.sh tests,loss,refine   # bench_refine on Qwen2.5-0.5B width (issue 17)
+# Each part's limit in seconds: TESTS_S (160), LOSS_S (200), REFINE_S (60).
 # "tests" runs the whole suite on CUDA tensors, so the compiled kernels run at every tested shape, plus the
 # real-shape CUDA tests. The carry is 64 MB: bitsandbytes is 43 MB and pyarrow (for TRL's datasets) 55 MB, so the
 # trl part needs a carry of its own, without bitsandbytes: liger-kernel cut-cross-entropy trl accelerate datasets
@@ -33,14 +35,22 @@ run_bench() {   # name, seconds, arguments...
     timeout "$limit" python3 "benchmarks/$name.py" "$@" > "$OUT/$name.log" 2>&1 || echo "$name failed or ran out of time: see $name.log"
     cp benchmarks/results/"$name"_cuda.* "$OUT/" 2>/dev/null || true
 }
-# Run from tests/ so that the source tree (where kernels/ is not yet fastrft.kernels) is not on sys.path.
-[[ ,$parts, == *,tests,* ]] && { (cd tests && timeout 150 python3 -m pytest -q -p no:cacheprovider . 2>&1 \
-    | tee "$OUT/pytest.log" | tail -5) || echo "tests failed or ran out of time: see pytest.log"; }
-[[ ,$parts, == *,loss,* ]] && run_bench bench_loss 230
+# Run from tests/ so that the source tree (where kernels/ is not yet fastrft.kernels) is not on sys.path. The files
+# that exercise the compiled kernels go first; SIGINT at the limit makes pytest list what failed so far, and -v
+# names every test as it ends, so a cut run still says what ran.
+test_files=$(cd tests && ls test_loss.py test_batch.py test_diff.py test_kernels_compile.py test_refiner.py \
+    test_dialogue.py test_lora.py test_trainer.py; ls test_*.py | grep -v -x -e test_loss.py -e test_batch.py \
+    -e test_diff.py -e test_kernels_compile.py -e test_refiner.py -e test_dialogue.py -e test_lora.py -e test_trainer.py)
+[[ ,$parts, == *,tests,* ]] && { (cd tests && timeout -s INT -k 20 "${TESTS_S:-160}" python3 -m pytest -v -rfE \
+    -p no:cacheprovider $test_files > "$OUT/pytest.log" 2>&1; tail -5 "$OUT/pytest.log") \
+    || echo "tests failed or ran out of time: see pytest.log"; }
+[[ ,$parts, == *,loss,* ]] && run_bench bench_loss "${LOSS_S:-200}"
+[[ ,$parts, == *,refine,* ]] && run_bench bench_refine "${REFINE_S:-60}" --models qwen2.5-0.5b-width --lengths 128 \
+    --edits 0,0.02,1 --repeat 3
 [[ ,$parts, == *,step,* ]] && run_bench bench_step 150
 [[ ,$parts, == *,trl,* ]] && run_bench bench_vs_trl 540
 cat "$OUT/gpu.txt"
-for name in bench_loss bench_step bench_vs_trl; do
+for name in bench_loss bench_refine bench_step bench_vs_trl; do
     [ -f "$OUT/$name.log" ] && { echo "== $name"; grep -v '^{' "$OUT/$name.log" | tail -30; }
 done
 exit 0
