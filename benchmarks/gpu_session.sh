@@ -36,14 +36,17 @@ run_bench() {   # name, seconds, arguments...
     cp benchmarks/results/"$name"_cuda.* "$OUT/" 2>/dev/null || true
 }
 # Run from tests/ so that the source tree (where kernels/ is not yet fastrft.kernels) is not on sys.path. The files
-# that exercise the compiled kernels go first; SIGINT at the limit makes pytest list what failed so far, and -v
-# names every test as it ends, so a cut run still says what ran.
-test_files=$(cd tests && ls test_loss.py test_batch.py test_diff.py test_kernels_compile.py test_refiner.py \
-    test_dialogue.py test_lora.py test_trainer.py; ls test_*.py | grep -v -x -e test_loss.py -e test_batch.py \
-    -e test_diff.py -e test_kernels_compile.py -e test_refiner.py -e test_dialogue.py -e test_lora.py -e test_trainer.py)
-[[ ,$parts, == *,tests,* ]] && { (cd tests && timeout -s INT -k 20 "${TESTS_S:-160}" python3 -m pytest -v -rfE \
-    -p no:cacheprovider $test_files > "$OUT/pytest.log" 2>&1; tail -5 "$OUT/pytest.log") \
-    || echo "tests failed or ran out of time: see pytest.log"; }
+# that exercise the compiled kernels go first; 8 workers where pytest-xdist is there (2 threads each), a per-test
+# limit where pytest-timeout is (a hung test prints its stack); SIGINT at the part's limit makes pytest list what
+# failed so far, and -v names every test as it ends, so a cut run still says what ran.
+first="test_loss.py test_diff.py test_batch.py test_kernels_compile.py test_refiner.py test_dialogue.py test_lora.py"
+test_files="$first $(cd tests && ls test_*.py | grep -v -x $(printf -- '-e %s ' $first))"
+test_opts=()
+python3 -c "import xdist" 2>/dev/null && test_opts+=(-n 8)
+python3 -c "import pytest_timeout" 2>/dev/null && test_opts+=(--timeout 120)
+[[ ,$parts, == *,tests,* ]] && { (cd tests && OMP_NUM_THREADS=2 timeout -s INT -k 30 "${TESTS_S:-160}" python3 -m pytest \
+    -v -rfE --tb=short --durations=15 -p no:cacheprovider "${test_opts[@]}" $test_files > "$OUT/pytest.log" 2>&1;
+    tail -5 "$OUT/pytest.log") || echo "tests failed or ran out of time: see pytest.log"; }
 [[ ,$parts, == *,loss,* ]] && run_bench bench_loss "${LOSS_S:-200}"
 [[ ,$parts, == *,refine,* ]] && run_bench bench_refine "${REFINE_S:-60}" --models qwen2.5-0.5b-width --lengths 128 \
     --edits 0,0.02,1 --repeat 3

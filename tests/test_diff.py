@@ -273,7 +273,7 @@ def reference_weights(changed, lengths, changed_weight, kept_weight, context, no
 @pytest.mark.parametrize("normalize", ["none", "sequence", "batch"])
 @pytest.mark.parametrize("context", [0, 1, 7])
 @pytest.mark.parametrize("changed_weight,kept_weight", [(1.0, 0.0), (2.5, 0.25)])
-def test_weights_against_reference(impl, normalize, context, changed_weight, kept_weight):
+def test_weights_against_reference(impl, normalize, context, changed_weight, kept_weight, device):
     # 1500 columns: two 1024-token tiles, so the context window crosses a tile boundary.
     batch, width = 6, 1500
     changed = torch.rand(batch, width) < 0.01
@@ -282,34 +282,35 @@ def test_weights_against_reference(impl, normalize, context, changed_weight, kep
     changed[2, -1] = True                                    # a change at the very end
     lengths = torch.tensor([width, 1100, width, 0, 1, 777])
     got = diff_weights(changed, lengths, changed_weight=changed_weight, kept_weight=kept_weight, context=context,
-                       normalize=normalize, impl=impl)
+                       normalize=normalize, impl=impl, device=device)
     want_w, want_last = reference_weights(changed, lengths, changed_weight, kept_weight, context, normalize)
     assert got.weights.dtype == torch.float32 and got.weights.shape == (batch, width)
+    assert got.weights.device.type == got.last_index.device.type == device
     assert got.last_index.dtype == torch.int64
-    torch.testing.assert_close(got.weights.double(), want_w, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(got.weights.double().cpu(), want_w, rtol=1e-6, atol=1e-9)
     assert got.last_index.tolist() == want_last.tolist()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_weights_odd_shapes(impl):
+def test_weights_odd_shapes(impl, device):
     for batch, width in [(1, 1), (3, 17), (1, 1031)]:
         changed = torch.rand(batch, width) < 0.2
-        got = diff_weights(changed, context=2, normalize="sequence", impl=impl)
+        got = diff_weights(changed, context=2, normalize="sequence", impl=impl, device=device)
         want_w, want_last = reference_weights(changed, torch.full((batch,), width), 1.0, 0.0, 2, "sequence")
-        torch.testing.assert_close(got.weights.double(), want_w, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(got.weights.double().cpu(), want_w, rtol=1e-6, atol=1e-9)
         assert got.last_index.tolist() == want_last.tolist()
-    empty = diff_weights(torch.zeros(2, 0, dtype=torch.bool), impl=impl)
+    empty = diff_weights(torch.zeros(2, 0, dtype=torch.bool), impl=impl, device=device)
     assert empty.weights.shape == (2, 0) and empty.last_index.tolist() == [-1, -1]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_plain_sft_and_list_input(impl):
+def test_plain_sft_and_list_input(impl, device):
     masks = diff_masks([[1, 2, 3, 4], [5, 6], [7]], [[1, 9, 3, 4, 8], [5, 6], []])
-    got = diff_weights(masks, kept_weight=1.0, impl=impl)
+    got = diff_weights(masks, kept_weight=1.0, impl=impl, device=device)
     assert got.weights.tolist() == [[1.0] * 5, [1.0, 1.0, 0.0, 0.0, 0.0], [0.0] * 5]
     assert got.last_index.tolist() == [4, 1, -1]
     # Only the changes: refinements that changed nothing report -1 and can be dropped.
-    got = diff_weights(masks, impl=impl)
+    got = diff_weights(masks, impl=impl, device=device)
     assert got.weights.tolist() == [[0.0, 1.0, 0.0, 0.0, 1.0], [0.0] * 5, [0.0] * 5]
     assert got.last_index.tolist() == [4, -1, -1]
 
