@@ -266,6 +266,11 @@ def main():
     parser.add_argument("--group", type=int, default=8, help="part shared: rows per common beginning")
     parser.add_argument("--shared-len", type=int, default=256, help="part shared: tokens of each common beginning")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="default float32 on the CPU, bfloat16 on CUDA. In bf16 a randomly initialised model's "
+                             "top two logits nearly tie at many positions, so the plain path's compiled decoder and "
+                             "the draft path's eager passes round to different tokens there: float32 separates "
+                             "speed from rounding")
     parser.add_argument("--reference-dir", default="runs/demo_reference")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -273,7 +278,7 @@ def main():
     from fastrft.machine import describe_machine
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = dict(item.split("=") for item in args.rows.split(","))
     payload = {"env": describe_machine(device), "dtype": str(dtype).replace("torch.", ""),
                "prompt_len": args.prompt_len, "repeat": args.repeat, "models": args.models.split(","), "rows": []}

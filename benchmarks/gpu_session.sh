@@ -5,7 +5,9 @@
 #   OUT=/some/dir bash benchmarks/gpu_session.sh             # tests on CUDA, bench_loss (issue 2), bench_step (issue 4)
 #   OUT=/some/dir bash benchmarks/gpu_session.sh trl         # bench_vs_trl (issue 6)
 #   OUT=/some/dir bash benchmarks/gpu_session.sh tests,loss,refine   # bench_refine on Qwen2.5-0.5B width (issue 17)
-# Each part's limit in seconds: TESTS_S (160), LOSS_S (200), REFINE_S (60).
+# Each part's limit in seconds: TESTS_S (160), LOSS_S (200), REFINE_S (60). The device's copy of the tree has no
+# .git: name the commit in the command (FASTRFT_COMMIT=$(git rev-parse --short HEAD), written out) so that the
+# results carry it.
 # "tests" runs the whole suite on CUDA tensors, so the compiled kernels run at every tested shape, plus the
 # real-shape CUDA tests. The carry is 64 MB: bitsandbytes is 43 MB and pyarrow (for TRL's datasets) 55 MB, so the
 # trl part needs a carry of its own, without bitsandbytes: liger-kernel cut-cross-entropy trl accelerate datasets
@@ -49,7 +51,7 @@ python3 -c "import pytest_timeout" 2>/dev/null && test_opts+=(--timeout 120)
     tail -5 "$OUT/pytest.log") || echo "tests failed or ran out of time: see pytest.log"; }
 [[ ,$parts, == *,loss,* ]] && run_bench bench_loss "${LOSS_S:-200}"
 [[ ,$parts, == *,refine,* ]] && run_bench bench_refine "${REFINE_S:-60}" --models qwen2.5-0.5b-width --lengths 128 \
-    --edits 0,0.02,1 --repeat 3
+    --edits 0,0.02,1 --repeat 3 --dtype float32
 [[ ,$parts, == *,step,* ]] && run_bench bench_step 150
 [[ ,$parts, == *,trl,* ]] && run_bench bench_vs_trl 540
 cat "$OUT/gpu.txt"

@@ -55,4 +55,5 @@ def _git_commit() -> dict:
         return {"commit": git("rev-parse", "--short", "HEAD"),
                 "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
+        # A copy without .git (a lent GPU machine gets the working tree alone): the commit its sender names, if any.
+        return {"commit": os.environ.get("FASTRFT_COMMIT", "unknown"), "dirty": None}

@@ -48,7 +48,5 @@ def demo_reference(tmp_path_factory):
     from fastrft.tasks.demo import train_reference
 
     path = tmp_path_factory.mktemp("demo_reference")
-    threads = torch.get_num_threads()
     train_reference(path, max_steps=120, n_eval=16, log_every=0)
-    torch.set_num_threads(threads)
     return str(path)

@@ -78,7 +78,7 @@ def fused_loss_gradients(out_path: str) -> None:
 
     from fastrft import CausalLMWithFusedLoss
 
-    world = init_world(60)
+    world = init_world(60, cuda=False)   # gloo on the CPU, as on CI, also on a GPU machine
     torch.manual_seed(0)
     tied = os.environ.get("FASTRFT_TEST_TIED", "1") == "1"
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

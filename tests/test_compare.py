@@ -343,3 +343,27 @@ def test_a_proxy_tasks_gold_reward_is_reported_and_tested(tmp_path):
     md = (tmp_path / "comparison.md").read_text()
     assert "final gold reward" in md and f"]({compare_module.GOLD_PLOT})" in md
     assert (tmp_path / compare_module.GOLD_PLOT).stat().st_size > 0
+
+
+def test_a_copy_without_git_reports_the_commit_it_was_sent_at(tmp_path):
+    """A lent GPU machine receives the working tree without .git: its results carry FASTRFT_COMMIT, else 'unknown'."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import fastrft
+
+    copy = tmp_path / "fastrft"
+    shutil.copytree(Path(fastrft.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    script = "from fastrft.machine import describe_machine; env = describe_machine(); print(env['commit'], env['dirty'])"
+    for sent, want in (("abc1234", "abc1234 None"), (None, "unknown None")):
+        env = {k: v for k, v in os.environ.items() if k != "FASTRFT_COMMIT"}
+        if sent:
+            env["FASTRFT_COMMIT"] = sent
+        env["PYTHONPATH"] = str(tmp_path)
+        out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == want

@@ -305,3 +305,15 @@ def test_compare_passes_torchrun_through(tmp_path):
     assert [v["name"] for v in result["variants"]] == ["none", "kl"]
     manifests = sorted((out / "runs").glob("*/checkpoints/step_00000001/checkpoint.json"))
     assert len(manifests) == 2 and all(json.loads(m.read_text())["world_size"] == 2 for m in manifests)
+
+
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    """A second rank on a one-GPU node stops with the fix, before any process group waits for it."""
+    from fastrft import distributed
+
+    for name, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1 but this node shows 1 CUDA device.*--nproc-per-node"):
+        distributed.init_world(10, cuda=True)

@@ -560,8 +560,11 @@ def test_bad_input_is_a_value_error_that_names_it(case, message):
     if "targets_value" in case:
         targets[2] = case["targets_value"]
     bias = torch.randn(*case["bias_shape"]) if "bias_shape" in case else None
+    # The cases' tensors were made at import, on the CPU: on a GPU they join the inputs there, so that each case meets
+    # the check it is about, not the device check.
+    kw = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.get("kw", {}).items()}
     with pytest.raises(ValueError, match=message):
-        fastrft.fused_rft_loss(hidden, weight, targets, bias=bias, **case.get("kw", {}))
+        fastrft.fused_rft_loss(hidden, weight, targets, bias=bias, **kw)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

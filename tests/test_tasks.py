@@ -296,3 +296,19 @@ def test_demo_proxy_rewards_length_and_its_gold_does_not():
     assert metrics["eval_reward"] > metrics["eval_gold"]
     assert "eval_gold" not in load_task("demo", n_train=10, n_eval=4).evaluate(
         None, demo.make_tokenizer(), rows, max_new_tokens=10, generate=fake_generate)
+
+
+def test_the_reference_trains_on_every_core_unless_the_thread_count_is_set(monkeypatch):
+    """OMP_NUM_THREADS (parallel jobs, test workers) is kept; without it every usable core; restored after."""
+    import os
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    with demo._training_threads():
+        assert torch.get_num_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    with demo._training_threads():
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(before)

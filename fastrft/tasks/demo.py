@@ -21,6 +21,7 @@ digits about 2.65) while its gold reward, ``sort_reward``, falls (0.15). Evaluat
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -249,6 +250,20 @@ def evaluate_reference(model, tokenizer, task: Task, seed: int = 0) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _training_threads():
+    """Every core this process may use while the reference trains (torch's default is the physical cores), unless
+    OMP_NUM_THREADS sets the count: jobs run side by side (test workers, sweeps) keep their share. The count before
+    is restored."""
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_reference(out_dir, *, seed: int = 0, max_steps: int = 500, max_seconds: float | None = None,
                     batch_size: int = 64, lr: float = 3e-3, refine_share: float = 0.75, copy_share: float = 0.3,
                     task_lengths: tuple[int, int] = (MIN_DIGITS, 5),
@@ -264,7 +279,6 @@ def train_reference(out_dir, *, seed: int = 0, max_steps: int = 500, max_seconds
     written to ``out_dir/reference.json``: greedy eval reward / exact match and refiner stats.
     """
     out_dir = Path(out_dir)
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     rng = random.Random(seed)
     tokenizer = make_tokenizer()
     model = make_model(tokenizer, seed=seed).train()
@@ -273,19 +287,21 @@ def train_reference(out_dir, *, seed: int = 0, max_steps: int = 500, max_seconds
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
     start = time.perf_counter()
     step = 0
-    while step < max_steps and (max_seconds is None or time.perf_counter() - start < max_seconds):
-        input_ids, attention_mask, labels = _batch(
-            tokenizer, [_training_example(rng, refine_share, copy_share, task_lengths) for _ in range(batch_size)])
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, L, V]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        step += 1
-        if log_every and step % log_every == 0:
-            print(f"reference step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - start:.1f}s", flush=True)
+    with _training_threads():
+        while step < max_steps and (max_seconds is None or time.perf_counter() - start < max_seconds):
+            input_ids, attention_mask, labels = _batch(
+                tokenizer, [_training_example(rng, refine_share, copy_share, task_lengths) for _ in range(batch_size)])
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, L, V]
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if log_every and step % log_every == 0:
+                print(f"reference step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - start:.1f}s",
+                      flush=True)
     train_time_s = time.perf_counter() - start
 
     model.eval()
