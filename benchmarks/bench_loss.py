@@ -25,6 +25,11 @@ benchmarks/results/bench_loss_<device>.{json,md}.
 
     python benchmarks/bench_loss.py                      # the issue's shapes on CUDA, small ones on the CPU
     python benchmarks/bench_loss.py --shapes 4096x2048x32000 --providers naive,fastrft
+    python benchmarks/bench_loss.py --shapes 8192x4096x131072 --providers cce,fastrft,fastrft@128x128x64x8x3
+fastrft@BMxBVxBKxWARPSxSTAGES (and fastrft_1sweep@...) times the Triton kernels with other tiles than they ship
+with (the logit kernels'; +BMxBNxBKxGROUP_MxWARPSxSTAGES after them: the slab matmul's), after checking that they
+give the shipped tiles' loss and gradients: tiles are chosen by timing them on the GPU (CUDA only). The fastrft
+rows on CUDA also give the forward pass's time alone.
 """
 from __future__ import annotations
 
@@ -179,37 +184,89 @@ def make_inputs(shape, dtype, device, zero_half):
     return hidden, weight, targets, adv, sft_w
 
 
+def split_provider(spec: str) -> tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]:
+    """'fastrft@BMxBVxBKxWxS' (or fastrft_1sweep@...), optionally '+BMxBNxBKxGMxWxS' after it: the provider and the
+    tiles its Triton kernels take instead of the shipped ones (the logit kernels' _block_config, the slab matmul's
+    _matmul_config); a plain name gets (name, None, None)."""
+    name, _, tiles = spec.partition("@")
+    if not tiles:
+        return name, None, None
+    if name not in ("fastrft", "fastrft_1sweep"):
+        raise ValueError(f"{spec!r}: only fastrft and fastrft_1sweep take tiles")
+    logit, _, matmul = tiles.partition("+")
+    try:
+        parsed = [tuple(int(x) for x in part.split("x")) if part else None for part in (logit, matmul)]
+    except ValueError:
+        raise ValueError(f"{spec!r}: tiles are integers joined by x") from None
+    if len(parsed[0] or ()) != 5 or (parsed[1] is not None and len(parsed[1]) != 6):
+        raise ValueError(f"{spec!r}: logit tiles BLOCK_MxBLOCK_VxBLOCK_KxWARPSxSTAGES, then optionally "
+                         "+BLOCK_MxBLOCK_NxBLOCK_KxGROUP_MxWARPSxSTAGES for the slab matmul")
+    return name, parsed[0], parsed[1]
+
+
 @contextlib.contextmanager
-def scratch_budget(name, hidden):
+def provider_settings(spec, hidden):
     """fastrft_1sweep: the Triton backward's scratch budget raised so that it sweeps the logits once at any N (the
-    fp32 hidden gradient of every row in scratch); every other provider runs as it is."""
-    if name != "fastrft_1sweep":
+    fp32 hidden gradient of every row in scratch); a spec with tiles: the kernels launched with them. Every other
+    provider runs as it is."""
+    name, logit_tiles, matmul_tiles = split_provider(spec)
+    if name != "fastrft_1sweep" and logit_tiles is None:
         yield
         return
     from fastrft.kernels import fused_rft as kernels
 
-    budget = kernels.WORKSPACE_BYTES
-    n, h = hidden.shape
-    kernels.WORKSPACE_BYTES = int(2 * n * kernels.accumulator_row_bytes(h, hidden.dtype)) + budget
+    saved = kernels.WORKSPACE_BYTES, kernels._block_config, kernels._matmul_config
+    if name == "fastrft_1sweep":
+        n, h = hidden.shape
+        kernels.WORKSPACE_BYTES = int(2 * n * kernels.accumulator_row_bytes(h, hidden.dtype)) + saved[0]
+    if logit_tiles is not None:
+        kernels._block_config = lambda dtype: logit_tiles
+    if matmul_tiles is not None:
+        kernels._matmul_config = lambda dtype: matmul_tiles
     try:
         yield
     finally:
-        kernels.WORKSPACE_BYTES = budget
+        kernels.WORKSPACE_BYTES, kernels._block_config, kernels._matmul_config = saved
 
 
-def make_step(name, shape, dtype, device, zero_half):
-    """(fwd+bwd callable, note, bytes of the gradients it creates)."""
+def make_step(spec, shape, dtype, device, zero_half):
+    """(fwd+bwd callable, forward-only callable, note, bytes of the gradients it creates)."""
     hidden, weight, targets, adv, sft_w = make_inputs(shape, dtype, device, zero_half)
+    name, logit_tiles, matmul_tiles = split_provider(spec)
     fn, note = make_provider(name, device)
+    if logit_tiles is not None:
+        if device.type != "cuda":
+            raise RuntimeError("tiles are the Triton kernels': CUDA only")
+        note += f", tiles {'x'.join(map(str, logit_tiles))}" + \
+            (f" + {'x'.join(map(str, matmul_tiles))}" if matmul_tiles else "")
 
     def step():
-        with scratch_budget(name, hidden):
+        with provider_settings(spec, hidden):
             fn(hidden, weight, targets, adv, sft_w).backward()
         # Freed here, not at the next call's start: a measured call then starts without gradients, and its peak
         # minus the gradients it creates is what the loss itself needs.
         hidden.grad = weight.grad = None
 
-    return step, note, (hidden.numel() + weight.numel()) * hidden.element_size()
+    def forward():
+        with provider_settings(spec, hidden), torch.no_grad():
+            fn(hidden, weight, targets, adv, sft_w)
+
+    return step, forward, note, (hidden.numel() + weight.numel()) * hidden.element_size()
+
+
+def tiles_error(spec, shape, dtype, device, zero_half) -> float:
+    """The largest relative error (by norm) of the loss and both gradients with the spec's tiles against the shipped
+    tiles, on the same inputs: a tile choice must change rounding only."""
+    name = split_provider(spec)[0]
+    results = []
+    for which in (name, spec):
+        hidden, weight, targets, adv, sft_w = make_inputs(shape, dtype, device, zero_half)
+        fn, _ = make_provider(name, device)
+        with provider_settings(which, hidden):
+            loss = fn(hidden, weight, targets, adv, sft_w)
+            loss.backward()
+        results.append([loss.detach().float(), hidden.grad.float(), weight.grad.float()])
+    return max(float((b - a).norm() / a.norm().clamp(min=1e-30)) for a, b in zip(*results))
 
 
 def bench_shape(shape, providers, dtype, device, args, meter):
@@ -221,8 +278,16 @@ def bench_shape(shape, providers, dtype, device, args, meter):
         for name in providers:
             row = dict(shape=shape, N=n, H=h, V=v, provider=name, zero_half=zero_half, floor_ms=floor_ms)
             try:
-                step, note, grad_bytes = make_step(name, shape, dtype, device, zero_half)
+                step, forward, note, grad_bytes = make_step(name, shape, dtype, device, zero_half)
+                if split_provider(name)[1] is not None:
+                    error = tiles_error(name, shape, dtype, device, zero_half)
+                    if not error < 2e-2:   # bf16 gradients round at 4e-3; a wrong tile is off by far more
+                        raise RuntimeError(f"tiles give other results: relative error {error:.2e}")
+                    note += f" (relative error {error:.1e})"
                 row["ms"] = meter.time_ms(step, args.warmup, args.repeat)
+                if device.type == "cuda" and name.startswith("fastrft"):
+                    row["fwd_ms"] = meter.time_ms(forward, args.warmup, args.repeat)
+                    note += f"; forward {row['fwd_ms']:.2f} ms"
                 if device.type == "cuda":
                     peak = peak_extra_bytes(step, device, minus_bytes=grad_bytes)
                 else:
@@ -250,7 +315,7 @@ def measure_in_child(name, shape, dtype, zero_half):
 
 def child_measure_memory(name, shape, dtype_name, zero_half):
     device = torch.device("cpu")
-    step, _, grad_bytes = make_step(name, shape, getattr(torch, dtype_name), device, zero_half == "1")
+    step, _, _, grad_bytes = make_step(name, shape, getattr(torch, dtype_name), device, zero_half == "1")
     step()
     print(json.dumps(dict(peak_extra_bytes=peak_extra_bytes(step, device, minus_bytes=grad_bytes))))
 
@@ -305,8 +370,12 @@ def main():
     shapes = args.shapes.split(",") if args.shapes else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     providers = args.providers.split(",")
     for name in providers:
-        if name not in PROVIDERS:
-            parser.error(f"unknown provider {name!r}; known: {','.join(PROVIDERS)}")
+        try:
+            base = split_provider(name)[0]
+        except ValueError as exc:
+            parser.error(str(exc))
+        if base not in PROVIDERS:
+            parser.error(f"unknown provider {name!r}; known: {','.join(PROVIDERS)} (fastrft@tiles: see --help)")
     meter = Meter(device)
     env = describe_machine(device)
     env["dtype"] = str(dtype).replace("torch.", "")

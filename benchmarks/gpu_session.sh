@@ -5,7 +5,8 @@
 #   OUT=/some/dir bash benchmarks/gpu_session.sh             # tests on CUDA, bench_loss (issue 2), bench_step (issue 4)
 #   OUT=/some/dir bash benchmarks/gpu_session.sh trl         # bench_vs_trl (issue 6)
 #   OUT=/some/dir bash benchmarks/gpu_session.sh tests,loss,refine   # bench_refine on Qwen2.5-0.5B width (issue 17)
-# Each part's limit in seconds: TESTS_S (160), LOSS_S (200), REFINE_S (60). The device's copy of the tree has no
+#   OUT=/some/dir bash benchmarks/gpu_session.sh tiles       # the loss kernels' tiles, timed (bench_loss)
+# Each part's limit in seconds: TESTS_S (160), LOSS_S (200), REFINE_S (60), TILES_S (200). The device's copy of the tree has no
 # .git: name the commit in the command (FASTRFT_COMMIT=$(git rev-parse --short HEAD), written out) so that the
 # results carry it.
 # "tests" runs the whole suite on CUDA tensors, so the compiled kernels run at every tested shape, plus the
@@ -52,10 +53,16 @@ python3 -c "import pytest_timeout" 2>/dev/null && test_opts+=(--timeout 120)
 [[ ,$parts, == *,loss,* ]] && run_bench bench_loss "${LOSS_S:-200}"
 [[ ,$parts, == *,refine,* ]] && run_bench bench_refine "${REFINE_S:-60}" --models qwen2.5-0.5b-width --lengths 128 \
     --edits 0,0.02,1 --repeat 3 --dtype float32
+# Tiles of the loss's Triton kernels, timed against the shipped ones and CCE on one shape (each checked first).
+tiles="64x256x64x8x3 128x128x64x8x3 64x128x64x8x4 64x128x128x8x2 64x128x64x8x3+128x256x64x8x8x3
+    64x128x64x8x3+128x128x64x8x4x4"
+[[ ,$parts, == *,tiles,* ]] && { timeout "${TILES_S:-200}" python3 benchmarks/bench_loss.py --no-write \
+    --shapes 8192x4096x131072 --providers "cce,fastrft,fastrft_1sweep$(printf ',fastrft@%s' $tiles)" \
+    > "$OUT/bench_loss_tiles.log" 2>&1 || echo "tiles failed or ran out of time: see bench_loss_tiles.log"; }
 [[ ,$parts, == *,step,* ]] && run_bench bench_step 150
 [[ ,$parts, == *,trl,* ]] && run_bench bench_vs_trl 540
 cat "$OUT/gpu.txt"
-for name in bench_loss bench_refine bench_step bench_vs_trl; do
+for name in bench_loss bench_loss_tiles bench_refine bench_step bench_vs_trl; do
     [ -f "$OUT/$name.log" ] && { echo "== $name"; grep -v '^{' "$OUT/$name.log" | tail -30; }
 done
 exit 0
