@@ -151,7 +151,8 @@ def _load_model(path: str, key: str, dtype, device: torch.device, quantization: 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit", bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": device.index or 0}
+        # "cuda" without an index is the current device, where the batches go too.
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device.index is None else device.index}
     model = _load_pretrained(AutoModelForCausalLM, path, key, **kwargs)
     return model if "device_map" in kwargs else model.to(device)
 
