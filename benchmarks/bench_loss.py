@@ -161,11 +161,12 @@ class Meter:
 
 
 def matmul_tflops(meter, n, h, v, dtype, device):
+    # The product the loss computes, hidden @ weight.T with weight [V, H] as a model stores it. An H200 once gave a
+    # [H, V] product over 2 warm-ups and 5 runs a rate (537 TFLOP/s, against 764 at another shape) that put naive
+    # and torch.compile under 1x of the floor; the cause was not found.
     a = torch.randn(n, h, device=device, dtype=dtype)
-    b = torch.randn(h, v, device=device, dtype=dtype)
-    # Enough warm-up for a GPU's clocks to ramp up: with 2 warm-ups and 5 runs an H200 gave a rate that put
-    # cuBLAS-bound providers below 1x of the floor.
-    ms = meter.time_ms(lambda: a @ b, warmup=10, repeat=20)
+    b = torch.randn(v, h, device=device, dtype=dtype)
+    ms = meter.time_ms(lambda: a @ b.T, warmup=10, repeat=20)
     return 2 * n * h * v / (ms * 1e-3) / 1e12
 
 
@@ -355,7 +356,9 @@ def write_results(env, rates, rows, tag):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", help="comma-separated NxHxV (default: the issue's shapes on CUDA, small on CPU)")
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help="comma-separated; fastrft@BMxBVxBKxWARPSxSTAGES[+BMxBNxBKxGROUP_MxWARPSxSTAGES] times "
+                             "the Triton kernels with other tiles (CUDA only)")
     parser.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)

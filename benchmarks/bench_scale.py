@@ -51,7 +51,7 @@ def worker(args) -> None:
     from fastrft.distributed import full_value, init_world, local_tensor, shard_policy
 
     torch.set_num_threads(args.threads)
-    world = init_world(600)
+    world = init_world(600, cuda=False)   # gloo on the CPU, also on a GPU machine
     device = torch.device("cpu")
     model = qwen_width_model(args.layers)
     loss_module = shard_policy(model, world, fsdp=args.engine == "fsdp")

@@ -48,12 +48,13 @@ test_opts=()
 python3 -c "import xdist" 2>/dev/null && test_opts+=(-n 8)
 python3 -c "import pytest_timeout" 2>/dev/null && test_opts+=(--timeout 120)
 [[ ,$parts, == *,tests,* ]] && { (cd tests && OMP_NUM_THREADS=2 timeout -s INT -k 30 "${TESTS_S:-160}" python3 -m pytest \
-    -v -rfE --tb=short --durations=15 -p no:cacheprovider "${test_opts[@]}" $test_files > "$OUT/pytest.log" 2>&1;
-    tail -5 "$OUT/pytest.log") || echo "tests failed or ran out of time: see pytest.log"; }
+    -v -rfE --tb=short --durations=15 -p no:cacheprovider "${test_opts[@]}" $test_files > "$OUT/pytest.log" 2>&1
+    status=$?; tail -5 "$OUT/pytest.log"; exit $status) || echo "tests failed or ran out of time: see pytest.log"; }
 [[ ,$parts, == *,loss,* ]] && run_bench bench_loss "${LOSS_S:-200}"
 [[ ,$parts, == *,refine,* ]] && run_bench bench_refine "${REFINE_S:-60}" --models qwen2.5-0.5b-width --lengths 128 \
     --edits 0,0.02,1 --repeat 3 --dtype float32
-# Tiles of the loss's Triton kernels, timed against the shipped ones and CCE on one shape (each checked first).
+# Tiles of the loss's Triton kernels, timed against the shipped ones and CCE on one shape (each checked first);
+# printed only (bench_loss_tiles.log), so that bench_loss_cuda.* keeps the shipped tiles' results.
 tiles="64x256x64x8x3 128x128x64x8x3 64x128x64x8x4 64x128x128x8x2 64x128x64x8x3+128x256x64x8x8x3
     64x128x64x8x3+128x128x64x8x4x4"
 [[ ,$parts, == *,tiles,* ]] && { timeout "${TILES_S:-200}" python3 benchmarks/bench_loss.py --no-write \

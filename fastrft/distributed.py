@@ -121,9 +121,11 @@ def init_world(timeout_s: float, cuda: bool | None = None) -> World:
     cuda = torch.cuda.is_available() if cuda is None else cuda
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this node shows {torch.cuda.device_count()} CUDA device(s): "
-                             f"start at most one rank per GPU (torchrun --nproc-per-node), or give device=cpu")
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ValueError(f"LOCAL_RANK={local_rank} but this node shows {gpus} CUDA device(s): "
+                             + ("start at most one rank per GPU (torchrun --nproc-per-node), or give device=cpu" if gpus
+                                else "give device=cpu, or run where CUDA sees a GPU"))
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         # One process group for the process's life (end_world ends it): torchrun's store outlives a destroyed group,

@@ -363,6 +363,7 @@ def test_a_copy_without_git_reports_the_commit_it_was_sent_at(tmp_path):
         if sent:
             env["FASTRFT_COMMIT"] = sent
         env["PYTHONPATH"] = str(tmp_path)
+        env["GIT_CEILING_DIRECTORIES"] = str(tmp_path.parent)   # no checkout above tmp_path lends its commit
         out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0, out.stderr

@@ -303,12 +303,14 @@ def test_the_reference_trains_on_every_core_unless_the_thread_count_is_set(monke
     import os
 
     before = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    with demo._training_threads():
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        with demo._training_threads():
+            assert torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        with demo._training_threads():
+            assert torch.get_num_threads() == len(os.sched_getaffinity(0))
         assert torch.get_num_threads() == 1
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    with demo._training_threads():
-        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
-    assert torch.get_num_threads() == 1
-    torch.set_num_threads(before)
+    finally:
+        torch.set_num_threads(before)
