@@ -206,11 +206,10 @@ def split_provider(spec: str) -> tuple[str, tuple[int, ...] | None, tuple[int, .
 
 
 @contextlib.contextmanager
-def provider_settings(spec, hidden):
+def provider_settings(name, logit_tiles, matmul_tiles, hidden):
     """fastrft_1sweep: the Triton backward's scratch budget raised so that it sweeps the logits once at any N (the
-    fp32 hidden gradient of every row in scratch); a spec with tiles: the kernels launched with them. Every other
-    provider runs as it is."""
-    name, logit_tiles, matmul_tiles = split_provider(spec)
+    fp32 hidden gradient of every row in scratch); tiles (split_provider's): the kernels launched with them. Every
+    other provider runs as it is."""
     if name != "fastrft_1sweep" and logit_tiles is None:
         yield
         return
@@ -242,14 +241,14 @@ def make_step(spec, shape, dtype, device, zero_half):
             (f" + {'x'.join(map(str, matmul_tiles))}" if matmul_tiles else "")
 
     def step():
-        with provider_settings(spec, hidden):
+        with provider_settings(name, logit_tiles, matmul_tiles, hidden):
             fn(hidden, weight, targets, adv, sft_w).backward()
         # Freed here, not at the next call's start: a measured call then starts without gradients, and its peak
         # minus the gradients it creates is what the loss itself needs.
         hidden.grad = weight.grad = None
 
     def forward():
-        with provider_settings(spec, hidden), torch.no_grad():
+        with provider_settings(name, logit_tiles, matmul_tiles, hidden), torch.no_grad():
             fn(hidden, weight, targets, adv, sft_w)
 
     return step, forward, note, (hidden.numel() + weight.numel()) * hidden.element_size()
@@ -258,12 +257,12 @@ def make_step(spec, shape, dtype, device, zero_half):
 def tiles_error(spec, shape, dtype, device, zero_half) -> float:
     """The largest relative error (by norm) of the loss and both gradients with the spec's tiles against the shipped
     tiles, on the same inputs: a tile choice must change rounding only."""
-    name = split_provider(spec)[0]
+    name, logit_tiles, matmul_tiles = split_provider(spec)
+    fn, _ = make_provider(name, device)
     results = []
-    for which in (name, spec):
+    for tiles in ((None, None), (logit_tiles, matmul_tiles)):
         hidden, weight, targets, adv, sft_w = make_inputs(shape, dtype, device, zero_half)
-        fn, _ = make_provider(name, device)
-        with provider_settings(which, hidden):
+        with provider_settings(name, *tiles, hidden):
             loss = fn(hidden, weight, targets, adv, sft_w)
             loss.backward()
         results.append([loss.detach().float(), hidden.grad.float(), weight.grad.float()])

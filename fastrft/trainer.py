@@ -528,8 +528,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     holds a run is continued with resume=True or replaced with overwrite=True, never silently reused. Under torchrun
     every rank calls it: a data-parallel run over the job's ranks (the process group stays for the next run;
     fastrft.distributed.end_world ends it)."""
-    world = init_world(cfg.dist_timeout_s, cuda=resolve_device(cfg.device).type == "cuda")
-    return train_run(make_run(cfg, resume=resume, overwrite=overwrite, world=world))
+    return train_run(make_run(cfg, resume=resume, overwrite=overwrite, world=run_world(cfg)))
+
+
+def run_world(cfg: TrainConfig) -> World:
+    """The job's World for a run of cfg: its ranks on NCCL where cfg.device is CUDA, else on gloo (a CPU run on a GPU
+    machine too)."""
+    return init_world(cfg.dist_timeout_s, cuda=resolve_device(cfg.device).type == "cuda")
 
 
 def train_run(run: Run) -> dict:

@@ -20,7 +20,7 @@ import torch
 from fastrft.config import load_config
 from fastrft.rollout import Samples, generate
 from fastrft.distributed import full_value, init_world
-from fastrft.trainer import make_run, resolve_device, train_run
+from fastrft.trainer import make_run, run_world, train_run
 
 
 def per_prompt_generate(model, tokenizer, prompt_ids, **kwargs):
@@ -59,7 +59,7 @@ def run_training(mode: str, run_dir: str, overrides: list[str]) -> None:
         cfg = load_config(os.path.join(run_dir, "config.yaml"), overrides, output_dir=run_dir)
     else:
         cfg = load_config(None, overrides, output_dir=run_dir)
-    world = init_world(cfg.dist_timeout_s, cuda=resolve_device(cfg.device).type == "cuda")   # device=cpu: gloo
+    world = run_world(cfg)   # device=cpu: gloo, also on a GPU machine
     run = make_run(cfg, resume=mode == "resume", world=world)
     run.generate = per_prompt_generate
     if os.environ.get("FASTRFT_TEST_FAULT"):
