@@ -6,6 +6,7 @@ left-padded for generate(); on CUDA the static cache lets transformers compile t
 from __future__ import annotations
 
 import bisect
+import copy
 import functools
 import inspect
 from contextlib import contextmanager
@@ -144,10 +145,12 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
          refiner's templates of one prompt's samples), each common beginning is read once, in a pass before it,
          and its cache copied to its rows (_shared_prefixes says when that pays).
       2. Then each pass feeds every unfinished row's last token and a block of proposed draft tokens, verified the
-         same way, from the KV cache of what is verified. While a row's draft is accepted, its block doubles (up to
-         `lookahead`). After a change, the row re-aligns with its draft: where the last `ngram` (down to 1) written
-         tokens occur in the draft, the draft's continuation from there is proposed (prompt-lookup decoding), 2
-         tokens at first, cut back on a rejection (_DraftRow says how far).
+         same way, from the KV cache of what is verified. While a row's draft is accepted, the block it asks for
+         doubles (up to `lookahead`). After a change, the row re-aligns with its draft: where the last `ngram`
+         (down to 1) written tokens occur in the draft, the draft's continuation from there is proposed
+         (prompt-lookup decoding), 2 tokens asked for at first, cut back on a rejection (_DraftRow says how far).
+         The pass's block is as long as the rows trusting their drafts most ask; every row fills it with its
+         draft (_next_blocks).
     A row whose draft holds (its EOS included) finishes in about log2(len(draft) / first_block) + 1 passes, a row
     whose draft is useless decodes one token a pass, as generate() does. Rejected tokens stay in the cache, masked
     out of attention, so that every row of the batch keeps one cache length (transformers' dynamic cache, any causal
@@ -189,12 +192,12 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
 
 class _DraftRow:
     """One row's decoding state: what it has written, where its draft is aligned, what its cache holds, and how many
-    draft tokens it proposes next: doubling while they are accepted; when not, cut back to what was accepted, or
-    only halved where the row's drafts have held for long runs between changes (a few edits in a long answer: the
-    next change is as far away), at least 2 after the first block. In step with its draft (its last token the
-    draft's), it proposes the draft's continuation; else it re-aligns, on evidence that grows as its trust (the
-    proposal's size) falls: a 1-gram match from 4 tokens on, a 2-gram below, a full n-gram at 0, and then it
-    proposes only into a block that other rows already make longer, or on a probe pass."""
+    draft tokens it asks the next block for (its trust, `size`): doubling while they are accepted; when not, cut
+    back to what was accepted, or only halved where the row's drafts have held for long runs between changes (a few
+    edits in a long answer: the next change is as far away), at least 2 after the first block. In step with its
+    draft (its last token the draft's), it proposes the draft's continuation; else it re-aligns, on evidence that
+    grows as its trust falls: a 1-gram match from 4 tokens on, a 2-gram below, a full n-gram at 0, and then it asks
+    for nothing, proposing only into a block that other rows make longer, or on a probe pass."""
 
     def __init__(self, draft: list[int], ngram: int, size: int):
         self.draft = draft
@@ -260,50 +263,58 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
                   share_prefixes: bool = True, probe_every: int = 16) -> list[list[int]]:
     device = next(model.parameters()).device
     backbone, head = model.get_decoder(), model.get_output_embeddings()
-    cache = _new_cache(model)
-    # 1. prompt + the draft's first block, left-padded: every row's block positions end at the last column. Where
-    # prompts begin alike, their common beginnings go first, once each, in a pass of their own.
+    # 1. prompt + the draft's first block, left-padded: every row's block positions end at the last column, rows of
+    # like lengths in a pass of their own (_length_buckets). Where prompts begin alike, their common beginnings go
+    # first, once each, in a pass of their own.
     blocks = [d[:first_block] for d in drafts]
     shared = _shared_prefixes(prompts) if share_prefixes else None
     if shared is None:
         read = [0] * len(prompts)
-        mask = torch.zeros((len(prompts), 0), dtype=torch.long)
     else:
         cluster_of, prefixes = shared
+        prefix_cache = _new_cache(model)
         input_ids, prefix_mask = left_padded(prefixes, pad_id)
-        _forward(backbone, cache, input_ids, prefix_mask, (prefix_mask.cumsum(1) - 1).clamp(min=0), device)
+        _forward(backbone, prefix_cache, input_ids, prefix_mask, (prefix_mask.cumsum(1) - 1).clamp(min=0), device)
         stats.passes += 1
         stats.prefix_passes += 1
-        _select_cache(cache, torch.tensor(cluster_of))   # each row its cluster's copy
-        mask = prefix_mask[cluster_of]
         read = [len(prefixes[c]) for c in cluster_of]
-    input_ids, rest_mask = left_padded([p[n:] + b for p, n, b in zip(prompts, read, blocks)], pad_id)
-    positions = torch.tensor(read)[:, None] + (rest_mask.cumsum(1) - 1).clamp(min=0)
-    mask = torch.cat([mask, rest_mask], dim=1)
-    hidden = _forward(backbone, cache, input_ids, mask, positions, device)
-    stats.passes += 1
-    # The predictions after the prompt's last token and after each block token.
-    width = hidden.shape[1]
-    predicted = _greedy_tokens(head, hidden, [(r, c) for r, b in enumerate(blocks)
-                                              for c in range(width - len(b) - 1, width)])
-    rows, k = [], 0
-    for r, (p, d, b) in enumerate(zip(prompts, drafts, blocks)):
-        g = predicted[k:k + len(b) + 1]
-        k += len(b) + 1
-        accepted = next((j for j, (x, y) in enumerate(zip(g, b)) if x != y), len(b))
-        row = _DraftRow(d, ngram, len(b))
-        row.valid = len(p) + accepted
-        row.write(b[:accepted] + [g[accepted]], eos_id, max_new_tokens)
-        row.verified(len(b), accepted, lookahead)
-        if accepted < len(b):
-            row.size = max(2, row.size)   # a first change, perhaps a local one: re-align and try the draft again
-        stats.offered += len(b)
-        stats.accepted += accepted
-        mask[r, mask.shape[1] - len(b) + accepted:] = 0          # the rejected block tokens
-        rows.append(row)
+    rests = [p[n:] + b for p, n, b in zip(prompts, read, blocks)]
+    rows: list[_DraftRow] = [None] * len(prompts)
+    parts = []   # each bucket's (cache, mask, rows)
+    for bucket in _length_buckets([len(rest) for rest in rests]):
+        if shared is None:
+            cache, mask = _new_cache(model), torch.zeros((len(bucket), 0), dtype=torch.long)
+        else:   # each row its cluster's copy
+            clusters = torch.tensor([cluster_of[r] for r in bucket])
+            cache, mask = _cache_rows(prefix_cache, clusters), prefix_mask[clusters]
+        input_ids, rest_mask = left_padded([rests[r] for r in bucket], pad_id)
+        positions = torch.tensor([read[r] for r in bucket])[:, None] + (rest_mask.cumsum(1) - 1).clamp(min=0)
+        mask = torch.cat([mask, rest_mask], dim=1)
+        hidden = _forward(backbone, cache, input_ids, mask, positions, device)
+        stats.passes += 1
+        # The predictions after the prompt's last token and after each block token.
+        width = hidden.shape[1]
+        predicted = _greedy_tokens(head, hidden, [(a, c) for a, r in enumerate(bucket)
+                                                  for c in range(width - len(blocks[r]) - 1, width)])
+        k = 0
+        for a, r in enumerate(bucket):
+            b = blocks[r]
+            g = predicted[k:k + len(b) + 1]
+            k += len(b) + 1
+            accepted = next((j for j, (x, y) in enumerate(zip(g, b)) if x != y), len(b))
+            row = rows[r] = _DraftRow(drafts[r], ngram, len(b))
+            row.valid = len(prompts[r]) + accepted
+            row.write(b[:accepted] + [g[accepted]], eos_id, max_new_tokens)
+            row.verified(len(b), accepted, lookahead)
+            if accepted < len(b):
+                row.size = max(2, row.size)   # a first change, perhaps a local one: re-align and try the draft again
+            stats.offered += len(b)
+            stats.accepted += accepted
+            mask[a, mask.shape[1] - len(b) + accepted:] = 0          # the rejected block tokens
+        parts.append((cache, mask, bucket))
+    cache, mask, active = parts[0] if len(parts) == 1 else _merged(parts, rows)
     # 2. The rows that did not finish, from their verified prefix on. `active` maps cache rows to rows; finished
     # rows feed masked padding until the next compaction drops them with the masked slots.
-    active = list(range(len(rows)))
     probe_gap = next_probe = probe_every
     while not all(rows[r].done for r in active):
         if _worth_compacting(mask, [rows[r].done for r in active]):
@@ -344,18 +355,18 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
 
 
 def _next_blocks(rows: list[_DraftRow], max_new_tokens: int, probe: bool) -> list[list[int]]:
-    """Each row's last token and its proposal; [] for finished rows. The block is as long as the proposals of at
-    least a quarter of the rows (one row's long proposal must not multiply every row's compute); rows trusting
-    their drafts less fill what is left of it, or probe (a 2-token proposal on a probe pass: every probe_every
-    passes, the gap doubling while probes win no row back)."""
-    proposals = [row.proposal(min(row.size, max_new_tokens - len(row.out) - 1))
-                 if row.size and not row.done else None for row in rows]
-    lengths = sorted((len(p) for p in proposals if p is not None), reverse=True)
+    """Each row's last token and its proposal; [] for finished rows. The block is as long as the proposals its rows'
+    trust asks for (their sizes), those of at least a quarter of them (one row's long proposal must not multiply
+    every row's compute), or a probe's 3 (every probe_every passes, the gap doubling while probes win no row back).
+    Every row fills the block with as much of its draft as it can: the padding would cost the pass as much."""
+    room = [max_new_tokens - len(row.out) - 1 for row in rows]
+    proposals = [row.proposal(left) if row.size and not row.done else None for row, left in zip(rows, room)]
+    lengths = sorted((min(len(p), row.size) for row, p in zip(rows, proposals) if p is not None), reverse=True)
     quarter = (len(rows) - 1) // 4
     size = max(1 + (lengths[quarter] if len(lengths) > quarter else 0), 3 if probe else 1)
     blocks = []
-    for row, proposal in zip(rows, proposals):
-        limit = min(size - 1, max_new_tokens - len(row.out) - 1)
+    for row, proposal, left in zip(rows, proposals, room):
+        limit = min(size - 1, left)
         if row.done:
             blocks.append([])
         elif proposal is not None:
@@ -382,6 +393,54 @@ def _compact(cache, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     order = torch.argsort(torch.where(valid, columns, columns + mask.shape[1]), dim=1)[:, :width]
     _select_cache(cache, rows, order)
     return valid.gather(1, order).long()
+
+
+def _length_buckets(lengths: list[int], min_saving: float = 0.25, min_tokens: int = 1024) -> list[list[int]]:
+    """The rows (indices of lengths) in groups of like length, each read in a left-padded pass of its own: sorted by
+    length, a group is cut in two where that saves the most padding, if it saves at least min_saving of the group's
+    padded tokens (rows x its longest row) and min_tokens, and its parts likewise. Padding costs a pass as much as
+    real tokens where passes are compute-bound (a CPU, a long prefill); a cut costs one more pass, whose fixed cost
+    (its kernel launches, its Python) small savings do not repay, and merging the caches."""
+    buckets, groups = [], [sorted(range(len(lengths)), key=lengths.__getitem__)] if lengths else []
+    while groups:
+        group = groups.pop()
+        longest = lengths[group[-1]]
+        # Cut before group[i]: the first i rows padded to the longest of them instead of the group's longest.
+        saving, cut = max(((i * (longest - lengths[group[i - 1]]), i) for i in range(1, len(group))), default=(0, 0))
+        if saving >= max(1, min_tokens, min_saving * len(group) * longest):
+            groups += [group[cut:], group[:cut]]
+        else:
+            buckets.append(group)
+    return buckets
+
+
+def _merged(parts: list[tuple], rows: list[_DraftRow]) -> tuple:
+    """The buckets' (cache, mask, rows) as one holding only their unfinished rows, each row's unmasked slots gathered
+    to its front (_compact) and shorter caches padded with masked slots; (None, None, []) where every row finished."""
+    kept = []
+    for cache, mask, bucket in parts:
+        keep = [a for a, r in enumerate(bucket) if not rows[r].done]
+        if keep:
+            kept.append((cache, _compact(cache, mask, torch.tensor(keep)), [bucket[a] for a in keep]))
+    if not kept:
+        return None, None, []
+    width = max(mask.shape[1] for _, mask, _ in kept)
+    pad = torch.nn.functional.pad
+    merged = kept[0][0]
+    for i, layer in enumerate(merged.layers):
+        for name in ("keys", "values"):
+            setattr(layer, name, torch.cat([pad(getattr(cache.layers[i], name), (0, 0, 0, width - mask.shape[1]))
+                                            for cache, mask, _ in kept]))
+    return (merged, torch.cat([pad(mask, (0, width - mask.shape[1])) for _, mask, _ in kept]),
+            [r for _, _, bucket in kept for r in bucket])
+
+
+def _cache_rows(cache, rows: torch.Tensor):
+    """A new cache holding cache's `rows` (a row may come several times), cache left as it is."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    _select_cache(out, rows)
+    return out
 
 
 def _select_cache(cache, rows: torch.Tensor, columns: torch.Tensor | None = None) -> None:

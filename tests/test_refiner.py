@@ -1,6 +1,8 @@
 """The draft-verified refiner (fastrft.rollout.greedy_from_drafts, refine(draft=True)) against the plain greedy path
 (generate(greedy=True), refine(draft=False)), which is its reference: the same tokens, on real samples of the demo's
 reference model and on constructed drafts, over architectures, batch layouts and budgets."""
+import functools
+
 import pytest
 import torch
 
@@ -160,9 +162,12 @@ def test_eos_inside_the_draft_and_drafts_of_other_tokens(reference):
     assert_same(plain, drafted)
 
 
-def test_unchanged_responses_cost_one_forward_pass(reference):
-    """Where the refiner copies the response (a correct answer), the drafts are accepted whole: one pass (and one
-    before it over the templates' common beginning, "fix sort ", read once for every row)."""
+def test_unchanged_responses_cost_one_forward_pass(reference, monkeypatch):
+    """Where the refiner copies the response (a correct answer), the drafts are accepted whole: each row is read in
+    one pass (rows of like lengths together, _length_buckets), after one over the templates' common beginning,
+    "fix sort ", read once for every row."""
+    import fastrft.rollout as rollout_module
+
     model, tokenizer = reference
     eos = tokenizer.eos_token_id
     rows = demo_task().eval_rows[:32]
@@ -172,9 +177,17 @@ def test_unchanged_responses_cost_one_forward_pass(reference):
               if text == rows[i]["answer"]]
     assert len(copied) >= 8, "the reference should copy most correct answers"
     drafts = [tokenizer(rows[i]["answer"], add_special_tokens=False)["input_ids"] + [eos] for i in copied]
+    fed = []
+    forward = rollout_module._forward
+
+    def counting_forward(backbone, cache, input_ids, *args):
+        fed.append(input_ids.shape[0])
+        return forward(backbone, cache, input_ids, *args)
+
+    monkeypatch.setattr(rollout_module, "_forward", counting_forward)
     plain, drafted, stats = both_paths(model, tokenizer, [prompt_ids[i] for i in copied], drafts, 10)
     assert_same(plain, drafted)
-    assert stats.passes - stats.prefix_passes == 1 and stats.prefix_passes == 1
+    assert stats.prefix_passes == 1 and sum(fed[1:]) == len(copied) and stats.passes == len(fed)
     assert stats.accepted == stats.offered == sum(map(len, drafts))
 
 
@@ -300,6 +313,58 @@ def test_shared_prefixes_of_a_batch():
     assert sum(len(prefixes[c]) for c in cluster_of) - sum(map(len, prefixes)) > 0.25 * sum(map(len, nested))
 
 
+@pytest.mark.parametrize("kind", ["qwen2-gqa", "gpt2-absolute-positions"])
+@pytest.mark.parametrize("share_prefixes", [True, False])
+def test_rows_of_unlike_lengths_read_in_buckets(kind, share_prefixes, monkeypatch):
+    """Prompts of 25 to 87 tokens: the first pass reads them in buckets of like lengths (each row in one of them),
+    the rows that go on are merged into one cache, and the completions are the plain greedy ones; drafts that hold
+    whole (a bucket of them done in its first pass) beside edited ones, with common beginnings read apart or not."""
+    import fastrft.rollout as rollout_module
+
+    model, tokenizer = tiny_causal_lm(kind), IdTokenizer()
+    gen = torch.Generator().manual_seed(3)
+    beginning = [1] + torch.randint(3, 48, (23,), generator=gen).tolist()
+    prompt_ids = [beginning + torch.randint(3, 48, (n,), generator=gen).tolist()
+                  for n in [1, 2, 3, 4, 20, 21, 22, 23, 60, 61, 62, 63]]
+    truth = generate(model, tokenizer, prompt_ids, max_new_tokens=12, greedy=True).completion_ids
+    rates = [0.0, 0.0, 0.0, 0.0, 0.3, 0.5, 1.0, 0.0, 0.1, 0.0, 0.3, 0.0]
+    drafts = [edited(ids, gen, rate) for ids, rate in zip(truth, rates)]
+    fed = []
+    forward = rollout_module._forward
+
+    def counting_forward(backbone, cache, input_ids, *args):
+        fed.append(input_ids.shape[0])
+        return forward(backbone, cache, input_ids, *args)
+
+    monkeypatch.setattr(rollout_module, "_forward", counting_forward)
+    # A batch this small saves fewer tokens than a pass costs: the cut's minimum lowered.
+    monkeypatch.setattr(rollout_module, "_length_buckets",
+                        functools.partial(rollout_module._length_buckets, min_tokens=0))
+    plain = generate(model, tokenizer, prompt_ids, max_new_tokens=12, greedy=True)
+    drafted, stats = greedy_from_drafts(model, tokenizer, prompt_ids, drafts, max_new_tokens=12,
+                                        share_prefixes=share_prefixes)
+    assert_same(plain, drafted)
+    assert stats.prefix_passes == int(share_prefixes)
+    read = torch.tensor(fed[stats.prefix_passes:]).cumsum(0).tolist()
+    buckets = read.index(len(prompt_ids)) + 1   # each row in one of the first passes
+    assert buckets == (3 if share_prefixes else 2)
+
+
+def test_length_buckets():
+    """Rows cut into groups of like lengths where a cut saves a quarter of a group's padded tokens and 1024 tokens
+    (_length_buckets)."""
+    from fastrft.rollout import _length_buckets
+
+    lengths = [5, 40, 6, 41, 5, 80, 7]
+    assert sorted(map(sorted, _length_buckets(lengths, min_tokens=0))) == [[0, 2, 4, 6], [1, 3], [5]]
+    assert _length_buckets(lengths, min_saving=0.9, min_tokens=0) == [[0, 4, 2, 6, 1, 3, 5]]   # sorted by length
+    assert _length_buckets(lengths) == [[0, 4, 2, 6, 1, 3, 5]]                  # saves less than min_tokens
+    assert sorted(map(sorted, _length_buckets([lengths[i % 7] for i in range(700)]))) == \
+        [[i for i in range(700) if i % 7 in group] for group in ((0, 2, 4, 6), (1, 3), (5,))]
+    assert _length_buckets([10, 12, 11, 9], min_tokens=0) == [[3, 0, 2, 1]]   # too alike to cut
+    assert _length_buckets([7]) == [[0]] and _length_buckets([]) == []
+
+
 def test_an_empty_prompt_is_refused(reference):
     model, tokenizer = reference
     with pytest.raises(ValueError, match="prompt 1 is empty"):
@@ -364,3 +429,27 @@ def test_a_draft_row_keeps_long_proposals_where_its_draft_holds():
     choppy.write([draft[0], 7], eos_id=-1, max_new_tokens=1000)
     choppy.verified(4, 1, lookahead=512)
     assert choppy.size == 1                                     # runs of 1: cut to what was accepted
+
+
+def test_rows_fill_the_block_with_their_drafts():
+    """_next_blocks: the block is as long as the quarter of rows trusting their drafts most ask; every row fills it
+    with as much of its draft as it holds (the padding would cost the pass as much), within max_new_tokens; a
+    finished row feeds nothing."""
+    from fastrft.rollout import _DraftRow, _next_blocks
+
+    draft = list(range(100, 140))
+    rows = []
+    for size, written in ((8, 1), (8, 1), (2, 1), (2, 36), (0, 1), (8, 1)):
+        row = _DraftRow(draft, ngram=3, size=size)
+        row.write(draft[:written], eos_id=-1, max_new_tokens=1000)
+        row.pointer = written
+        rows.append(row)
+    rows[5].done = True
+    blocks = _next_blocks(rows, max_new_tokens=1000, probe=False)
+    assert blocks[0] == blocks[1] == draft[:9]    # the last token and 8 more: two of six rows ask for 8
+    assert blocks[2] == draft[:9]                 # asks for 2, fills the block
+    assert blocks[3] == draft[35:]                # all its draft holds
+    assert blocks[4] == draft[:9]                 # distrusting, in step with its draft
+    assert blocks[5] == []
+    # 1 token written, so 5 more at most, the last of them the pass's prediction after the block's: 4 proposed.
+    assert _next_blocks(rows[:3], max_new_tokens=6, probe=False)[2] == draft[:5]
