@@ -149,8 +149,8 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
          doubles (up to `lookahead`). After a change, the row re-aligns with its draft: where the last `ngram`
          (down to 1) written tokens occur in the draft, the draft's continuation from there is proposed
          (prompt-lookup decoding), 2 tokens asked for at first, cut back on a rejection (_DraftRow says how far).
-         The pass's block is as long as the rows trusting their drafts most ask; every row fills it with its
-         draft (_next_blocks).
+         The pass's block is as long as the rows trusting their drafts most ask; the others fill it with their
+         drafts where that pays (_next_blocks, _fills_blocks).
     A row whose draft holds (its EOS included) finishes in about log2(len(draft) / first_block) + 1 passes, a row
     whose draft is useless decodes one token a pass, as generate() does. Rejected tokens stay in the cache, masked
     out of attention, so that every row of the batch keeps one cache length (transformers' dynamic cache, any causal
@@ -263,6 +263,7 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
                   share_prefixes: bool = True, probe_every: int = 16) -> list[list[int]]:
     device = next(model.parameters()).device
     backbone, head = model.get_decoder(), model.get_output_embeddings()
+    fill = _fills_blocks(model)
     # 1. prompt + the draft's first block, left-padded: every row's block positions end at the last column, rows of
     # like lengths in a pass of their own (_length_buckets). Where prompts begin alike, their common beginnings go
     # first, once each, in a pass of their own.
@@ -323,7 +324,7 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
             active = [active[a] for a in keep]
         probe = stats.passes >= next_probe
         distrusting = [r for r in active if not rows[r].done and rows[r].size == 0] if probe else []
-        blocks = _next_blocks([rows[r] for r in active], max_new_tokens, probe=probe)
+        blocks = _next_blocks([rows[r] for r in active], max_new_tokens, probe=probe, fill=fill)
         size = max(len(b) for b in blocks)
         lengths = torch.tensor([len(b) for b in blocks])
         filled = torch.arange(size)[None] < lengths[:, None]
@@ -354,11 +355,12 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
     return [row.out for row in rows]
 
 
-def _next_blocks(rows: list[_DraftRow], max_new_tokens: int, probe: bool) -> list[list[int]]:
+def _next_blocks(rows: list[_DraftRow], max_new_tokens: int, probe: bool, fill: bool = True) -> list[list[int]]:
     """Each row's last token and its proposal; [] for finished rows. The block is as long as the proposals its rows'
     trust asks for (their sizes), those of at least a quarter of them (one row's long proposal must not multiply
     every row's compute), or a probe's 3 (every probe_every passes, the gap doubling while probes win no row back).
-    Every row fills the block with as much of its draft as it can: the padding would cost the pass as much."""
+    A row that asks for nothing fills the block with as much of its draft as it can, and so does every row where
+    `fill` (_fills_blocks): the padding would cost the pass's layers as much."""
     room = [max_new_tokens - len(row.out) - 1 for row in rows]
     proposals = [row.proposal(left) if row.size and not row.done else None for row, left in zip(rows, room)]
     lengths = sorted((min(len(p), row.size) for row, p in zip(rows, proposals) if p is not None), reverse=True)
@@ -370,10 +372,20 @@ def _next_blocks(rows: list[_DraftRow], max_new_tokens: int, probe: bool) -> lis
         if row.done:
             blocks.append([])
         elif proposal is not None:
-            blocks.append([row.out[-1]] + proposal[:limit])
+            blocks.append([row.out[-1]] + proposal[:limit if fill else min(limit, row.size)])
         else:
             blocks.append([row.out[-1]] + row.proposal(limit))
     return blocks
+
+
+def _fills_blocks(model) -> bool:
+    """Whether rows fill the verification blocks with their drafts beyond what they ask for: where the LM head costs a
+    position less than the layers do. A padded position costs the layers, a filled one the head too (its prediction
+    is read), so a filled token pays for itself if it is accepted at least half the time; a small model's large
+    vocabulary (a few layers of Qwen2.5-0.5B's width: the head is 2.3x the layers) would not be paid for."""
+    head = model.get_output_embeddings().weight.numel()
+    layers = sum(p.numel() for p in model.get_decoder().parameters()) - model.get_input_embeddings().weight.numel()
+    return head <= layers
 
 
 def _worth_compacting(mask: torch.Tensor, done: list[bool], share: float = 0.25) -> bool:

@@ -433,8 +433,8 @@ def test_a_draft_row_keeps_long_proposals_where_its_draft_holds():
 
 def test_rows_fill_the_block_with_their_drafts():
     """_next_blocks: the block is as long as the quarter of rows trusting their drafts most ask; every row fills it
-    with as much of its draft as it holds (the padding would cost the pass as much), within max_new_tokens; a
-    finished row feeds nothing."""
+    with as much of its draft as it holds (the padding would cost the pass's layers as much), within
+    max_new_tokens, or with fill=False only a row that asks for nothing does; a finished row feeds nothing."""
     from fastrft.rollout import _DraftRow, _next_blocks
 
     draft = list(range(100, 140))
@@ -451,5 +451,21 @@ def test_rows_fill_the_block_with_their_drafts():
     assert blocks[3] == draft[35:]                # all its draft holds
     assert blocks[4] == draft[:9]                 # distrusting, in step with its draft
     assert blocks[5] == []
+    unfilled = _next_blocks(rows, max_new_tokens=1000, probe=False, fill=False)
+    assert unfilled[:2] == blocks[:2] and unfilled[4:] == blocks[4:]
+    assert unfilled[2] == draft[:3] and unfilled[3] == draft[35:38]   # what they ask for: 2 tokens
     # 1 token written, so 5 more at most, the last of them the pass's prediction after the block's: 4 proposed.
     assert _next_blocks(rows[:3], max_new_tokens=6, probe=False)[2] == draft[:5]
+
+
+def test_blocks_are_filled_where_the_head_costs_less_than_the_layers(reference):
+    """_fills_blocks: the demo's reference (a 24-token vocabulary) fills; a model whose head outweighs its layers
+    (Qwen2.5-0.5B's vocabulary on two small layers) does not."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from fastrft.rollout import _fills_blocks
+
+    assert _fills_blocks(reference[0])
+    config = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    assert not _fills_blocks(AutoModelForCausalLM.from_config(config))
