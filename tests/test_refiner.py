@@ -33,6 +33,20 @@ def assert_same(plain, drafted):
     assert drafted.truncated == plain.truncated and drafted.texts == plain.texts
 
 
+def counted_forwards(monkeypatch) -> list:
+    """The [rows, tokens] shape of every forward pass the draft path makes from here on, filled as it makes them."""
+    import fastrft.rollout as rollout_module
+
+    fed, forward = [], rollout_module._forward
+
+    def counting_forward(backbone, cache, input_ids, *args):
+        fed.append(tuple(input_ids.shape))
+        return forward(backbone, cache, input_ids, *args)
+
+    monkeypatch.setattr(rollout_module, "_forward", counting_forward)
+    return fed
+
+
 def test_real_samples_of_training_refine_to_the_plain_greedy_tokens(reference):
     """1024 samples of the reference itself on training prompts, as the first RL step draws them (temperature 1.0
     and a hotter 1.5 for more errors), over 500 of them distinct, refined both ways: every refinement identical, and
@@ -166,8 +180,6 @@ def test_unchanged_responses_cost_one_forward_pass(reference, monkeypatch):
     """Where the refiner copies the response (a correct answer), the drafts are accepted whole: each row is read in
     one pass (rows of like lengths together, _length_buckets), after one over the templates' common beginning,
     "fix sort ", read once for every row."""
-    import fastrft.rollout as rollout_module
-
     model, tokenizer = reference
     eos = tokenizer.eos_token_id
     rows = demo_task().eval_rows[:32]
@@ -177,17 +189,10 @@ def test_unchanged_responses_cost_one_forward_pass(reference, monkeypatch):
               if text == rows[i]["answer"]]
     assert len(copied) >= 8, "the reference should copy most correct answers"
     drafts = [tokenizer(rows[i]["answer"], add_special_tokens=False)["input_ids"] + [eos] for i in copied]
-    fed = []
-    forward = rollout_module._forward
-
-    def counting_forward(backbone, cache, input_ids, *args):
-        fed.append(input_ids.shape[0])
-        return forward(backbone, cache, input_ids, *args)
-
-    monkeypatch.setattr(rollout_module, "_forward", counting_forward)
+    fed = counted_forwards(monkeypatch)
     plain, drafted, stats = both_paths(model, tokenizer, [prompt_ids[i] for i in copied], drafts, 10)
     assert_same(plain, drafted)
-    assert stats.prefix_passes == 1 and sum(fed[1:]) == len(copied) and stats.passes == len(fed)
+    assert stats.prefix_passes == 1 and sum(n for n, _ in fed[1:]) == len(copied) and stats.passes == len(fed)
     assert stats.accepted == stats.offered == sum(map(len, drafts))
 
 
@@ -258,8 +263,6 @@ def test_prompts_that_begin_alike_share_their_first_pass(kind, monkeypatch):
     """Groups of prompts with a common beginning (a GRPO group's refinement templates), identical prompts with
     different drafts, a prompt that is another's beginning, one-token prompts and prompts alone, in one batch: the
     beginnings are read once, in a pass of their own, and the completions are the plain greedy ones."""
-    import fastrft.rollout as rollout_module
-
     model, tokenizer = tiny_causal_lm(kind), IdTokenizer()
     gen = torch.Generator().manual_seed(2)
 
@@ -272,14 +275,7 @@ def test_prompts_that_begin_alike_share_their_first_pass(kind, monkeypatch):
     prompt_ids += [[1], [1] + tokens(11), [1] + tokens(2)]
     truth = generate(model, tokenizer, prompt_ids, max_new_tokens=12, greedy=True).completion_ids
     drafts = [edited(ids, gen, rate) for ids, rate in zip(truth, [0.0, 0.1, 0.5] * 5)]
-    fed = []
-    forward = rollout_module._forward
-
-    def counting_forward(backbone, cache, input_ids, *args):
-        fed.append(input_ids.shape)
-        return forward(backbone, cache, input_ids, *args)
-
-    monkeypatch.setattr(rollout_module, "_forward", counting_forward)
+    fed = counted_forwards(monkeypatch)
     plain, drafted, stats = both_paths(model, tokenizer, prompt_ids, drafts, 12)
     assert_same(plain, drafted)
     assert stats.prefix_passes == 1
@@ -329,14 +325,7 @@ def test_rows_of_unlike_lengths_read_in_buckets(kind, share_prefixes, monkeypatc
     truth = generate(model, tokenizer, prompt_ids, max_new_tokens=12, greedy=True).completion_ids
     rates = [0.0, 0.0, 0.0, 0.0, 0.3, 0.5, 1.0, 0.0, 0.1, 0.0, 0.3, 0.0]
     drafts = [edited(ids, gen, rate) for ids, rate in zip(truth, rates)]
-    fed = []
-    forward = rollout_module._forward
-
-    def counting_forward(backbone, cache, input_ids, *args):
-        fed.append(input_ids.shape[0])
-        return forward(backbone, cache, input_ids, *args)
-
-    monkeypatch.setattr(rollout_module, "_forward", counting_forward)
+    fed = counted_forwards(monkeypatch)
     # A batch this small saves fewer tokens than a pass costs: the cut's minimum lowered.
     monkeypatch.setattr(rollout_module, "_length_buckets",
                         functools.partial(rollout_module._length_buckets, min_tokens=0))
@@ -345,7 +334,7 @@ def test_rows_of_unlike_lengths_read_in_buckets(kind, share_prefixes, monkeypatc
                                         share_prefixes=share_prefixes)
     assert_same(plain, drafted)
     assert stats.prefix_passes == int(share_prefixes)
-    read = torch.tensor(fed[stats.prefix_passes:]).cumsum(0).tolist()
+    read = torch.tensor([n for n, _ in fed[stats.prefix_passes:]]).cumsum(0).tolist()
     buckets = read.index(len(prompt_ids)) + 1   # each row in one of the first passes
     assert buckets == (3 if share_prefixes else 2)
 
