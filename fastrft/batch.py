@@ -38,8 +38,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from fastrft.distributed import SINGLE, World, gradient_sync
-from fastrft.loss import (IGNORE_INDEX, beyond_causal, fused_rft_loss, kl_estimate, model_logit_transform,
-                          token_logprobs)
+from fastrft.loss import (IGNORE_INDEX, FusedRFTOutput, beyond_causal, fused_rft_loss, kl_estimate,
+                          model_logit_transform, token_logprobs)
 from fastrft.rollout import eval_mode, first_occurrences
 
 PACKING = ("auto", "true", "false")
@@ -533,6 +533,17 @@ def sequence_logprobs(model, rows: list[Row], device: torch.device, *, path: Att
     return [out[first] if first == i else out[first].clone() for i, first in enumerate(source)]
 
 
+class _FusedHeadLoss(torch.nn.Module):
+    """fused_rft_loss over the LM head, as a module of its own that holds no weights. DeepSpeed ZeRO-3 gathers a
+    module's weights around its forward and again for its backward, which it finds through the tensors the forward
+    returns: the head's weight, read here, becomes this module's (ZeRO-3 registers it as an external parameter), and
+    the loss comes out as a tuple of tensors, which ZeRO-3 can hook (it cannot look into a FusedRFTOutput)."""
+
+    def forward(self, hidden, head, targets, transform: dict, loss_options: dict):
+        out = fused_rft_loss(hidden, head.weight, targets, bias=head.bias, **transform, **loss_options)
+        return out.loss, out.logprobs, out.entropy, out.metrics
+
+
 class CausalLMWithFusedLoss(torch.nn.Module):
     """A causal LM whose forward is fastrft's fused loss: the model body to its final hidden states, then
     fused_rft_loss over its LM head under its logit transform; logits are never materialised.
@@ -545,12 +556,15 @@ class CausalLMWithFusedLoss(torch.nn.Module):
     fused_rft_loss's. The head is read inside this module's forward, which is what wrappers that gather a module's
     weights for its forward need: under FSDP2, shard each decoder layer, then this module as the root
     (fully_shard(loss_module)), and FSDP2 gathers the head (tied to the embeddings or not) for the loss and
-    reduce-scatters its gradient; DDP(loss_module) works alike. router_weight > 0 adds that multiple of an MoE model's
-    router load-balancing loss (metrics["router_loss"]: the unweighted loss)."""
+    reduce-scatters its gradient; DDP(loss_module) works alike, and so does a DeepSpeed ZeRO-3 engine over it
+    (deepspeed.initialize(model=loss_module, ...)), which gathers the head for the loss and for its backward.
+    router_weight > 0 adds that multiple of an MoE model's router load-balancing loss (metrics["router_loss"]: the
+    unweighted loss)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.head_loss = _FusedHeadLoss()
 
     def forward(self, input_ids, targets, *, position_ids=None, attention_mask=None, router_weight: float = 0.0,
                 **loss_options):
@@ -561,9 +575,9 @@ class CausalLMWithFusedLoss(torch.nn.Module):
             hidden, router_loss = own_forward_hidden(model, **inputs, output_router_logits=True)
         else:
             hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
-        head = lm_head(model)
-        out = fused_rft_loss(hidden, head.weight, targets, bias=head.bias, **model_logit_transform(model),
-                             **loss_options)
+        loss, logprobs, entropy, metrics = self.head_loss(hidden, lm_head(model), targets,
+                                                          model_logit_transform(model), loss_options)
+        out = FusedRFTOutput(loss=loss, logprobs=logprobs, entropy=entropy, metrics=metrics)
         if router_weight > 0:
             out.loss = out.loss + router_weight * router_loss
             out.metrics["router_loss"] = float(router_loss.detach())

@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 2 tests/dist_worker.py train RUN_DIR key=value ...
     torchrun --nproc-per-node 2 tests/dist_worker.py resume RUN_DIR key=value ...
-    torchrun --nproc-per-node 2 tests/dist_worker.py loss OUT.pt              FSDP2 over CausalLMWithFusedLoss
+    torchrun --nproc-per-node 2 tests/dist_worker.py loss OUT.pt [fsdp2|zero3]   CausalLMWithFusedLoss sharded
 
 A real `fastrft train` except for the rollout sampler, which samples each prompt from a seed of its own (its token
 ids), so that a prompt's samples do not depend on which rank draws it or what else is in its batch: a 2-rank run then
@@ -70,9 +70,14 @@ def run_training(mode: str, run_dir: str, overrides: list[str]) -> None:
         torch.distributed.destroy_process_group()
 
 
-def fused_loss_gradients(out_path: str) -> None:
-    """The gradients of CausalLMWithFusedLoss over a fixed batch: one process, or FSDP2 over the ranks, each with its
-    share of the rows; written by rank 0 as {name: full gradient}."""
+# DeepSpeed ZeRO-3 with every weight partitioned (none kept whole for being small), as the tests run it.
+ZERO3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+def fused_loss_gradients(out_path: str, engine: str = "fsdp2") -> None:
+    """The gradients of CausalLMWithFusedLoss over a fixed batch: one process, or FSDP2 or a DeepSpeed ZeRO-3 engine
+    over the ranks, each with its share of the rows; written by rank 0 as {name: full gradient}."""
     from torch.distributed.fsdp import fully_shard
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -90,16 +95,29 @@ def fused_loss_gradients(out_path: str) -> None:
     targets[:, :3] = -100
     advantages = torch.randn(4, 9, generator=batch)
     normalizer = float((targets != -100).sum())
-    if world.size > 1:
+    zero3 = engine == "zero3" and world.size > 1
+    if zero3:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)   # over init_world's group
+        optimizer = torch.optim.SGD(loss_module.parameters(), lr=0.0)
+        loss_module = deepspeed.initialize(model=loss_module, optimizer=optimizer, config=ZERO3)[0]
+        assert all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters())   # partitioned
+    elif world.size > 1:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(loss_module)
     rows = slice(None) if world.size == 1 else slice(2 * world.rank, 2 * world.rank + 2)
     out = loss_module(input_ids[rows], targets[rows], advantages=advantages[rows], normalizer=normalizer)
-    # FSDP2 averages the gradients over the ranks; the token-mean loss wants their sum.
-    (out.loss * world.size).backward()
-    grads = {name: full_value(p.grad).clone()
-             for name, p in model.named_parameters()}
+    # FSDP2 and ZeRO-3 average the gradients over the ranks; the token-mean loss wants their sum.
+    if zero3:
+        from deepspeed.utils import safe_get_full_grad
+
+        loss_module.backward(out.loss * world.size)
+        grads = {name: safe_get_full_grad(p).clone() for name, p in model.named_parameters()}
+    else:
+        (out.loss * world.size).backward()
+        grads = {name: full_value(p.grad).clone() for name, p in model.named_parameters()}
     if world.rank == 0:
         torch.save(grads, out_path)
     if world.size > 1:
@@ -109,6 +127,6 @@ def fused_loss_gradients(out_path: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "loss":
-        fused_loss_gradients(sys.argv[2])
+        fused_loss_gradients(*sys.argv[2:])
     else:
         run_training(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -168,14 +168,22 @@ def test_mixed_precision_keeps_fp32_master_weights(demo_reference, tmp_path):
     assert dtypes == {torch.float32}
 
 
+def needs(engine: str) -> None:
+    if engine == "zero3":
+        pytest.importorskip("deepspeed")   # make setup installs it (CI runs these tests)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
 @pytest.mark.parametrize("tied", [True, False])
-def test_fused_loss_under_fsdp2_gives_the_single_process_gradients(tmp_path, tied):
-    """CausalLMWithFusedLoss as FSDP2's root, each rank with half the rows: the head is gathered for the loss and
-    its gradient (tied to the embeddings or not) reduce-scattered by FSDP2, equal to one process's on all rows."""
+def test_fused_loss_under_sharding_gives_the_single_process_gradients(tmp_path, tied, engine):
+    """CausalLMWithFusedLoss as FSDP2's root, or inside a DeepSpeed ZeRO-3 engine, each rank with half the rows: the
+    head is gathered for the loss and its gradient (tied to the embeddings or not) reduce-scattered by FSDP2 or
+    ZeRO-3, equal to one process's on all rows."""
+    needs(engine)
     os.environ["FASTRFT_TEST_TIED"] = "1" if tied else "0"
     try:
         for nproc in (1, 2):
-            done = launch(nproc, "loss", str(tmp_path / f"grads{nproc}.pt"))
+            done = launch(nproc, "loss", str(tmp_path / f"grads{nproc}.pt"), engine)
             assert done.returncode == 0, done.stderr[-4000:]
     finally:
         del os.environ["FASTRFT_TEST_TIED"]
@@ -197,12 +205,16 @@ def trl_model(tmp_path_factory):
     return str(path)
 
 
-def test_trl_trainer_under_fsdp2_gives_the_single_process_gradients(trl_model, tmp_path):
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_trl_trainer_under_sharding_gives_the_single_process_gradients(trl_model, tmp_path, engine):
     """FastRFTGRPOTrainer's generation batch (old and reference log-probs through fastrft's head, the refiner's
     corrections) and TRL's loss with the refiner term, the policy, TRL's reference model and the refiner sharded by
-    FSDP2 over 2 processes, half the batch each: every weight's gradient equals one process's on the whole batch."""
+    FSDP2 or DeepSpeed ZeRO-3 over 2 processes, half the batch each: every weight's gradient equals one process's on
+    the whole batch. Under ZeRO-3 the models are loaded partitioned, so the trainer's construction probe and the
+    refiner run on gathered weights."""
+    needs(engine)
     for nproc in (1, 2):
-        done = launch(nproc, "grads", trl_model, str(tmp_path / f"p{nproc}"), worker=TRL_WORKER)
+        done = launch(nproc, "grads", trl_model, str(tmp_path / f"p{nproc}"), engine, worker=TRL_WORKER)
         assert done.returncode == 0, done.stderr[-5000:]
     one, two = (torch.load(tmp_path / f"p{n}" / "grads.pt") for n in (1, 2))
     assert two["sharded"] == {"model": True, "ref_model": True, "refiner_model": True}

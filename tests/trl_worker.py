@@ -1,7 +1,7 @@
 """FastRFTGRPOTrainer on 1 or 2 CPU processes, launched by tests/test_distributed.py (2 under torchrun, gloo):
 
     python tests/trl_worker.py train MODEL_DIR OUT_DIR PER_DEVICE_BATCH
-    python tests/trl_worker.py grads MODEL_DIR OUT_DIR
+    python tests/trl_worker.py grads MODEL_DIR OUT_DIR [fsdp2|zero3]
 
 train: TRL's own trainer end to end (rewards, advantages, old and reference log-probs through fastrft's head, its
 loss, the refiner constraint, the optimizer; data parallel over the processes); rank 0 writes the final weights and
@@ -12,7 +12,10 @@ TRL's reference model and the refiner sharded by FSDP2 as accelerate shards them
 the model; the reference and the refiner whole, as TRL's prepare_fsdp and accelerate's prepare_model do), each
 process with half the batch; rank 0 writes every weight's whole gradient. Accelerate turns FSDP on only on
 accelerators (its CPU processes are plain data parallel), so on the CPU the sharding is applied here, the way
-accelerate's fsdp2_prepare_model applies it.
+accelerate's fsdp2_prepare_model applies it. zero3: the same under DeepSpeed ZeRO-3 (which accelerate also turns on
+only on accelerators): the three models loaded partitioned (transformers' HfDeepSpeedConfig, as the Trainer sets it
+up), then made ZeRO-3 engines as accelerate (the policy, with its optimizer) and TRL's prepare_deepspeed (the
+reference and the refiner) make them.
 
 Both sample through a rollout_func (TRL's seam for custom generation) that writes each prompt's completions from a
 seed of its own, so that 1 process and 2 see the same samples.
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from dist_worker import ZERO3  # noqa: E402
 from test_integrations import char_tokenizer, tiny_llama  # noqa: E402
 
 NUM_GENERATIONS, COMPLETION_TOKENS = 4, 5
@@ -104,16 +108,44 @@ def shard_as_accelerate_does(trainer) -> None:
     fix_root(trainer.refiner_model, input_ids=torch.zeros(1, ROOT_WARMUP_TOKENS, dtype=torch.long))
 
 
-def gradients(model_dir: str, out_dir: str) -> None:
+def zero3_engines(trainer) -> None:
+    """The policy, TRL's reference model and the refiner as ZeRO-3 engines, as accelerate and TRL make them."""
+    import deepspeed
+
+    optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.0)
+    trainer.model = deepspeed.initialize(model=trainer.model, optimizer=optimizer, config=ZERO3)[0]
+    for name in ("ref_model", "refiner_model"):
+        engine = deepspeed.initialize(model=getattr(trainer, name), config=ZERO3)[0]
+        engine.eval()
+        setattr(trainer, name, engine)
+
+
+def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2") -> None:
     from fastrft.distributed import full_value
 
-    trainer = make_trainer(model_dir, out_dir, per_device_batch=8 // int(os.environ.get("WORLD_SIZE", "1")))
-    rank, world_size = trainer.accelerator.process_index, trainer.accelerator.num_processes
-    if world_size > 1:
-        shard_as_accelerate_does(trainer)
-    sharded = {name: all(hasattr(p, "to_local") for p in model.parameters())
-               for name, model in (("model", trainer.model), ("ref_model", trainer.ref_model),
-                                   ("refiner_model", trainer.refiner_model))}
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if engine == "zero3" and world_size > 1:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        if int(os.environ["RANK"]) == 0:   # whole, before loading partitions every model
+            save_stopping_refiner(Path(out_dir) / "refiner")
+        torch.distributed.barrier()
+        zero3_loading = HfDeepSpeedConfig(ZERO3)   # noqa: F841 (transformers reads it while it lives)
+    trainer = make_trainer(model_dir, out_dir, per_device_batch=8 // world_size)
+    rank = trainer.accelerator.process_index
+    models = lambda: (("model", trainer.model), ("ref_model", trainer.ref_model),  # noqa: E731
+                      ("refiner_model", trainer.refiner_model))
+    if world_size > 1 and engine == "zero3":
+        partitioned_at_loading = {name: all(hasattr(p, "ds_id") for p in model.parameters()) for name, model in models()}
+        zero3_engines(trainer)
+        sharded = {name: partitioned_at_loading[name] and all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters())
+                   for name, model in models()}
+    else:
+        if world_size > 1:
+            shard_as_accelerate_does(trainer)
+        sharded = {name: all(hasattr(p, "to_local") for p in model.parameters()) for name, model in models()}
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps   # set by train()'s loop
     # Two prompts' groups: two processes take one each; one process takes both and runs the loss on each group's
@@ -126,9 +158,17 @@ def gradients(model_dir: str, out_dir: str) -> None:
     for half in range(share // NUM_GENERATIONS):
         part = {key: value[half * NUM_GENERATIONS:(half + 1) * NUM_GENERATIONS]
                 if isinstance(value, torch.Tensor) and value.dim() > 0 else value for key, value in batch.items()}
-        trainer.compute_loss(trainer.model, part, num_items_in_batch=batch["num_items_in_batch"]).backward()
-    grads = {name: full_value(p.grad).clone()
-             for name, p in trainer.model.named_parameters()}
+        loss = trainer.compute_loss(trainer.model, part, num_items_in_batch=batch["num_items_in_batch"])
+        if engine == "zero3" and world_size > 1:
+            trainer.model.backward(loss)   # accelerate's backward under DeepSpeed
+        else:
+            loss.backward()
+    if engine == "zero3" and world_size > 1:
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {name: safe_get_full_grad(p).clone() for name, p in trainer.model.module.named_parameters()}
+    else:
+        grads = {name: full_value(p.grad).clone() for name, p in trainer.model.named_parameters()}
     if rank == 0:
         torch.save({"grads": grads, "refine_rate": trainer._metrics["train"]["refine/rate"][-1], "sharded": sharded},
                    Path(out_dir) / "grads.pt")
@@ -147,7 +187,7 @@ def main(model_dir: str, out_dir: str, per_device_batch: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "grads":
-        gradients(sys.argv[2], sys.argv[3])
+        gradients(*sys.argv[2:])
     else:
         main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     if torch.distributed.is_initialized():

@@ -46,6 +46,7 @@ from fastrft.refiner import refine
 try:
     from accelerate.utils import is_peft_model  # accelerate comes with TRL
     from trl import GRPOTrainer
+    from trl.models.utils import add_hooks, prepare_deepspeed, remove_hooks
     from trl.trainer.utils import (FusedCausalLMOutput, create_model_from_path, disable_dropout_in_model,
                                    get_config_model_id, use_adapter)
 except ImportError as err:  # the one place TRL is imported: one message whatever is missing
@@ -146,16 +147,52 @@ def _fused_probe_logprobs(causal_lm: nn.Module, ids: torch.Tensor) -> torch.Tens
     return causal_lm(input_ids=ids, labels=ids, fused_lm_head=True).log_probs[0]
 
 
+def _is_zero3(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the model's weights (deepspeed.zero.Init or a ZeRO-3 engine)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _is_deepspeed_engine(model: nn.Module) -> bool:
+    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
+
+
+@contextmanager
+def _whole_weights(model: nn.Module, accelerator):
+    """The model under its wrappers (accelerator.unwrap_model), with its whole weights for the block, gathered once
+    for every forward inside: the refiner's decoding, whose number of forward passes differs from process to process,
+    and the construction probe. Under DeepSpeed ZeRO-3: deepspeed.zero.GatheredParameters, with the engine's
+    per-module hooks off for the block (TRL's remove_hooks and add_hooks, as TRL's own generation does: a hook would
+    partition each module's weights again after its forward); under FSDP2: fastrft.distributed.gathered."""
+    inner = accelerator.unwrap_model(model)
+    if not _is_zero3(model):
+        with gathered(inner):
+            yield inner
+        return
+    import deepspeed
+
+    engine = model if _is_deepspeed_engine(model) else None   # None: partitioned by zero.Init, no engine (hooks) yet
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        if engine is not None:
+            remove_hooks(engine)
+        try:
+            yield inner
+        finally:
+            if engine is not None:
+                add_hooks(engine)
+
+
 class FastRFTGRPOTrainer(GRPOTrainer):
     """trl.GRPOTrainer (same constructor, every GRPOConfig option) whose per-token log-probs and entropies, the
     policy's, the old and the reference model's, come from fastrft.lm_head_logprobs without materialising the
     logits (see the module docstring), with fastrft's refiner constraint on top when refine_coef > 0. TRL's own
     compute_loss runs on them: every loss type, importance-sampling level, clipping, masking, KL, entropy bonus, MoE
     router loss and metric is TRL's. Under FSDP2 (accelerate's fsdp_version: 2) the log-probs are computed inside
-    the sharded model's own forward, where FSDP2 has gathered the LM head, and FSDP2 reduce-scatters its gradient.
-    Refused at construction, with the reason: a PEFT adapter on the LM head (the primitive takes the head's weight),
-    vision-language models, FSDP1 (flat parameters) and DeepSpeed ZeRO-3 (untested: see _check_model), and models
-    whose logits fastrft cannot reproduce (checked on a short probe against the model's own forward).
+    the sharded model's own forward, where FSDP2 has gathered the LM head, and FSDP2 reduce-scatters its gradient;
+    under DeepSpeed ZeRO-3 likewise inside the engine's forward, where ZeRO-3 gathers the head's weight on its read
+    (and registers it with the model, which gathers it again for the backward), and ZeRO-3 reduce-scatters its
+    gradient. Refused at construction, with the reason: a PEFT adapter on the LM head (the primitive takes the
+    head's weight), vision-language models, FSDP1 (flat parameters), and models whose logits fastrft cannot
+    reproduce (checked on a short probe against the model's own forward).
 
     Refiner keyword arguments (beyond TRL's):
         refine_coef            sft weight of each token the refiner changed; 0 (default) turns the refiner off and
@@ -181,8 +218,9 @@ class FastRFTGRPOTrainer(GRPOTrainer):
                                model), without gradients or optimiser state. Every refiner also holds its KV cache
                                while it generates (the generation batch's samples at once).
     The refiner runs once per generation batch on each process's own samples, with transformers models (not vLLM),
-    under FSDP2 on its whole weights, gathered for that call; it is refused with tools (it would rewrite tool
-    results).
+    under FSDP2 and ZeRO-3 on its whole weights, gathered for that call (whatever ds3_gather_for_generation says:
+    processes decode different numbers of tokens, which per-module gathers could not survive); it is refused with
+    tools (it would rewrite tool results).
     Logged: refine/rate (samples with a refinement that changed something), refine/failed (samples whose refinement
     was too long, unparseable or empty), refine/changed_token_frac (changed tokens / refined tokens),
     refine/passes (the refiner's forward passes), refine/copied (samples identical to another of the process's
@@ -200,9 +238,9 @@ class FastRFTGRPOTrainer(GRPOTrainer):
                               refine_max_new_tokens, refine_draft)
         bound = inspect.signature(GRPOTrainer.__init__).bind(None, *args, **kwargs).arguments
         super().__init__(*args, **kwargs)
-        for model in (self._causal_lm(self.model), self.ref_model):
+        for model in (self.model, self.ref_model):   # TRL's reference model may already be a DeepSpeed engine
             if model is not None:
-                _route_fused_head(model, self.temperature)
+                _route_fused_head(self._causal_lm(model), self.temperature)
         self._check_model()
         self.refine_coef = float(refine_coef)
         self.refine_template = refine_template
@@ -252,6 +290,8 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         refiner_model.eval()
         if self.args.disable_dropout:
             disable_dropout_in_model(refiner_model)
+        if self.is_deepspeed_enabled:   # as TRL prepares its reference model: ZeRO-3 partitions it too
+            return prepare_deepspeed(refiner_model, self.accelerator)
         refiner_model = self.accelerator.prepare_model(refiner_model, evaluation_mode=True)
         if is_sharded(refiner_model):   # FSDP2 takes the first module to run forward as its root: make it this one
             fix_root(refiner_model, input_ids=torch.zeros(1, ROOT_WARMUP_TOKENS, dtype=torch.long,
@@ -272,17 +312,13 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version != 2:
             raise ValueError("FastRFTGRPOTrainer supports FSDP2 (fsdp_version: 2 in accelerate's config, or "
                              "fsdp_config={'version': 2}), not FSDP1, whose flat parameters hide the LM head's weight")
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise ValueError("FastRFTGRPOTrainer does not support DeepSpeed ZeRO-3 yet: its partitioned LM head, "
-                             "which fastrft reads outside the head's own forward, is untested (transformers' Trainer "
-                             "runs DeepSpeed only on GPUs); shard the weights with FSDP2 (fsdp_version: 2), or use "
-                             "ZeRO-1/2")
         _lm_head(causal_lm)
-        for key, model in (("model", causal_lm), ("ref_model", self.ref_model)):
+        for key, model in (("model", self.model), ("ref_model", self.ref_model)):
             # Under FSDP2 with cpu_ram_efficient_loading the weights are real on rank 0 only: it probes for all.
             if model is not None and not any(p.is_meta for p in model.parameters()):
-                check_head_matches_model(model, key, fused_logprobs=_fused_probe_logprobs,
-                                         temperature=self.temperature)
+                with _whole_weights(model, self.accelerator) as whole:   # ZeRO-3 partitions at loading
+                    check_head_matches_model(self._causal_lm(whole), key, fused_logprobs=_fused_probe_logprobs,
+                                             temperature=self.temperature)
 
     # ------------------------------------------------------------------------------------ refiner (per generation)
 
@@ -303,15 +339,14 @@ class FastRFTGRPOTrainer(GRPOTrainer):
     @contextmanager
     def _refiner(self):
         """The refiner model to generate with: the frozen refiner, or the PEFT policy with its adapters disabled;
-        under FSDP2 its whole weights gathered for the block (fastrft.distributed.gathered: every process calls the
+        under FSDP2 and ZeRO-3 its whole weights gathered for the block (_whole_weights: every process calls the
         refiner once per generation batch, and decodes as far as its own samples need)."""
         if self.refiner_model is not None:
-            refiner = self.accelerator.unwrap_model(self.refiner_model)
-            with gathered(refiner):
+            with _whole_weights(self.refiner_model, self.accelerator) as refiner:
                 yield refiner
             return
-        policy = self.accelerator.unwrap_model(self.model)
-        with gathered(policy), use_adapter(policy, adapter_name="ref" if "ref" in policy.peft_config else None):
+        with (_whole_weights(self.model, self.accelerator) as policy,
+              use_adapter(policy, adapter_name="ref" if "ref" in policy.peft_config else None)):
             yield policy
 
     def _refine(self, prompts: list, completion_ids: list[list[int]]) -> dict:
@@ -375,9 +410,11 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         else:
             rows, refined_ids, refined_mask, refined_weights = refined
             # A second forward of the step, outside DDP's wrapper: each weight's gradient still reaches DDP's
-            # reduction once, summed over both forwards, when backward runs through the first.
+            # reduction once, summed over both forwards, when backward runs through the first. A DeepSpeed engine
+            # stays: ZeRO-3 gathers the head's weight, read outside the head's forward, only in the engine's forward.
+            forward_model = model if _is_deepspeed_engine(model) else self.accelerator.unwrap_model(model)
             logps, _, _ = self._get_per_token_logps_and_entropies(
-                self.accelerator.unwrap_model(model), torch.cat([inputs["prompt_ids"][rows], refined_ids], 1),
+                forward_model, torch.cat([inputs["prompt_ids"][rows], refined_ids], 1),
                 torch.cat([inputs["prompt_mask"][rows], refined_mask], 1), refined_ids.size(1))
             items = (inputs["num_items_in_batch"] + inputs["refined_items_in_batch"]).clamp(min=1)
             normalizer = items / self.accelerator.num_processes
