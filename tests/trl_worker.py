@@ -138,14 +138,16 @@ def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2") -> None:
     models = lambda: (("model", trainer.model), ("ref_model", trainer.ref_model),  # noqa: E731
                       ("refiner_model", trainer.refiner_model))
     if world_size > 1 and engine == "zero3":
-        partitioned_at_loading = {name: all(hasattr(p, "ds_id") for p in model.parameters()) for name, model in models()}
+        loaded_partitioned = {name: all(hasattr(p, "ds_id") for p in model.parameters()) for name, model in models()}
         zero3_engines(trainer)
-        sharded = {name: partitioned_at_loading[name] and all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters())
+        sharded = {name: loaded_partitioned[name] and all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters())
                    for name, model in models()}
     else:
         if world_size > 1:
             shard_as_accelerate_does(trainer)
         sharded = {name: all(hasattr(p, "to_local") for p in model.parameters()) for name, model in models()}
+    if world_size > 1:
+        trainer._check_model()   # its probe once more, on the models as the engine holds them (gathered for it)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps   # set by train()'s loop
     # Two prompts' groups: two processes take one each; one process takes both and runs the loss on each group's
