@@ -410,9 +410,9 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         else:
             rows, refined_ids, refined_mask, refined_weights = refined
             # A second forward of the step, outside DDP's wrapper: each weight's gradient still reaches DDP's
-            # reduction once, summed over both forwards, when backward runs through the first. A DeepSpeed engine
-            # stays: ZeRO-3 gathers the head's weight, read outside the head's forward, only in the engine's forward.
-            forward_model = model if _is_deepspeed_engine(model) else self.accelerator.unwrap_model(model)
+            # reduction once, summed over both forwards, when backward runs through the first. A ZeRO-3 engine
+            # stays: it gathers the head's weight, read outside the head's forward, in its own forward.
+            forward_model = model if _is_zero3(model) else self.accelerator.unwrap_model(model)
             logps, _, _ = self._get_per_token_logps_and_entropies(
                 forward_model, torch.cat([inputs["prompt_ids"][rows], refined_ids], 1),
                 torch.cat([inputs["prompt_mask"][rows], refined_mask], 1), refined_ids.size(1))
