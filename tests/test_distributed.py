@@ -169,7 +169,7 @@ def test_mixed_precision_keeps_fp32_master_weights(demo_reference, tmp_path):
 
 
 def needs(engine: str) -> None:
-    if engine == "zero3":
+    if engine.startswith("zero3"):
         pytest.importorskip("deepspeed")   # make setup installs it (CI runs these tests)
 
 
@@ -205,19 +205,21 @@ def trl_model(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3", "zero3 lora"])
 def test_trl_trainer_under_sharding_gives_the_single_process_gradients(trl_model, tmp_path, engine):
     """FastRFTGRPOTrainer's generation batch (old and reference log-probs through fastrft's head, the refiner's
     corrections) and TRL's loss with the refiner term, the policy, TRL's reference model and the refiner sharded by
     FSDP2 or DeepSpeed ZeRO-3 over 2 processes, half the batch each: every weight's gradient equals one process's on
     the whole batch. Under ZeRO-3 the models are loaded partitioned, so the trainer's construction probe and the
-    refiner run on gathered weights."""
+    refiner run on gathered weights. lora: a PEFT policy, whose reference and refiner are the policy with its
+    adapters disabled (the refiner's weights gathered from the policy's training engine)."""
     needs(engine)
     for nproc in (1, 2):
-        done = launch(nproc, "grads", trl_model, str(tmp_path / f"p{nproc}"), engine, worker=TRL_WORKER)
+        done = launch(nproc, "grads", trl_model, str(tmp_path / f"p{nproc}"), *engine.split(), worker=TRL_WORKER)
         assert done.returncode == 0, done.stderr[-5000:]
     one, two = (torch.load(tmp_path / f"p{n}" / "grads.pt") for n in (1, 2))
-    assert two["sharded"] == {"model": True, "ref_model": True, "refiner_model": True}
+    assert two["sharded"] == ({"model": True} if "lora" in engine else
+                              {"model": True, "ref_model": True, "refiner_model": True})
     assert one["refine_rate"] == two["refine_rate"] == 1.0   # every sample refined: the refiner term is in
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=name)

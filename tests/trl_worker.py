@@ -1,7 +1,7 @@
 """FastRFTGRPOTrainer on 1 or 2 CPU processes, launched by tests/test_distributed.py (2 under torchrun, gloo):
 
     python tests/trl_worker.py train MODEL_DIR OUT_DIR PER_DEVICE_BATCH
-    python tests/trl_worker.py grads MODEL_DIR OUT_DIR [fsdp2|zero3]
+    python tests/trl_worker.py grads MODEL_DIR OUT_DIR [fsdp2|zero3] [lora]
 
 train: TRL's own trainer end to end (rewards, advantages, old and reference log-probs through fastrft's head, its
 loss, the refiner constraint, the optimizer; data parallel over the processes); rank 0 writes the final weights and
@@ -15,7 +15,8 @@ accelerators (its CPU processes are plain data parallel), so on the CPU the shar
 accelerate's fsdp2_prepare_model applies it. zero3: the same under DeepSpeed ZeRO-3 (which accelerate also turns on
 only on accelerators): the three models loaded partitioned (transformers' HfDeepSpeedConfig, as the Trainer sets it
 up), then made ZeRO-3 engines as accelerate (the policy, with its optimizer) and TRL's prepare_deepspeed (the
-reference and the refiner) make them.
+reference and the refiner) make them. lora: the policy a PEFT LoRA model (its adapters' weights fixed), the
+reference and the refiner the policy with its adapters disabled (zero3 only).
 
 Both sample through a rollout_func (TRL's seam for custom generation) that writes each prompt's completions from a
 seed of its own, so that 1 process and 2 see the same samples.
@@ -54,17 +55,21 @@ def letters(completions, **kwargs):
     return [float(len(c.replace(" ", ""))) for c in completions]
 
 
-def save_stopping_refiner(path: Path) -> None:
+def save_stopping_refiner(path: Path, noise: float = 0.0) -> None:
     """A refiner that ends every refinement at once (EOS first): its residual stream is one attention bias, which
     only the EOS row of its head reads. Its refinements then parse to the same short text, deterministic on any
-    number of processes."""
+    number of processes. noise > 0: every weight also that much Gaussian noise (fixed), which its EOS outweighs (a
+    model that still stops at once, through whose weights LoRA adapters get gradients)."""
     model = tiny_llama(attention_bias=True)
+    draw = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.zero_()
+            p.copy_(noise * torch.randn(p.shape, generator=draw))
         model.model.layers[0].self_attn.o_proj.bias.fill_(1.0)
         model.model.norm.weight.fill_(1.0)
-        model.lm_head.weight[model.config.eos_token_id] = 1.0
+        # EOS's logit: about the hidden size (32) without noise; with it, a few of the other logits' deviations, so
+        # that EOS comes first while the softmax keeps room for gradients.
+        model.lm_head.weight[model.config.eos_token_id] = 0.2 if noise else 1.0
     model.save_pretrained(path)
 
 
@@ -72,8 +77,9 @@ def save_stopping_refiner(path: Path) -> None:
 PROMPTS = ["abc", "hey", "xyz", "qqa"]
 
 
-def make_trainer(model_dir: str, out_dir: str, per_device_batch: int):
+def make_trainer(model_dir: str, out_dir: str, per_device_batch: int, lora: bool = False):
     from datasets import Dataset
+    from peft import LoraConfig
     from trl import GRPOConfig
 
     from fastrft.integrations import FastRFTGRPOTrainer
@@ -83,14 +89,24 @@ def make_trainer(model_dir: str, out_dir: str, per_device_batch: int):
                       beta=0.1, loss_type="dapo", report_to="none", logging_steps=1, save_strategy="no",
                       disable_tqdm=True, max_steps=2, seed=0, use_cpu=True,
                       optim="sgd")   # Adam would amplify the rounding of near-zero gradients into whole steps
-    refiner_dir = Path(out_dir) / "refiner"
-    if not refiner_dir.is_dir():
-        save_stopping_refiner(refiner_dir)
-    return FastRFTGRPOTrainer(model=model_dir, reward_funcs=letters, args=args,
-                              train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
-                              processing_class=char_tokenizer(), rollout_func=seeded_rollout, refine_coef=0.5,
-                              refine_template="fix: {response}\n", refiner_model=str(refiner_dir),
-                              parse_refinement=lambda text: "ab")
+    if lora:   # the refiner: the policy with its adapters disabled (model_dir: save_stopping_refiner's, with noise)
+        options = dict(peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    else:
+        refiner_dir = Path(out_dir) / "refiner"
+        if not refiner_dir.is_dir():
+            save_stopping_refiner(refiner_dir)
+        options = dict(refiner_model=str(refiner_dir))
+    trainer = FastRFTGRPOTrainer(model=model_dir, reward_funcs=letters, args=args,
+                                 train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+                                 processing_class=char_tokenizer(), rollout_func=seeded_rollout, refine_coef=0.5,
+                                 refine_template="fix: {response}\n", parse_refinement=lambda text: "ab", **options)
+    if lora:   # the same adapters on any number of processes (PEFT draws them from the global generator)
+        with torch.no_grad():
+            for name, p in trainer.model.named_parameters():
+                if "lora_" in name:
+                    draw = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                    p.copy_(0.1 * torch.randn(p.shape, generator=draw))
+    return trainer
 
 
 def shard_as_accelerate_does(trainer) -> None:
@@ -115,30 +131,44 @@ def zero3_engines(trainer) -> None:
     optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.0)
     trainer.model = deepspeed.initialize(model=trainer.model, optimizer=optimizer, config=ZERO3)[0]
     for name in ("ref_model", "refiner_model"):
+        if getattr(trainer, name) is None:   # under PEFT: the policy with its adapters disabled
+            continue
         engine = deepspeed.initialize(model=getattr(trainer, name), config=ZERO3)[0]
         engine.eval()
         setattr(trainer, name, engine)
 
 
-def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2") -> None:
+def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2", lora: str = "") -> None:
     from fastrft.distributed import full_value
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    lora = lora == "lora"
+    if lora:
+        model_dir = str(Path(out_dir) / "policy")
+    # The models made here are saved whole, before loading (under ZeRO-3 it partitions every model).
+    saved = Path(model_dir) if lora else Path(out_dir) / "refiner"
     if engine == "zero3" and world_size > 1:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-        if int(os.environ["RANK"]) == 0:   # whole, before loading partitions every model
-            save_stopping_refiner(Path(out_dir) / "refiner")
+        if int(os.environ["RANK"]) == 0:
+            save_stopping_refiner(saved, noise=0.1 if lora else 0.0)
         torch.distributed.barrier()
         zero3_loading = HfDeepSpeedConfig(ZERO3)   # noqa: F841 (transformers reads it while it lives)
-    trainer = make_trainer(model_dir, out_dir, per_device_batch=8 // world_size)
+    elif lora:
+        save_stopping_refiner(saved, noise=0.1)
+    trainer = make_trainer(model_dir, out_dir, per_device_batch=8 // world_size, lora=lora)
     rank = trainer.accelerator.process_index
-    models = lambda: (("model", trainer.model), ("ref_model", trainer.ref_model),  # noqa: E731
-                      ("refiner_model", trainer.refiner_model))
+
+    def models():
+        named = (("model", trainer.model), ("ref_model", trainer.ref_model), ("refiner_model", trainer.refiner_model))
+        return [(name, model) for name, model in named if model is not None]
+
     if world_size > 1 and engine == "zero3":
-        loaded_partitioned = {name: all(hasattr(p, "ds_id") for p in model.parameters()) for name, model in models()}
+        # (PEFT adds its adapters to the loaded model: the engine partitions them.)
+        loaded_partitioned = {name: all(hasattr(p, "ds_id") for n, p in model.named_parameters() if "lora_" not in n)
+                              for name, model in models()}
         zero3_engines(trainer)
         sharded = {name: loaded_partitioned[name] and all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters())
                    for name, model in models()}
@@ -168,9 +198,10 @@ def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2") -> None:
     if engine == "zero3" and world_size > 1:
         from deepspeed.utils import safe_get_full_grad
 
-        grads = {name: safe_get_full_grad(p).clone() for name, p in trainer.model.module.named_parameters()}
+        grads = {name: safe_get_full_grad(p).clone() for name, p in trainer.model.module.named_parameters()
+                 if p.requires_grad}
     else:
-        grads = {name: full_value(p.grad).clone() for name, p in trainer.model.named_parameters()}
+        grads = {name: full_value(p.grad).clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     if rank == 0:
         torch.save({"grads": grads, "refine_rate": trainer._metrics["train"]["refine/rate"][-1], "sharded": sharded},
                    Path(out_dir) / "grads.pt")
