@@ -537,9 +537,11 @@ class _FusedHeadLoss(torch.nn.Module):
     """fused_rft_loss over the LM head, as a module of its own that holds no weights. DeepSpeed ZeRO-3 gathers a
     module's weights around its forward and again for its backward, which it finds through the tensors the forward
     returns: the head's weight, read here, becomes this module's (ZeRO-3 registers it as an external parameter), and
-    the loss comes out as a tuple of tensors, which ZeRO-3 can hook (it cannot look into a FusedRFTOutput)."""
+    the loss comes out as a tuple of tensors, which ZeRO-3 can hook (it cannot look into a FusedRFTOutput). The head
+    comes as its getter (model.get_output_embeddings): ZeRO-3 warns of module arguments, which it cannot hook."""
 
-    def forward(self, hidden, head, targets, transform: dict, loss_options: dict):
+    def forward(self, hidden, get_head, targets, transform: dict, loss_options: dict):
+        head = get_head()
         out = fused_rft_loss(hidden, head.weight, targets, bias=head.bias, **transform, **loss_options)
         return out.loss, out.logprobs, out.entropy, out.metrics
 
@@ -575,7 +577,7 @@ class CausalLMWithFusedLoss(torch.nn.Module):
             hidden, router_loss = own_forward_hidden(model, **inputs, output_router_logits=True)
         else:
             hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
-        loss, logprobs, entropy, metrics = self.head_loss(hidden, lm_head(model), targets,
+        loss, logprobs, entropy, metrics = self.head_loss(hidden, model.get_output_embeddings, targets,
                                                           model_logit_transform(model), loss_options)
         out = FusedRFTOutput(loss=loss, logprobs=logprobs, entropy=entropy, metrics=metrics)
         if router_weight > 0:

@@ -70,11 +70,14 @@ def run_training(mode: str, run_dir: str, overrides: list[str]) -> None:
         torch.distributed.destroy_process_group()
 
 
-# DeepSpeed ZeRO-3 with every weight partitioned (none kept whole for being small), as the tests run it. Its
+# DeepSpeed ZeRO-3 as the tests run it: every weight partitioned (none kept whole for being small) and released as
+# soon as its module is done with it (no live or reused weights kept, no prefetch), as a large model's are. Its
 # memory_efficient_linear (ZeRO-3's own F.linear) adds a bias after the matmul instead of PyTorch's fused addmm: a
 # rounding that a model with biases carries to ~1e-2 of a small gradient; off, one process and two compute alike.
 ZERO3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
-         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "memory_efficient_linear": False}}
+         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 0,
+                               "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0,
+                               "memory_efficient_linear": False}}
 
 
 def fused_loss_gradients(out_path: str, engine: str = "fsdp2") -> None:

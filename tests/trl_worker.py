@@ -13,10 +13,11 @@ the model; the reference and the refiner whole, as TRL's prepare_fsdp and accele
 process with half the batch; rank 0 writes every weight's whole gradient. Accelerate turns FSDP on only on
 accelerators (its CPU processes are plain data parallel), so on the CPU the sharding is applied here, the way
 accelerate's fsdp2_prepare_model applies it. zero3: the same under DeepSpeed ZeRO-3 (which accelerate also turns on
-only on accelerators): the three models loaded partitioned (transformers' HfDeepSpeedConfig, as the Trainer sets it
-up), then made ZeRO-3 engines as accelerate (the policy, with its optimizer) and TRL's prepare_deepspeed (the
-reference and the refiner) make them. lora: the policy a PEFT LoRA model (its adapters' weights fixed), the
-reference and the refiner the policy with its adapters disabled (zero3 only).
+only on accelerators): the models loaded partitioned (transformers' HfDeepSpeedConfig, as the Trainer sets it up),
+then made ZeRO-3 engines as accelerate makes the policy's (with its optimizer; the Trainer keeps the model as
+trainer.model, the engine as trainer.model_wrapped) and TRL's prepare_deepspeed the reference's and the refiner's.
+lora: the policy a PEFT LoRA model (its adapters' weights fixed), the reference and the refiner the policy with its
+adapters disabled (zero3 only).
 
 Both sample through a rollout_func (TRL's seam for custom generation) that writes each prompt's completions from a
 seed of its own, so that 1 process and 2 see the same samples.
@@ -24,6 +25,7 @@ seed of its own, so that 1 process and 2 see the same samples.
 import json
 import os
 import sys
+import types
 import zlib
 from pathlib import Path
 
@@ -127,22 +129,24 @@ def shard_as_accelerate_does(trainer) -> None:
 def zero3_engines(trainer) -> None:
     """The policy, TRL's reference model and the refiner as ZeRO-3 engines, as accelerate and TRL make them."""
     import deepspeed
+    from trl.models.utils import prepare_deepspeed
 
     optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.0)
-    trainer.model = deepspeed.initialize(model=trainer.model, optimizer=optimizer, config=ZERO3)[0]
+    trainer.model_wrapped = trainer.deepspeed = deepspeed.initialize(model=trainer.model, optimizer=optimizer,
+                                                                     config=ZERO3)[0]
+    # prepare_deepspeed reads the configuration from accelerate's DeepSpeed plugin, which accelerate makes on GPUs only.
+    plugin = types.SimpleNamespace(deepspeed_config=ZERO3)
+    accelerator = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin))
     for name in ("ref_model", "refiner_model"):
-        if getattr(trainer, name) is None:   # under PEFT: the policy with its adapters disabled
-            continue
-        engine = deepspeed.initialize(model=getattr(trainer, name), config=ZERO3)[0]
-        engine.eval()
-        setattr(trainer, name, engine)
+        if getattr(trainer, name) is not None:   # None under PEFT: the policy with its adapters disabled
+            setattr(trainer, name, prepare_deepspeed(getattr(trainer, name), accelerator))
 
 
-def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2", lora: str = "") -> None:
+def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2", peft: str = "") -> None:
     from fastrft.distributed import full_value
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    lora = lora == "lora"
+    lora = peft == "lora"
     if lora:
         model_dir = str(Path(out_dir) / "policy")
     # The models made here are saved whole, before loading (under ZeRO-3 it partitions every model).
@@ -170,14 +174,14 @@ def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2", lora: str = "
         loaded_partitioned = {name: all(hasattr(p, "ds_id") for n, p in model.named_parameters() if "lora_" not in n)
                               for name, model in models()}
         zero3_engines(trainer)
-        sharded = {name: loaded_partitioned[name] and all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters())
-                   for name, model in models()}
+        # (prepare_deepspeed keeps weights of under 10 x hidden size elements whole.)
+        sharded = {name: loaded_partitioned[name] and all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters()
+                                                          if p.ds_numel >= 1000) for name, model in models()}
     else:
         if world_size > 1:
             shard_as_accelerate_does(trainer)
+            trainer._check_model()   # its probe once more, on sharded models (TRL's prepare_fsdp shards the reference)
         sharded = {name: all(hasattr(p, "to_local") for p in model.parameters()) for name, model in models()}
-    if world_size > 1:
-        trainer._check_model()   # its probe once more, on the models as the engine holds them (gathered for it)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps   # set by train()'s loop
     # Two prompts' groups: two processes take one each; one process takes both and runs the loss on each group's
@@ -190,15 +194,15 @@ def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2", lora: str = "
     for half in range(share // NUM_GENERATIONS):
         part = {key: value[half * NUM_GENERATIONS:(half + 1) * NUM_GENERATIONS]
                 if isinstance(value, torch.Tensor) and value.dim() > 0 else value for key, value in batch.items()}
-        loss = trainer.compute_loss(trainer.model, part, num_items_in_batch=batch["num_items_in_batch"])
+        loss = trainer.compute_loss(trainer.model_wrapped, part, num_items_in_batch=batch["num_items_in_batch"])
         if engine == "zero3" and world_size > 1:
-            trainer.model.backward(loss)   # accelerate's backward under DeepSpeed
+            trainer.model_wrapped.backward(loss)   # accelerate's backward under DeepSpeed
         else:
             loss.backward()
     if engine == "zero3" and world_size > 1:
         from deepspeed.utils import safe_get_full_grad
 
-        grads = {name: safe_get_full_grad(p).clone() for name, p in trainer.model.module.named_parameters()
+        grads = {name: safe_get_full_grad(p).clone() for name, p in trainer.model.named_parameters()
                  if p.requires_grad}
     else:
         grads = {name: full_value(p.grad).clone() for name, p in trainer.model.named_parameters() if p.requires_grad}

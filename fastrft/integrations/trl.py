@@ -48,7 +48,7 @@ try:
     from trl import GRPOTrainer
     from trl.models.utils import add_hooks, prepare_deepspeed, remove_hooks
     from trl.trainer.utils import (FusedCausalLMOutput, create_model_from_path, disable_dropout_in_model,
-                                   get_config_model_id, use_adapter)
+                                   get_config_model_id, maybe_gather_lm_head_ctx, use_adapter)
 except ImportError as err:  # the one place TRL is imported: one message whatever is missing
     raise ImportError('FastRFTGRPOTrainer needs TRL (1.16 or later): pip install "fastrft[integrations]"') from err
 
@@ -124,12 +124,15 @@ def _route_fused_head(causal_lm: nn.Module, temperature: float) -> None:
             targets = shift_labels
         head = _lm_head(self)
         weight, bias = head.weight, head.bias
+        if _is_zero3_param(weight):
+            _register_head(self, weight, bias)
         hidden, targets = hidden.to(weight.device), targets.to(weight.device)
-        if weight.dtype != hidden.dtype:   # an fp32 head (cast_lm_head_to_fp32) or autocast: score in fp32
-            hidden, weight = hidden.float(), weight.float()
-            bias = None if bias is None else bias.float()
-        # The head accumulates in fp32 on its own; autocast would push its matmuls back to low precision.
-        with torch.autocast(hidden.device.type, enabled=False):
+        # The head accumulates in fp32 on its own; autocast would push its matmuls back to low precision. Under
+        # ZeRO-3, TRL's context gathers the head where this model's hooks have not (its first call).
+        with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
+            if weight.dtype != hidden.dtype:   # an fp32 head (cast_lm_head_to_fp32) or autocast: score in fp32
+                hidden, weight = hidden.float(), weight.float()
+                bias = None if bias is None else bias.float()
             logp, entropy = lm_head_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                              ignore_index=IGNORE_INDEX, **transform)
         label_mask = targets != IGNORE_INDEX
@@ -147,13 +150,30 @@ def _fused_probe_logprobs(causal_lm: nn.Module, ids: torch.Tensor) -> torch.Tens
     return causal_lm(input_ids=ids, labels=ids, fused_lm_head=True).log_probs[0]
 
 
+def _is_zero3_param(param: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the weight (deepspeed.zero.Init or a ZeRO-3 engine)."""
+    return hasattr(param, "ds_id")
+
+
 def _is_zero3(model: nn.Module) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitions the model's weights (deepspeed.zero.Init or a ZeRO-3 engine)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    return any(_is_zero3_param(p) for p in model.parameters())
 
 
 def _is_deepspeed_engine(model: nn.Module) -> bool:
+    # By name: no DeepSpeed import (slow, and absent where it is not installed) for models that are not its.
     return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
+
+
+def _register_head(causal_lm: nn.Module, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+    """The LM head's ZeRO-3 weights registered with the causal LM whose forward reads them outside the head's own
+    (deepspeed.zero.register_external_parameter): its hooks then gather them for its forward and again for its
+    backward, where fastrft's head recomputes the logits. The cost: one whole head per process from the model's
+    forward through its backward."""
+    import deepspeed
+
+    for param in (weight, bias):
+        if param is not None:
+            deepspeed.zero.register_external_parameter(causal_lm, param)
 
 
 @contextmanager
@@ -188,9 +208,8 @@ class FastRFTGRPOTrainer(GRPOTrainer):
     compute_loss runs on them: every loss type, importance-sampling level, clipping, masking, KL, entropy bonus, MoE
     router loss and metric is TRL's. Under FSDP2 (accelerate's fsdp_version: 2) the log-probs are computed inside
     the sharded model's own forward, where FSDP2 has gathered the LM head, and FSDP2 reduce-scatters its gradient;
-    under DeepSpeed ZeRO-3 likewise inside the engine's forward, where ZeRO-3 gathers the head's weight on its read
-    (and registers it with the model, which gathers it again for the backward), and ZeRO-3 reduce-scatters its
-    gradient. Refused at construction, with the reason: a PEFT adapter on the LM head (the primitive takes the
+    under DeepSpeed ZeRO-3 the head's weights are registered with the model (deepspeed.zero's external parameters),
+    which gathers them for its forward and its backward, and ZeRO-3 reduce-scatters their gradient. Refused at construction, with the reason: a PEFT adapter on the LM head (the primitive takes the
     head's weight), vision-language models, FSDP1 (flat parameters), and models whose logits fastrft cannot
     reproduce (checked on a short probe against the model's own forward).
 
@@ -290,8 +309,8 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         refiner_model.eval()
         if self.args.disable_dropout:
             disable_dropout_in_model(refiner_model)
-        if self.is_deepspeed_enabled:   # as TRL prepares its reference model: ZeRO-3 partitions it too
-            return prepare_deepspeed(refiner_model, self.accelerator)
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            return prepare_deepspeed(refiner_model, self.accelerator)   # partitioned, as TRL's reference model
         refiner_model = self.accelerator.prepare_model(refiner_model, evaluation_mode=True)
         if is_sharded(refiner_model):   # FSDP2 takes the first module to run forward as its root: make it this one
             fix_root(refiner_model, input_ids=torch.zeros(1, ROOT_WARMUP_TOKENS, dtype=torch.long,
@@ -345,7 +364,7 @@ class FastRFTGRPOTrainer(GRPOTrainer):
             with _whole_weights(self.refiner_model, self.accelerator) as refiner:
                 yield refiner
             return
-        with (_whole_weights(self.model, self.accelerator) as policy,
+        with (_whole_weights(self.model_wrapped, self.accelerator) as policy,   # under DeepSpeed: its engine
               use_adapter(policy, adapter_name="ref" if "ref" in policy.peft_config else None)):
             yield policy
 
@@ -410,11 +429,9 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         else:
             rows, refined_ids, refined_mask, refined_weights = refined
             # A second forward of the step, outside DDP's wrapper: each weight's gradient still reaches DDP's
-            # reduction once, summed over both forwards, when backward runs through the first. A ZeRO-3 engine
-            # stays: it gathers the head's weight, read outside the head's forward, in its own forward.
-            forward_model = model if _is_zero3(model) else self.accelerator.unwrap_model(model)
+            # reduction once, summed over both forwards, when backward runs through the first.
             logps, _, _ = self._get_per_token_logps_and_entropies(
-                forward_model, torch.cat([inputs["prompt_ids"][rows], refined_ids], 1),
+                self.accelerator.unwrap_model(model), torch.cat([inputs["prompt_ids"][rows], refined_ids], 1),
                 torch.cat([inputs["prompt_mask"][rows], refined_mask], 1), refined_ids.size(1))
             items = (inputs["num_items_in_batch"] + inputs["refined_items_in_batch"]).clamp(min=1)
             normalizer = items / self.accelerator.num_processes
