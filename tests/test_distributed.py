@@ -168,7 +168,7 @@ def test_mixed_precision_keeps_fp32_master_weights(demo_reference, tmp_path):
     assert dtypes == {torch.float32}
 
 
-def needs(engine: str) -> None:
+def skip_unless_installed(engine: str) -> None:
     if engine.startswith("zero3"):
         pytest.importorskip("deepspeed")   # make setup installs it (CI runs these tests)
 
@@ -179,7 +179,7 @@ def test_fused_loss_under_sharding_gives_the_single_process_gradients(tmp_path, 
     """CausalLMWithFusedLoss as FSDP2's root, or inside a DeepSpeed ZeRO-3 engine, each rank with half the rows: the
     head is gathered for the loss and its gradient (tied to the embeddings or not) reduce-scattered by FSDP2 or
     ZeRO-3, equal to one process's on all rows."""
-    needs(engine)
+    skip_unless_installed(engine)
     os.environ["FASTRFT_TEST_TIED"] = "1" if tied else "0"
     try:
         for nproc in (1, 2):
@@ -213,7 +213,7 @@ def test_trl_trainer_under_sharding_gives_the_single_process_gradients(trl_model
     the whole batch. Under ZeRO-3 the models are loaded partitioned, so the trainer's construction probe and the
     refiner run on gathered weights. lora: a PEFT policy, whose reference and refiner are the policy with its
     adapters disabled (the refiner's weights gathered from the policy's training engine)."""
-    needs(engine)
+    skip_unless_installed(engine)
     for nproc in (1, 2):
         done = launch(nproc, "grads", trl_model, str(tmp_path / f"p{nproc}"), *engine.split(), worker=TRL_WORKER)
         assert done.returncode == 0, done.stderr[-5000:]

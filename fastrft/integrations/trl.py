@@ -209,9 +209,10 @@ class FastRFTGRPOTrainer(GRPOTrainer):
     router loss and metric is TRL's. Under FSDP2 (accelerate's fsdp_version: 2) the log-probs are computed inside
     the sharded model's own forward, where FSDP2 has gathered the LM head, and FSDP2 reduce-scatters its gradient;
     under DeepSpeed ZeRO-3 the head's weights are registered with the model (deepspeed.zero's external parameters),
-    which gathers them for its forward and its backward, and ZeRO-3 reduce-scatters their gradient. Refused at construction, with the reason: a PEFT adapter on the LM head (the primitive takes the
-    head's weight), vision-language models, FSDP1 (flat parameters), and models whose logits fastrft cannot
-    reproduce (checked on a short probe against the model's own forward).
+    which gathers them for its forward and its backward, and ZeRO-3 reduce-scatters their gradient. Refused at
+    construction, with the reason: a PEFT adapter on the LM head (the primitive takes the head's weight),
+    vision-language models, FSDP1 (flat parameters), and models whose logits fastrft cannot reproduce (checked on a
+    short probe against the model's own forward).
 
     Refiner keyword arguments (beyond TRL's):
         refine_coef            sft weight of each token the refiner changed; 0 (default) turns the refiner off and
