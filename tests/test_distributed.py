@@ -220,6 +220,7 @@ def test_trl_trainer_under_sharding_gives_the_single_process_gradients(trl_model
     one, two = (torch.load(tmp_path / f"p{n}" / "grads.pt") for n in (1, 2))
     assert two["sharded"] == ({"model": True} if "lora" in engine else
                               {"model": True, "ref_model": True, "refiner_model": True})
+    assert two["refiner_hooks_off"] == engine.startswith("zero3")   # whole weights, no per-module gathers
     assert one["refine_rate"] == two["refine_rate"] == 1.0   # every sample refined: the refiner term is in
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -126,6 +126,18 @@ def shard_as_accelerate_does(trainer) -> None:
     fix_root(trainer.refiner_model, input_ids=torch.zeros(1, ROOT_WARMUP_TOKENS, dtype=torch.long))
 
 
+def record_calls(module, name: str) -> list:
+    """module.name (a function of one argument) made to record its arguments in the list returned."""
+    calls, function = [], getattr(module, name)
+
+    def recording(argument):
+        calls.append(argument)
+        return function(argument)
+
+    setattr(module, name, recording)
+    return calls
+
+
 def zero3_engines(trainer) -> None:
     """The policy, TRL's reference model and the refiner as ZeRO-3 engines, as accelerate and TRL make them."""
     import deepspeed
@@ -143,6 +155,7 @@ def zero3_engines(trainer) -> None:
 
 
 def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2", peft: str = "") -> None:
+    import fastrft.integrations.trl as adapter
     from fastrft.distributed import full_value
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -177,6 +190,8 @@ def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2", peft: str = "
         # (prepare_deepspeed keeps weights of under 10 x hidden size elements whole.)
         sharded = {name: loaded_partitioned[name] and all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters()
                                                           if p.ds_numel >= 1000) for name, model in models()}
+        refiner_engine = trainer.model_wrapped if lora else trainer.refiner_model
+        hooks_removed = record_calls(adapter, "remove_hooks")   # the refiner decodes with its engine's hooks off
     else:
         if world_size > 1:
             shard_as_accelerate_does(trainer)
@@ -207,8 +222,9 @@ def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2", peft: str = "
     else:
         grads = {name: full_value(p.grad).clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     if rank == 0:
-        torch.save({"grads": grads, "refine_rate": trainer._metrics["train"]["refine/rate"][-1], "sharded": sharded},
-                   Path(out_dir) / "grads.pt")
+        refiner_hooks_off = engine == "zero3" and world_size > 1 and any(e is refiner_engine for e in hooks_removed)
+        torch.save({"grads": grads, "refine_rate": trainer._metrics["train"]["refine/rate"][-1], "sharded": sharded,
+                    "refiner_hooks_off": refiner_hooks_off}, Path(out_dir) / "grads.pt")
 
 
 def main(model_dir: str, out_dir: str, per_device_batch: int) -> None:
