@@ -80,6 +80,30 @@ ZERO3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, 
                                "memory_efficient_linear": False}}
 
 
+def start_deepspeed() -> None:
+    """DeepSpeed's communication over the process group (gloo, torchrun's environment; no MPI to discover)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+
+def backward(loss: torch.Tensor, module, zero3: bool) -> None:
+    """loss's backward: through the ZeRO-3 engine `module` (as accelerate's backward does), else plain."""
+    if zero3:
+        module.backward(loss)
+    else:
+        loss.backward()
+
+
+def full_gradients(model, zero3: bool) -> dict[str, torch.Tensor]:
+    """Every trainable weight's whole gradient: gathered from ZeRO-3's partitions, or FSDP2's shards."""
+    if zero3:
+        from deepspeed.utils import safe_get_full_grad
+
+        return {name: safe_get_full_grad(p).clone() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: full_value(p.grad).clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
 def fused_loss_gradients(out_path: str, engine: str = "fsdp2") -> None:
     """The gradients of CausalLMWithFusedLoss over a fixed batch: one process, or FSDP2 or a DeepSpeed ZeRO-3 engine
     over the ranks, each with its share of the rows; written by rank 0 as {name: full gradient}."""
@@ -104,7 +128,7 @@ def fused_loss_gradients(out_path: str, engine: str = "fsdp2") -> None:
     if zero3:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)   # over init_world's group
+        start_deepspeed()   # over init_world's group
         optimizer = torch.optim.SGD(loss_module.parameters(), lr=0.0)
         loss_module = deepspeed.initialize(model=loss_module, optimizer=optimizer, config=ZERO3)[0]
         assert all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters())   # partitioned
@@ -115,14 +139,8 @@ def fused_loss_gradients(out_path: str, engine: str = "fsdp2") -> None:
     rows = slice(None) if world.size == 1 else slice(2 * world.rank, 2 * world.rank + 2)
     out = loss_module(input_ids[rows], targets[rows], advantages=advantages[rows], normalizer=normalizer)
     # FSDP2 and ZeRO-3 average the gradients over the ranks; the token-mean loss wants their sum.
-    if zero3:
-        from deepspeed.utils import safe_get_full_grad
-
-        loss_module.backward(out.loss * world.size)
-        grads = {name: safe_get_full_grad(p).clone() for name, p in model.named_parameters()}
-    else:
-        (out.loss * world.size).backward()
-        grads = {name: full_value(p.grad).clone() for name, p in model.named_parameters()}
+    backward(out.loss * world.size, loss_module, zero3)
+    grads = full_gradients(model, zero3)
     if world.rank == 0:
         torch.save(grads, out_path)
     if world.size > 1:

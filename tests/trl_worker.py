@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_worker import ZERO3  # noqa: E402
+from dist_worker import ZERO3, backward, full_gradients, start_deepspeed  # noqa: E402
 from test_integrations import char_tokenizer, tiny_llama  # noqa: E402
 
 NUM_GENERATIONS, COMPLETION_TOKENS = 4, 5
@@ -156,19 +156,17 @@ def zero3_engines(trainer) -> None:
 
 def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2", peft: str = "") -> None:
     import fastrft.integrations.trl as adapter
-    from fastrft.distributed import full_value
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    lora = peft == "lora"
+    zero3, lora = engine == "zero3" and world_size > 1, peft == "lora"
     if lora:
         model_dir = str(Path(out_dir) / "policy")
     # The models made here are saved whole, before loading (under ZeRO-3 it partitions every model).
     saved = Path(model_dir) if lora else Path(out_dir) / "refiner"
-    if engine == "zero3" and world_size > 1:
-        import deepspeed
+    if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        start_deepspeed()
         if int(os.environ["RANK"]) == 0:
             save_stopping_refiner(saved, noise=0.1 if lora else 0.0)
         torch.distributed.barrier()
@@ -182,7 +180,7 @@ def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2", peft: str = "
         named = (("model", trainer.model), ("ref_model", trainer.ref_model), ("refiner_model", trainer.refiner_model))
         return [(name, model) for name, model in named if model is not None]
 
-    if world_size > 1 and engine == "zero3":
+    if zero3:
         # (PEFT adds its adapters to the loaded model: the engine partitions them.)
         loaded_partitioned = {name: all(hasattr(p, "ds_id") for n, p in model.named_parameters() if "lora_" not in n)
                               for name, model in models()}
@@ -210,19 +208,10 @@ def gradients(model_dir: str, out_dir: str, engine: str = "fsdp2", peft: str = "
         part = {key: value[half * NUM_GENERATIONS:(half + 1) * NUM_GENERATIONS]
                 if isinstance(value, torch.Tensor) and value.dim() > 0 else value for key, value in batch.items()}
         loss = trainer.compute_loss(trainer.model_wrapped, part, num_items_in_batch=batch["num_items_in_batch"])
-        if engine == "zero3" and world_size > 1:
-            trainer.model_wrapped.backward(loss)   # accelerate's backward under DeepSpeed
-        else:
-            loss.backward()
-    if engine == "zero3" and world_size > 1:
-        from deepspeed.utils import safe_get_full_grad
-
-        grads = {name: safe_get_full_grad(p).clone() for name, p in trainer.model.named_parameters()
-                 if p.requires_grad}
-    else:
-        grads = {name: full_value(p.grad).clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+        backward(loss, trainer.model_wrapped, zero3)
+    grads = full_gradients(trainer.model, zero3)
     if rank == 0:
-        refiner_hooks_off = engine == "zero3" and world_size > 1 and any(e is refiner_engine for e in hooks_removed)
+        refiner_hooks_off = zero3 and any(e is refiner_engine for e in hooks_removed)
         torch.save({"grads": grads, "refine_rate": trainer._metrics["train"]["refine/rate"][-1], "sharded": sharded,
                     "refiner_hooks_off": refiner_hooks_off}, Path(out_dir) / "grads.pt")
 
