@@ -146,9 +146,10 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
          and its cache copied to its rows (_shared_prefixes says when that pays).
       2. Then each pass feeds every unfinished row's last token and a block of proposed draft tokens, verified the
          same way, from the KV cache of what is verified. While a row's draft is accepted, the block it asks for
-         doubles (up to `lookahead`). After a change, the row re-aligns with its draft: where the last `ngram`
-         (down to 1) written tokens occur in the draft, the draft's continuation from there is proposed
-         (prompt-lookup decoding), 2 tokens asked for at first, cut back on a rejection (_DraftRow says how far).
+         doubles (up to `lookahead`). After a change, the row re-aligns with its draft: past a one-token edit
+         (substitution, insertion or deletion), else where the last `ngram` (down to 1) written tokens occur in the
+         draft, the draft's continuation from there is proposed (prompt-lookup decoding), 2 tokens asked for at
+         first, cut back on a rejection (_DraftRow says how far).
          The pass's block is as long as the rows trusting their drafts most ask; the others fill it with their
          drafts where that pays (_next_blocks, _fills_blocks).
     A row whose draft holds (its EOS included) finishes in about log2(len(draft) / first_block) + 1 passes, a row
@@ -195,9 +196,11 @@ class _DraftRow:
     draft tokens it asks the next block for (its trust, `size`): doubling while they are accepted; when not, cut
     back to what was accepted, or only halved where the row's drafts have held for long runs between changes (a few
     edits in a long answer: the next change is as far away), at least 2 after the first block. In step with its
-    draft (its last token the draft's), it proposes the draft's continuation; else it re-aligns, on evidence that
-    grows as its trust falls: a 1-gram match from 4 tokens on, a 2-gram below, a full n-gram at 0, and then it asks
-    for nothing, proposing only into a block that other rows make longer, or on a probe pass."""
+    draft (its last token the draft's), it proposes the draft's continuation; one edit away (a substitution, an
+    insertion or a deletion: proposal says how it tells), the draft's continuation after the edit; else it
+    re-aligns, on evidence that grows as its trust falls: a 1-gram match from 4 tokens on, a 2-gram below, a full
+    n-gram at 0, and then it asks for nothing, proposing only into a block that other rows make longer, or on a
+    probe pass."""
 
     def __init__(self, draft: list[int], ngram: int, size: int):
         self.draft = draft
@@ -208,6 +211,7 @@ class _DraftRow:
         self.done = False
         self.accepted = 0          # draft tokens accepted so far
         self.changes = 0           # proposals rejected so far
+        self.rejected = False      # whether the last written token replaced a proposed one
         self.ngram = ngram
         self._ends: dict[tuple, list[int]] | None = None
 
@@ -231,11 +235,18 @@ class _DraftRow:
 
     def proposal(self, limit: int) -> list[int]:
         """At most limit tokens of the draft: its continuation from the pointer where the last written token is the
-        draft's before it (in step), else after the nearest occurrence (from the pointer on, else the last before it)
-        of the last n written tokens, n = ngram down to the shortest the row's trust allows."""
+        draft's before it (in step); else from one position further or back where it is the draft's there (one edit
+        away: the draft's token at the pointer was an extra one, or the refiner inserted one before it, learnt the
+        pass after it guessed a substitution); else, right after a rejected proposal, from the pointer (the written
+        token a substitution for the draft's); else after the nearest occurrence (from the pointer on, else the last
+        before it) of the last n written tokens, n = ngram down to the shortest the row's trust allows."""
         if limit <= 0:
             return []
-        if 0 < self.pointer <= len(self.draft) and self.out[-1] == self.draft[self.pointer - 1]:
+        for at in (self.pointer, self.pointer + 1, self.pointer - 1):   # in step, then one edit away
+            if 0 < at <= len(self.draft) and self.out[-1] == self.draft[at - 1]:
+                self.pointer = at
+                return self.draft[at:at + limit]
+        if self.rejected:   # the written token replaced the draft's: the likeliest edit
             return self.draft[self.pointer:self.pointer + limit]
         ngram = self.ngram
         shortest = 1 if self.size >= 4 else min(2, ngram) if self.size else ngram
@@ -252,6 +263,7 @@ class _DraftRow:
         # (after a rejection) the most likely edit, its replacement.
         self.pointer += accepted + 1
         self.accepted += accepted
+        self.rejected = accepted < proposed
         if proposed and accepted == proposed:
             self.size = min(lookahead, 2 * max(1, self.size))
         elif proposed:

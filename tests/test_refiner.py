@@ -238,6 +238,30 @@ def edited(ids, gen, rate):
     return out
 
 
+@pytest.mark.parametrize("edit, passes", [("substitution", 1), ("extra draft token", 1), ("missing draft token", 2)])
+def test_a_draft_row_steps_over_a_one_token_edit(edit, passes):
+    """A row whose draft is one edit away from the greedy completion is back in step with it, proposing the rest,
+    after one rejected pass (a substitution, a token the draft has in excess) or two (a token the draft lacks: a
+    substitution is guessed first). Verified as _verify_batch does, with the completion as the greedy tokens; its
+    tokens are distinct, so no n-gram elsewhere in the draft helps or misleads."""
+    from fastrft.rollout import _DraftRow
+
+    truth = list(range(10, 60))
+    draft = {"substitution": truth[:20] + [99] + truth[21:], "extra draft token": truth[:20] + [99] + truth[20:],
+             "missing draft token": truth[:20] + truth[21:]}[edit]
+    row = _DraftRow(draft, ngram=3, size=8)
+    row.write(truth[:20], eos_id=2, max_new_tokens=64)
+    row.pointer = 20
+    rejected = 0
+    while (proposal := row.proposal(8)) != truth[len(row.out):len(row.out) + 8]:
+        greedy = truth[len(row.out):]
+        accepted = next((j for j, (x, y) in enumerate(zip(greedy, proposal)) if x != y), len(proposal))
+        row.write(greedy[:accepted + 1], eos_id=2, max_new_tokens=64)
+        row.verified(len(proposal), accepted, lookahead=64)
+        rejected += 1
+    assert rejected == passes
+
+
 @pytest.mark.parametrize("kind", ["qwen2-gqa", "gpt2-absolute-positions", "mistral-sliding-window"])
 def test_other_architectures(kind):
     """Random tiny models of other families: the drafts are their own greedy completions, edited at several rates;
@@ -400,7 +424,8 @@ def test_trainer_logs_the_refiner_passes(tiny_model, tmp_path):
 def test_a_draft_row_keeps_long_proposals_where_its_draft_holds():
     """_DraftRow's proposals (they decide only the cost, never the tokens): in step with its draft a row proposes the
     continuation without building its n-gram index; a rejection after long accepted runs halves the proposal, after
-    short ones cuts it to what was accepted; out of step it re-aligns on the written tokens."""
+    short ones cuts it to what was accepted; one edit away it steps over the edit; further out of step it re-aligns on
+    the written tokens' n-grams."""
     from fastrft.rollout import _DraftRow
 
     draft = list(range(100, 200))
@@ -412,7 +437,10 @@ def test_a_draft_row_keeps_long_proposals_where_its_draft_holds():
     row.verified(32, 2, lookahead=512)
     assert row.size == 16                                       # 18 accepted in 1 change: halved, not cut to 2
     row.write([draft[20]], eos_id=-1, max_new_tokens=1000)      # the draft's token after the replaced one
-    assert row.proposal(4) == draft[21:25] and row._ends is not None
+    assert row.proposal(4) == draft[21:25] and row._ends is None   # one edit away: no n-gram looked up
+    row.write(draft[21:25] + [5, 6] + draft[60:63], eos_id=-1, max_new_tokens=1000)   # accepted, then a rewrite
+    row.verified(4, 4, lookahead=512)                                                  # that rejoins the draft
+    assert row.proposal(4) == draft[63:67] and row._ends is not None   # found by its last 3 tokens
 
     choppy = _DraftRow(draft, ngram=3, size=4)
     choppy.write([draft[0], 7], eos_id=-1, max_new_tokens=1000)
