@@ -451,7 +451,8 @@ def test_a_draft_row_keeps_long_proposals_where_its_draft_holds():
 def test_rows_fill_the_block_with_their_drafts():
     """_next_blocks: the block is as long as the quarter of rows trusting their drafts most ask; every row fills it
     with as much of its draft as it holds (the padding would cost the pass's layers as much), within
-    max_new_tokens, or with fill=False only a row that asks for nothing does; a finished row feeds nothing."""
+    max_new_tokens, or with fill=False only a row that asks for nothing does; a finished row feeds nothing; a row
+    the refiner has just corrected does not lengthen the block."""
     from fastrft.rollout import _DraftRow, _next_blocks
 
     draft = list(range(100, 140))
@@ -473,6 +474,8 @@ def test_rows_fill_the_block_with_their_drafts():
     assert unfilled[2] == draft[:3] and unfilled[3] == draft[35:38]   # what they ask for: 2 tokens
     # 1 token written, so 5 more at most, the last of them the pass's prediction after the block's: 4 proposed.
     assert _next_blocks(rows[:3], max_new_tokens=6, probe=False)[2] == draft[:5]
+    rows[1].rejected = True   # just corrected: it proposes into the block but no longer lengthens it
+    assert _next_blocks(rows, max_new_tokens=1000, probe=False)[:2] == [draft[:3], draft[:3]]
 
 
 def test_blocks_are_filled_where_the_head_costs_less_than_the_layers(reference):
