@@ -370,16 +370,16 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
 def _next_blocks(rows: list[_DraftRow], max_new_tokens: int, probe: bool, fill: bool = True) -> list[list[int]]:
     """Each row's last token and its proposal; [] for finished rows. The block is as long as the proposals its rows'
     trust asks for (their sizes), those of at least a quarter of them (one row's long proposal must not multiply
-    every row's compute; a row just corrected does not count), or a probe's 3 (every probe_every passes, the gap doubling while probes win no row back).
+    every row's compute), or a probe's 3 (every probe_every passes, the gap doubling while probes win no row back).
     A row that asks for nothing fills the block with as much of its draft as it can, and so does every row where
-    `fill` (_fills_blocks): the padding would cost the pass's layers as much."""
+    `fill` (_fills_blocks): the padding would cost the pass's layers as much. A row the refiner has just corrected
+    proposes into the block but does not lengthen it: where its draft goes on past the edit is a guess, and a long
+    guess would widen every row's pass."""
     room = [max_new_tokens - len(row.out) - 1 for row in rows]
     # No block outgrows the largest ask or a probe's: no proposal needs more of its draft (a slice a row per pass).
     reach = max([2] + [row.size for row in rows if not row.done])
     proposals = [row.proposal(min(left, reach if fill else row.size)) if row.size and not row.done else None
                  for row, left in zip(rows, room)]
-    # A row the refiner has just corrected proposes into the block but does not lengthen it: where its draft goes on
-    # past the edit is a guess, and a long guess would widen every row's pass.
     lengths = sorted((min(len(p), row.size) for row, p in zip(rows, proposals) if p is not None and not row.rejected),
                      reverse=True)
     quarter = (len(rows) - 1) // 4
