@@ -212,6 +212,10 @@ class _DraftRow:
         self.accepted = 0          # draft tokens accepted so far
         self.changes = 0           # proposals rejected so far
         self.rejected = False      # whether the last written token replaced a proposed one
+        self.guessing = False      # whether the proposal out for verification guesses a substitution
+        self.guess_failed = False  # whether the last one did and was rejected: the edit is not a substitution
+        self.failed_start = None   # the draft position of the last proposal rejected at its first token
+        self.dead_end = None       # ... if the one before was too: never proposed from again while it is
         self.ngram = ngram
         self._ends: dict[tuple, list[int]] | None = None
 
@@ -237,16 +241,20 @@ class _DraftRow:
         """At most limit tokens of the draft: its continuation from the pointer where the last written token is the
         draft's before it (in step); else from one position further or back where it is the draft's there (one edit
         away: the draft's token at the pointer was an extra one, or the refiner inserted one before it, learnt the
-        pass after it guessed a substitution); else, right after a rejected proposal, from the pointer (the written
-        token a substitution for the draft's); else after the nearest occurrence (from the pointer on, else the last
-        before it) of the last n written tokens, n = ngram down to the shortest the row's trust allows."""
+        pass after it guessed a substitution); else, right after a rejected proposal that was not itself such a
+        guess, from the pointer (the written token a substitution for the draft's); else after the nearest occurrence
+        (from the pointer on, else the last before it) of the last n written tokens, n = ngram down to the shortest
+        the row's trust allows. Never from the draft's end (nothing to propose: the row re-aligns), nor from a dead
+        end: where a completion repeats a token, the one-edit check would pull the row back to it every pass."""
+        self.guessing = False
         if limit <= 0:
             return []
         for at in (self.pointer, self.pointer + 1, self.pointer - 1):   # in step, then one edit away
-            if 0 < at <= len(self.draft) and self.out[-1] == self.draft[at - 1]:
+            if 0 < at < len(self.draft) and at != self.dead_end and self.out[-1] == self.draft[at - 1]:
                 self.pointer = at
                 return self.draft[at:at + limit]
-        if self.rejected:   # the written token replaced the draft's: the likeliest edit
+        if self.rejected and not self.guess_failed:   # the written token replaced the draft's: the likeliest edit
+            self.guessing = True
             return self.draft[self.pointer:self.pointer + limit]
         ngram = self.ngram
         shortest = 1 if self.size >= 4 else min(2, ngram) if self.size else ngram
@@ -254,16 +262,23 @@ class _DraftRow:
             ends = self.ends.get(tuple(self.out[-n:]))
             if ends:
                 at = bisect.bisect_left(ends, self.pointer)
-                self.pointer = ends[at] if at < len(ends) else ends[-1]
-                return self.draft[self.pointer:self.pointer + limit]
+                start = ends[at] if at < len(ends) else ends[-1]
+                if start != self.dead_end:
+                    self.pointer = start
+                    return self.draft[start:start + limit]
         return []
 
     def verified(self, proposed: int, accepted: int, lookahead: int) -> None:
         # The token written after the accepted ones stands for the next draft position: the draft's own token, or
         # (after a rejection) the most likely edit, its replacement.
+        if proposed:
+            start = None if accepted else self.pointer
+            self.dead_end = start if start is not None and start == self.failed_start else None
+            self.failed_start = start
         self.pointer += accepted + 1
         self.accepted += accepted
         self.rejected = accepted < proposed
+        self.guess_failed, self.guessing = self.guessing and self.rejected, False
         if proposed and accepted == proposed:
             self.size = min(lookahead, 2 * max(1, self.size))
         elif proposed:

@@ -252,14 +252,49 @@ def test_a_draft_row_steps_over_a_one_token_edit(edit, passes):
     row = _DraftRow(draft, ngram=3, size=8)
     row.write(truth[:20], eos_id=2, max_new_tokens=64)
     row.pointer = 20
+    assert rejected_passes(row, truth, block=8) == passes
+
+
+def rejected_passes(row, truth: list[int], block: int) -> int:
+    """Verifies the row's proposals of up to `block` tokens as _verify_batch does, with truth as the greedy
+    completion, until the row proposes truth's next `block` tokens (or has written all of truth); returns the passes
+    that rejected a proposal."""
     rejected = 0
-    while (proposal := row.proposal(8)) != truth[len(row.out):len(row.out) + 8]:
+    while len(row.out) < len(truth) and \
+            (proposal := row.proposal(block)) != truth[len(row.out):len(row.out) + block]:
         greedy = truth[len(row.out):]
         accepted = next((j for j, (x, y) in enumerate(zip(greedy, proposal)) if x != y), len(proposal))
-        row.write(greedy[:accepted + 1], eos_id=2, max_new_tokens=64)
+        row.write(greedy[:accepted + 1], eos_id=2, max_new_tokens=1000)
         row.verified(len(proposal), accepted, lookahead=64)
         rejected += 1
-    assert rejected == passes
+    return rejected
+
+
+def test_a_draft_row_never_sticks_to_a_failing_start():
+    """A greedy completion that repeats one token (small models fall into such loops) against a draft of it with two
+    tokens inserted, verified in blocks as wide as other rows may make them: the row is back in step within a few
+    passes. It never proposes again from a start rejected twice in a row at its first token (the one-edit check
+    would pull it back there every pass: the written token is always the draft's before it)."""
+    from fastrft.rollout import _DraftRow
+
+    truth = [7] * 200
+    draft = [6] + [7] * 7 + [12, 3] + [7] * 150
+    row = _DraftRow(draft, ngram=3, size=8)
+    row.write(truth[:8], eos_id=2, max_new_tokens=1000)
+    row.pointer = 8
+    assert rejected_passes(row, truth, block=8) <= 4
+
+
+def test_a_draft_row_at_its_drafts_end_re_aligns():
+    """A row whose pointer reached the end of a draft without EOS (cut at max_new_tokens) has nothing to propose
+    from there: it is not in step, and re-aligns on its last tokens instead of proposing nothing every pass."""
+    from fastrft.rollout import _DraftRow
+
+    draft = [7] * 50 + [5] + [7] * 30
+    row = _DraftRow(draft, ngram=3, size=8)
+    row.write([7] * 40, eos_id=2, max_new_tokens=100)
+    row.pointer = len(draft)
+    assert row.proposal(8) == [7]
 
 
 @pytest.mark.parametrize("kind", ["qwen2-gqa", "gpt2-absolute-positions", "mistral-sliding-window"])
