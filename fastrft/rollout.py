@@ -246,7 +246,6 @@ class _DraftRow:
         (from the pointer on, else the last before it) of the last n written tokens, n = ngram down to the shortest
         the row's trust allows. Never from the draft's end (nothing to propose: the row re-aligns), nor from a dead
         end: where a completion repeats a token, the one-edit check would pull the row back to it every pass."""
-        self.guessing = False
         if limit <= 0:
             return []
         for at in (self.pointer, self.pointer + 1, self.pointer - 1):   # in step, then one edit away
