@@ -2,9 +2,9 @@
 
 Part `demo`: the demo's default run (`fastrft demo` settings, its trained reference model, one torch thread), KL
 and refiner modes, each on the path this machine chooses (packing=auto) and on the dense packed path (every sample
-in one packed row through SDPA with a [T, T] mask: the default before packing=auto); mean per-phase times over
---steps steps after a warm-up step. Targets: default KL step at most 0.45x the dense one; refiner step at most 1.2x
-the KL step.
+in one packed row through SDPA with a [T, T] mask: the default before packing=auto); mean per-phase times and token
+slots read (the reference and update forwards', padding included) over --steps steps after a warm-up step.
+Targets: default KL step at most 0.45x the dense one; refiner step at most 1.2x the KL step.
 Part `sweep`: the update alone (forward, backward and AdamW step over token-budgeted micro-batches, exactly as the
 trainer runs it) on the demo's tiny model and on a randomly initialised 4-layer model of Qwen2.5-0.5B's width
 (hidden 896, 14 heads, vocabulary 151936), with 1x, 2x, 4x and 8x a demo step's tokens (rows of the demo's length
@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -71,11 +72,15 @@ def demo_step(steps: int, reference_dir: Path, work_dir: Path) -> list[dict]:
                 run.attention = AttentionPath(True, SDPA, 10**9)
             runs[constraint, path_name] = run
     records = {key: [] for key in runs}
-    for step in range(1, steps + 2):
-        for key, run in runs.items():
-            record = run_step(run, step)
-            if step > 1:   # step 1 warms up
-                records[key].append(record)
+    read = {key: [] for key in runs}   # per step, the token slots its forwards read (padding included)
+    with counted_batches() as slots:
+        for step in range(1, steps + 2):
+            for key, run in runs.items():
+                slots.clear()
+                record = run_step(run, step)
+                if step > 1:   # step 1 warms up
+                    records[key].append(record)
+                    read[key].append(sum(slots))
     rows = []
     for (constraint, path_name), recs in records.items():
         # Means, not medians: the phases of a mean step add up to the mean step.
@@ -86,12 +91,33 @@ def demo_step(steps: int, reference_dir: Path, work_dir: Path) -> list[dict]:
                "micro_batches": statistics.fmean(r.update.micro_batches for r in recs),
                "response_len": statistics.fmean(r.to_dict()["response_len"] for r in recs),
                "refine_rate": statistics.fmean(r.to_dict()["refine_rate"] for r in recs),
+               "tokens_read": statistics.fmean(read[constraint, path_name]),
                "peak_mem_gb": max(r.peak_mem_gb for r in recs)}
         row["other_s"] = row["step_s"] - sum(row[f"{p}_s"] for p in PHASES)
         print(f"demo step {constraint:8s} {path_name:13s} step {row['step_s']:.3f} s, update {row['update_s']:.3f} s",
               flush=True)
         rows.append(row)
     return rows
+
+
+@contextmanager
+def counted_batches():
+    """The token slots (rows x width) of every batch fastrft.batch builds in the block, appended to the list it
+    yields: what the reference, old log-prob and update forwards read."""
+    from fastrft import batch as batch_module
+
+    build, slots = batch_module.build_batch, []
+
+    def counted(*args, **kwargs):
+        out = build(*args, **kwargs)
+        slots.append(out.input_ids.numel())
+        return out
+
+    batch_module.build_batch = counted
+    try:
+        yield slots
+    finally:
+        batch_module.build_batch = build
 
 
 def demo_ratios(rows: list[dict]) -> dict:
@@ -314,14 +340,16 @@ def markdown(payload: dict) -> str:
         ratios = payload["demo_ratios"]
         lines += ["## The demo step (fastrft demo's settings, 1 torch thread; mean over the steps after the first)", "",
                   "| constraint | path | step s | rollout s | reward s | reference s | refine s | update s | other s "
-                  "| micro-batches | refine rate |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| micro-batches | refine rate | tokens read |", "|---|---|" + "---:|" * 10]
         lines[-2:-2] = earlier("demo")
         for r in payload["demo"]:
             lines.append(f"| {r['constraint']} | {r['path']} | {r['step_s']:.3f} | "
                          + " | ".join(f"{r[f'{p}_s']:.3f}" for p in PHASES)
-                         + f" | {r['other_s']:.3f} | {r['micro_batches']:.1f} | {r['refine_rate']:.2f} |")
+                         + f" | {r['other_s']:.3f} | {r['micro_batches']:.1f} | {r['refine_rate']:.2f} | "
+                         + (f"{r['tokens_read']:.0f} |" if "tokens_read" in r else "- |"))
         lines += ["", f"Paths: default = {payload['demo'][0]['attention']}; dense packed = every row in one packed "
-                      f"row through SDPA with a [T, T] mask (the default before packing=auto).", "",
+                      f"row through SDPA with a [T, T] mask (the default before packing=auto). Tokens read: the "
+                      f"token slots of the reference and update forwards a step, padding included.", "",
                   f"- KL step, default / dense packed: {ratios['kl_default_over_dense']:.2f}x (target <= 0.45x)",
                   f"- refiner step / KL step, default path: {ratios['refiner_over_kl_default']:.2f}x (target <= "
                   f"1.2x; dense packed: {ratios['refiner_over_kl_dense']:.2f}x)", ""]

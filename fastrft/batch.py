@@ -16,13 +16,16 @@ Never a dense [T, T] mask over the batch: that is what SDPA makes of a packed ro
 varlen kernels (bench_step.py measures the dense variant as the baseline it replaced).
 
 Tree rows, on the padded path where the model's attention takes a custom mask and is plain causal (SDPA or eager:
-`tree_mask_blocker`), under a per-row [L, L] tree mask, so that shared tokens go through the model once:
+`tree_mask_blocker`), under a per-row [L, L] tree mask, so that shared tokens go through the model once and padding
+is filled:
   - a refinement shares its sample's prompt and the targets before its first change: it rides in its sample's row
     as a branch (`Branch`) after the sample's tokens, seeing only the shared prefix and itself (`with_refinements`);
     elsewhere it is a row of its own;
   - a GRPO group's samples share their prompt: adjacent rows of one prompt share one row, the prompt once, each
     sample after it seeing the prompt and itself, where that costs less than rows apart (`prompt_stacks`: the tokens
-    saved against the longer row's attention, by the model's FLOPs).
+    saved against the longer row's attention, by the model's FLOPs);
+  - such stacks of rows (or rows alone) fill the padding of a micro-batch's rows: several side by side in one
+    tensor row, positions restarting at each, each seeing only itself, where that costs less (`plan_lanes`).
 The loss, gradients and log-probs are those of every sequence in a row of its own.
 
 A micro-batch holds at most `max_tokens` tokens (packed: their sum; padded: rows x longest row, the padding
@@ -31,6 +34,7 @@ budget goes alone.
 """
 from __future__ import annotations
 
+import bisect
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -119,7 +123,7 @@ def stack_length(rows: list[Row], stack: list[int]) -> int:
 
 
 def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: int = 0,
-                stacks: list[list[int]] | None = None) -> Batch:
+                stacks: list[list[int]] | None = None, lanes: list[list[int]] | None = None) -> Batch:
     """Sequence i reads prompt + target[:-1]; the hidden state at position len(prompt) - 1 + j predicts target[j].
     packed: all sequences in one row, position_ids restarting at 0; else one right-padded row per sequence, position
     ids 0..L-1 through the padding (no mask needed for a row alone: see the module docstring).
@@ -128,13 +132,17 @@ def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: 
     of one prompt in one tensor row, the prompt but its last token once, then each row's segment, its prompt's last
     token and its targets but the last, at the positions they would have alone, seeing the prompt and itself only.
     A row's branch follows its segment: the segment's token at the position that predicts target `at` again, then
-    the branch's targets but the last, seeing the prompt and the segment before that position."""
+    the branch's targets but the last, seeing the prompt and the segment before that position. lanes (indices into
+    stacks; default each stack alone) puts several stacks side by side in one tensor row, each seeing only itself."""
     stacks = [[i] for i in range(len(rows))] if stacks is None else stacks
-    if packed and (any(row.branch for row in rows) or any(len(stack) > 1 for stack in stacks)):
-        raise ValueError("rows sharing a prompt or with a branch need the padded layout (their tree mask is per row)")
+    lanes = [[k] for k in range(len(stacks))] if lanes is None else lanes
+    if packed and (any(row.branch for row in rows) or any(len(group) > 1 for group in stacks + lanes)):
+        raise ValueError("rows sharing a prompt or a tensor row, or with a branch, need the padded layout (their tree "
+                         "mask is per row)")
     lengths = [stack_length(rows, stack) for stack in stacks]
-    width = sum(lengths) if packed else max(lengths)
-    shape = (1, width) if packed else (len(stacks), width)
+    lane_lengths = [sum(lengths[k] for k in lane) for lane in lanes]
+    width = sum(lane_lengths) if packed else max(lane_lengths)
+    shape = (1, width) if packed else (len(lanes), width)
     # Flat positions of every token and every target, built as lists and written with one indexed copy per tensor.
     token_at, tokens, positions, target_at, target_ids, masked_keys = [], [], [], [], [], []
     slices: list = [None] * len(rows)
@@ -158,10 +166,12 @@ def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: 
             masked_keys.append((b, *queries, *keys))
 
     start = 0
-    for b, (stack, length) in enumerate(zip(stacks, lengths)):
+    for b, k in ((b, k) for b, lane in enumerate(lanes) for k in lane):
+        stack = stacks[k]
+        row_b, offset = (0, 0) if packed else (b, b * width)   # slices and masks index the [rows, width] tensors
         if not packed:
-            start = b * width
-        row_b, offset = (0, 0) if packed else (b, start)   # slices and masks index the [rows, width] tensors
+            start = offset if k == lanes[b][0] else start
+            mask_keys(row_b, (start - offset, start - offset + lengths[k]), (0, start - offset))   # its lane's others
         prompt = rows[stack[0]].prompt_ids
         shared = len(prompt) - 1
         add_tokens(start, prompt[:-1], 0)
@@ -187,7 +197,7 @@ def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: 
                 mask_keys(row_b, queries, (others, segment - offset))
                 mask_keys(row_b, queries, (segment - offset + at, column - offset))   # its sample from the fork on
                 column += m
-        start += length
+        start += lengths[k]
     token_at, target_at = torch.tensor(token_at), torch.tensor(target_at)
 
     def scatter(at, values, dtype, fill=0, base=None):
@@ -197,7 +207,7 @@ def build_batch(rows: list[Row], device: torch.device, *, packed: bool, pad_id: 
 
     attention_mask = None
     if masked_keys:   # causal, minus what each segment must not see; padding attends causally (no all-masked row)
-        attention_mask = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(stacks), 1, 1)
+        attention_mask = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(lanes), 1, 1)
         for b, q0, q1, k0, k1 in masked_keys:
             attention_mask[b, q0:q1, k0:k1] = False
         attention_mask = attention_mask[:, None].to(device)
@@ -383,15 +393,21 @@ def with_refinements(rows: list[Row], refined: list[Row | None], path: Attention
     return out
 
 
+def row_cost(width: int, masked: bool, pair_cost: float) -> float:
+    """What reading a tensor row costs, in tokens through the model: its width, plus pair_cost per query-key pair
+    attention computes (a causal kernel skips the upper triangle, a masked one not)."""
+    return width + pair_cost * width ** 2 * (1.0 if masked else 0.5)
+
+
 def prompt_stacks(rows: list[Row], path: AttentionPath) -> list[list[int]]:
-    """The rows each tensor row holds (indices into rows, in order): each row alone, or where path shares prompts
-    (pair_cost), runs of adjacent rows with one prompt (a group's samples) in one tree row (see build_batch) within
-    the token budget. A row joins the run when that costs less than reading it alone, by the tokens read plus
+    """The rows each stack holds (indices into rows, in order): each row alone, or where path shares prompts
+    (pair_cost), runs of adjacent rows with one prompt (a group's samples) as one tree of sequences (see build_batch)
+    within the token budget. A row joins the run when that costs less than reading it alone, by the tokens read plus
     pair_cost per query-key pair (a tree row's masked attention computes its whole width squared, a row alone's
     causal attention half of it): a long prompt shared by short answers gains, long answers to a short prompt would
     pay in attention what the prompt saves."""
-    def cost(width: int, masked: bool) -> float:   # a causal kernel skips the upper triangle, a masked one not
-        return width + path.pair_cost * width ** 2 * (1.0 if masked else 0.5)
+    def cost(width: int, masked: bool) -> float:
+        return row_cost(width, masked, path.pair_cost)
 
     stacks: list[list[int]] = []
     for i, row in enumerate(rows):
@@ -407,21 +423,64 @@ def prompt_stacks(rows: list[Row], path: AttentionPath) -> list[list[int]]:
     return stacks
 
 
-def micro_batch_plan(rows: list[Row], path: AttentionPath) -> list[list[list[int]]]:
-    """Each micro-batch's stacks of rows (prompt_stacks), cut by the token budget (plan_micro_batches)."""
+def plan_lanes(lengths: list[int], max_tokens: int) -> list[list[list[int]]]:
+    """Padded micro-batches whose tensor rows (lanes) hold several sequences side by side: indices of lengths, per
+    micro-batch per lane. Longest first, best fit: a micro-batch is as wide as its first (longest) sequence, each
+    next one goes into the lane it leaves least room in, or a new lane while lanes x width stay within max_tokens,
+    else it starts the next micro-batch. A sequence longer than max_tokens goes alone."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    batches: list[list[list[int]]] = []
+    room: list[tuple[int, int]] = []   # the current micro-batch's (room left, lane), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = bisect.bisect_left(room, (lengths[i], -1))
+        if fit < len(room):
+            left, lane = room.pop(fit)
+            batches[-1][lane].append(i)
+            bisect.insort(room, (left - lengths[i], lane))
+        elif batches and (len(batches[-1]) + 1) * lengths[batches[-1][0][0]] <= max_tokens:
+            batches[-1].append([i])
+            bisect.insort(room, (lengths[batches[-1][0][0]] - lengths[i], len(batches[-1]) - 1))
+        else:
+            batches.append([[i]])
+            room = [(0, 0)]
+    return batches
+
+
+def micro_batch_plan(rows: list[Row], path: AttentionPath) -> list[list[list[list[int]]]]:
+    """Each micro-batch's tensor rows, each a list of stacks of rows (prompt_stacks): one stack a row, cut by the
+    token budget (plan_micro_batches), or where the path takes tree masks (pair_cost) and it costs less, stacks side
+    by side in rows as wide as the micro-batch's longest (plan_lanes), padding filled with sequences."""
     stacks = prompt_stacks(rows, path)
-    planned = plan_micro_batches([stack_length(rows, stack) for stack in stacks], path.max_tokens,
-                                 packed=path.packed)
-    return [[stacks[k] for k in batch] for batch in planned]
+    lengths = [stack_length(rows, stack) for stack in stacks]
+    apart = [[[k] for k in batch] for batch in plan_micro_batches(lengths, path.max_tokens, packed=path.packed)]
+    plan = apart
+    if path.pair_cost is not None:
+        def masked(batch) -> bool:
+            return any(len(lane) > 1 or len(stacks[lane[0]]) > 1 or rows[stacks[lane[0]][0]].branch is not None
+                       for lane in batch)
+
+        def cost(plan) -> float:
+            return sum(len(batch) * row_cost(lengths[batch[0][0]], masked(batch), path.pair_cost) for batch in plan)
+
+        side_by_side = plan_lanes(lengths, path.max_tokens)
+        if cost(side_by_side) < cost(apart):
+            plan = side_by_side
+    return [[[stacks[k] for k in lane] for lane in batch] for batch in plan]
 
 
-def planned_batch(rows: list[Row], stacks: list[list[int]], device: torch.device,
+def planned_batch(rows: list[Row], lanes: list[list[list[int]]], device: torch.device,
                   path: AttentionPath) -> tuple[list[int], Batch]:
     """(indices into rows, Batch) of one micro-batch of micro_batch_plan."""
+    stacks = [stack for lane in lanes for stack in lane]
     indices = [i for stack in stacks for i in stack]
     at = {i: k for k, i in enumerate(indices)}
+    starts = [0]
+    for lane in lanes:
+        starts.append(starts[-1] + len(lane))
     return indices, build_batch([rows[i] for i in indices], device, packed=path.packed,
-                                stacks=[[at[i] for i in stack] for stack in stacks])
+                                stacks=[[at[i] for i in stack] for stack in stacks],
+                                lanes=[list(range(a, b)) for a, b in zip(starts, starts[1:])])
 
 
 def micro_batches(rows: list[Row], path: AttentionPath, device: torch.device):

@@ -8,8 +8,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastrft.batch import (EAGER, FLASH, FLEX, SDPA, AttentionPath, Branch, Row, accumulate_gradients, attention,
-                           attention_pair_cost, build_batch, choose_attention, final_hidden, plan_micro_batches,
-                           prompt_stacks, rft_loss, sequence_logprobs, with_refinements)
+                           attention_pair_cost, build_batch, choose_attention, final_hidden, micro_batch_plan,
+                           plan_lanes, plan_micro_batches, prompt_stacks, rft_loss, sequence_logprobs,
+                           with_refinements)
 from fastrft.config import TrainConfig
 
 CPU = torch.device("cpu")
@@ -250,38 +251,44 @@ BRANCH_MODELS = {"llama-sdpa": (None, SDPA), "llama-eager": (None, EAGER), "qwen
 
 @pytest.mark.parametrize("kind", BRANCH_MODELS)
 def test_tree_rows_give_the_loss_grads_and_logprobs_of_rows_apart(model, kind):
-    """Refinements in their samples' rows (the shared prefix once, a tree mask), and a prompt's samples with them in
-    one row (the prompt once): the loss terms, gradients and log-probs of every sequence in a row of its own, in
-    one micro-batch and in several, with fewer tokens."""
+    """Refinements in their samples' rows (the shared prefix once, a tree mask), a prompt's samples with them in
+    one row (the prompt once), and rows of other prompts side by side in one tensor row (a lane): the loss terms,
+    gradients and log-probs of every sequence in a row of its own, in one micro-batch and in several, with fewer
+    tokens."""
     model_type, implementation = BRANCH_MODELS[kind]
     policy = model if model_type is None else tiny_causal_lm(model_type)
     if model_type is not None:
         with torch.no_grad():
             policy.get_output_embeddings().weight.div_(40.0)   # logits of a few nats, a KL of the same
     policy.set_attn_implementation(implementation)
-    rows, refined = sample_and_refined_rows(policy.config.vocab_size, group=4)
     apart = AttentionPath(False, implementation, 10**6)
+    # (group, seed): (budget, pair_cost) -> each stack's rows
+    cases = {(4, 0): {(10**6, None): [1] * 10, (40, None): [1] * 10, (10**6, 0.0): [4, 4, 2], (30, 0.0): [3, 1, 4, 2]},
+             (1, 2): {(10**6, 0.0): [1] * 10, (30, 0.0): [1] * 10}}
     try:
-        separate = with_refinements(rows, refined, apart)
-        expected, expected_grads, _ = loss_and_grads(policy, separate, apart)
-        expected_logprobs = sequence_logprobs(policy, rows, CPU, path=apart, temperature=0.7)
-        for budget, pair_cost in ((10**6, None), (40, None), (10**6, 0.0), (30, 0.0)):
-            path = AttentionPath(False, implementation, budget, branches=True, pair_cost=pair_cost)
-            branched = with_refinements(rows, refined, path)
-            assert len(branched) == len(rows) and sum(row.branch is not None for row in branched) == 7
-            assert sum(row.loss_tokens for row in branched) == sum(row.loss_tokens for row in separate)
-            stacks = prompt_stacks(branched, path)
-            assert [len(stack) for stack in stacks] == ([1] * 10 if pair_cost is None else
-                                                        [4, 4, 2] if budget == 10**6 else [3, 1, 4, 2])
-            terms, grads, n_batches = loss_and_grads(policy, branched, path)
-            assert (n_batches > 1) == (budget < 10**6)
-            for name in ("loss", "pg_loss", "sft_loss", "kl_loss", "clip_frac", "entropy"):
-                assert terms[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
-            for name, grad in grads.items():
-                torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-            for ours, theirs in zip(sequence_logprobs(policy, branched, CPU, path=path, temperature=0.7),
-                                    expected_logprobs):
-                torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        for (group, seed), paths in cases.items():
+            rows, refined = sample_and_refined_rows(policy.config.vocab_size, seed=seed, group=group)
+            separate = with_refinements(rows, refined, apart)
+            expected, expected_grads, _ = loss_and_grads(policy, separate, apart)
+            expected_logprobs = sequence_logprobs(policy, rows, CPU, path=apart, temperature=0.7)
+            for (budget, pair_cost), stack_sizes in paths.items():
+                path = AttentionPath(False, implementation, budget, branches=True, pair_cost=pair_cost)
+                branched = with_refinements(rows, refined, path)
+                assert len(branched) == len(rows) and sum(row.branch is not None for row in branched) == 7
+                assert sum(row.loss_tokens for row in branched) == sum(row.loss_tokens for row in separate)
+                assert [len(stack) for stack in prompt_stacks(branched, path)] == stack_sizes
+                # Group 1's plans put rows of different prompts side by side, a branched one among them.
+                lanes = [lane for batch in micro_batch_plan(branched, path) for lane in batch]
+                assert any(len(lane) > 1 for lane in lanes) == (group == 1)
+                terms, grads, n_batches = loss_and_grads(policy, branched, path)
+                assert (n_batches > 1) == (budget < 10**6)
+                for name in ("loss", "pg_loss", "sft_loss", "kl_loss", "clip_frac", "entropy"):
+                    assert terms[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+                for name, grad in grads.items():
+                    torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+                for ours, theirs in zip(sequence_logprobs(policy, branched, CPU, path=path, temperature=0.7),
+                                        expected_logprobs):
+                    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     finally:
         model.set_attn_implementation(SDPA)
 
@@ -329,6 +336,52 @@ def test_a_prompts_samples_in_one_row_see_the_prompt_and_themselves(model):
     for columns, sequence, positions in (([0, 1, 2, 3], 0, slice(0, 4)), ([0, 1, 4, 5, 6], 1, slice(0, 5)),
                                          ([7], 2, slice(3, 4))):
         torch.testing.assert_close(together[columns], alone[sequence][positions], atol=1e-5, rtol=1e-5)
+
+
+def test_rows_side_by_side_see_only_themselves(model):
+    """Stacks of different prompts in one tensor row (a lane), positions restarting at each: each sequence's hidden
+    states are those it has alone, and a lane shorter than the batch's widest is padded after its last stack."""
+    prompt = [5, 6, 7]
+    first, second = Row(prompt, [8, 9], advantage=1.0, pg=True), Row(prompt, [10, 11, 12], advantage=-1.0, pg=True)
+    other, last = Row([14, 15], [16, 17, 18], advantage=0.5, pg=True), Row([3], [4], advantage=1.0, pg=True)
+    path = AttentionPath(False, SDPA, 10**6, branches=True, pair_cost=0.0)
+    rows = with_refinements([first, second, other, last],
+                            [None, Row(prompt, [10, 13], sft_weights=torch.ones(2)), None, None], path)
+    batch = build_batch(rows, CPU, packed=False, pad_id=0, stacks=[[0, 1], [2], [3]], lanes=[[0, 1], [2]])
+    # the stack of test_a_prompts_samples_in_one_row... | 14 | 15 16 17 (other) ; 3 (last) and padding
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 7, 10, 11, 10, 14, 15, 16, 17], [3] + [0] * 11]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4, 3, 0, 1, 2, 3], list(range(12))]
+    assert batch.targets[0].tolist() == [-100, -100, 8, 9, 10, 11, 12, 13, -100, 16, 17, 18]
+    assert batch.target_slices == [(0, 2, 4), (0, 4, 7), (0, 9, 12), (1, 0, 1)]
+    with torch.no_grad():
+        together = final_hidden(model, batch)
+        alone = [final_hidden(model, build_batch([row], CPU, packed=False))[0]
+                 for row in (first, second, Row(prompt, [10, 13]), other, last)]
+    for columns, sequence, positions in (([0, 1, 2, 3], 0, slice(0, 4)), ([0, 1, 4, 5, 6], 1, slice(0, 5)),
+                                         ([7], 2, slice(3, 4)), ([8, 9, 10, 11], 3, slice(0, 4))):
+        torch.testing.assert_close(together[0, columns], alone[sequence][positions], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[1, :1], alone[4], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="padded layout"):
+        build_batch([other, last], CPU, packed=True, lanes=[[0, 1]])
+
+
+def test_plan_lanes_keeps_to_the_budget():
+    """Every sequence once; a micro-batch as wide as its first (longest) sequence, no lane fuller, lanes x width
+    within the budget but for a sequence longer than it; the next sequence goes where it leaves least room."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        lengths = torch.randint(1, 40, (int(torch.randint(1, 30, (1,), generator=gen)),), generator=gen).tolist()
+        budget = int(torch.randint(1, 200, (1,), generator=gen))
+        batches = plan_lanes(lengths, budget)
+        assert sorted(i for batch in batches for lane in batch for i in lane) == list(range(len(lengths)))
+        for batch in batches:
+            width = lengths[batch[0][0]]
+            assert all(sum(lengths[i] for i in lane) <= width for lane in batch)
+            assert len(batch) * width <= budget or batch == [batch[0][:1]]
+    assert plan_lanes([10, 6, 4, 3], 20) == [[[0], [1, 2]], [[3]]]
+    assert plan_lanes([10, 7, 5, 3, 2], 30) == [[[0], [1, 3], [2, 4]]]   # 3 fills 7's lane exactly, 2 joins 5
+    with pytest.raises(ValueError, match="max_tokens"):
+        plan_lanes([3], 0)
 
 
 def test_prompt_stacks_share_a_prompt_where_it_costs_less():

@@ -40,8 +40,8 @@ def sample_rows(vocab: int, n: int = 5) -> list[Row]:
                 torch.randint(3, vocab, (3 + 2 * i,), generator=generator).tolist()) for i in range(n)]
 
 
-def logprobs(model, rows):
-    return sequence_logprobs(model, rows, torch.device("cpu"), path=PADDED, temperature=1.0)
+def logprobs(model, rows, path=PADDED):
+    return sequence_logprobs(model, rows, torch.device("cpu"), path=path, temperature=1.0)
 
 
 def randomized_adapters(model):
@@ -107,7 +107,7 @@ def test_the_reference_is_the_base_model_during_a_lora_run(tiny_model, tmp_path)
     run.policy.train()
     reference_logprobs(run, rows)
     assert run.policy.training   # the mode it had
-    for row, expected in zip(rows, logprobs(base_model(tiny_model), rows)):
+    for row, expected in zip(rows, logprobs(base_model(tiny_model), rows, run.attention)):   # batched alike
         assert torch.equal(row.ref_logprobs, expected)
 
 
