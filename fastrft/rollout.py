@@ -1,7 +1,8 @@
 """Batched sampling from a causal LM with a KV cache: the rollout phase, the refiner's greedy pass and evaluation.
 
 Prompts are strings (used as they are) or chat messages (formatted with the tokenizer's chat template). Batches are
-left-padded for generate(); on CUDA the static cache lets transformers compile the decoding step.
+left-padded for generate(); on CUDA the static cache lets transformers compile the decoding step. Elsewhere a prompt
+that a batch repeats (a GRPO group's samples) is read once and its KV cache copied to its rows.
 """
 from __future__ import annotations
 
@@ -77,14 +78,40 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
             batch = expanded[start:start + batch_size]
             input_ids, attention_mask = left_padded(batch, pad_id)
             width = input_ids.shape[1]
+            cache = None if gen_config.cache_implementation else _shared_prompts_cache(model, batch, input_ids,
+                                                                                       attention_mask, device)
+            given = {} if cache is None else {_cache_argument(type(model.get_decoder())): cache}
             # synced_gpus=False: transformers would keep every rank of an FSDP job decoding in lockstep, for per-layer
             # all-gathers that fastrft's gathered weights (fastrft.distributed) never make.
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    generation_config=gen_config, synced_gpus=False)
+                                    generation_config=gen_config, synced_gpus=False, **given)
             for ids, new in zip(batch, output[:, width:].tolist()):
                 samples.prompt_ids.append(ids)
                 samples.completion_ids.append(new[:new.index(eos_id) + 1] if eos_id in new else new)
     return _with_texts(samples, tokenizer)
+
+
+def _shared_prompts_cache(model, batch: list[list[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          device: torch.device):
+    """The dynamic KV cache of the left-padded batch's prompts but their last column, each distinct prompt read once
+    and copied to its rows (a GRPO group's samples share their prompt: the prefill would read it once per sample),
+    for generate() to go on from; None where no prompt repeats, where the prompts are one token wide, or where the
+    model's cache is more than causal keys and values (a sliding window, recurrent states): generate reads those
+    itself."""
+    first = first_occurrences(tuple(ids) for ids in batch)
+    distinct = sorted(set(first))
+    if len(distinct) == len(batch) or input_ids.shape[1] < 2 or beyond_causal(model) is not None:
+        return None
+    from transformers.cache_utils import DynamicLayer
+
+    mask = attention_mask[distinct, :-1]
+    cache = _new_cache(model)
+    # The positions generate() gives left-padded rows: counting from each row's first token.
+    _forward(model.get_decoder(), cache, input_ids[distinct, :-1], mask, (mask.cumsum(1) - 1).clamp(min=0), device)
+    if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
+        return None
+    slot = {row: k for k, row in enumerate(distinct)}
+    return _cache_rows(cache, torch.tensor([slot[f] for f in first]))
 
 
 @contextmanager

@@ -34,7 +34,8 @@ def assert_same(plain, drafted):
 
 
 def counted_forwards(monkeypatch) -> list:
-    """The [rows, tokens] shape of every forward pass the draft path makes from here on, filled as it makes them."""
+    """The [rows, tokens] shape of every forward pass the draft path (or generate's read of the prompts a batch
+    repeats) makes from here on, filled as it makes them."""
     import fastrft.rollout as rollout_module
 
     fed, forward = [], rollout_module._forward
@@ -317,6 +318,37 @@ def test_other_architectures(kind):
         assert unchanged[2].passes == 2   # 16 draft tokens with the prompt, then a block of the other 8
 
 
+@pytest.mark.parametrize("kind", ["qwen2-gqa", "gpt2-absolute-positions", "mistral-sliding-window"])
+def test_a_groups_samples_read_their_prompt_once(kind, monkeypatch):
+    """generate() with several samples a prompt (prompts of different lengths, left-padded; a one-token prompt; a
+    prompt drawn twice; a group split across two batches): each batch reads each of its distinct prompts once, but
+    for the last token, and copies its cache to the prompt's rows; the completions, greedy and sampled from one seed,
+    are those of every row reading its prompt itself. A sliding-window model's rows read their prompts themselves."""
+    from fastrft import rollout
+
+    model, tokenizer = tiny_causal_lm(kind), IdTokenizer()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [[1] + torch.randint(3, 48, (n,), generator=gen).tolist() for n in (6, 2, 11, 4)]
+    prompts = prompts[:2] + [prompts[1]] + prompts[2:3] + [[1]] + prompts[3:]
+    shared_reads = counted_forwards(monkeypatch)
+
+    def completions(greedy: bool) -> list[list[int]]:
+        torch.manual_seed(0)
+        return generate(model, tokenizer, prompts, max_new_tokens=8, num_samples=3, greedy=greedy,
+                        temperature=1.0, batch_size=8).completion_ids
+
+    shared = {greedy: completions(greedy) for greedy in (True, False)}
+    rows = [p for p in prompts for _ in range(3)]
+    batches = [rows[i:i + 8] for i in range(0, len(rows), 8)]
+    expected = [(len(set(map(tuple, b))), max(map(len, b)) - 1) for b in batches]
+    assert shared_reads == ([] if kind == "mistral-sliding-window" else expected * 2)
+    assert [n for n, _ in expected] == [2, 4, 1]   # prompt 1 twice in the first batch, its second group split
+    monkeypatch.setattr(rollout, "_shared_prompts_cache", lambda *args: None)
+    for greedy in (True, False):
+        assert completions(greedy) == shared[greedy]
+    assert len(set(map(tuple, shared[False]))) > len(prompts)   # sampled: a group's samples differ
+
+
 @pytest.mark.parametrize("kind", ["qwen2-gqa", "gpt2-absolute-positions"])
 def test_prompts_that_begin_alike_share_their_first_pass(kind, monkeypatch):
     """Groups of prompts with a common beginning (a GRPO group's refinement templates), identical prompts with
@@ -332,10 +364,10 @@ def test_prompts_that_begin_alike_share_their_first_pass(kind, monkeypatch):
     for beginning in ([1] + tokens(14), [1] + tokens(9)):
         prompt_ids += [beginning + tokens(n) for n in (1, 3, 6)] + [beginning, beginning, beginning[:5]]
     prompt_ids += [[1], [1] + tokens(11), [1] + tokens(2)]
-    truth = generate(model, tokenizer, prompt_ids, max_new_tokens=12, greedy=True).completion_ids
-    drafts = [edited(ids, gen, rate) for ids, rate in zip(truth, [0.0, 0.1, 0.5] * 5)]
+    plain = generate(model, tokenizer, prompt_ids, max_new_tokens=12, greedy=True)   # (it reads repeats once too)
+    drafts = [edited(ids, gen, rate) for ids, rate in zip(plain.completion_ids, [0.0, 0.1, 0.5] * 5)]
     fed = counted_forwards(monkeypatch)
-    plain, drafted, stats = both_paths(model, tokenizer, prompt_ids, drafts, 12)
+    drafted, stats = greedy_from_drafts(model, tokenizer, prompt_ids, drafts, max_new_tokens=12)
     assert_same(plain, drafted)
     assert stats.prefix_passes == 1
     shared, first = fed[0], fed[1]
