@@ -631,7 +631,8 @@ def sample_groups(run: Run, times_s: dict[str, float]) -> tuple[list[Group], Rol
     groups: list[Group] = []
     stats = RolloutStats()
     share = len(world.share(cfg.prompts_per_step))
-    with policy_model(run) as policy:
+    # Eval mode once for every round: transformers' train() and eval() are not free (see eval_mode).
+    with policy_model(run) as policy, eval_mode(policy):
         for _ in range(1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)):
             # Every rank draws the prompts all ranks need, in rank order, and keeps its own: one stream, no overlap.
             needed = world.gather(share - len(groups))
