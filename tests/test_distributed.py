@@ -51,9 +51,17 @@ def launch(nproc: int, *args: str, fault: str | None = None, timeout: float = 30
 PORT_TAKEN = re.compile(r"EADDRINUSE|[Aa]ddress already in use|failed to listen on any local network address")
 
 
+def failure(done: subprocess.CompletedProcess) -> str:
+    """What a failed launch says: first the last lines of the rank that failed first (torchrun's root cause), which
+    the other ranks' tracebacks, written after it, push out of the output's tail; then the tails."""
+    root = re.search(r"Root Cause.*?\brank\s*:\s*(\d+)", done.stderr, re.S)
+    first = [line for line in done.stderr.splitlines() if root and line.startswith(f"[rank{root.group(1)}]:")]
+    return "\n".join(first[-60:]) + "\n...\n" + done.stdout[-2000:] + done.stderr[-4000:]
+
+
 def train_ok(nproc: int, *args: str) -> None:
     done = launch(nproc, *args)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert done.returncode == 0, failure(done)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +142,7 @@ def test_a_corrupt_file_found_by_another_rank_falls_back_on_every_rank(runs, dem
     data[len(data) // 2] ^= 0xFF
     second.write_bytes(bytes(data))
     done = launch(2, "resume", str(run_dir))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert done.returncode == 0, failure(done)
     assert done.stderr.count(f"checkpoint {latest} is unusable (corrupt checkpoint file {second}") == 1
     assert_same_run(run_dir, runs["one"], demo_reference)
 
@@ -184,7 +192,7 @@ def test_fused_loss_under_sharding_gives_the_single_process_gradients(tmp_path, 
     try:
         for nproc in (1, 2):
             done = launch(nproc, "loss", str(tmp_path / f"grads{nproc}.pt"), engine)
-            assert done.returncode == 0, done.stderr[-4000:]
+            assert done.returncode == 0, failure(done)
     finally:
         del os.environ["FASTRFT_TEST_TIED"]
     one, two = (torch.load(tmp_path / f"grads{n}.pt") for n in (1, 2))
@@ -216,7 +224,7 @@ def test_trl_trainer_under_sharding_gives_the_single_process_gradients(trl_model
     skip_unless_installed(engine)
     for nproc in (1, 2):
         done = launch(nproc, "grads", trl_model, str(tmp_path / f"p{nproc}"), *engine.split(), worker=TRL_WORKER)
-        assert done.returncode == 0, done.stderr[-5000:]
+        assert done.returncode == 0, failure(done)
     one, two = (torch.load(tmp_path / f"p{n}" / "grads.pt") for n in (1, 2))
     assert two["sharded"] == ({"model": True} if "lora" in engine else
                               {"model": True, "ref_model": True, "refiner_model": True})
@@ -233,7 +241,7 @@ def test_trl_trainer_trains_on_two_processes_as_on_one(trl_model, tmp_path):
     relative in a near-zero gradient, as in TRL's own trainer; SGD keeps it that small in the weights)."""
     for nproc, per_device in ((1, 8), (2, 4)):
         done = launch(nproc, "train", trl_model, str(tmp_path / f"p{nproc}"), str(per_device), worker=TRL_WORKER)
-        assert done.returncode == 0, done.stderr[-5000:]
+        assert done.returncode == 0, failure(done)
     logs = [json.loads((tmp_path / f"p{n}" / "log.json").read_text()) for n in (1, 2)]
     steps = [[r for r in log if "loss" in r] for log in logs]
     assert len(steps[0]) == len(steps[1]) == 2
@@ -250,7 +258,7 @@ def test_the_fsdp2_example_runs_and_learns():
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(WORKER.parent.parent / "examples" / "fsdp2_fused_loss.py"), "--steps", "12"],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure(done)
     rewards = [float(r) for r in re.findall(r"reward ([0-9.]+)", done.stdout)]
     assert len(rewards) == 12
     assert sum(rewards[-3:]) > 2 * sum(rewards[:3]), f"the toy reward should rise: {rewards}"
@@ -298,7 +306,7 @@ def test_the_command_line_under_torchrun(demo_reference, tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "-m", "fastrft", "train", f"model={demo_reference}", f"output_dir={run_dir}", *RUN,
                            "steps=2", "eval_every=2"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure(done)
     assert done.stdout.count('"eval_reward_final"') == 1
     assert [r["step"] for r in steps(run_dir)] == [0, 1, 2]
     assert json.loads((run_dir / "checkpoints" / "step_00000002" / "checkpoint.json").read_text())["world_size"] == 2
@@ -314,7 +322,7 @@ def test_compare_passes_torchrun_through(tmp_path):
                            "steps=1", "prompts_per_step=2", "group_size=4", "eval_size=4", "eval_every=1",
                            "progress=false", "plots=false"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure(done)
     assert done.stdout.count("written to") == 1
     result = json.loads((out / "comparison.json").read_text())
     assert [v["name"] for v in result["variants"]] == ["none", "kl"]
