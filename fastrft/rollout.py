@@ -104,12 +104,14 @@ def _shared_prompts_cache(model, batch: list[list[int]], input_ids: torch.Tensor
         return None
     from transformers.cache_utils import DynamicLayer
 
-    mask = attention_mask[distinct, :-1]
     cache = _new_cache(model)
-    # The positions generate() gives left-padded rows: counting from each row's first token.
-    _forward(model.get_decoder(), cache, input_ids[distinct, :-1], mask, (mask.cumsum(1) - 1).clamp(min=0), device)
+    # Its layers are made from the model's config (or appended as DynamicLayer as they fill): anything else, or a
+    # release whose cache has no layers, is left to generate().
     if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
         return None
+    mask = attention_mask[distinct, :-1]
+    # The positions generate() gives left-padded rows: counting from each row's first token.
+    _forward(model.get_decoder(), cache, input_ids[distinct, :-1], mask, (mask.cumsum(1) - 1).clamp(min=0), device)
     slot = {row: k for k, row in enumerate(distinct)}
     return _cache_rows(cache, torch.tensor([slot[f] for f in first]))
 
