@@ -78,8 +78,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
             batch = expanded[start:start + batch_size]
             input_ids, attention_mask = left_padded(batch, pad_id)
             width = input_ids.shape[1]
-            cache = None if gen_config.cache_implementation else _shared_prompts_cache(model, batch, input_ids,
-                                                                                       attention_mask, device)
+            cache = None if gen_config.cache_implementation else _dynamic_cache(model, batch, input_ids,
+                                                                                attention_mask, device)
             given = {} if cache is None else {_cache_argument(type(model.get_decoder())): cache}
             # synced_gpus=False: transformers would keep every rank of an FSDP job decoding in lockstep, for per-layer
             # all-gathers that fastrft's gathered weights (fastrft.distributed) never make.
@@ -89,6 +89,20 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
                 samples.prompt_ids.append(ids)
                 samples.completion_ids.append(new[:new.index(eos_id) + 1] if eos_id in new else new)
     return _with_texts(samples, tokenizer)
+
+
+def _dynamic_cache(model, batch: list[list[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   device: torch.device):
+    """The cache generate() goes on from where the model's attention is plain causal: its layers growing in place
+    (_new_cache), holding the prompts' shared prefill where a prompt repeats (_shared_prompts_cache); else None, for
+    generate() to make its own."""
+    if beyond_causal(model) is not None:
+        return None
+    shared = _shared_prompts_cache(model, batch, input_ids, attention_mask, device)
+    if shared is not None:
+        return shared
+    cache = _new_cache(model)
+    return cache if all(type(layer) is _growing_layer_class() for layer in getattr(cache, "layers", [None])) else None
 
 
 def _shared_prompts_cache(model, batch: list[list[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -102,12 +116,10 @@ def _shared_prompts_cache(model, batch: list[list[int]], input_ids: torch.Tensor
     distinct = sorted(set(first))
     if len(distinct) == len(batch) or input_ids.shape[1] < 2 or beyond_causal(model) is not None:
         return None
-    from transformers.cache_utils import DynamicLayer
-
     cache = _new_cache(model)
-    # Its layers are made from the model's config (or appended as DynamicLayer as they fill): anything else, or a
+    # Its layers are made from the model's config (or appended as they fill): anything but plain causal ones, or a
     # release whose cache has no layers, is left to generate().
-    if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
+    if any(type(layer) is not _growing_layer_class() for layer in getattr(cache, "layers", [None])):
         return None
     mask = attention_mask[distinct, :-1]
     # The positions generate() gives left-padded rows: counting from each row's first token.
@@ -588,12 +600,72 @@ def _common_length(a: list[int], b: list[int]) -> int:
 
 
 def _new_cache(model):
+    """transformers' dynamic cache for model, its plain causal layers (DynamicLayer) growing in place
+    (_growing_layer_class); the others (a sliding window, recurrent state) as transformers makes them."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
     try:
-        return DynamicCache(config=model.config)
+        cache = DynamicCache(config=model.config)
     except TypeError:   # transformers releases whose DynamicCache takes no config
-        return DynamicCache()
+        cache = DynamicCache()
+    growing = _growing_layer_class()
+    for layer in getattr(cache, "layers", []):
+        if type(layer) is DynamicLayer:
+            layer.__class__ = growing   # the layer as transformers made it (its attributes kept), growing in place
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:   # layers made as they fill
+        cache.layer_class_to_replicate = growing
+    return cache
+
+
+@functools.cache
+def _growing_layer_class():
+    """A subclass of transformers' DynamicLayer whose keys and values live in buffers with room to grow: a decoded
+    token is written in place, where DynamicLayer's torch.cat copies the whole cache at every step, which on the CPU
+    costs decoding about as much as attention does. keys and values are views of the buffers' filled part. Where
+    anything else replaced them (rows selected, slots compacted, a crop), the layer takes the new ones into fresh
+    buffers at its next small update (a few tokens next to what it holds: decoding); a wide one (a prefill, a
+    verification block) is concatenated as DynamicLayer does, contiguous, as attention reads it fastest. Defined on
+    first use: transformers is imported lazily."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        _layer_type = None   # never registered in transformers' layer-type mappings
+        _buffers = _views = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length = self.keys.shape[-2] if self.keys.dim() == key_states.dim() else 0
+            filled = length + key_states.shape[-2]
+            ours = self._views is not None and self._views[0] is self.keys and self._views[1] is self.values
+            if not ours and 8 * key_states.shape[-2] > length:
+                self._buffers = self._views = None
+                return super().update(key_states, value_states, *args, **kwargs)
+            if not ours or filled > self._buffers[0].shape[-2]:
+                capacity = filled + max(filled // 2, 16)   # amortised: each slot copied a few times at most
+                self._buffers = tuple(_with_room(old, new, length, capacity)
+                                      for old, new in ((self.keys, key_states), (self.values, value_states)))
+            for buffer, new in zip(self._buffers, (key_states, value_states)):
+                buffer[..., length:filled, :] = new
+            self.keys, self.values = self._views = tuple(buffer[..., :filled, :] for buffer in self._buffers)
+            return self.keys, self.values
+
+        def __copy__(self):   # a copy never writes into the original's buffers: it makes its own on update
+            out = type(self).__new__(type(self))
+            out.__dict__.update(self.__dict__)
+            out._buffers = out._views = None
+            return out
+
+    return GrowingLayer
+
+
+def _with_room(old: torch.Tensor, new: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    """A [*new.shape[:-2], capacity, new.shape[-1]] buffer holding old's first `length` slots."""
+    buffer = new.new_empty((*new.shape[:-2], capacity, new.shape[-1]))
+    if length:
+        buffer[..., :length, :] = old
+    return buffer
 
 
 def _forward(backbone, cache, input_ids, mask, positions, device) -> torch.Tensor:

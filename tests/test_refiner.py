@@ -1,6 +1,7 @@
 """The draft-verified refiner (fastrft.rollout.greedy_from_drafts, refine(draft=True)) against the plain greedy path
 (generate(greedy=True), refine(draft=False)), which is its reference: the same tokens, on real samples of the demo's
 reference model and on constructed drafts, over architectures, batch layouts and budgets."""
+import copy
 import functools
 
 import pytest
@@ -346,7 +347,54 @@ def test_a_groups_samples_read_their_prompt_once(kind, monkeypatch):
     monkeypatch.setattr(rollout, "_shared_prompts_cache", lambda *args: None)
     for greedy in (True, False):
         assert completions(greedy) == shared[greedy]
+    monkeypatch.setattr(rollout, "_dynamic_cache", lambda *args: None)   # transformers' own cache, by concatenation
+    for greedy in (True, False):
+        assert completions(greedy) == shared[greedy]
     assert len(set(map(tuple, shared[False]))) > len(prompts)   # sampled: a group's samples differ
+
+
+def test_the_cache_grows_in_place():
+    """The dynamic cache's plain causal layers hold what transformers' DynamicLayer holds (its torch.cat of every
+    update): decoded tokens in a few buffers over hundreds of steps; keys replaced from outside (rows selected, a
+    crop) are taken in, and a copy of a layer never writes into the original's buffers."""
+    from transformers.cache_utils import DynamicLayer
+
+    from fastrft.rollout import _growing_layer_class, _new_cache, _select_cache
+
+    model = tiny_causal_lm("qwen2-gqa")
+    cache = _new_cache(model)
+    assert [type(layer) for layer in cache.layers] == [_growing_layer_class()] * 2
+    assert all(type(layer) is not _growing_layer_class() for layer in _new_cache(tiny_causal_lm(
+        "mistral-sliding-window")).layers)   # a sliding window's layers stay transformers' own
+    layer, truth = cache.layers[0], DynamicLayer()
+    gen = torch.Generator().manual_seed(0)
+
+    def update(layer, truth, width):
+        new = torch.randn(3, 2, width, 8, generator=gen), torch.randn(3, 2, width, 8, generator=gen)
+        got, expected = layer.update(*new), truth.update(*new)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        assert torch.equal(layer.keys, truth.keys) and torch.equal(layer.values, truth.values)
+        assert layer.get_seq_length() == truth.get_seq_length()
+
+    update(layer, truth, 20)
+    assert layer.keys.is_contiguous()   # a wide update (a prefill) is concatenated: attention reads it fastest
+    buffers = set()
+    for width in [1] * 300 + [7, 1, 33]:
+        update(layer, truth, width)
+        buffers.add(layer._buffers[0].data_ptr())
+    assert len(buffers) <= 6 and not layer.keys.is_contiguous()   # decoding: written in place into a few buffers
+    rows = torch.tensor([2, 0, 2])
+    cache.layers[1].update(torch.zeros(3, 2, 4, 8), torch.zeros(3, 2, 4, 8))
+    _select_cache(cache, rows)
+    truth.batch_select_indices(rows)
+    update(layer, truth, 1)
+    layer.crop(-5)
+    truth.crop(-5)
+    update(layer, truth, 2)
+    twin, twin_truth = copy.copy(layer), copy.copy(truth)
+    for _ in range(3):
+        update(twin, twin_truth, 1)
+        update(layer, truth, 1)
 
 
 @pytest.mark.parametrize("kind", ["qwen2-gqa", "gpt2-absolute-positions"])
