@@ -428,14 +428,14 @@ def _next_blocks(rows: list[_DraftRow], max_new_tokens: int, probe: bool, fill: 
     every row's compute), or a probe's 3 (every probe_every passes, the gap doubling while probes win no row back).
     A row that asks for nothing fills the block with as much of its draft as it can, and so does every row where
     `fill` (_fills_blocks): the padding would cost the pass's layers as much. A row the refiner has just corrected
-    proposes into the block but does not lengthen it: where its draft goes on past the edit is a guess, and a long
-    guess would widen every row's pass."""
+    that guesses where its draft goes on past the edit (a substitution: _DraftRow.proposal) proposes into the block
+    but does not lengthen it: a long guess would widen every row's pass. Back in step, or one edit away, it does."""
     room = [max_new_tokens - len(row.out) - 1 for row in rows]
     # No block outgrows the largest ask or a probe's: no proposal needs more of its draft (a slice a row per pass).
     reach = max([2] + [row.size for row in rows if not row.done])
     proposals = [row.proposal(min(left, reach if fill else row.size)) if row.size and not row.done else None
                  for row, left in zip(rows, room)]
-    lengths = sorted((min(len(p), row.size) for row, p in zip(rows, proposals) if p is not None and not row.rejected),
+    lengths = sorted((min(len(p), row.size) for row, p in zip(rows, proposals) if p is not None and not row.guessing),
                      reverse=True)
     quarter = (len(rows) - 1) // 4
     size = max(1 + (lengths[quarter] if len(lengths) > quarter else 0), 3 if probe else 1)
