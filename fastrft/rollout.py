@@ -1,8 +1,9 @@
 """Batched sampling from a causal LM with a KV cache: the rollout phase, the refiner's greedy pass and evaluation.
 
 Prompts are strings (used as they are) or chat messages (formatted with the tokenizer's chat template). Batches are
-left-padded for generate(); on CUDA the static cache lets transformers compile the decoding step. Elsewhere a prompt
-that a batch repeats (a GRPO group's samples) is read once and its KV cache copied to its rows.
+left-padded for generate(); on CUDA the static cache lets transformers compile the decoding step. Elsewhere the
+dynamic cache's causal layers take each decoded token in place (transformers' concatenate the whole cache at every
+token), and a prompt that a batch repeats (a GRPO group's samples) is read once and its KV cache copied to its rows.
 """
 from __future__ import annotations
 
