@@ -97,13 +97,24 @@ def _dynamic_cache(model, batch: list[list[int]], input_ids: torch.Tensor, atten
     """The cache generate() goes on from where the model's attention is plain causal: its layers growing in place
     (_new_cache), holding the prompts' shared prefill where a prompt repeats (_shared_prompts_cache); else None, for
     generate() to make its own."""
-    if beyond_causal(model) is not None:
+    if beyond_causal(model) is not None or not _builds_dynamic_cache(model):
         return None
     shared = _shared_prompts_cache(model, batch, input_ids, attention_mask, device)
     if shared is not None:
         return shared
     cache = _new_cache(model)
     return cache if all(type(layer) is _growing_layer_class() for layer in getattr(cache, "layers", [None])) else None
+
+
+def _builds_dynamic_cache(model) -> bool:
+    """Whether transformers' generate() would give the model a DynamicCache of its own: not where the model keeps
+    another kind (recurrent states: xLSTM, RWKV) or its generation config names a cache implementation (generate()
+    refuses a cache handed to it beside one)."""
+    supported = getattr(type(model), "_supports_default_dynamic_cache", None)
+    if supported is not None and not supported():
+        return False
+    # transformers' generate() reads "hybrid" as no implementation at all.
+    return getattr(getattr(model, "generation_config", None), "cache_implementation", None) in (None, "hybrid")
 
 
 def _shared_prompts_cache(model, batch: list[list[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -430,7 +441,8 @@ def _next_blocks(rows: list[_DraftRow], max_new_tokens: int, probe: bool, fill: 
     A row that asks for nothing fills the block with as much of its draft as it can, and so does every row where
     `fill` (_fills_blocks): the padding would cost the pass's layers as much. A row the refiner has just corrected
     that guesses where its draft goes on past the edit (a substitution: _DraftRow.proposal) proposes into the block
-    but does not lengthen it: a long guess would widen every row's pass. Back in step, or one edit away, it does."""
+    but does not lengthen it: a long guess would widen every row's pass. Back in step, one edit away or re-aligned
+    on its last tokens, it does."""
     room = [max_new_tokens - len(row.out) - 1 for row in rows]
     # No block outgrows the largest ask or a probe's: no proposal needs more of its draft (a slice a row per pass).
     reach = max([2] + [row.size for row in rows if not row.done])
@@ -624,10 +636,11 @@ def _growing_layer_class():
     """A subclass of transformers' DynamicLayer whose keys and values live in buffers with room to grow: a decoded
     token is written in place, where DynamicLayer's torch.cat copies the whole cache at every step, which on the CPU
     costs decoding about as much as attention does. keys and values are views of the buffers' filled part. Where
-    anything else replaced them (rows selected, slots compacted, a crop), the layer takes the new ones into fresh
-    buffers at its next small update (a few tokens next to what it holds: decoding); a wide one (a prefill, a
-    verification block) is concatenated as DynamicLayer does, contiguous, as attention reads it fastest. Defined on
-    first use: transformers is imported lazily."""
+    anything else replaces them (rows selected, slots compacted, a crop), the layer lets its buffers go at once and
+    takes the new keys and values into fresh ones at its next small update (a few tokens next to what it holds:
+    decoding); a wide one (a prefill, a verification block) on a layer without buffers is concatenated as
+    DynamicLayer does, contiguous, as attention reads it fastest. Defined on first use: transformers is imported
+    lazily."""
     from transformers.cache_utils import DynamicLayer
 
     class GrowingLayer(DynamicLayer):
@@ -649,8 +662,18 @@ def _growing_layer_class():
                                       for old, new in ((self.keys, key_states), (self.values, value_states)))
             for buffer, new in zip(self._buffers, (key_states, value_states)):
                 buffer[..., length:filled, :] = new
-            self.keys, self.values = self._views = tuple(buffer[..., :filled, :] for buffer in self._buffers)
+            self._views = tuple(buffer[..., :filled, :] for buffer in self._buffers)
+            self.keys, self.values = self._views
             return self.keys, self.values
+
+        def __setattr__(self, name, value):
+            # Keys or values replaced from outside: the buffers go now, not at the next update (a compacted cache
+            # must not hold its old rows meanwhile).
+            if name in ("keys", "values") and self._views is not None \
+                    and value is not self._views[name == "values"]:
+                super().__setattr__("_buffers", None)
+                super().__setattr__("_views", None)
+            super().__setattr__(name, value)
 
         def __copy__(self):   # a copy never writes into the original's buffers: it makes its own on update
             out = type(self).__new__(type(self))

@@ -353,6 +353,44 @@ def test_a_groups_samples_read_their_prompt_once(kind, monkeypatch):
     assert len(set(map(tuple, shared[False]))) > len(prompts)   # sampled: a group's samples differ
 
 
+@pytest.mark.parametrize("kind", ["qwen2-gqa", "xlstm-recurrent", "static-in-generation-config"])
+def test_generate_hands_over_a_growing_cache_only_where_transformers_builds_a_dynamic_one(kind, monkeypatch):
+    """generate() gives transformers' generate a cache growing in place where it would build a DynamicCache itself;
+    a model with recurrent states of its own (xLSTM) or whose generation config names a cache implementation gets
+    none (transformers refuses a cache beside an implementation), and decodes as before, distinct prompts and a
+    group's repeated ones alike."""
+    from transformers import AutoModelForCausalLM, xLSTMConfig
+
+    from fastrft import rollout
+
+    if kind == "xlstm-recurrent":
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(xLSTMConfig(
+            vocab_size=48, hidden_size=64, embedding_dim=64, num_hidden_layers=2, num_heads=4, qk_dim_factor=1.0,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    else:
+        model = tiny_causal_lm("qwen2-gqa")
+        if kind == "static-in-generation-config":
+            model.generation_config.cache_implementation = "static"
+    handed = []
+    generate_fn = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        handed.append(kwargs.get("cache", kwargs.get("past_key_values")))
+        return generate_fn(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    prompts = [[1, 5, 9, 20], [1, 44, 7]]
+    for num_samples in (1, 2):
+        out = generate(model, IdTokenizer(), prompts, max_new_tokens=5, num_samples=num_samples, greedy=True)
+        assert len(out.completion_ids) == 2 * num_samples
+    growing = rollout._growing_layer_class()
+    if kind == "qwen2-gqa":
+        assert all(all(type(layer) is growing for layer in cache.layers) for cache in handed)
+    else:
+        assert handed == [None, None]
+
+
 def test_the_cache_grows_in_place():
     """The dynamic cache's plain causal layers hold what transformers' DynamicLayer holds (its torch.cat of every
     update): decoded tokens in a few buffers over hundreds of steps; keys replaced from outside (rows selected, a
@@ -395,6 +433,8 @@ def test_the_cache_grows_in_place():
     for _ in range(3):
         update(twin, twin_truth, 1)
         update(layer, truth, 1)
+    _select_cache(cache, torch.tensor([0]))   # compacted: the old rows' buffers go at once, not at the next update
+    assert layer._buffers is None and layer.keys.shape[0] == 1
 
 
 @pytest.mark.parametrize("kind", ["qwen2-gqa", "gpt2-absolute-positions"])
