@@ -99,11 +99,12 @@ def _dynamic_cache(model, batch: list[list[int]], input_ids: torch.Tensor, atten
     generate() to make its own."""
     if beyond_causal(model) is not None or not _builds_dynamic_cache(model):
         return None
-    shared = _shared_prompts_cache(model, batch, input_ids, attention_mask, device)
-    if shared is not None:
-        return shared
     cache = _new_cache(model)
-    return cache if all(type(layer) is _growing_layer_class() for layer in getattr(cache, "layers", [None])) else None
+    # Its layers are made from the model's config (or appended as they fill): anything but plain causal ones, or a
+    # release whose cache has no layers, is left to generate().
+    if any(type(layer) is not _growing_layer_class() for layer in getattr(cache, "layers", [None])):
+        return None
+    return _shared_prompts_cache(model, cache, batch, input_ids, attention_mask, device) or cache
 
 
 def _builds_dynamic_cache(model) -> bool:
@@ -117,21 +118,15 @@ def _builds_dynamic_cache(model) -> bool:
     return getattr(getattr(model, "generation_config", None), "cache_implementation", None) in (None, "hybrid")
 
 
-def _shared_prompts_cache(model, batch: list[list[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          device: torch.device):
-    """The dynamic KV cache of the left-padded batch's prompts but their last column, each distinct prompt read once
-    and copied to its rows (a GRPO group's samples share their prompt: the prefill would read it once per sample),
-    for generate() to go on from; None where no prompt repeats, where the prompts are one token wide, or where the
-    model's cache is more than causal keys and values (a sliding window, recurrent states): generate reads those
-    itself."""
+def _shared_prompts_cache(model, cache, batch: list[list[int]], input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor, device: torch.device):
+    """cache (empty, plain causal layers: _dynamic_cache) filled with the left-padded batch's prompts but their last
+    column, each distinct prompt read once and copied to its rows (a GRPO group's samples share their prompt: the
+    prefill would read it once per sample), for generate() to go on from; None where no prompt repeats or the
+    prompts are one token wide."""
     first = first_occurrences(tuple(ids) for ids in batch)
     distinct = sorted(set(first))
-    if len(distinct) == len(batch) or input_ids.shape[1] < 2 or beyond_causal(model) is not None:
-        return None
-    cache = _new_cache(model)
-    # Its layers are made from the model's config (or appended as they fill): anything but plain causal ones, or a
-    # release whose cache has no layers, is left to generate().
-    if any(type(layer) is not _growing_layer_class() for layer in getattr(cache, "layers", [None])):
+    if len(distinct) == len(batch) or input_ids.shape[1] < 2:
         return None
     mask = attention_mask[distinct, :-1]
     # The positions generate() gives left-padded rows: counting from each row's first token.
@@ -652,7 +647,7 @@ def _growing_layer_class():
                 self.lazy_initialization(key_states, value_states)
             length = self.keys.shape[-2] if self.keys.dim() == key_states.dim() else 0
             filled = length + key_states.shape[-2]
-            ours = self._views is not None and self._views[0] is self.keys and self._views[1] is self.values
+            ours = self._buffers is not None   # (dropped whenever keys or values are replaced: __setattr__)
             if not ours and 8 * key_states.shape[-2] > length:
                 self._buffers = self._views = None
                 return super().update(key_states, value_states, *args, **kwargs)
