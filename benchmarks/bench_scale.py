@@ -48,7 +48,7 @@ def worker(args) -> None:
     from bench_step import demo_rows, matmul_rate, update_flops
     from fastrft.batch import SDPA, AttentionPath, accumulate_gradients
     from fastrft.config import TrainConfig
-    from fastrft.distributed import full_value, init_world, local_tensor, shard_policy
+    from fastrft.distributed import end_world, full_value, init_world, local_tensor, shard_policy
 
     torch.set_num_threads(args.threads)
     world = init_world(600, cuda=False)   # gloo on the CPU, also on a GPU machine
@@ -92,9 +92,7 @@ def worker(args) -> None:
     ranks = world.gather(mine)
     if world.is_main:
         Path(args.out).write_text(json.dumps(ranks))
-    if world.size > 1:
-        world.barrier()   # gloo aborts a process whose peer tears down while it is still sending
-        torch.distributed.destroy_process_group()
+    end_world(exit_status=0)
 
 
 def launch(ranks: int, threads: int, engine: str, rows: int, args, out: Path) -> list[dict]:

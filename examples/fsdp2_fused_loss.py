@@ -19,7 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fastrft
-from fastrft.distributed import fix_root, gathered
+from fastrft.distributed import end_world, fix_root, gathered
 
 TARGET_TOKEN = 7
 PAD = 0
@@ -85,9 +85,7 @@ def main():
         if rank == 0:
             print(f"step {step:3d}  reward {mean_reward.item():.3f}  entropy {out.metrics['entropy']:.3f}",
                   flush=True)
-    if distributed:
-        dist.barrier()   # gloo aborts a process whose peer tears down while it is still sending
-        dist.destroy_process_group()
+    end_world(exit_status=0)   # the process group's end, and the process's: see its docstring
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status = args.func(args)
-        end_world()
+        end_world(exit_status=status or 0)   # under torchrun the process ends here
         return status
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         rank = f" (rank {launched_rank()})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""

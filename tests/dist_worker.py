@@ -19,7 +19,7 @@ import torch
 
 from fastrft.config import load_config
 from fastrft.rollout import Samples, generate
-from fastrft.distributed import full_value, init_world
+from fastrft.distributed import end_world, full_value, init_world
 from fastrft.trainer import make_run, run_world, train_run
 
 
@@ -65,9 +65,7 @@ def run_training(mode: str, run_dir: str, overrides: list[str]) -> None:
     if os.environ.get("FASTRFT_TEST_FAULT"):
         inject_fault(run, os.environ["FASTRFT_TEST_FAULT"])
     train_run(run)
-    if world.size > 1:
-        world.barrier()
-        torch.distributed.destroy_process_group()
+    end_world(exit_status=0)
 
 
 # DeepSpeed ZeRO-3 as the tests run it: every weight partitioned (none kept whole for being small) and released as
@@ -143,9 +141,7 @@ def fused_loss_gradients(out_path: str, engine: str = "fsdp2") -> None:
     grads = full_gradients(model, zero3)
     if world.rank == 0:
         torch.save(grads, out_path)
-    if world.size > 1:
-        world.barrier()   # gloo aborts the process when a peer tears down while it is still sending
-        torch.distributed.destroy_process_group()
+    end_world(exit_status=0)
 
 
 if __name__ == "__main__":

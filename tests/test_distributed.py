@@ -340,3 +340,22 @@ def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"LOCAL_RANK=1 but this node shows 1 CUDA device.*--nproc-per-node"):
         distributed.init_world(10, cuda=True)
+
+
+def test_end_world_ends_the_process_after_its_exit_handlers(tmp_path):
+    """end_world(exit_status=...) in a process with a group (here one gloo rank): the group ended, Python's exit
+    handlers run and buffered output flushed, the process gone with the status given, before the interpreter's
+    teardown (where gloo sometimes aborts a job that finished well); without a group it returns."""
+    script = tmp_path / "ends.py"
+    script.write_text(
+        "import atexit, sys, torch.distributed as dist\n"
+        "from fastrft.distributed import end_world\n"
+        "end_world(exit_status=5)   # no group: returns\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        f"atexit.register(lambda: open({str(tmp_path / 'handled')!r}, 'w').close())\n"
+        "sys.stdout.write('buffered, unflushed')\n"
+        "end_world(exit_status=3)\n"
+        "print('after end_world')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert done.stdout == "buffered, unflushed" and (tmp_path / "handled").exists()

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from fastrft.distributed import end_world
+
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_worker import ZERO3, backward, full_gradients, start_deepspeed  # noqa: E402
 from test_integrations import char_tokenizer, tiny_llama  # noqa: E402
@@ -232,6 +234,4 @@ if __name__ == "__main__":
         gradients(*sys.argv[2:])
     else:
         main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()   # gloo aborts a process whose peer tears down while it is still sending
-        torch.distributed.destroy_process_group()
+    end_world(exit_status=0)
