@@ -3,8 +3,9 @@
 Part `demo`: the demo's default run (`fastrft demo` settings, its trained reference model, one torch thread), KL
 and refiner modes, each on the path this machine chooses (packing=auto) and on the dense packed path (every sample
 in one packed row through SDPA with a [T, T] mask: the default before packing=auto); mean per-phase times and token
-slots read (the reference and update forwards', padding included) over --steps steps after a warm-up step.
-Targets: default KL step at most 0.45x the dense one; refiner step at most 1.2x the KL step.
+slots read (the reference and update forwards', padding included) over --steps steps after a warm-up step; the refiner's greedy decoding against its floor (the same call with the
+refinements it wrote as drafts: one prefill). Targets: default KL step at most 0.45x the dense one; refiner step at
+most 1.2x the KL step.
 Part `sweep`: the update alone (forward, backward and AdamW step over token-budgeted micro-batches, exactly as the
 trainer runs it) on the demo's tiny model and on a randomly initialised 4-layer model of Qwen2.5-0.5B's width
 (hidden 896, 14 heads, vocabulary 151936), with 1x, 2x, 4x and 8x a demo step's tokens (rows of the demo's length
@@ -37,6 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import fix_malloc_mmap_threshold, peak_extra_bytes  # noqa: E402
 from models import QWEN_WIDTH, qwen_width_description, qwen_width_model  # noqa: E402
+
+from fastrft.rollout import greedy_from_drafts as _greedy_from_drafts  # noqa: E402 (the unpatched one)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("rollout", "reward", "reference", "refine", "update")
@@ -73,14 +76,18 @@ def demo_step(steps: int, reference_dir: Path, work_dir: Path) -> list[dict]:
             runs[constraint, path_name] = run
     records = {key: [] for key in runs}
     read = {key: [] for key in runs}   # per step, the token slots its forwards read (padding included)
-    with counted_batches() as slots:
+    decoding = {key: [] for key in runs}   # per step, (the refiner's greedy decoding s, its floor s)
+    with counted_batches() as slots, refiner_calls() as calls:
         for step in range(1, steps + 2):
             for key, run in runs.items():
                 slots.clear()
+                calls.clear()
                 record = run_step(run, step)
                 if step > 1:   # step 1 warms up
                     records[key].append(record)
                     read[key].append(sum(slots))
+                    decoding[key].append((sum(seconds for seconds, _ in calls),
+                                          sum(decoding_floor_s(*call) for _, call in calls)))
     rows = []
     for (constraint, path_name), recs in records.items():
         # Means, not medians: the phases of a mean step add up to the mean step.
@@ -92,6 +99,8 @@ def demo_step(steps: int, reference_dir: Path, work_dir: Path) -> list[dict]:
                "response_len": statistics.fmean(r.to_dict()["response_len"] for r in recs),
                "refine_rate": statistics.fmean(r.to_dict()["refine_rate"] for r in recs),
                "tokens_read": statistics.fmean(read[constraint, path_name]),
+               "decode_s": statistics.fmean(d for d, _ in decoding[constraint, path_name]),
+               "decode_floor_s": statistics.fmean(f for _, f in decoding[constraint, path_name]),
                "peak_mem_gb": max(r.peak_mem_gb for r in recs)}
         row["other_s"] = row["step_s"] - sum(row[f"{p}_s"] for p in PHASES)
         print(f"demo step {constraint:8s} {path_name:13s} step {row['step_s']:.3f} s, update {row['update_s']:.3f} s",
@@ -120,11 +129,47 @@ def counted_batches():
         batch_module.build_batch = build
 
 
+@contextmanager
+def refiner_calls():
+    """The refiner's greedy decodings (fastrft.rollout.greedy_from_drafts) in the block, appended to the list it
+    yields as (seconds, (model, tokenizer, templates, refinements written, max_new_tokens, batch_size))."""
+    from fastrft import rollout
+
+    calls = []
+
+    def timed_decode(model, tokenizer, prompt_ids, drafts, **kwargs):
+        t0 = time.perf_counter()
+        out = _greedy_from_drafts(model, tokenizer, prompt_ids, drafts, **kwargs)
+        calls.append((time.perf_counter() - t0, (model, tokenizer, prompt_ids, out[0].completion_ids,
+                                                 kwargs["max_new_tokens"], kwargs["batch_size"])))
+        return out
+
+    rollout.greedy_from_drafts = timed_decode
+    try:
+        yield calls
+    finally:
+        rollout.greedy_from_drafts = _greedy_from_drafts
+
+
+def decoding_floor_s(model, tokenizer, templates, written, max_new_tokens: int, batch_size: int) -> float:
+    """The floor of the refiner's decoding: the same call with the refinements it wrote as the drafts, every one
+    right, which the draft path verifies in one pass over the templates' common beginnings and one over the rest
+    (the demo's refinements fit the first block): the cost of checking the answer, one prefill."""
+    t0 = time.perf_counter()
+    _greedy_from_drafts(model, tokenizer, templates, written, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return time.perf_counter() - t0
+
+
 def demo_ratios(rows: list[dict]) -> dict:
     step = {(r["constraint"], r["path"]): r["step_s"] for r in rows}
+    refiner = next(r for r in rows if (r["constraint"], r["path"]) == ("refiner", "default"))
     return {"kl_default_over_dense": step["kl", "default"] / step["kl", "dense packed"],
             "refiner_over_kl_default": step["refiner", "default"] / step["kl", "default"],
-            "refiner_over_kl_dense": step["refiner", "dense packed"] / step["kl", "dense packed"]}
+            "refiner_over_kl_dense": step["refiner", "dense packed"] / step["kl", "dense packed"],
+            # the refiner's step with its decoding at the floor: what the refiner's own work costs at the least
+            "refiner_at_floor_over_kl_default": (refiner["step_s"] - refiner["decode_s"] + refiner["decode_floor_s"])
+                                                / step["kl", "default"],
+            "decode_over_floor": refiner["decode_s"] / refiner["decode_floor_s"]}
 
 
 # ----------------------------------------------------------------------------------------------- part sweep
@@ -352,7 +397,15 @@ def markdown(payload: dict) -> str:
                       f"token slots of the reference and update forwards a step, padding included.", "",
                   f"- KL step, default / dense packed: {ratios['kl_default_over_dense']:.2f}x (target <= 0.45x)",
                   f"- refiner step / KL step, default path: {ratios['refiner_over_kl_default']:.2f}x (target <= "
-                  f"1.2x; dense packed: {ratios['refiner_over_kl_dense']:.2f}x)", ""]
+                  f"1.2x; dense packed: {ratios['refiner_over_kl_dense']:.2f}x)"]
+        if "decode_over_floor" in ratios:
+            refiner = next(r for r in payload["demo"] if (r["constraint"], r["path"]) == ("refiner", "default"))
+            lines += [f"- the refiner's greedy decoding (within refine s): {refiner['decode_s']:.3f} s a step, "
+                      f"{ratios['decode_over_floor']:.2f}x its floor of {refiner['decode_floor_s']:.3f} s (the same "
+                      "call with the refinements it wrote as drafts: one pass over the templates' common beginnings, "
+                      "one over the rest); with its decoding at the floor, the refiner step would be "
+                      f"{ratios['refiner_at_floor_over_kl_default']:.2f}x the KL step"]
+        lines.append("")
     if payload.get("sweep"):
         settings = payload["sweep_settings"]
         lines += ["## The update as the batch grows (forward, backward, AdamW; "
