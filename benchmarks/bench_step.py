@@ -355,7 +355,8 @@ def median_seconds(fn, repeat: int, device: torch.device) -> float:
 def describe_env(env: dict) -> str:
     return (f"{env['device']}, torch {env.get('torch')}, triton {env.get('triton')}, transformers "
             f"{env.get('transformers')}, commit {env['commit']}{' (dirty)' if env.get('dirty') else ''}, "
-            f"{env['cpu_threads']} torch threads, load average {env['load_average']}; command `{env['command']}`")
+            f"{env['cpu_threads']} torch threads, MALLOC_MMAP_THRESHOLD_ {env.get('MALLOC_MMAP_THRESHOLD_', 'not recorded')}, "
+            f"load average {env['load_average']}; command `{env['command']}`")
 
 
 def earlier_parts(path: Path) -> dict:
@@ -454,14 +455,17 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    fix_malloc_mmap_threshold()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parts = (args.parts or ("sweep,plain" if device.type == "cuda" else "demo,sweep,plain")).split(",")
+    # The demo step is timed as users run it, with the allocator's own settings; the sweep's peak memory needs a
+    # fixed mmap threshold, so the script re-executes itself for the parts after the demo (memory.py).
+    if "demo" not in parts:
+        fix_malloc_mmap_threshold()
 
     from fastrft.config import TrainConfig
     from fastrft.machine import describe_machine
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    parts = (args.parts or ("sweep,plain" if device.type == "cuda" else "demo,sweep,plain")).split(",")
     max_tokens = args.max_tokens or TrainConfig().max_tokens_per_batch
     payload = {"env": describe_machine(device), "dtype": str(dtype).replace("torch.", ""), "max_tokens": max_tokens,
                "models": args.models.split(",")}
@@ -486,7 +490,10 @@ def main():
         payload["demo_ratios"] = demo_ratios(payload["demo"])
         payload["part_env"]["demo"] = payload["env"]
         torch.set_num_threads(threads)
-        write()
+        rest = [part for part in parts if part != "demo"]
+        if rest:
+            print(write(), flush=True)
+            fix_malloc_mmap_threshold([*sys.argv[1:], "--parts", ",".join(rest)])
     if "sweep" in parts:
         payload["sweep"], rate = sweep(payload["models"], [int(s) for s in args.scales.split(",")], device, dtype,
                                        args.warmup, args.repeat, args.dense_limit_gb, max_tokens)

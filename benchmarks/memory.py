@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 
-def fix_malloc_mmap_threshold() -> None:
-    """Re-executes the script once with a fixed mmap threshold: large CPU buffers are then returned to the OS when
-    freed, so the peak RSS measures peak memory. Call before importing torch."""
+def fix_malloc_mmap_threshold(args: list[str] | None = None) -> None:
+    """Re-executes the script once (with args, default its own) with a fixed mmap threshold: large CPU buffers are
+    then returned to the OS when freed, so the peak RSS measures peak memory. Call before importing torch, or before
+    measuring what must be timed as users run it: every large allocation then costs page faults (the demo step of
+    bench_step: 1.4-1.6x slower)."""
     if sys.platform == "linux" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+        os.execv(sys.executable, [sys.executable, sys.argv[0], *(sys.argv[1:] if args is None else args)])
 
 
 def rss_bytes() -> dict:

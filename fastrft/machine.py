@@ -21,6 +21,8 @@ def describe_machine(device=None, packages=PACKAGES) -> dict:
     env = {"device": torch.cuda.get_device_name() if cuda else cpu_name(), "cpu": cpu_name(),
            "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
            "cpu_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
+           # set by benchmarks that measure peak RSS (benchmarks/memory.py): large allocations then cost page faults
+           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset"),
            "platform": platform.platform(), "python": platform.python_version()}
     for name in packages:
         try:
