@@ -169,6 +169,8 @@ def _add_reference_args(parser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: its exit status. Under torchrun, a command that finishes well ends the process group and
+    then the process itself with status 0 (fastrft.distributed.end_world says why); alone, it returns."""
     parser = argparse.ArgumentParser(prog="fastrft", description="RL fine-tuning with dynamic (refiner) constraints")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train a policy")
