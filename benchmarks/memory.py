@@ -8,13 +8,16 @@ import sys
 from pathlib import Path
 
 
+MMAP_THRESHOLD = "65536"   # bytes: glibc serves every larger allocation by mmap, and returns it when freed
+
+
 def fix_malloc_mmap_threshold(args: list[str] | None = None) -> None:
     """Re-executes the script once (with args, default its own) with a fixed mmap threshold: large CPU buffers are
-    then returned to the OS when freed, so the peak RSS measures peak memory. Call before importing torch, or before
-    measuring what must be timed as users run it: every large allocation then costs page faults (the demo step of
-    bench_step: 1.4-1.6x slower)."""
+    then returned to the OS when freed, so the peak RSS measures peak memory. Call before importing torch. Times
+    taken so are not what users see: every large allocation costs page faults (bench_step's demo step 1.3-1.6x
+    slower), so a benchmark that times as well measures its memory in a process of its own, or its times first."""
     if sys.platform == "linux" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
         os.execv(sys.executable, [sys.executable, sys.argv[0], *(sys.argv[1:] if args is None else args)])
 
 
