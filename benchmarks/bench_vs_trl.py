@@ -25,7 +25,9 @@ time against the floor (the update's FLOPs as bench_step counts them, 3 x (2 x b
 the same L ("vs trl", < 1 is faster), and peak memory beyond what was allocated before the step and the gradients it
 leaves (CUDA: max_memory_allocated; CPU: peak RSS, VmHWM after resetting it through /proc/self/clear_refs, with
 glibc's mmap threshold fixed so that freed buffers leave the RSS).
-Each (provider, L) runs in a fresh process, so no provider reuses another's freed memory. Then, per
+Each (provider, L) runs in a fresh process, so no provider reuses another's freed memory; on the CPU its time in
+another, with the allocator's own settings as users run (the fixed threshold makes every large allocation a page
+fault, which slowed TRL's step, the one that allocates most, more than fastrft's). Then, per
 provider, the longest L whose peak stays within --budget-gb (lengths double until both providers exceed it or
 --max-length is reached). Prints a table and one JSON line; writes benchmarks/results/bench_vs_trl_<device>.{json,md}.
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,9 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memory import fix_malloc_mmap_threshold, peak_extra_bytes as measure_peak
-
-fix_malloc_mmap_threshold()
+from memory import MMAP_THRESHOLD, peak_extra_bytes as measure_peak
 
 import torch  # noqa: E402
 
@@ -175,34 +176,55 @@ def peak_extra_bytes(step, device) -> int | None:
     return measure_peak(step, device)
 
 
-def child(provider: str, length: int, args) -> dict:
+def child(provider: str, length: int, measure: str, args) -> dict:
+    """One (provider, length) in this process: its peak memory (measure "memory"), its time ("time"), or both."""
     device = torch.device(args.device)
+    row = {"provider": provider, "length": length, "oom": False}
     try:
         step = make_step(provider, args, length, device)
-        peak = peak_extra_bytes(step, device)
-        for _ in range(args.warmup):
-            step()
-        times = []
-        for _ in range(args.repeat):
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times.append(time.perf_counter() - t0)
+        if measure in ("memory", "both"):
+            peak = peak_extra_bytes(step, device)
+            row["peak_extra_gb"] = None if peak is None else peak / 2**30
+        if measure in ("time", "both"):
+            for _ in range(args.warmup + (measure == "time")):   # "both": the peak's call warmed up
+                step()
+            times = []
+            for _ in range(args.repeat):
+                sync(device)
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            row["ms"] = statistics.median(times) * 1e3
+            row["tokens_per_s"] = args.batch * length / (row["ms"] / 1e3)
     except torch.OutOfMemoryError:
         return {"provider": provider, "length": length, "oom": True}
-    ms = statistics.median(times) * 1e3
-    return {"provider": provider, "length": length, "ms": ms, "tokens_per_s": args.batch * length / (ms / 1e3),
-            "peak_extra_gb": None if peak is None else peak / 2**30, "oom": False}
+    return row
 
 
-def run_child(provider: str, length: int, argv: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *argv, "--child", provider, str(length)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+def run_child(provider: str, length: int, argv: list[str], measure: str) -> dict:
+    """child() in a fresh process, so that no provider reuses another's freed memory. On the CPU the peak RSS needs
+    glibc's mmap threshold fixed (memory.py), which makes every large allocation a page fault: there memory and time
+    are measured in processes of their own, the time with the allocator's own settings, as users run."""
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
+    if measure == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
+    cmd = [sys.executable, __file__, *argv, "--child", provider, str(length), measure]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-3:]
         return {"provider": provider, "length": length, "error": " | ".join(tail)}
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measured(provider: str, length: int, argv: list[str], on_cuda: bool) -> dict:
+    """Time and peak memory of (provider, length): one child on CUDA (its allocator counts the peak), two on the CPU."""
+    if on_cuda:
+        return run_child(provider, length, argv, "both")
+    memory = run_child(provider, length, argv, "memory")
+    if "error" in memory or memory.get("oom"):
+        return memory
+    return {**run_child(provider, length, argv, "time"), "peak_extra_gb": memory["peak_extra_gb"]}
 
 
 def fits(row, budget_gb) -> bool:
@@ -221,7 +243,7 @@ def main():
     parser.add_argument("--max-length", type=int, default=None, help="longest length tried (CPU 2048, CUDA 65536)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--child", nargs=2, metavar=("PROVIDER", "LENGTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("PROVIDER", "LENGTH", "MEASURE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     on_cuda = args.device.startswith("cuda")
     defaults = dict(model="qwen2.5-1.5b" if on_cuda else "tiny", batch=8, prompt_len=256 if on_cuda else 32,
@@ -231,12 +253,11 @@ def main():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2], args)))
         return
     argv = ["--device", args.device, "--model", args.model, "--batch", str(args.batch), "--prompt-len",
             str(args.prompt_len)]
     timing_argv = argv + ["--warmup", str(args.warmup), "--repeat", str(args.repeat)]
-    budget_argv = argv + ["--warmup", "0", "--repeat", "1"]   # the memory search needs no stable timing
     device = torch.device(args.device)
 
     env = describe_machine(device)
@@ -255,7 +276,7 @@ def main():
     providers = CUDA_PROVIDERS if on_cuda else PROVIDERS
     for length in (int(x) for x in args.lengths.split(",")):
         for provider in providers:
-            row = run_child(provider, length, timing_argv)
+            row = measured(provider, length, timing_argv, on_cuda)
             timed.append(row)
             add_ratios(row, timed, args, rate)
             print(format_row(row), flush=True)
@@ -267,7 +288,7 @@ def main():
         length, best, tried = max(fitted, default=64), None, []
         while length <= args.max_length:
             row = next((r for r in timed if r["provider"] == provider and r["length"] == length), None) \
-                or run_child(provider, length, budget_argv)
+                or run_child(provider, length, argv, "both" if on_cuda else "memory")
             tried.append(row)
             print("budget " + format_row(row), flush=True)
             if not fits(row, args.budget_gb):
@@ -287,7 +308,8 @@ def format_row(r) -> str:
     peak = "n/a" if r["peak_extra_gb"] is None else f"{r['peak_extra_gb'] * 1024:9.1f} MB"
     ratios = "".join(f"  {name} {r[key]:.2f}x" for key, name in (("x_floor", "floor"), ("time_vs_trl", "time/trl"),
                                                                  ("peak_vs_trl", "peak/trl")) if key in r)
-    return f"{label} {r['ms']:10.1f} ms {r['tokens_per_s']:10.0f} tok/s  peak extra {peak}{ratios}"
+    timed = f" {r['ms']:10.1f} ms {r['tokens_per_s']:10.0f} tok/s " if "ms" in r else ""   # a budget row: memory only
+    return f"{label}{timed} peak extra {peak}{ratios}"
 
 
 def write_results(payload, tag):
