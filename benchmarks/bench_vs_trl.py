@@ -27,7 +27,7 @@ leaves (CUDA: max_memory_allocated; CPU: peak RSS, VmHWM after resetting it thro
 glibc's mmap threshold fixed so that freed buffers leave the RSS).
 Each (provider, L) runs in a fresh process, so no provider reuses another's freed memory; on the CPU its time in
 another, with the allocator's own settings as users run (the fixed threshold makes every large allocation a page
-fault, which slowed TRL's step, the one that allocates most, more than fastrft's). Then, per
+fault: it slowed both sides, fastrft's step the more, 0.47-0.52x TRL's time against 0.37-0.40x without). Then, per
 provider, the longest L whose peak stays within --budget-gb (lengths double until both providers exceed it or
 --max-length is reached). Prints a table and one JSON line; writes benchmarks/results/bench_vs_trl_<device>.{json,md}.
 
