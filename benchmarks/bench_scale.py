@@ -10,7 +10,8 @@ layers, on each of --rows counts of rows of the demo's shape:
                   all-reduced
 Per rank: the median step time over --repeat steps (after --warmup); the communication inside one step (the wall
 time of FSDP2's all-gather and reduce-scatter regions, from torch.profiler); the bytes of the parameters and AdamW's
-state it holds (its shards); its peak RSS. Floor: the update's FLOPs on the rank's rows (fwd + bwd of every layer's
+state it holds (its shards); its peak RSS (in a run of its own with glibc's mmap threshold fixed, memory.py; the times with the allocator's own
+settings, as users run). Floor: the update's FLOPs on the rank's rows (fwd + bwd of every layer's
 matmuls, attention, the LM head on target tokens) over the matmul rate its threads measure. Targets: parameter +
 optimizer bytes per rank at 2 ranks (FSDP2) at most 0.55x of 1 rank's; the 2-rank step no slower than the 1-rank
 step.
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import fix_malloc_mmap_threshold, rss_bytes  # noqa: E402
+from memory import MMAP_THRESHOLD, rss_bytes  # noqa: E402
 from models import qwen_width_description, qwen_width_model  # noqa: E402
 from report import publish  # noqa: E402
 
@@ -95,11 +96,18 @@ def worker(args) -> None:
     end_world(exit_status=0)
 
 
-def launch(ranks: int, threads: int, engine: str, rows: int, args, out: Path) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def launch(ranks: int, threads: int, engine: str, rows: int, args, out: Path, measure: str) -> list[dict]:
+    """Every rank's measurements of one configuration, taken for its times (measure "time": the allocator's own
+    settings, as users run, over --warmup and --repeat steps) or for its peak RSS ("memory": glibc's mmap threshold
+    fixed, memory.py, which makes every large allocation a page fault; one step after one warm-up)."""
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
+    env["OMP_NUM_THREADS"] = str(threads)
+    repeat, warmup = (args.repeat, args.warmup) if measure == "time" else (1, 1)
+    if measure == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", __file__,
                "--worker", "--threads", str(threads), "--engine", engine, "--out", str(out), "--layers",
-               str(args.layers), "--rows", str(rows), "--repeat", str(args.repeat), "--warmup", str(args.warmup),
+               str(args.layers), "--rows", str(rows), "--repeat", str(repeat), "--warmup", str(warmup),
                "--max-tokens", str(args.max_tokens)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -165,10 +173,10 @@ def main():
     payload["configs"], payload["ratios"] = [], []
     with tempfile.TemporaryDirectory(prefix="bench_scale-") as work:
         for rows in (int(n) for n in args.rows.split(",")):
-            one, two, ddp = (summarize(ranks, threads, engine, rows,
-                                       launch(ranks, threads, engine, rows, args,
-                                              Path(work) / f"{rows}-{ranks}-{engine}.json"))
-                             for ranks, threads, engine in CONFIGS)
+            one, two, ddp = (summarize(ranks, threads, engine, rows, [
+                {**timed, "peak_rss_bytes": memory["peak_rss_bytes"]} for timed, memory in zip(*(
+                    launch(ranks, threads, engine, rows, args, Path(work) / f"{rows}-{ranks}-{engine}-{measure}.json",
+                           measure) for measure in ("time", "memory")))]) for ranks, threads, engine in CONFIGS)
             payload["configs"] += [one, two, ddp]
             payload["ratios"].append({
                 "rows": rows, "step_time": two["step_s"] / one["step_s"],
@@ -182,5 +190,4 @@ def main():
 
 
 if __name__ == "__main__":
-    fix_malloc_mmap_threshold()
     main()
