@@ -20,8 +20,8 @@ Reported: median time over --repeat runs after --warmup (CUDA events on the GPU,
 6*N*H*V / (measured matmul rate in the same dtype) and each time as a multiple of it; peak memory beyond inputs and
 gradients (CUDA: max_memory_allocated; CPU: the peak RSS of a fresh process per provider, reset through
 /proc/self/clear_refs after one warm-up call, with glibc's mmap threshold fixed there so that freed buffers leave
-the RSS; the times are taken in the parent, with the allocator's own settings, as users run). Prints a table, then one JSON line; writes
-benchmarks/results/bench_loss_<device>.{json,md}.
+the RSS; the times are taken in the parent, with the allocator's own settings, as users run). Prints a table, then
+one JSON line; writes benchmarks/results/bench_loss_<device>.{json,md}.
 
     python benchmarks/bench_loss.py                      # the shapes on CUDA, small ones on the CPU
     python benchmarks/bench_loss.py --shapes 4096x2048x32000 --providers naive,fastrft

@@ -12,9 +12,9 @@ Per rank: the median step time over --repeat steps (after --warmup); the communi
 time of FSDP2's all-gather and reduce-scatter regions, from torch.profiler); the bytes of the parameters and AdamW's
 state it holds (its shards); its peak RSS (in a run of its own with glibc's mmap threshold fixed, memory.py; the
 times with the allocator's own settings, as users run). Floor: the update's FLOPs on the rank's rows (fwd + bwd of
-every layer's matmuls, attention, the LM head on target tokens) over the matmul rate its threads measure. Targets: parameter +
-optimizer bytes per rank at 2 ranks (FSDP2) at most 0.55x of 1 rank's; the 2-rank step no slower than the 1-rank
-step.
+every layer's matmuls, attention, the LM head on target tokens) over the matmul rate its threads measure. Targets:
+parameter + optimizer bytes per rank at 2 ranks (FSDP2) at most 0.55x of 1 rank's; the 2-rank step no slower than the
+1-rank step.
 
     python benchmarks/bench_scale.py                  # about 12 minutes on the 2-core CPU
 Prints a table, then one JSON line; writes benchmarks/results/bench_scale_cpu.{json,md}.

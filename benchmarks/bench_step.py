@@ -3,9 +3,9 @@
 Part `demo`: the demo's default run (`fastrft demo` settings, its trained reference model, one torch thread), KL
 and refiner modes, each on the path this machine chooses (packing=auto) and on the dense packed path (every sample
 in one packed row through SDPA with a [T, T] mask: the default before packing=auto); mean per-phase times and token
-slots read (the reference and update forwards', padding included) over --steps steps after a warm-up step; the refiner's greedy decoding against its floor (the same call with the
-refinements it wrote as drafts: one prefill). Targets: default KL step at most 0.45x the dense one; refiner step at
-most 1.2x the KL step.
+slots read (the reference and update forwards', padding included) over --steps steps after a warm-up step; the
+refiner's greedy decoding against its floor (the same call with the refinements it wrote as drafts: one prefill).
+Targets: default KL step at most 0.45x the dense one; refiner step at most 1.2x the KL step.
 Part `sweep`: the update alone (forward, backward and AdamW step over token-budgeted micro-batches, exactly as the
 trainer runs it) on the demo's tiny model and on a randomly initialised 4-layer model of Qwen2.5-0.5B's width
 (hidden 896, 14 heads, vocabulary 151936), with 1x, 2x, 4x and 8x a demo step's tokens (rows of the demo's length
@@ -163,13 +163,15 @@ def decoding_floor_s(model, tokenizer, templates, written, max_new_tokens: int, 
 def demo_ratios(rows: list[dict]) -> dict:
     step = {(r["constraint"], r["path"]): r["step_s"] for r in rows}
     refiner = next(r for r in rows if (r["constraint"], r["path"]) == ("refiner", "default"))
-    return {"kl_default_over_dense": step["kl", "default"] / step["kl", "dense packed"],
-            "refiner_over_kl_default": step["refiner", "default"] / step["kl", "default"],
-            "refiner_over_kl_dense": step["refiner", "dense packed"] / step["kl", "dense packed"],
-            # the refiner's step with its decoding at the floor: what the refiner's own work costs at the least
-            "refiner_at_floor_over_kl_default": (refiner["step_s"] - refiner["decode_s"] + refiner["decode_floor_s"])
-                                                / step["kl", "default"],
-            "decode_over_floor": refiner["decode_s"] / refiner["decode_floor_s"]}
+    ratios = {"kl_default_over_dense": step["kl", "default"] / step["kl", "dense packed"],
+              "refiner_over_kl_default": step["refiner", "default"] / step["kl", "default"],
+              "refiner_over_kl_dense": step["refiner", "dense packed"] / step["kl", "dense packed"]}
+    if refiner["decode_floor_s"]:   # the draft path ran (refine_draft=true)
+        # the refiner's step with its decoding at the floor: what the refiner's own work costs at the least
+        ratios["refiner_at_floor_over_kl_default"] = \
+            (refiner["step_s"] - refiner["decode_s"] + refiner["decode_floor_s"]) / step["kl", "default"]
+        ratios["decode_over_floor"] = refiner["decode_s"] / refiner["decode_floor_s"]
+    return ratios
 
 
 # ----------------------------------------------------------------------------------------------- part sweep
@@ -355,8 +357,9 @@ def median_seconds(fn, repeat: int, device: torch.device) -> float:
 def describe_env(env: dict) -> str:
     return (f"{env['device']}, torch {env.get('torch')}, triton {env.get('triton')}, transformers "
             f"{env.get('transformers')}, commit {env['commit']}{' (dirty)' if env.get('dirty') else ''}, "
-            f"{env['cpu_threads']} torch threads, MALLOC_MMAP_THRESHOLD_ {env.get('MALLOC_MMAP_THRESHOLD_', 'not recorded')}, "
-            f"load average {env['load_average']}; command `{env['command']}`")
+            f"{env['cpu_threads']} torch threads, MALLOC_MMAP_THRESHOLD_ "
+            f"{env.get('MALLOC_MMAP_THRESHOLD_', 'not recorded')}, load average {env['load_average']}; command "
+            f"`{env['command']}`")
 
 
 def earlier_parts(path: Path) -> dict:
