@@ -36,14 +36,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from memory import MMAP_THRESHOLD, peak_extra_bytes
+from memory import allocator_env, peak_extra_bytes
 
 import torch
 
@@ -309,8 +308,7 @@ def measure_in_child(name, shape, dtype, zero_half):
     cmd = [sys.executable, __file__, "--measure-memory", name, shape, str(dtype).replace("torch.", ""),
            str(int(zero_half))]
     # Only there the mmap threshold is fixed (memory.py): times are taken with the allocator users run.
-    result = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD})
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=allocator_env(for_memory=True))
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
 
 

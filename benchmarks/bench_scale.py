@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import MMAP_THRESHOLD, rss_bytes  # noqa: E402
+from memory import allocator_env, rss_bytes  # noqa: E402
 from models import qwen_width_description, qwen_width_model  # noqa: E402
 from report import publish  # noqa: E402
 
@@ -100,11 +99,8 @@ def launch(ranks: int, threads: int, engine: str, rows: int, args, out: Path, me
     """Every rank's measurements of one configuration, taken for its times (measure "time": the allocator's own
     settings, as users run, over --warmup and --repeat steps) or for its peak RSS ("memory": glibc's mmap threshold
     fixed, memory.py, which makes every large allocation a page fault; one step after one warm-up)."""
-    env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
-    env["OMP_NUM_THREADS"] = str(threads)
+    env = {**allocator_env(for_memory=measure == "memory"), "OMP_NUM_THREADS": str(threads)}
     repeat, warmup = (args.repeat, args.warmup) if measure == "time" else (1, 1)
-    if measure == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", __file__,
                "--worker", "--threads", str(threads), "--engine", engine, "--out", str(out), "--layers",
                str(args.layers), "--rows", str(rows), "--repeat", str(repeat), "--warmup", str(warmup),
@@ -113,6 +109,13 @@ def launch(ranks: int, threads: int, engine: str, rows: int, args, out: Path, me
     if done.returncode != 0:
         raise SystemExit(f"{ranks}-rank run failed:\n{done.stderr[-4000:]}")
     return json.loads(out.read_text())
+
+
+def measured(ranks: int, threads: int, engine: str, rows: int, args, work: str) -> list[dict]:
+    """Every rank's times from one launch and its peak RSS from another (launch says why two)."""
+    timed, memory = (launch(ranks, threads, engine, rows, args, Path(work) / f"{rows}-{ranks}-{engine}-{measure}.json",
+                            measure) for measure in ("time", "memory"))
+    return [{**t, "peak_rss_bytes": m["peak_rss_bytes"]} for t, m in zip(timed, memory)]
 
 
 def summarize(ranks: int, threads: int, engine: str, rows: int, per_rank: list[dict]) -> dict:
@@ -173,10 +176,8 @@ def main():
     payload["configs"], payload["ratios"] = [], []
     with tempfile.TemporaryDirectory(prefix="bench_scale-") as work:
         for rows in (int(n) for n in args.rows.split(",")):
-            one, two, ddp = (summarize(ranks, threads, engine, rows, [
-                {**timed, "peak_rss_bytes": memory["peak_rss_bytes"]} for timed, memory in zip(*(
-                    launch(ranks, threads, engine, rows, args, Path(work) / f"{rows}-{ranks}-{engine}-{measure}.json",
-                           measure) for measure in ("time", "memory")))]) for ranks, threads, engine in CONFIGS)
+            one, two, ddp = (summarize(ranks, threads, engine, rows, measured(ranks, threads, engine, rows, args, work))
+                             for ranks, threads, engine in CONFIGS)
             payload["configs"] += [one, two, ddp]
             payload["ratios"].append({
                 "rows": rows, "step_time": two["step_s"] / one["step_s"],

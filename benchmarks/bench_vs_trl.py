@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memory import MMAP_THRESHOLD, peak_extra_bytes as measure_peak
+from memory import allocator_env, peak_extra_bytes as measure_peak
 
 import torch  # noqa: E402
 
@@ -206,11 +205,8 @@ def run_child(provider: str, length: int, argv: list[str], measure: str) -> dict
     """child() in a fresh process, so that no provider reuses another's freed memory. On the CPU the peak RSS needs
     glibc's mmap threshold fixed (memory.py), which makes every large allocation a page fault: there memory and time
     are measured in processes of their own, the time with the allocator's own settings, as users run."""
-    env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
-    if measure == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
     cmd = [sys.executable, __file__, *argv, "--child", provider, str(length), measure]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=allocator_env(for_memory=measure == "memory"))
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-3:]
         return {"provider": provider, "length": length, "error": " | ".join(tail)}

@@ -11,6 +11,15 @@ from pathlib import Path
 MMAP_THRESHOLD = "65536"   # bytes: glibc serves every larger allocation by mmap, and returns it when freed
 
 
+def allocator_env(for_memory: bool) -> dict:
+    """This process's environment for a child that measures peak RSS (the mmap threshold fixed) or time (glibc's own
+    settings, as users run: the fixed threshold makes every large allocation a page fault)."""
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
+    if for_memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
+    return env
+
+
 def fix_malloc_mmap_threshold(args: list[str] | None = None) -> None:
     """Re-executes the script once (with args, default its own) with a fixed mmap threshold: large CPU buffers are
     then returned to the OS when freed, so the peak RSS measures peak memory. Call before importing torch. Times
