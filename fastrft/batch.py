@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fastrft.distributed import SINGLE, World, gradient_sync
+from fastrft.distributed import SINGLE, World, gradient_sync, launched_rank
 from fastrft.loss import (IGNORE_INDEX, FusedRFTOutput, beyond_causal, fused_rft_loss, kl_estimate,
                           model_logit_transform, token_logprobs)
 from fastrft.rollout import eval_mode, first_occurrences
@@ -53,10 +53,12 @@ _NOTED: set[str] = set()
 
 
 def note_once(message: str) -> None:
-    """Options that cannot run on this machine, and choices made for the user, are said once per process."""
+    """Options that cannot run on this machine, and choices made for the user, are said once per job: once per
+    process, by rank 0 alone under torchrun (the ranks make the same choices)."""
     if message not in _NOTED:
         _NOTED.add(message)
-        print(f"fastrft: {message}", file=sys.stderr)
+        if launched_rank() == 0:
+            print(f"fastrft: {message}", file=sys.stderr)
 
 
 @dataclass

@@ -13,8 +13,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from fastrft.batch import PACKING
 from fastrft.loss import KL_ESTIMATORS
+from fastrft.refiner import check_refine_template
 from fastrft.rundir import write_atomically
 
 CONSTRAINTS = ("none", "kl", "refiner", "kl+refiner")
@@ -129,6 +132,17 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         self._check_numbers()
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError("device", f"device must be auto, cpu, cuda or cuda:N (a torch device), got "
+                                            f"{self.device!r}") from None
+        if self.refine_template is not None:
+            try:
+                check_refine_template(self.refine_template)
+            except ValueError as e:
+                raise ConfigError("refine_template", str(e)) from None
         if self.load_in_4bit and self.lora_r == 0:
             raise ConfigError("load_in_4bit", "load_in_4bit=true needs lora_r > 0: 4-bit base weights are not "
                                               "trained, only adapters on them")
@@ -212,7 +226,9 @@ def _base_type(annotation):
 
 
 def _convert(key: str, value, annotation):
-    """A YAML value or a command-line string as the field's type."""
+    """A YAML value or a command-line string as the field's type. Strings are parsed (lr=3e-5, steps=10); a typed
+    value must be of the field's type: a YAML boolean is no number (steps: yes), and a number, list or null no string
+    (output_dir: null)."""
     kind = _base_type(annotation)
     if kind is not annotation:  # X | None
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
@@ -235,19 +251,32 @@ def _convert(key: str, value, annotation):
         if isinstance(value, str) and value.lower() in _BOOLEAN_WORDS:
             return _BOOLEAN_WORDS[value.lower()]
         raise ValueError(f"config key {key!r} must be a boolean (true/false), got {value!r}")
-    try:
-        if annotation is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if annotation is float:
-            return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"config key {key!r} must be {annotation.__name__}, got {value!r}") from None
-    return str(value)
+    if annotation in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value) if annotation is float else int(value)
+            except ValueError:
+                raise ValueError(f"config key {key!r} must be {annotation.__name__}, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (annotation is int and not float(value).is_integer()):
+            raise ValueError(f"config key {key!r} must be {annotation.__name__}, got {_shown(value)}")
+        return annotation(value)
+    if isinstance(value, bool) and key in _BOOLEAN_STRING_KEYS:
+        return str(value).lower()
+    if not isinstance(value, str):
+        raise ValueError(f"config key {key!r} must be a string, got {_shown(value)}"
+                         + (" (quote it in YAML)" if isinstance(value, (int, float)) else ""))
+    return value
+
+
+def _shown(value) -> str:
+    """A value as YAML wrote it: true, null."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 _UnionType = type(int | None)
+# String keys that took YAML booleans when they were booleans (packing: true).
+_BOOLEAN_STRING_KEYS = ("packing",)
 _BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
                   "off": False}
 
@@ -326,7 +355,12 @@ def _read_yaml_mapping(path: Path) -> tuple[dict, dict[str, int]]:
         return {}, {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of keys to values, not a {type(data).__name__}")
-    lines = {str(key.value): key.start_mark.line + 1 for key, _ in node.value}
+    lines: dict[str, int] = {}
+    for key, _ in node.value:
+        line = key.start_mark.line + 1
+        if str(key.value) in lines:
+            raise ValueError(f"{path}:{line}: {key.value!r} is set twice (first on line {lines[str(key.value)]})")
+        lines[str(key.value)] = line
     return data, lines
 
 

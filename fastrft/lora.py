@@ -66,6 +66,10 @@ def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: lis
             raise ValueError(f"lora_target_modules: {e}") from e
         for name, parameter in model.named_parameters():
             parameter.requires_grad_("lora_" in name)
+            if "lora_" in name and parameter.dtype == torch.float16:
+                # Trained in fp32 over an fp16 base (as peft's autocast_adapter_dtype does): AdamW's state underflows
+                # in fp16. peft casts the adapters' input to their dtype and their output back.
+                parameter.data = parameter.data.float()
     for name, module in model.named_modules():
         if any(_matches(name, t) for t in whole):
             module.requires_grad_(True)

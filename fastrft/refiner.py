@@ -18,6 +18,7 @@ refinement: it is written once and copied to each of them.
 """
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -68,6 +69,21 @@ class RefineResult:
     def draft_accepted(self) -> float | None:
         """The fraction of the draft tokens offered that the refiner's greedy decoding accepted."""
         return None if self.draft is None else self.draft.accepted / max(1, self.draft.offered)
+
+
+def check_refine_template(template) -> None:
+    """A ValueError unless template is a str.format template whose fields are {response} and, optionally, {prompt}
+    (the refiner would see no response, or the template would fail at the first refinement)."""
+    if not isinstance(template, str):
+        raise ValueError(f"refine_template must be a string, got {template!r}")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:   # a lone brace
+        raise ValueError(f"refine_template {template!r} is not a str.format template ({e}; write a literal brace "
+                         f"as {{{{ or }}}})") from None
+    if "response" not in fields or not fields <= {"prompt", "response"}:
+        raise ValueError(f"refine_template must be a str.format template whose fields are {{prompt}} (optional) and "
+                         f"{{response}}, got the fields {sorted(fields)} in {template!r}")
 
 
 def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, completions: list[str],

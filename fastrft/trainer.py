@@ -59,7 +59,7 @@ from fastrft.config import TrainConfig, load_config, save_config
 from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world, local_tensor, shard_frozen,
                                  shard_policy)
 from fastrft.lora import adapters_disabled, add_lora, merge_lora
-from fastrft.refiner import RefineResult, refine
+from fastrft.refiner import RefineResult, check_refine_template, refine
 from fastrft.rewards import is_degenerate
 from fastrft.rollout import encode_prompts, eval_mode, generate
 from fastrft.rundir import RunDir
@@ -181,6 +181,11 @@ def enable_activation_checkpointing(model) -> None:
 
 def make_optimizer(cfg: TrainConfig, model, device: torch.device):
     params = [p for p in model.parameters() if p.requires_grad]
+    if any(p.dtype == torch.float16 for p in params):
+        # AdamW's eps (1e-8) and squared gradients below 6e-8 round to 0 in fp16: 0/0 at the first step.
+        raise ValueError("dtype=float16 would train weights in fp16 itself, where AdamW's state underflows (NaN at the "
+                         "first step): use dtype=bfloat16, or float16 with LoRA adapters (lora_r > 0: they train in "
+                         "fp32 over the fp16 base) or under FSDP2 (fp32 master weights)")
     if cfg.optimizer == "adamw8bit":
         if device.type == "cuda":
             import bitsandbytes as bnb
@@ -190,18 +195,25 @@ def make_optimizer(cfg: TrainConfig, model, device: torch.device):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
 
-def make_scheduler(cfg: TrainConfig, optimizer):
-    def lr_factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        if cfg.lr_schedule == "linear":
-            return 1 - (1 - cfg.min_lr_ratio) * progress
-        if cfg.lr_schedule == "cosine":
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The multiple of cfg.lr that step (0-based) runs at: a linear warmup over warmup_steps, then constant, or a
+    linear or cosine decay that reaches min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps - 1))
+    if cfg.lr_schedule == "linear":
+        return 1 - (1 - cfg.min_lr_ratio) * progress
+    if cfg.lr_schedule == "cosine":
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+def make_scheduler(cfg: TrainConfig, optimizer, start_step: int = 0):
+    """The learning-rate schedule of these settings from start_step (0-based) on: a resumed run follows its
+    settings (lr, lr_schedule, steps, ...), which may differ from the checkpoint's."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step), last_epoch=start_step - 1)
 
 
 class PromptStream:
@@ -397,9 +409,12 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task, **cfg.extra)
-    columns = task.required_columns()
-    train_rows = load_rows(cfg.dataset, required=columns) if cfg.dataset else task.train_rows
-    eval_rows = load_rows(cfg.eval_dataset, required=columns) if cfg.eval_dataset else task.eval_rows
+    refine_template = cfg.refine_template or task.refine_template
+    if cfg.uses_refiner:   # a task's own template: the config checked the one it was given
+        check_refine_template(refine_template)
+    columns, types = task.required_columns(), task.column_types()
+    train_rows = load_rows(cfg.dataset, required=columns, types=types) if cfg.dataset else task.train_rows
+    eval_rows = load_rows(cfg.eval_dataset, required=columns, types=types) if cfg.eval_dataset else task.eval_rows
 
     tokenizer = load_tokenizers(cfg.model, cfg.ref_model or cfg.model)
     # Under FSDP2's mixed precision the policy keeps fp32 master weights, gathered and computed in cfg.dtype.
@@ -417,19 +432,23 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if ref is not policy and ref_sharding == "shard":
         ref = shard_frozen(ref, world)
     optimizer = make_optimizer(cfg, policy, device)
-    scheduler = make_scheduler(cfg, optimizer)
 
     start_step, state, metrics = 0, {"stream": {"epoch": 0, "index": 0}, "skipped_steps": 0}, []
     if resume:
-        start_step, state = load_checkpoint(run_dir.path, model=policy, optimizer=optimizer, scheduler=scheduler,
+        start_step, state = load_checkpoint(run_dir.path, model=policy, optimizer=optimizer,
                                             map_location=device, world=world)
         # Steps logged after the checkpoint are run again: their old records go.
         metrics = run_dir.metrics_to_resume(start_step)
+        for group in optimizer.param_groups:   # the optimizer's state from the checkpoint, its settings from these
+            group["weight_decay"] = cfg.weight_decay
+        note_schedule_change(load_config(run_dir.config), cfg, start_step)
     elif world.size > 1:
         # The same weights on every rank (the seed above); a sampling stream of its own for each.
         seed = cfg.seed + 1_000_003 * world.rank
         random.seed(seed)
         torch.manual_seed(seed)
+    scheduler = make_scheduler(cfg, optimizer, start_step)
+    stream = PromptStream(train_rows, cfg.seed, **state["stream"])
     # Everything has loaded: only now does the run folder change (rank 0 writes it).
     if world.is_main:
         if overwrite:
@@ -439,11 +458,20 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         run_dir.write_metrics(metrics)
     world.barrier()
     return Run(cfg=cfg, run_dir=run_dir, device=device, tokenizer=tokenizer, policy=policy, ref=ref, task=task,
-               stream=PromptStream(train_rows, cfg.seed, **state["stream"]),
+               stream=stream,
                eval_rows=eval_rows[:cfg.eval_size] if cfg.eval_size else eval_rows, optimizer=optimizer,
                scheduler=scheduler, attention=path, max_new_tokens=cfg.max_new_tokens or task.max_new_tokens,
-               refine_template=cfg.refine_template or task.refine_template, start_step=start_step,
+               refine_template=refine_template, start_step=start_step,
                skipped_steps=state.get("skipped_steps", 0), world=world, policy_loss=policy_loss)
+
+
+def note_schedule_change(before: TrainConfig, after: TrainConfig, start_step: int) -> None:
+    """Says when a resume's overrides move the learning rate its next step runs at (steps=N re-stretches a decay)."""
+    old, new = before.lr * lr_factor(before, start_step), after.lr * lr_factor(after, start_step)
+    if not math.isclose(old, new, rel_tol=1e-9):
+        note_once(f"resuming at step {start_step + 1} with the learning-rate schedule of these settings "
+                  f"(lr_schedule={after.lr_schedule} over steps={after.steps}): it runs at lr {new:.4g}, where the run's "
+                  f"settings would have given {old:.4g}")
 
 
 def check_distributable(cfg: TrainConfig, fsdp: bool, ref_sharding: str) -> None:
@@ -562,7 +590,7 @@ def train_run(run: Run) -> dict:
             stop_requested = bool(world.max([stop.requested])[0])
             if step % cfg.save_every == 0 or step == cfg.steps or stop_requested:
                 save_checkpoint(run.run_dir.path, step, model=run.policy, optimizer=run.optimizer,
-                                scheduler=run.scheduler, state=run.checkpoint_state(),
+                                state=run.checkpoint_state(),
                                 trainable_only=cfg.lora_r > 0, world=world)
             if progress is not None:
                 progress.update(1)
@@ -604,6 +632,7 @@ def run_step(run: Run, step: int) -> StepRecord:
                 refined, refinement = refined_rows(run, groups)
             trained_tokens += sum(len(row.target_ids) for row in refined if row is not None)
             rows = with_refinements(rows, refined, run.attention)
+    lr = run.scheduler.get_last_lr()[0]   # this step's
     with _timed(times_s, "update"):
         update = update_policy(run, rows) if any_rows else UpdateStats()       # 5
         # The schedule follows the step count, skipped steps included; torch warns when no optimizer step came first.
@@ -617,7 +646,7 @@ def run_step(run: Run, step: int) -> StepRecord:
                       groups=[g for r in ranks for g in r[0]],
                       refine=None if refinement is None else RefineResult.merged([r[2] for r in ranks]),
                       update=update, trained_tokens=sum(r[3] for r in ranks), skipped_steps=run.skipped_steps,
-                      lr=run.scheduler.get_last_lr()[0],
+                      lr=lr,
                       times_s={phase: max(r[4][phase] for r in ranks) for phase in PHASES},
                       step_time_s=max(r[5] for r in ranks), peak_mem_gb=max(r[6] for r in ranks))
 
@@ -799,7 +828,7 @@ def update_policy(run: Run, rows: list[Row]) -> UpdateStats:
                 raise FloatingPointError(
                     "an optimizer step left NaN or inf in the policy's weights from a finite loss and gradient (the "
                     f"learning rate, lr={cfg.lr}, too large for them?); the run stops here so that they never reach "
-                    "a checkpoint: the last checkpoint holds the last good weights")
+                    "a checkpoint: the last checkpoint, if any, holds the last good weights")
             stats.optimizer_steps += 1
             result["grad_norm"] = float(grad_norm)
             for name, value in result.items():

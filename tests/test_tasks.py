@@ -2,6 +2,8 @@
 the rule-based reward helpers; and a few steps of reference training saved and loaded back."""
 import json
 
+import re
+
 import pytest
 import torch
 
@@ -143,6 +145,37 @@ def test_load_task_errors(spec, message, custom_task_module):
     options = {"obj": 1} if spec == "json:dumps" else {}
     with pytest.raises(ValueError, match=message):
         load_task(spec.format(module=custom_task_module), **options)
+
+
+@pytest.mark.parametrize("spec, options, message", [
+    ("demo", {"foo": 1}, "task 'demo' takes no option extra.foo; its options: extra.seed, extra.n_train, extra.n_eval"),
+    ("dialogue", {}, "task 'dialogue' needs extra.reward_model=..."),
+    ("demo", {"n_eval": "abc"}, "task 'demo': extra.n_eval must be int, got 'abc'"),
+    ("demo", {"n_eval": True}, "task 'demo': extra.n_eval must be int, got True"),
+    ("code", {"unsafe": "maybe"}, "task 'code': extra.unsafe must be bool, got 'maybe'"),
+    ("code", {"timeout_s": "4"}, "task 'code': extra.timeout_s must be float or int, got '4'"),
+    ("demo", {"n_eval": -5}, "the demo task needs extra.n_train >= 1 and extra.n_eval >= 0"),
+    ("demo", {"n_train": 0}, "the demo task needs extra.n_train >= 1"),
+])
+def test_task_options_are_checked_by_name_and_type(spec, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_task(spec, **options)
+
+
+def test_task_options_of_the_right_type_pass():
+    assert len(load_task("demo", n_eval=3, seed=1).eval_rows) == 3
+    assert load_task("code", timeout_s=3).name == "code"    # an int where a float is asked
+
+
+def test_load_rows_checks_the_types_the_rewards_annotate(tmp_path):
+    task = load_task("demo")
+    assert task.column_types() == {"answer": (str,)}     # sort_reward(..., answer: list[str], ...)
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "sort 321=", "answer": "123"}\n{"prompt": "sort 21=", "answer": 12}\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: 'answer' must be str \(the task's reward functions read it "
+                                         r"so\), got 12"):
+        load_rows(path, required=task.required_columns(), types=task.column_types())
+    assert len(load_rows(path)) == 2    # without the task's types, any JSON value
 
 
 def test_load_rows_jsonl(tmp_path):

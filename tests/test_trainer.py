@@ -293,6 +293,37 @@ def test_config_file_errors_name_the_file_and_line(tmp_path, content, message):
         load_config(path)
 
 
+@pytest.mark.parametrize("content,message", [
+    ("steps: true\n", ":1: config key 'steps' must be int, got true"),
+    ("lr: yes\n", ":1: config key 'lr' must be float, got true"),
+    ("clip_low: false\n", ":1: config key 'clip_low' must be float, got false"),
+    ("steps: 2.5\n", ":1: config key 'steps' must be int, got 2.5"),
+    ("output_dir: null\n", ":1: config key 'output_dir' must be a string, got null"),
+    ("model: 5\n", ":1: config key 'model' must be a string, got 5 \\(quote it in YAML\\)"),
+    ("model: [a]\n", ":1: config key 'model' must be a string, got \\['a'\\]"),
+    ("steps: 1\nlr: 1e-4\nsteps: 2\n", ":3: 'steps' is set twice \\(first on line 1\\)"),
+    ("device: gpu\n", ":1: device must be auto, cpu, cuda or cuda:N"),
+    ("refine_template: 'fix {prompt}{resp}>'\n", ":1: refine_template must be a str.format template whose fields "
+                                                  "are {prompt} \\(optional\\) and {response}, got the fields "
+                                                  "\\['prompt', 'resp'\\]"),
+    ("refine_template: 'fix {0}'\n", ":1: refine_template must be a str.format template"),
+    ("refine_template: 'no fields'\n", ":1: refine_template must be a str.format template"),
+    ("refine_template: 'fix {response}{'\n", ":1: refine_template 'fix {response}{' is not a str.format template"),
+])
+def test_config_values_of_the_wrong_type_are_refused_where_they_were_set(tmp_path, content, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"{path}{message}"):
+        load_config(path)
+
+
+def test_config_values_yaml_types_that_mean_the_same_are_taken(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 10.0\nlr: 1e-4\npacking: false\neval_size: null\nrefine_template: 'fix {prompt}{response}>'\n")
+    cfg = load_config(path)
+    assert (cfg.steps, cfg.lr, cfg.packing, cfg.eval_size) == (10, 1e-4, "false", None)
+
+
 def test_config_errors_name_the_key(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("steps: 7\nconstraint: kl\nbogus_key: 1\n")
@@ -410,6 +441,53 @@ def test_a_failed_resume_changes_nothing_on_disk(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="corrupt checkpoint file"):
         train(load_config(run_dir / "config.yaml", ["steps=4", "lr=5e-4"]), resume=True)
     assert snapshot(run_dir) == before                   # config.yaml still the old one
+
+
+def test_a_start_that_fails_on_its_task_or_data_writes_nothing(tiny_model, tmp_path, monkeypatch):
+    """An empty training set, a dataset value of the wrong type or a task's own refinement template that cannot
+    work fail the start before the run folder is written, so the corrected command runs without --overwrite."""
+    (tmp_path / "odd_tasks.py").write_text(
+        "from fastrft.tasks import load_task\n"
+        "def no_prompts():\n    task = load_task('demo', n_eval=4)\n    task.train_rows = []\n    return task\n"
+        "def bad_template():\n    task = load_task('demo', n_eval=4)\n    task.refine_template = 'fix {resp}'\n"
+        "    return task\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "sort 21=", "answer": "12"}\n{"prompt": "sort 321=", "answer": 123}\n')
+    for overrides, message in ((["task=odd_tasks:no_prompts"], "the task has no training prompts"),
+                               (["task=odd_tasks:bad_template"], "refine_template must be a str.format template"),
+                               ([f"dataset={data}"], r"rows\.jsonl:2: 'answer' must be str")):
+        with pytest.raises(ValueError, match=message):
+            train(config(tiny_model, tmp_path, "steps=1", *overrides))
+        assert not (tmp_path / "run").exists()
+
+
+def test_float16_trains_adapters_in_fp32_and_refuses_fp16_weights(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="dtype=float16 would train weights in fp16 itself"):
+        train(config(tiny_model, tmp_path, "steps=1", "dtype=float16"))
+    assert not (tmp_path / "run").exists()
+    run = make_run(config(tiny_model, tmp_path, "steps=2", "dtype=float16", "lora_r=4", "constraint=kl"))
+    trained = [p for p in run.policy.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert {p.dtype for p in run.policy.parameters() if not p.requires_grad} == {torch.float16}
+    varied_rewards(run)
+    before = weights(run.policy)
+    train_run(run)
+    assert read_metrics(tmp_path / "run")[-1]["skipped_steps"] == 0
+    assert any(not torch.equal(before[k], v) for k, v in run.policy.state_dict().items() if "lora_" in k)
+    assert all(torch.isfinite(p).all() for p in run.policy.parameters())
+
+
+def test_the_logged_learning_rate_is_the_steps_own_and_decays_to_its_floor(tiny_model, tmp_path, capsys):
+    train(config(tiny_model, tmp_path, "steps=3", "lr=1e-3", "lr_schedule=linear", "min_lr_ratio=0.1",
+                 "save_every=3"))
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r]
+    assert lrs == pytest.approx([1e-3, 5.5e-4, 1e-4])     # the first step at lr, the last at lr * min_lr_ratio
+    resumed = load_config(tmp_path / "run" / "config.yaml", ["steps=5"])
+    train(resumed, resume=True)
+    assert "resuming at step 4 with the learning-rate schedule of these settings (lr_schedule=linear over " \
+           "steps=5): it runs at lr 0.000325" in capsys.readouterr().err
+    assert [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r][3:] == pytest.approx([3.25e-4, 1e-4])
 
 
 def test_resume_drops_a_torn_last_line_and_refuses_a_shortened_log(tiny_model, tmp_path):

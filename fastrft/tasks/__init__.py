@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from fastrft.jsonl import read_jsonl
+
+
+# What fastrft passes reward functions itself: no row column.
+_GIVEN_COLUMNS = {"prompts", "completions", "truncated", "completion_ids"}
 
 
 @dataclass
@@ -37,16 +43,31 @@ class Task:
     def required_columns(self) -> tuple[str, ...]:
         """The row columns the reward functions cannot do without: their parameters with no default, other than
         the ones fastrft passes itself (prompts, completions, truncated, completion_ids)."""
-        given = {"prompts", "completions", "truncated", "completion_ids"}
         required = []
         for func in self.reward_funcs:
             try:
                 parameters = inspect.signature(func).parameters.values()
             except (TypeError, ValueError):   # a builtin or C callable: nothing to read
                 continue
-            required += [p.name for p in parameters if p.default is p.empty and p.name not in given
+            required += [p.name for p in parameters if p.default is p.empty and p.name not in _GIVEN_COLUMNS
                          and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in required]
         return tuple(required)
+
+    def column_types(self) -> dict[str, tuple[type, ...]]:
+        """The types a row's column may hold where a reward function annotates it list[X], X made of int, float,
+        str, bool and None (answer: list[str]): load_rows refuses other values by file and line."""
+        out = {}
+        for func in self.reward_funcs:
+            try:
+                hints = typing.get_type_hints(func)
+            except Exception:   # annotations that do not resolve, or a builtin: nothing to read
+                continue
+            for name, hint in hints.items():
+                allowed = _plain_types(typing.get_args(hint)[0]) if typing.get_origin(hint) is list \
+                    and typing.get_args(hint) else None
+                if allowed and name not in _GIVEN_COLUMNS:
+                    out[name] = allowed
+        return out
 
     def score(self, rows: list[dict], completions: list[str], truncated: list[bool]):
         """(weighted reward or None, {function name: values}) of each completion; rows[i] is completion i's prompt
@@ -93,57 +114,80 @@ def _sum_count(values: list[float | None]) -> tuple[float, int]:
     return float(sum(scored)), len(scored)
 
 
-def _demo_task(**options) -> Task:
-    from fastrft.tasks.demo import demo_task
-
-    return demo_task(**options)
-
-
-def _demo_proxy_task(**options) -> Task:
-    from fastrft.tasks.demo import demo_proxy_task
-
-    return demo_proxy_task(**options)
-
-
-def _code_task(**options) -> Task:
-    from fastrft.tasks.code import code_task
-
-    return code_task(**options)
-
-
-def _dialogue_task(**options) -> Task:
-    from fastrft.tasks.dialogue import dialogue_task
-
-    return dialogue_task(**options)
-
-
-TASKS: dict[str, Callable[..., Task]] = {"demo": _demo_task, "demo_proxy": _demo_proxy_task, "code": _code_task,
-                                         "dialogue": _dialogue_task}
+# The embedded tasks, imported on first use (the code task's sandbox and the dialogue task's reward model are not
+# every run's business).
+TASKS = {"demo": "fastrft.tasks.demo:demo_task", "demo_proxy": "fastrft.tasks.demo:demo_proxy_task",
+         "code": "fastrft.tasks.code:code_task", "dialogue": "fastrft.tasks.dialogue:dialogue_task"}
 
 
 def load_task(spec: str, **options) -> Task:
     """A registered task by name, or ``"package.module:function"`` (a callable returning a Task) called with
-    ``options``."""
-    if spec in TASKS:
-        task = TASKS[spec](**options)
-    elif ":" in spec:
-        module_name, _, func_name = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"task {spec!r}: cannot import module {module_name!r} ({e})") from e
-        factory = getattr(module, func_name, None)
-        if not callable(factory):
-            raise ValueError(f"task {spec!r}: module {module_name!r} has no callable {func_name!r}")
-        task = factory(**options)
-    else:
+    ``options`` (fastrft train's extra.NAME=value): an option the function does not take, one it needs and was not
+    given, or one of the wrong type (by the function's annotations) is a ValueError that names it."""
+    if spec not in TASKS and ":" not in spec:
         raise ValueError(f"unknown task {spec!r}: known tasks are {sorted(TASKS)}, or pass 'package.module:function'")
+    module_name, _, func_name = TASKS.get(spec, spec).partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"task {spec!r}: cannot import module {module_name!r} ({e})") from e
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise ValueError(f"task {spec!r}: module {module_name!r} has no callable {func_name!r}")
+    _check_options(spec, factory, options)
+    task = factory(**options)
     if not isinstance(task, Task):
         raise ValueError(f"task {spec!r} returned {type(task).__name__}, not a fastrft.tasks.Task")
     return task
 
 
-def _check_row(row, path: Path, line: int, required: tuple[str, ...]) -> dict:
+def _check_options(spec: str, factory, options: dict) -> None:
+    """The task options against the factory's signature and its annotations of plain types (int, float, str, bool,
+    or X | None); other annotations are the factory's own business."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):   # a builtin or C callable: nothing to read
+        return
+    parameters = signature.parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    named = [name for name, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [name for name in options if name not in named and not takes_any]
+    if unknown:
+        raise ValueError(f"task {spec!r} takes no option {', '.join(f'extra.{n}' for n in unknown)}; its options: "
+                         f"{', '.join(f'extra.{n}' for n in named) or 'none'}")
+    missing = [name for name in named if parameters[name].default is inspect.Parameter.empty and name not in options]
+    if missing:
+        raise ValueError(f"task {spec!r} needs {', '.join(f'extra.{n}=...' for n in missing)}")
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:   # annotations that do not resolve: nothing to check against
+        return
+    for name, value in options.items():
+        allowed = _plain_types(hints.get(name))
+        if allowed is not None and not _is_one_of(value, allowed):
+            raise ValueError(f"task {spec!r}: extra.{name} must be {_type_names(allowed)}, got {value!r}")
+
+
+def _plain_types(annotation) -> tuple[type, ...] | None:
+    """The classes an option annotated so may be (an int stands for a float), or None where the annotation is not
+    made of int, float, str, bool and None."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    if not options or not all(t in (int, float, str, bool, type(None)) for t in options):
+        return None
+    return options + ((int,) if float in options else ())
+
+
+def _is_one_of(value, allowed: tuple[type, ...]) -> bool:
+    """isinstance, but a bool is no number."""
+    return isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+
+
+def _type_names(allowed: tuple[type, ...]) -> str:
+    return " or ".join(dict.fromkeys("None" if t is type(None) else t.__name__ for t in allowed))
+
+
+def _check_row(row, path: Path, line: int, required: tuple[str, ...], types: dict[str, tuple[type, ...]]) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
     if not isinstance(row.get("prompt"), str):
@@ -152,14 +196,19 @@ def _check_row(row, path: Path, line: int, required: tuple[str, ...]) -> dict:
     if missing:
         raise ValueError(f"{path}:{line}: row lacks {', '.join(map(repr, missing))}, which the task's reward "
                          f"functions need (keys: {sorted(row)})")
+    for column, allowed in types.items():
+        if column in row and not _is_one_of(row[column], allowed):
+            raise ValueError(f"{path}:{line}: {column!r} must be {_type_names(allowed)} (the task's reward functions "
+                             f"read it so), got {row[column]!r}")
     return row
 
 
-def load_rows(path, required: tuple[str, ...] = ()) -> list[dict]:
+def load_rows(path, required: tuple[str, ...] = (), types: dict[str, tuple[type, ...]] | None = None) -> list[dict]:
     """Rows of a local ``.jsonl`` (one JSON object per line, blank lines skipped) or ``.parquet`` file.
 
     Every row needs a string "prompt" and each `required` column (a task's
-    ``required_columns()``); its other fields become reward-function columns too. Errors name the file and the
+    ``required_columns()``), each column of `types` (a task's ``column_types()``) a value of those types; its other
+    fields become reward-function columns too. Errors name the file and the
     (1-based) line, or row for Parquet; a file without rows is an error.
     """
     path = Path(path)
@@ -168,14 +217,14 @@ def load_rows(path, required: tuple[str, ...] = ()) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"dataset {path} does not exist")
     if path.suffix == ".jsonl":
-        rows = [_check_row(row, path, line_number, required) for line_number, row in read_jsonl(path)]
+        rows = [_check_row(row, path, line_number, required, types or {}) for line_number, row in read_jsonl(path)]
     else:
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError("reading .parquet rows needs pyarrow: pip install pyarrow") from e
         records = pq.read_table(path).to_pylist()
-        rows = [_check_row(row, path, i, required) for i, row in enumerate(records, start=1)]
+        rows = [_check_row(row, path, i, required, types or {}) for i, row in enumerate(records, start=1)]
     if not rows:
         raise ValueError(f"dataset {path} holds no rows")
     return rows

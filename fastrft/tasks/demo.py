@@ -95,7 +95,7 @@ def _lcs_length(a: str, b: str) -> int:
     return previous[-1]
 
 
-def sort_reward(prompts, completions, answer, **columns):
+def sort_reward(prompts, completions, answer: list[str], **columns):
     """Half partial credit, half exact match, in [0, 1]: (LCS(completion, answer) / max(len(completion),
     len(answer)) + [completion == answer]) / 2. Empty or non-digit text scores 0.0."""
     rewards = []
@@ -109,12 +109,12 @@ def sort_reward(prompts, completions, answer, **columns):
     return rewards
 
 
-def exact_match(prompts, completions, answer, **columns):
+def exact_match(prompts, completions, answer: list[str], **columns):
     """1.0 when the stripped completion is exactly the sorted digits, else 0.0."""
     return [float(completion.strip() == target) for completion, target in zip(completions, answer)]
 
 
-def proxy_reward(prompts, completions, answer, **columns):
+def proxy_reward(prompts, completions, answer: list[str], **columns):
     """The biased proxy: sort_reward + LENGTH_BONUS per character of the stripped completion."""
     return [gold + LENGTH_BONUS * len(completion.strip())
             for gold, completion in zip(sort_reward(prompts, completions, answer), completions)]
@@ -128,6 +128,9 @@ def parse_refinement(text: str) -> str | None:
 
 def demo_task(seed: int = 0, n_train: int = 20000, n_eval: int = 256) -> Task:
     """Digit sorting, 3 to 8 digits; the eval prompts never occur among the train prompts."""
+    if n_train < 1 or n_eval < 0:
+        raise ValueError(f"the demo task needs extra.n_train >= 1 and extra.n_eval >= 0 (0: no held-out prompts), "
+                         f"got n_train={n_train}, n_eval={n_eval}")
     rng = random.Random(seed)
     eval_digits: list[str] = []
     seen: set[str] = set()
