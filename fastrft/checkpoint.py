@@ -54,13 +54,20 @@ from pathlib import Path
 import torch
 
 from fastrft.distributed import SINGLE, World, local_tensor
-from fastrft.rundir import CHECKPOINTS_DIR, fsync_dir
+from fastrft.rundir import CHECKPOINTS_DIR, TMP_PREFIX, fsync_dir
 
 LATEST_FILE = "latest"
 MANIFEST_FILE = "checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
-_TMP_PREFIX = ".tmp-"
 WEIGHTS_DIR = "weights"
+
+
+def is_checkpoint_entry(entry: Path) -> bool:
+    """Whether entry, in a run's checkpoints folder, is this module's: a checkpoint, the pointer to the newest one,
+    or what a crashed save left behind."""
+    return ((entry.name == LATEST_FILE and entry.is_file())
+            or (_STEP_DIR.match(entry.name) is not None and (entry / MANIFEST_FILE).is_file())
+            or entry.name.startswith(TMP_PREFIX))
 
 
 def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=None, scheduler=None,
@@ -96,7 +103,7 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
     if world.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(ckpt_root)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=ckpt_root))
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=ckpt_root))
     tmp_dir = Path(world.broadcast(str(tmp_dir)))
     try:
         _save_weights(weights, tmp_dir / WEIGHTS_DIR, world)
@@ -117,7 +124,7 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
             fsync_dir(tmp_dir / WEIGHTS_DIR)
             fsync_dir(tmp_dir)
             if final_dir.exists():  # the same step saved again (say a periodic save, then a stop at that step)
-                old_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{name}-", dir=ckpt_root))
+                old_dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{name}-", dir=ckpt_root))
                 os.replace(final_dir, old_dir / name)
                 os.replace(tmp_dir, final_dir)
                 shutil.rmtree(old_dir, ignore_errors=True)
@@ -130,7 +137,7 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
         raise
 
     if world.is_main:
-        latest_tmp = ckpt_root / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
+        latest_tmp = ckpt_root / f"{TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
         _write_bytes(latest_tmp, f"{name}\n".encode())
         os.replace(latest_tmp, ckpt_root / LATEST_FILE)
         fsync_dir(ckpt_root)
@@ -488,7 +495,7 @@ def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
 def _remove_leftovers(ckpt_root: Path) -> None:
     """Temporary directories and pointer files left by a save that crashed."""
     for entry in ckpt_root.iterdir():
-        if entry.name.startswith(_TMP_PREFIX):
+        if entry.name.startswith(TMP_PREFIX):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ def _train(args) -> int:
     summary = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     if launched_rank() == 0:
         print(json.dumps(summary, indent=1))
-    return 0
+    return _exit_status(summary, "train", cfg.output_dir)
 
 
 def _demo(args) -> int:
@@ -57,7 +58,7 @@ def _demo(args) -> int:
     summary = train(cfg, overwrite=args.overwrite)
     total_s = time.perf_counter() - t0
     if launched_rank() != 0:
-        return 0
+        return _exit_status(summary, "demo", cfg.output_dir)
     rows = [
         ("held-out reward, reference model", summary["eval_reward_initial"]),
         ("held-out reward, after RL", summary["eval_reward_final"]),
@@ -74,9 +75,22 @@ def _demo(args) -> int:
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"{name:<{width}}  {shown:>12}")
     run_dir = RunDir(cfg.output_dir)
-    print(f"{'':-<{width + 14}}\nrun directory: {run_dir.path} ({run_dir.metrics.name}, {run_dir.summary.name}, "
-          f"{run_dir.plots.name}/)")
-    return 0
+    written = [f"{p.name}/" if p.is_dir() else p.name for p in (run_dir.metrics, run_dir.summary, run_dir.plots)
+               if p.exists()]   # plots=false draws no plots/
+    print(f"{'':-<{width + 14}}\nrun directory: {run_dir.path} ({', '.join(written)})")
+    return _exit_status(summary, "demo", cfg.output_dir)
+
+
+def _exit_status(summary: dict, command: str, output_dir: str) -> int:
+    """0 for a run that ran its steps. A run stopped by SIGINT/SIGTERM (its checkpoint saved) did not finish: 128 + the
+    signal's number, the shell's status for a process the signal ended (130 for Ctrl-C, as fastrft compare), so that
+    `fastrft train ... && next` stops there too."""
+    if not summary["stopped_by"]:
+        return 0
+    if launched_rank() == 0:
+        print(f"fastrft {command}: stopped by {summary['stopped_by']} after step {summary['steps']} (checkpoint "
+              f"saved); continue it with `fastrft train --resume {output_dir}`", file=sys.stderr)
+    return 128 + signal.Signals[summary["stopped_by"]]
 
 
 def _free_run_dir(path: Path) -> Path:
@@ -95,7 +109,10 @@ def _free_run_dir(path: Path) -> Path:
 def _plot(args) -> int:
     from fastrft.plots import plot_run
 
-    for path in plot_run(Path(args.run_dir)):
+    paths = plot_run(Path(args.run_dir))
+    if not paths:
+        raise ValueError(f"nothing to plot: {RunDir(args.run_dir).metrics} logs no step's metrics")
+    for path in paths:
         print(path)
     return 0
 
@@ -129,7 +146,10 @@ def _compare(args) -> int:
         cfg = _demo_config(args)
     else:
         cfg = load_config(args.config, args.overrides)
-    command = ["fastrft", "compare", *(["--demo"] if args.demo else ["--config", args.config]), "--modes", args.modes,
+    # Every option, the demo's reference too (it decides the model compared): the command reproduces the comparison.
+    source = ["--demo", "--cache-dir", args.cache_dir, "--reference-steps", str(args.reference_steps)] if args.demo \
+        else ["--config", args.config]
+    command = ["fastrft", "compare", *source, "--modes", args.modes,
                *(["--kl-coefs", args.kl_coefs] if args.kl_coefs else []), "--seeds", str(args.seeds), "--out",
                args.out, *args.overrides]
     try:
@@ -164,13 +184,25 @@ def _demo_config(args):
 def _add_reference_args(parser) -> None:
     """The demo's reference model: where it is cached, and its training budget when it is not cached yet."""
     parser.add_argument("--cache-dir", default="runs/demo_reference", help="where the demo's reference model is kept")
-    parser.add_argument("--reference-steps", type=int, default=500,
+    parser.add_argument("--reference-steps", type=_at_least_one, default=500,
                         help="training steps of the demo's reference model when it is not cached yet")
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an int >= 1 (a reference trained 0 steps would be cached as if complete)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line: its exit status. Under torchrun, a command that finishes well ends the process group and
-    then the process itself with status 0 (fastrft.distributed.end_world says why); alone, it returns."""
+    """The command line: its exit status. Under torchrun, a command that returns (no error; a run stopped by a
+    signal too) ends the process group and then the process itself with its status (fastrft.distributed.end_world
+    says why); alone, it returns."""
     parser = argparse.ArgumentParser(prog="fastrft", description="RL fine-tuning with dynamic (refiner) constraints")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train a policy")

@@ -364,6 +364,20 @@ def _read_yaml_mapping(path: Path) -> tuple[dict, dict[str, int]]:
     return data, lines
 
 
+def is_saved_config(path: Path) -> bool:
+    """Whether path holds a config as save_config writes it: a YAML mapping of TrainConfig keys (all of them; a run
+    saved before a key was added lacks it)."""
+    import yaml
+
+    if not path.is_file():
+        return False
+    try:
+        saved = yaml.safe_load(path.read_bytes())
+    except yaml.YAMLError:
+        return False
+    return isinstance(saved, dict) and bool(saved) and set(saved) <= set(_field_types())
+
+
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """cfg as YAML at path, written atomically (the old file, or the new one, whole)."""
     import yaml

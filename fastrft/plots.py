@@ -16,11 +16,12 @@ metric. matplotlib is used through its object API with the Agg canvas: no pyplot
 """
 from __future__ import annotations
 
-import os
+import io
 import warnings
 from pathlib import Path
 
-from fastrft.rundir import RunDir, read_metrics  # noqa: F401  (read_metrics: importable from here, as it was)
+from fastrft.rundir import RunDir, write_atomically
+from fastrft.rundir import read_metrics  # noqa: F401  (importable from here, as it was)
 
 # (file stem, title, metrics): one panel per metric, the metrics being on unrelated scales.
 GROUPS = (
@@ -42,18 +43,21 @@ def plot_run(run_dir) -> list[Path]:
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
 
     run_dir = RunDir(run_dir)
+    if not run_dir.metrics.is_file():   # a file, a typo or a folder that holds no run: said so, not an OSError
+        why = ("it is a file" if run_dir.path.is_file() else
+               f"it holds no {run_dir.metrics.name}" if run_dir.path.is_dir() else "no such folder")
+        raise FileNotFoundError(f"{run_dir.path} is not a run directory: {why}")
     series = _series(run_dir.read_metrics())
-    plots_dir = run_dir.plots
     run_name = run_dir.path.resolve().name
     written = []
 
     def save(fig, stem):
-        plots_dir.mkdir(parents=True, exist_ok=True)
-        path = plots_dir / f"{stem}.png"
-        tmp = plots_dir / f".{stem}.png.tmp"  # a viewer never sees a half-written PNG
+        run_dir.plots.mkdir(parents=True, exist_ok=True)
+        path = run_dir.plot_file(stem)
+        png = io.BytesIO()
         FigureCanvasAgg(fig)
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        fig.savefig(png, format="png", dpi=100)
+        write_atomically(path, png.getvalue())  # a viewer never sees a half-written PNG
         written.append(path)
 
     if any(k in series for k in REWARD_KEYS):

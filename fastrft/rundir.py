@@ -3,8 +3,11 @@
     config.yaml      the resolved TrainConfig
     metrics.jsonl    one JSON object per logged step (step 0: the reference model's evaluation)
     summary.json     the run's summary, written when it stops
-    plots/           PNGs drawn from metrics.jsonl (fastrft.plots)
+    plots/           PNGs drawn from metrics.jsonl (fastrft.plots): <stem>.png for each stem of PLOT_STEMS
     checkpoints/     fastrft.checkpoint's own layout
+
+These names may hold only what fastrft writes there: anything else is the user's, and a run folder that holds it is
+refused rather than replaced (RunDir.run_files).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOTS_DIR = "plots"
 CHECKPOINTS_DIR = "checkpoints"
+PLOT_STEMS = ("reward", "constraint", "losses", "policy", "throughput", "other")
+TMP_PREFIX = ".tmp-"   # temporary files and folders, renamed once whole (write_atomically, checkpoint saves)
 
 
 def read_metrics(path) -> list[dict]:
@@ -33,7 +38,7 @@ def write_atomically(path, data: bytes) -> None:
     """path holds data, or (after a crash at any point) what it held before: a temporary sibling, fsynced, then
     renamed over it, and the directory fsynced."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -76,15 +81,47 @@ class RunDir:
     def holds_run(self) -> bool:
         return self.config.is_file()
 
+    def plot_file(self, stem: str) -> Path:
+        if stem not in PLOT_STEMS:
+            raise ValueError(f"{stem!r} is not one of a run's plots ({', '.join(PLOT_STEMS)})")
+        return self.plots / f"{stem}.png"
+
     def run_files(self) -> list[Path]:
-        """What of a run's layout the folder holds (a run, or the remains of one)."""
-        return [p for p in (self.config, self.metrics, self.summary, self.plots, self.checkpoints) if p.exists()]
+        """What of a run's layout the folder holds (a run, or the remains of one). ValueError naming the first thing
+        under the layout's names that fastrft did not write: that is the user's, neither a run nor ever replaced."""
+        found = [p for p in (self.config, self.metrics, self.summary, self.plots, self.checkpoints) if p.exists()]
+        for path in found:
+            foreign = self._foreign_entry(path)
+            if foreign is not None:
+                where, why = foreign
+                raise ValueError(f"{where} was not written by fastrft ({why}): fastrft keeps a run's {path.name} "
+                                 f"there and never replaces what it did not write; move it away, or choose another "
+                                 f"output_dir (nothing was changed)")
+        return found
+
+    def _foreign_entry(self, path: Path) -> tuple[Path, str] | None:
+        """(the first thing at or under the layout name `path` that fastrft did not write, why), or None."""
+        from fastrft.checkpoint import is_checkpoint_entry   # both import this module
+        from fastrft.config import is_saved_config
+
+        if path == self.config:
+            return None if is_saved_config(path) else \
+                (path, "not the config fastrft saves, a YAML mapping of TrainConfig keys")
+        if path in (self.metrics, self.summary):
+            return None if path.is_file() else (path, "not a file")
+        if not path.is_dir():
+            return path, "not a folder"
+        is_own, what = ((_is_plot, "not a plot fastrft draws") if path == self.plots else
+                        (is_checkpoint_entry, "not a checkpoint fastrft saves"))
+        foreign = sorted(entry for entry in path.iterdir() if not is_own(entry))
+        return (foreign[0], what) if foreign else None
 
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def clear(self) -> None:
-        """Remove the run's own files (the layout above), nothing else the folder holds."""
+        """Remove the run's own files, nothing else the folder holds: ValueError (from run_files), with nothing
+        removed, when the layout's names hold something fastrft did not write."""
         for path in self.run_files():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -135,3 +172,10 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         write_atomically(self.summary, (json.dumps(summary, indent=1) + "\n").encode())
+
+
+def _is_plot(entry: Path) -> bool:
+    """A PNG that fastrft.plots draws, or write_atomically's leftover of one."""
+    names = [f"{stem}.png" for stem in PLOT_STEMS]
+    return entry.is_file() and any(entry.name == name or entry.name.startswith(f"{TMP_PREFIX}{name}-")
+                                   for name in names)

@@ -395,8 +395,9 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     run_dir = RunDir(cfg.output_dir)
     if resume and not run_dir.holds_run():
         raise ValueError(f"{run_dir.path} holds no run to resume (no {run_dir.config.name})")
-    if not resume and not overwrite and run_dir.run_files():
-        raise ValueError(f"{run_dir.path} already holds a run ({', '.join(p.name for p in run_dir.run_files())}): "
+    held = run_dir.run_files()   # refuses files of the run's layout that fastrft did not write, whatever the flags
+    if not resume and not overwrite and held:
+        raise ValueError(f"{run_dir.path} already holds a run ({', '.join(p.name for p in held)}): "
                          f"continue it with `fastrft train --resume {run_dir.path}`, or start a new one in another "
                          f"output_dir (output_dir=PATH), or replace it with --overwrite")
     device = resolve_device(cfg.device, world)

@@ -1,5 +1,10 @@
 """The command line: train from YAML with overrides, resume, plot, demo (with a short reference budget), errors."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -65,6 +70,96 @@ def test_train_into_a_run_folder_needs_resume_or_overwrite(tiny_model, tmp_path,
     assert main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_a_folder_with_files_fastrft_did_not_write_is_refused_not_overwritten(tiny_model, tmp_path, capsys):
+    proj = tmp_path / "proj"
+    (proj / "checkpoints").mkdir(parents=True)
+    (proj / "checkpoints" / "my_model.bin").write_text("precious")
+    (proj / "config.yaml").write_text("my: settings\n")
+    (proj / "notes.txt").write_text("notes")
+    args = ["train", f"model={tiny_model}", f"output_dir={proj}", *FAST, "steps=1", "plots=false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{proj / 'config.yaml'} was not written by fastrft" in err and "already holds a run" not in err
+    assert main([*args, "--overwrite"]) == 2
+    assert f"{proj / 'config.yaml'} was not written by fastrft" in capsys.readouterr().err
+    (proj / "config.yaml").unlink()   # the user moves it away: their checkpoints/ folder still blocks
+    assert main([*args, "--overwrite"]) == 2
+    assert f"{proj / 'checkpoints' / 'my_model.bin'} was not written by fastrft" in capsys.readouterr().err
+    assert (proj / "checkpoints" / "my_model.bin").read_text() == "precious"
+    assert sorted(p.name for p in proj.rglob("*")) == ["checkpoints", "my_model.bin", "notes.txt"]
+
+
+def test_overwrite_replaces_only_the_runs_own_files(tiny_model, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["train", f"model={tiny_model}", f"output_dir={run_dir}", *FAST, "steps=1"]
+    assert main([*args, "plots=true", "save_every=1"]) == 0
+    assert (run_dir / "plots" / "reward.png").is_file()
+    (run_dir / "notes.txt").write_text("notes")
+    capsys.readouterr()
+    assert main([*args, "plots=false"]) == 2
+    assert "already holds a run (config.yaml, metrics.jsonl, summary.json, plots, checkpoints)" in \
+        capsys.readouterr().err
+    assert main([*args, "plots=false", "--overwrite"]) == 0
+    assert (run_dir / "notes.txt").read_text() == "notes"
+    assert not (run_dir / "plots").exists()   # the first run's plots went with it
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+    assert "plots: false" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+@pytest.mark.parametrize("command", [["demo"], ["compare", "--demo", "--modes", "none"]])
+def test_reference_steps_below_one_is_refused_before_anything_is_cached(command, steps, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--cache-dir", str(tmp_path / "reference"), "--reference-steps", steps])
+    assert exit_info.value.code == 2
+    assert f"argument --reference-steps: must be >= 1, got {steps}" in capsys.readouterr().err
+    assert not (tmp_path / "reference").exists()
+
+
+def test_plot_of_a_file_or_of_a_run_without_steps_is_an_error_naming_it(tmp_path, capsys):
+    config = tmp_path / "a.yaml"
+    config.write_text("steps: 1\n")
+    assert main(["plot", str(config)]) == 2
+    assert f"{config} is not a run directory: it is a file" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    assert main(["plot", str(tmp_path / "run")]) == 2
+    assert f"nothing to plot: {tmp_path / 'run' / 'metrics.jsonl'} logs no step's metrics" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_sigint_saves_a_checkpoint_then_exits_130(command, tiny_model, tmp_path):
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "fastrft", command, f"model={tiny_model}", f"output_dir={run_dir}", *FAST,
+            "steps=1000", "save_every=1000", "plots=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # From tmp_path: the repository's top-level kernels/ would shadow the installed package of that name.
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        # Step 1's record is written inside the training loop, where SIGINT asks for a stop.
+        while not (metrics.exists() and '{"step": 1,' in metrics.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "stopped by SIGINT after step" in err and f"fastrft train --resume {run_dir}" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGINT"
+    assert (run_dir / "checkpoints" / f"step_{summary['steps']:08d}" / "checkpoint.json").is_file()
+
+
+def test_demo_lists_only_the_files_it_wrote(tiny_model, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", f"model={tiny_model}", f"output_dir={out}", "steps=1", "prompts_per_step=2", "eval_size=4",
+                 "progress=false", "plots=false"]) == 0
+    assert f"run directory: {out} (metrics.jsonl, summary.json)\n" in capsys.readouterr().out
 
 
 def test_lora_train_then_export(tiny_model, tmp_path, capsys):

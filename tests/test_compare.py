@@ -129,6 +129,17 @@ def test_cli_end_to_end_layout_and_rerun_skips(tiny_model, tmp_path, capsys):
     assert mtimes == {n: (out / "runs" / n / "metrics.jsonl").stat().st_mtime_ns for n in names}
 
 
+def test_the_recorded_command_names_the_demos_reference(tiny_model, tmp_path):
+    out, reference = tmp_path / "cmp", tmp_path / "reference"
+    # model= runs the demo's settings from the tiny model: no reference is trained, but the command records it.
+    assert main(["compare", "--demo", "--cache-dir", str(reference), "--reference-steps", "7", "--modes", "none",
+                 "--seeds", "1", "--out", str(out), f"model={tiny_model}", *FAST]) == 0
+    command = (f"fastrft compare --demo --cache-dir {reference} --reference-steps 7 --modes none --seeds 1 --out {out} "
+               f"model={tiny_model} {' '.join(FAST)}")
+    assert json.loads((out / "comparison.json").read_text())["command"] == command
+    assert command in (out / "comparison.md").read_text()
+
+
 def test_interrupted_comparison_resumes_where_it_stopped(tiny_model, tmp_path):
     out = tmp_path / "cmp"
     base = load_config(None, FAST, model=tiny_model)

@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("matplotlib", reason="plots need matplotlib (pip install matplotlib)")
 
 from fastrft.plots import _series, plot_run, read_metrics  # noqa: E402
+from fastrft.rundir import RunDir  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -108,3 +109,24 @@ def test_malformed_line_names_file_and_line(tmp_path):
 def test_missing_metrics_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         plot_run(tmp_path)
+
+
+def test_a_file_or_a_missing_folder_given_as_the_run_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("steps: 1\n")
+    with pytest.raises(FileNotFoundError, match=r"a\.yaml is not a run directory: it is a file"):
+        plot_run(tmp_path / "a.yaml")
+    with pytest.raises(FileNotFoundError, match=r"nothing is not a run directory: no such folder"):
+        plot_run(tmp_path / "nothing")
+
+
+def test_clearing_a_run_removes_every_plot_drawn_and_refuses_a_foreign_one(tmp_path):
+    _write(tmp_path, _records(20, with_eval=True))
+    assert len(plot_run(tmp_path)) == 6   # every group
+    (tmp_path / "plots" / ".tmp-reward.png-x1y2").write_bytes(b"")   # what a crash mid-write leaves
+    (tmp_path / "plots" / "mine.png").write_bytes(PNG_MAGIC)
+    with pytest.raises(ValueError, match=r"plots/mine\.png was not written by fastrft \(not a plot fastrft draws\)"):
+        RunDir(tmp_path).clear()
+    assert len(list((tmp_path / "plots").iterdir())) == 8   # nothing removed
+    (tmp_path / "plots" / "mine.png").unlink()
+    RunDir(tmp_path).clear()
+    assert not (tmp_path / "plots").exists() and not (tmp_path / "metrics.jsonl").exists()

@@ -281,6 +281,8 @@ def train_reference(out_dir, *, seed: int = 0, max_steps: int = 500, max_seconds
     at ``max_seconds`` when one is given (the model then depends on the machine's speed). Returns the stats
     written to ``out_dir/reference.json``: greedy eval reward / exact match and refiner stats.
     """
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be an int >= 1 (the reference is cached as trained), got {max_steps!r}")
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     tokenizer = make_tokenizer()
