@@ -42,8 +42,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from fastrft.distributed import SINGLE, World, gradient_sync, launched_rank
-from fastrft.loss import (IGNORE_INDEX, FusedRFTOutput, beyond_causal, fused_rft_loss, kl_estimate,
-                          model_logit_transform, token_logprobs)
+from fastrft.loss import (IGNORE_INDEX, FusedRFTOutput, beyond_causal, check_module_options, fused_rft_loss,
+                          kl_estimate, model_logit_transform, token_logprobs)
 from fastrft.rollout import eval_mode, first_occurrences
 
 PACKING = ("auto", "true", "false")
@@ -632,10 +632,17 @@ class CausalLMWithFusedLoss(torch.nn.Module):
     def forward(self, input_ids, targets, *, position_ids=None, attention_mask=None, router_weight: float = 0.0,
                 **loss_options):
         model = self.model
+        check_module_options(loss_options, "CausalLMWithFusedLoss")
+        if input_ids.dim() != 2 or targets.shape != input_ids.shape:
+            raise ValueError(f"input_ids and targets must both be [batch, tokens], got {tuple(input_ids.shape)} and "
+                             f"{tuple(targets.shape)}")
         inputs = dict(input_ids=input_ids, position_ids=position_ids,
                       attention_mask=model_attention_mask(model, attention_mask))
         if router_weight > 0:
             hidden, router_loss = own_forward_hidden(model, **inputs, output_router_logits=True)
+            if router_loss is None:
+                raise ValueError(f"router_weight={router_weight} but {type(model).__name__} gives no router loss: it "
+                                 f"is not a mixture-of-experts model")
         else:
             hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
         loss, logprobs, entropy, metrics = self.head_loss(hidden, model.get_output_embeddings, targets,

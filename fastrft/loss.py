@@ -16,6 +16,7 @@ Layers, bottom up:
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastrft.kernels.utils import resolve_impl
+from fastrft.kernels.utils import check_impl_name, resolve_impl
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IGNORE_INDEX = -100        # the targets no loss reads (PyTorch's and transformers' convention)
@@ -279,13 +280,35 @@ def _check_targets(targets, vocab_size, ignore_index):
                          f"ignore_index ({ignore_index}); {int(bad.sum())} such rows")
 
 
-def _check_scalars(clip_low, clip_high, kl_coef, kl_estimator, entropy_coef, normalizer):
+def _check_number(name: str, value, *, positive: bool) -> None:
+    """A ValueError naming the option unless value is a finite Python int or float, > 0 (positive) or >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a Python number (int or float), got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+
+
+def _check_head_options(temperature, logit_scale, softcap, ignore_index) -> None:
+    """lm_head_logprobs' options: a ValueError naming the first that cannot work."""
+    for name, value in (("temperature", temperature), ("logit_scale", logit_scale)) + (
+            (("softcap", softcap),) if softcap is not None else ()):
+        _check_number(name, value, positive=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be a Python int (the target id that no loss reads), got "
+                         f"{type(ignore_index).__name__} {ignore_index!r}")
+
+
+def _check_loss_options(*, clip_low, clip_high, kl_coef, kl_estimator, entropy_coef, normalizer, temperature,
+                        logit_scale, softcap, ignore_index, impl) -> None:
+    """fused_rft_loss's options other than the tensors (FusedRFTLoss's defaults too, at construction): a ValueError
+    naming the first that cannot work."""
+    _check_head_options(temperature, logit_scale, softcap, ignore_index)
+    check_impl_name(impl)   # whether it runs on the tensors' device: resolve_impl, at the call
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown kl_estimator {kl_estimator!r}; expected one of {KL_ESTIMATORS}")
     for name, v in (("clip_low", clip_low), ("clip_high", clip_high), ("kl_coef", kl_coef),
                     ("entropy_coef", entropy_coef)):
-        if not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        _check_number(name, v, positive=False)
     if clip_low >= 1:
         raise ValueError(f"clip_low must be < 1 (the ratio is clipped at 1 - clip_low), got {clip_low}")
     if isinstance(normalizer, torch.Tensor):
@@ -319,10 +342,6 @@ def kl_estimate(logp, ref, estimator="k3"):
 def _kernel_scales(temperature, logit_scale, softcap) -> tuple[float, float]:
     """The kernels' (scale, cap) for logits z = softcap * tanh(logit_scale * a / softcap) / temperature, or
     logit_scale * a / temperature without soft-capping (cap 0), a = hidden @ weight.T + bias."""
-    for name, value in (("temperature", temperature), ("logit_scale", logit_scale)) + (
-            (("softcap", softcap),) if softcap is not None else ()):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if softcap is None:
         return logit_scale / temperature, 0.0
     return logit_scale / softcap, softcap / temperature
@@ -338,6 +357,7 @@ def lm_head_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, log
     gives a transformers model's logit_scale and softcap. impl: "triton" (default on CUDA) or "torch" (chunked
     PyTorch, default on CPU)."""
     hidden2d, weight, targets_flat, bias = _flatten_inputs(hidden, weight, targets, bias)
+    _check_head_options(temperature, logit_scale, softcap, ignore_index)
     scale, cap = _kernel_scales(temperature, logit_scale, softcap)
     impl = resolve_impl(impl, hidden2d.device)
     logp, entropy = _lm_head_stats(hidden2d, weight, bias, targets_flat, ignore_index, scale, cap, impl)[:2]
@@ -407,7 +427,9 @@ def fused_rft_loss(
     0-dim tensors instead of floats, so that reading them does not break the graph.
     """
     hidden2d, weight, targets_flat, bias = _flatten_inputs(hidden, weight, targets, bias)
-    _check_scalars(clip_low, clip_high, kl_coef, kl_estimator, entropy_coef, normalizer)
+    _check_loss_options(clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                        entropy_coef=entropy_coef, normalizer=normalizer, temperature=temperature,
+                        logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index, impl=impl)
     n, device = targets_flat.numel(), hidden2d.device
     per_row = {name: _per_row(name, value, targets.shape, n, device, dtype)
                for name, value, dtype in (("advantages", advantages, torch.float32),
@@ -470,6 +492,16 @@ def fused_rft_loss(
     return FusedRFTOutput(loss, detached.view(targets.shape), entropy.detach().view(targets.shape), metrics)
 
 
+def check_module_options(options: dict, module: str) -> None:
+    """The loss options given a module that computes fused_rft_loss over an LM head of its own (FusedRFTLoss,
+    CausalLMWithFusedLoss), at construction or in a call: fused_rft_loss's keyword arguments but bias."""
+    unknown = set(options) - set(fused_rft_loss.__kwdefaults__)
+    if unknown:
+        raise ValueError(f"unknown fused_rft_loss options: {sorted(unknown)}")
+    if "bias" in options:
+        raise ValueError(f"bias is not an option of {module}: it reads the bias of its LM head (lm_head.bias)")
+
+
 class FusedRFTLoss(nn.Module):
     """fused_rft_loss over an LM head: ``FusedRFTLoss(model.lm_head, clip_high=0.28)(hidden, targets, advantages=A)``.
 
@@ -482,13 +514,14 @@ class FusedRFTLoss(nn.Module):
         super().__init__()
         if not isinstance(getattr(lm_head, "weight", None), torch.Tensor) or lm_head.weight.dim() != 2:
             raise ValueError("lm_head must be a module with a [V, H] weight, such as nn.Linear")
-        unknown = set(defaults) - set(fused_rft_loss.__kwdefaults__)
-        if unknown:
-            raise ValueError(f"unknown fused_rft_loss options: {sorted(unknown)}")
+        check_module_options(defaults, "FusedRFTLoss")
+        options = {**fused_rft_loss.__kwdefaults__, **defaults}
+        _check_loss_options(**{name: options[name] for name in inspect.signature(_check_loss_options).parameters})
         self.lm_head = lm_head
         self.defaults = defaults
 
     def forward(self, hidden, targets, **kwargs) -> FusedRFTOutput:
+        check_module_options(kwargs, "FusedRFTLoss")
         options = {**self.defaults, **kwargs}
         return fused_rft_loss(hidden, self.lm_head.weight, targets, bias=getattr(self.lm_head, "bias", None),
                               **options)

@@ -610,3 +610,22 @@ def test_moe_router_loss_is_the_models_own_and_joins_the_update():
     assert gate.grad is not None and gate.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="router_aux_loss_coef=0.1 but LlamaForCausalLM is not a mixture-of-experts"):
         router_loss_coef(tiny_causal_lm("llama"), TrainConfig(model="unused", router_aux_loss_coef=0.1))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, ids: m(ids[0], ids[0], advantages=torch.ones(1)),
+     r"input_ids and targets must both be \[batch, tokens\], got \(6,\)"),
+    (lambda m, ids: m(ids, ids[:, :-1], advantages=torch.ones(2)),
+     r"must both be \[batch, tokens\], got \(2, 6\) and \(2, 5\)"),
+    (lambda m, ids: m(ids, ids, advantages=torch.ones(2), router_weight=0.1),
+     "router_weight=0.1 but LlamaForCausalLM gives no router loss"),
+    (lambda m, ids: m(ids, ids, advantages=torch.ones(2), clip_hgh=0.3),
+     r"unknown fused_rft_loss options: \['clip_hgh'\]"),
+    (lambda m, ids: m(ids, ids, advantages=torch.ones(2), bias=None), "bias is not an option of CausalLMWithFusedLoss"),
+])
+def test_the_loss_module_names_a_bad_call(model, call, message):
+    from fastrft.batch import CausalLMWithFusedLoss
+
+    ids = torch.randint(3, model.config.vocab_size, (2, 6))
+    with pytest.raises(ValueError, match=message):
+        call(CausalLMWithFusedLoss(model), ids)

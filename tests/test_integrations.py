@@ -293,6 +293,63 @@ def test_a_model_whose_logits_fastrft_cannot_reproduce_is_refused(tmp_path, monk
         make_trainer(equivalence_model("cohere2"), tmp_path)
 
 
+def sort_digits(completions, answer, **kwargs):
+    return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+
+def readme_trainer(model_path, tmp_path, trainer_class=None, **config):
+    """The README's GRPOConfig (loss_type="dapo", beta=0.04, epsilon_high=0.28; bf16 left at GRPOConfig's default,
+    True) on the CPU, over the demo's sort prompts: a FastRFTGRPOTrainer, or trainer_class."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from fastrft.integrations import FastRFTGRPOTrainer
+
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), loss_type="dapo", beta=0.04, epsilon_high=0.28,
+                      per_device_train_batch_size=4, num_generations=4, max_completion_length=8, report_to="none",
+                      logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True, **config)
+    dataset = Dataset.from_dict({"prompt": ["sort 7391=", "sort 4412=", "sort 981=", "sort 55120="],
+                                 "answer": ["1379", "1244", "189", "01255"]})
+    return (trainer_class or FastRFTGRPOTrainer)(model=model_path, reward_funcs=sort_digits, args=args,
+                                                 train_dataset=dataset)
+
+
+@needs_trl
+def test_readme_config_trains_a_trained_model_under_bf16_autocast(demo_reference, tmp_path):
+    """The README's GRPOConfig keeps bf16=True, under which TRL prepares its reference model with accelerate's
+    autocast wrapper: the construction probe compares fastrft's head with the model's own forward without it (not
+    with 16-bit logits handed back as fp32), so a trained model, whose logits are large enough for bf16 rounding to
+    exceed the probe's tolerance, is accepted and trains."""
+    trainer = readme_trainer(demo_reference, tmp_path, max_steps=1)
+    assert trainer.args.bf16 and hasattr(trainer.ref_model, "_original_forward"), "not the autocast case"
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "kl" in entry]
+    assert len(logs) == 1 and all(torch.isfinite(torch.tensor(logs[0][k])) for k in ("loss", "kl", "entropy"))
+
+
+@needs_trl
+def test_bf16_log_probs_match_trls_with_an_fp32_head(demo_reference, tmp_path):
+    """Under bf16, the policy's and the reference model's log-probs (TRL calls both under autocast) are TRL's own
+    with cast_lm_head_to_fp32=True: the model body under autocast, the LM head in fp32 (fastrft's always is)."""
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOTrainer
+
+    trainers = {"trl": readme_trainer(demo_reference, tmp_path / "trl", GRPOTrainer, cast_lm_head_to_fp32=True),
+                "fastrft": readme_trainer(demo_reference, tmp_path / "fastrft")}
+    tokenizer = trainers["trl"].processing_class
+    input_ids = torch.tensor([tokenizer(text)["input_ids"] for text in ("sort 7391=1379", "sort 4412=1244")])
+    mask, n_tokens = torch.ones_like(input_ids), 5
+    with torch.no_grad():
+        logps = {(label, key): trainer._get_per_token_logps_and_entropies(getattr(trainer, key), input_ids, mask,
+                                                                          n_tokens)[0]
+                 for label, trainer in trainers.items() for key in ("model", "ref_model")}
+        logits = AutoModelForCausalLM.from_pretrained(demo_reference)(input_ids=input_ids).logits[:, -n_tokens - 1:-1]
+    fp32 = logits.log_softmax(-1).gather(-1, input_ids[:, -n_tokens:, None]).squeeze(-1)
+    for key in ("model", "ref_model"):
+        torch.testing.assert_close(logps["fastrft", key], logps["trl", key], rtol=0, atol=1e-5, msg=key)
+        assert (logps["fastrft", key] - fp32).abs().max() > 1e-3, "the body must run under bf16 autocast, as TRL's"
+
+
 def test_missing_trl_gives_one_clear_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` now raises ImportError
     monkeypatch.delitem(sys.modules, "fastrft.integrations.trl", raising=False)
@@ -576,6 +633,9 @@ REFINER_ERRORS = [
     (dict(refine_max_new_tokens=0), "refine_max_new_tokens must be an int >= 1"),
     (dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE, parse_refinement="json"), "parse_refinement"),
     (dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE, refine_draft="yes"), "refine_draft must be True or False"),
+    *[(dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE, refiner_model=path),
+       f"refiner_model '{re.escape(path)}' is a local path, but no such directory exists")
+      for path in ("/nonexist", "./no/such/model", "~/no-such-model", "no/such/model")],
 ]
 
 
@@ -584,6 +644,17 @@ REFINER_ERRORS = [
 def test_refiner_options_fail_at_construction(refiner, message, model_dir, tmp_path):
     with pytest.raises(ValueError, match=message):
         make_trainer(model_dir, tmp_path, refiner=refiner)
+
+
+@needs_trl
+@pytest.mark.parametrize("name,local", [("/models/qwen", True), ("./qwen", True), ("../qwen", True), ("~/qwen", True),
+                                        ("models/qwen/v2", True), ("Qwen/Qwen2.5-0.5B", False), ("gpt2", False)])
+def test_refiner_model_paths_are_told_from_hub_ids(name, local):
+    """A name that can only be a local path is checked for its directory; Hub ids (name, namespace/name) are left to
+    transformers."""
+    from fastrft.integrations.trl import _is_local_path
+
+    assert _is_local_path(name) == local
 
 
 # ---------------------------------------------------------------------------------------------------- PEFT / LoRA

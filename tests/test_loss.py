@@ -546,7 +546,12 @@ BAD_INPUTS = [
     (dict(kw=dict(normalizer=torch.tensor([1.0, 2.0]))), "one-element real tensor"),
     (dict(kw=dict(normalizer=torch.tensor(True))), "one-element real tensor"),
     (dict(kw=dict(normalizer="4")), "normalizer must be a number"),
-    (dict(kw=dict(entropy_coef=0.1)), "neither advantages nor pg_mask"),
+    (dict(kw=dict(entropy_coef=0.1, advantages=None)), "neither advantages nor pg_mask"),
+    (dict(kw=dict(clip_low="0.2")), "clip_low must be a Python number .*got str"),
+    (dict(kw=dict(kl_coef=True)), "kl_coef must be a Python number .*got bool"),
+    (dict(kw=dict(temperature=torch.tensor(0.7))), "temperature must be a Python number .*got Tensor"),
+    (dict(kw=dict(ignore_index=None)), "ignore_index must be a Python int"),
+    (dict(kw=dict(ignore_index=-100.0)), "ignore_index must be a Python int"),
     (dict(kw=dict(impl="cuda")), "impl"),
     (dict(targets_dtype=torch.float32), "integer token ids"),
 ]
@@ -565,6 +570,44 @@ def test_bad_input_is_a_value_error_that_names_it(case, message):
     kw = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.get("kw", {}).items()}
     with pytest.raises(ValueError, match=message):
         fastrft.fused_rft_loss(hidden, weight, targets, bias=bias, **kw)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(ignore_index=None), "ignore_index must be a Python int"),
+    (dict(temperature=torch.tensor(0.7)), "temperature must be a Python number"),
+], ids=["ignore_index", "temperature"])
+def test_lm_head_logprobs_bad_option_is_a_value_error_that_names_it(kw, message):
+    hidden, weight, bias, targets = make_inputs(4, 8, 11)
+    with pytest.raises(ValueError, match=message):
+        fastrft.lm_head_logprobs(hidden, weight, targets, **kw)
+
+
+def test_module_refuses_bias_as_an_option():
+    """FusedRFTLoss reads the bias of its head: bias given as an option would collide with it at every call."""
+    head = nn.Linear(8, 11)
+    with pytest.raises(ValueError, match="bias is not an option of FusedRFTLoss: it reads the bias of its LM head"):
+        fastrft.FusedRFTLoss(head, bias=None)
+    hidden, _, _, targets = make_inputs(4, 8, 11)
+    with pytest.raises(ValueError, match="bias is not an option of FusedRFTLoss"):
+        fastrft.FusedRFTLoss(head)(hidden, targets, advantages=torch.randn(4), bias=head.bias)
+
+
+@pytest.mark.parametrize("defaults,message", [
+    (dict(clip_low=5), "clip_low must be < 1"),
+    (dict(clip_high="0.3"), "clip_high must be a Python number"),
+    (dict(kl_estimator="k5"), "unknown kl_estimator"),
+    (dict(temperature=0), "temperature must be a finite number > 0"),
+    (dict(softcap=float("nan")), "softcap must be a finite number > 0"),
+    (dict(normalizer=0.0), "normalizer must be a finite number > 0"),
+    (dict(ignore_index=None), "ignore_index must be a Python int"),
+    (dict(impl="cuda"), "impl must be one of"),
+    (dict(clip=0.2), r"unknown fused_rft_loss options: \['clip'\]"),
+], ids=lambda x: next(iter(x)) if isinstance(x, dict) else None)
+def test_module_checks_its_defaults_at_construction(defaults, message):
+    """Options given to FusedRFTLoss are checked where they are given, by fused_rft_loss's own checks, not at the
+    first call."""
+    with pytest.raises(ValueError, match=message):
+        fastrft.FusedRFTLoss(nn.Linear(8, 11), **defaults)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -30,6 +30,8 @@ import functools
 import importlib.metadata
 import inspect
 import math
+import os
+import re
 import string
 import types
 from contextlib import contextmanager
@@ -55,8 +57,17 @@ except ImportError as err:  # the one place TRL is imported: one message whateve
 __all__ = ["FastRFTGRPOTrainer"]
 
 
+# A Hugging Face Hub repo id: a name, or namespace/name.
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def _is_local_path(name: str) -> bool:
+    """Whether a model name can only be a local path, not a Hub repo id."""
+    return name.startswith(("/", "./", "../", "~")) or (os.sep in name and not _HUB_ID.fullmatch(name))
+
+
 def _check_refine_options(refine_coef, refine_template, parse_refinement, refine_kept_weight, refine_context,
-                          refine_max_new_tokens, refine_draft) -> None:
+                          refine_max_new_tokens, refine_draft, refiner_model) -> None:
     """Raise a ValueError naming each refiner option that cannot work."""
     if not isinstance(refine_draft, bool):
         raise ValueError(f"refine_draft must be True or False, got {refine_draft!r}")
@@ -73,6 +84,10 @@ def _check_refine_options(refine_coef, refine_template, parse_refinement, refine
         raise ValueError(f"refine_max_new_tokens must be an int >= 1 or None, got {refine_max_new_tokens!r}")
     if parse_refinement is not None and not callable(parse_refinement):
         raise ValueError(f"parse_refinement must be a callable str -> str | None, got {parse_refinement!r}")
+    if isinstance(refiner_model, str) and _is_local_path(refiner_model) \
+            and not os.path.isdir(os.path.expanduser(refiner_model)):
+        # transformers would take it for a Hub repo id and fail on the id's form.
+        raise ValueError(f"refiner_model {refiner_model!r} is a local path, but no such directory exists")
     if refine_coef == 0:
         return
     if refine_template is None:
@@ -102,7 +117,12 @@ def _route_fused_head(causal_lm: nn.Module, temperature: float) -> None:
     """Make causal_lm(..., labels=..., fused_lm_head=True), TRL's call for per-token log-probs and entropies, run
     the model's own forward with the LM head on one position, then fastrft.lm_head_logprobs on its final hidden
     states. Every other call (generation, plain forwards) keeps the forward the model had."""
-    forward_before = causal_lm.forward   # TRL's fused-head forward, which passes other calls to the model's own
+    causal_lm.forward = _fused_head_forward(causal_lm, causal_lm.forward, temperature)
+
+
+def _fused_head_forward(causal_lm: nn.Module, forward_before, temperature: float):
+    """causal_lm's forward as _route_fused_head makes it, over forward_before: TRL's fused-head forward (which passes
+    other calls to the model's own), possibly under accelerate's mixed-precision wrapper."""
     if getattr(forward_before, "__func__", None) is type(causal_lm).forward:
         raise ValueError(f"this TRL ({importlib.metadata.version('trl')}) did not give {type(causal_lm).__name__} a "
                          "fused LM head (trl.trainer.utils.add_fused_lm_head), the call FastRFTGRPOTrainer takes "
@@ -142,7 +162,26 @@ def _route_fused_head(causal_lm: nn.Module, temperature: float) -> None:
         return FusedCausalLMOutput(loss=loss, log_probs=logp, entropy=entropy, label_mask=label_mask,
                                    aux_loss=aux_loss)
 
-    causal_lm.forward = types.MethodType(forward, causal_lm)
+    return types.MethodType(forward, causal_lm)
+
+
+@contextmanager
+def _without_autocast(causal_lm: nn.Module, temperature: float):
+    """causal_lm, for the block, without the autocast wrapper that accelerate's prepare_model puts around its forward
+    under bf16 or fp16 (TRL's reference model has been through it; accelerate keeps the forward it wrapped as
+    _original_forward), for the construction probe to compare like with like, both sides in the weights' dtype.
+    Under the wrapper the model's own logits come from a 16-bit matmul, handed back as fp32, while fastrft's head
+    computes in fp32 (in training too, where the body runs under autocast as TRL's does)."""
+    unwrapped = getattr(causal_lm, "_original_forward", None)
+    if unwrapped is None:
+        yield causal_lm
+        return
+    routed = causal_lm.forward
+    causal_lm.forward = _fused_head_forward(causal_lm, unwrapped, temperature)
+    try:
+        yield causal_lm
+    finally:
+        causal_lm.forward = routed
 
 
 def _fused_probe_logprobs(causal_lm: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -212,7 +251,7 @@ class FastRFTGRPOTrainer(GRPOTrainer):
     which gathers them for its forward and its backward, and ZeRO-3 reduce-scatters their gradient. Refused at
     construction, with the reason: a PEFT adapter on the LM head (the primitive takes the head's weight),
     vision-language models, FSDP1 (flat parameters), and models whose logits fastrft cannot reproduce (checked on a
-    short probe against the model's own forward).
+    short probe against the model's own forward, without mixed-precision autocast).
 
     Refiner keyword arguments (beyond TRL's):
         refine_coef            sft weight of each token the refiner changed; 0 (default) turns the refiner off and
@@ -255,7 +294,7 @@ class FastRFTGRPOTrainer(GRPOTrainer):
                  refiner_model=None, **kwargs):
         # Check the options before TRL loads models: an unsupported option should fail in seconds.
         _check_refine_options(refine_coef, refine_template, parse_refinement, refine_kept_weight, refine_context,
-                              refine_max_new_tokens, refine_draft)
+                              refine_max_new_tokens, refine_draft, refiner_model)
         bound = inspect.signature(GRPOTrainer.__init__).bind(None, *args, **kwargs).arguments
         super().__init__(*args, **kwargs)
         for model in (self.model, self.ref_model):   # TRL's reference model may already be a DeepSpeed engine
@@ -302,7 +341,7 @@ class FastRFTGRPOTrainer(GRPOTrainer):
             policy = self._causal_lm(self.model)
             init_kwargs.setdefault("dtype", policy.dtype)
             init_kwargs.setdefault("attn_implementation", policy.config._attn_implementation)
-            refiner_model = create_model_from_path(refiner_model, **init_kwargs)
+            refiner_model = create_model_from_path(os.path.expanduser(refiner_model), **init_kwargs)
         if not isinstance(refiner_model, nn.Module) or not hasattr(refiner_model, "generate"):
             raise ValueError(f"refiner_model must be a causal LM (with generate) or a model path, got "
                              f"{type(refiner_model).__name__}")
@@ -336,8 +375,9 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         for key, model in (("model", self.model), ("ref_model", self.ref_model)):
             # Under FSDP2 with cpu_ram_efficient_loading the weights are real on rank 0 only: it probes for all.
             if model is not None and not any(p.is_meta for p in model.parameters()):
-                with _whole_weights(model, self.accelerator) as whole:   # ZeRO-3 partitions at loading
-                    check_head_matches_model(self._causal_lm(whole), key, fused_logprobs=_fused_probe_logprobs,
+                with (_whole_weights(model, self.accelerator) as whole,   # ZeRO-3 partitions at loading
+                      _without_autocast(self._causal_lm(whole), self.temperature) as causal_lm):
+                    check_head_matches_model(causal_lm, key, fused_logprobs=_fused_probe_logprobs,
                                              temperature=self.temperature)
 
     # ------------------------------------------------------------------------------------ refiner (per generation)
