@@ -101,7 +101,7 @@ def load_tokenizers(policy_path: str, ref_path: str):
 def load_models(cfg: TrainConfig, device: torch.device, policy_dtype: torch.dtype | None = None):
     """(policy, reference) with SDPA attention; choose_attention then moves them to a varlen kernel where one runs.
     With lora_r > 0 the policy carries LoRA adapters, and without ref_model the reference is the policy itself
-    (`reference_model` switches its adapters off). policy_dtype: the policy's weights' dtype when it differs from
+    (`reference_model` switches its adapters off) unless it trains weights whole. policy_dtype: the policy's weights' dtype when it differs from
     cfg.dtype (fp32 master weights under FSDP2's mixed precision)."""
     from transformers.utils import logging as hf_logging
 
@@ -116,9 +116,15 @@ def load_models(cfg: TrainConfig, device: torch.device, policy_dtype: torch.dtyp
     # One mode for every module (new adapters' dropout included): rollout and evaluation switch the whole policy to
     # eval mode from it (fastrft.rollout.eval_mode), the update expects it.
     policy.train()
-    if cfg.lora_r and not cfg.ref_model:
+    # Weights trained whole (lora_target_modules naming the embeddings or the head) stay trained with the adapters
+    # off: the policy would then no longer be the base model, and the reference is loaded apart, frozen.
+    trains_whole = [name for name, p in policy.named_parameters() if p.requires_grad and "lora_" not in name]
+    if cfg.lora_r and not cfg.ref_model and not trains_whole:
         ref = policy
     else:
+        if cfg.lora_r and not cfg.ref_model:
+            note_once(f"lora_target_modules trains {', '.join(trains_whole)} whole: the reference and the refiner are "
+                      f"a frozen copy of {cfg.model} (the policy with its adapters off would move with them)")
         ref = _load_model(cfg.ref_model or cfg.model, "ref_model", dtype, device, cfg.ref_quantization,
                           "ref_quantization")
         ref.eval().requires_grad_(False)

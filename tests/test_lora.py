@@ -111,6 +111,22 @@ def test_the_reference_is_the_base_model_during_a_lora_run(tiny_model, tmp_path)
         assert torch.equal(row.ref_logprobs, expected)
 
 
+def test_embeddings_trained_whole_leave_the_reference_the_base_model(tiny_model, tmp_path, capsys):
+    """With the embeddings (tied to the head) trained whole, the policy with its adapters off moves with them: the
+    reference is then a frozen copy of the base model, and stays it through training."""
+    run = make_run(config(tiny_model, tmp_path, "steps=2", "constraint=kl", "lora_target_modules=q_proj,embed_tokens"))
+    assert run.ref is not run.policy and not any(p.requires_grad for p in run.ref.parameters())
+    assert "lora_target_modules trains model.embed_tokens.weight whole: the reference and the refiner are a frozen " \
+           "copy of" in capsys.readouterr().err
+    varied_rewards(run)
+    train_run(run)
+    assert not torch.equal(run.policy.get_input_embeddings().weight, base_model(tiny_model).get_input_embeddings().weight)
+    rows = sample_rows(run.policy.config.vocab_size)
+    reference_logprobs(run, rows)
+    for row, expected in zip(rows, logprobs(base_model(tiny_model), rows, run.attention)):
+        assert torch.equal(row.ref_logprobs, expected)
+
+
 def test_every_module_of_a_lora_policy_shares_its_mode(tiny_model, tmp_path):
     """New adapters' dropout starts in training mode inside a model loaded in eval mode: the run's policy has one
     mode throughout, so that rollout and evaluation (which switch it to eval mode only where it trains) run without

@@ -32,7 +32,6 @@ import inspect
 import math
 import os
 import re
-import string
 import types
 from contextlib import contextmanager
 from typing import Callable
@@ -43,7 +42,7 @@ from torch import nn
 from fastrft.batch import check_head_matches_model, own_forward_hidden
 from fastrft.distributed import ROOT_WARMUP_TOKENS, fix_root, gathered, is_sharded
 from fastrft.loss import IGNORE_INDEX, lm_head_logprobs, model_logit_transform
-from fastrft.refiner import refine
+from fastrft.refiner import check_refine_template, refine
 
 try:
     from accelerate.utils import is_peft_model  # accelerate comes with TRL
@@ -93,10 +92,7 @@ def _check_refine_options(refine_coef, refine_template, parse_refinement, refine
     if refine_template is None:
         raise ValueError("refine_coef > 0 needs refine_template: the text the refiner continues, a str.format "
                          "template with the fields {prompt} and {response}")
-    fields = {name for _, name, _, _ in string.Formatter().parse(refine_template) if name is not None}
-    if "response" not in fields or not fields <= {"prompt", "response"}:
-        raise ValueError(f"refine_template must be a str.format template whose fields are {{prompt}} (optional) and "
-                         f"{{response}}, got the fields {sorted(fields)}")
+    check_refine_template(refine_template)
 
 
 def _strip_or_none(text: str) -> str | None:
