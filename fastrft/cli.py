@@ -156,7 +156,7 @@ def _compare(args) -> int:
         result = compare(cfg, modes=args.modes.split(","), kl_coefs=kl_coefs, seeds=args.seeds, out_dir=args.out,
                          command=shlex.join(command))
     except KeyboardInterrupt as exc:
-        print(f"fastrft compare: {exc or 'interrupted'}", file=sys.stderr)
+        print(f"fastrft compare: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
     if launched_rank() != 0:
         return 0

@@ -544,6 +544,9 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
     if cfg.lora_r:
         merge_lora(model)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.absolute().parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)   # a folder as mkdir makes it: mkdtemp's is its owner's alone
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -209,3 +209,16 @@ def test_task_evaluation_reports_pass_at_k():
     assert metrics["eval_all_pass"] == pytest.approx(0.5) and "eval_reward" in metrics
     with pytest.raises(ValueError, match="eval_samples must be an int >= 1"):
         code.code_task(eval_samples=0)
+
+
+@pytest.mark.parametrize("option, message", [
+    (dict(timeout_s=-1), "code_task: timeout_s must be a finite number > 0, got -1"),
+    (dict(memory_mb=0), "code_task: memory_mb must be an int >= 1, got 0"),
+    (dict(workers=0), "code_task: workers must be an int >= 1, got 0"),
+    (dict(max_tests=-1), "code_task: max_tests must be an int >= 1, got -1"),
+    (dict(max_tests=0), "code_task: max_tests must be an int >= 1, got 0"),
+])
+def test_code_task_options_are_checked_before_any_run(option, message):
+    """Limits that would fail in the sandbox mid-run, or silently skip a problem's tests, fail at the task's start."""
+    with pytest.raises(ValueError, match=message):
+        code.code_task(**option)

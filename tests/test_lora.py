@@ -1,6 +1,8 @@
 """LoRA in `fastrft train`: the reference is the policy with its adapters off (the base model, bit for bit), only the
 adapters train, checkpoints hold them alone and resume exactly, export merges them into an ordinary model directory,
 and bad keys name themselves. The tiny demo model, built from a config and saved locally."""
+import os
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -188,6 +190,9 @@ def test_full_fine_tuning_runs_export_too(tiny_model, tmp_path):
     exported = base_model(out)
     for name, tensor in run.policy.state_dict().items():
         assert torch.equal(exported.state_dict()[name], tensor), name
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask   # readable as any folder mkdir makes, not its owner's alone
 
 
 def test_merge_is_what_the_adapters_compute(tiny_model):

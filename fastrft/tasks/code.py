@@ -371,10 +371,13 @@ def code_task(dataset: str | None = None, *, n_eval: int = 6, seed: int = 0, tim
     problems = load_problems(dataset or DEFAULT_PROBLEMS)
     if not 0 <= n_eval < len(problems):
         raise ValueError(f"code_task: n_eval={n_eval} must leave training problems out of {len(problems)}")
-    if isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples < 1:
-        raise ValueError(f"code_task: eval_samples must be an int >= 1, got {eval_samples!r}")
-    if not (isinstance(eval_temperature, (int, float)) and math.isfinite(eval_temperature) and eval_temperature > 0):
-        raise ValueError(f"code_task: eval_temperature must be a finite number > 0, got {eval_temperature!r}")
+    for name, value in (("eval_samples", eval_samples), ("memory_mb", memory_mb), ("workers", workers)) + (
+            (("max_tests", max_tests),) if max_tests is not None else ()):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"code_task: {name} must be an int >= 1, got {value!r}")
+    for name, value in (("eval_temperature", eval_temperature), ("timeout_s", timeout_s)):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"code_task: {name} must be a finite number > 0, got {value!r}")
     order = list(range(len(problems)))
     random.Random(seed).shuffle(order)
     rows = [problem_to_row(problems[i]) for i in order]
