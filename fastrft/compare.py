@@ -124,8 +124,8 @@ def run_state(cfg: TrainConfig) -> str:
 
     run_dir = RunDir(cfg.output_dir)
     if run_dir.holds_run():
-        saved = load_config(run_dir.config).to_dict()
-        wanted = cfg.to_dict()
+        saved = load_config(run_dir.config).with_absolute_paths().to_dict()
+        wanted = cfg.with_absolute_paths().to_dict()
         differ = sorted(k for k in wanted if k not in _MAY_DIFFER and k != "steps" and saved.get(k) != wanted[k])
         if differ:
             shown = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in differ)

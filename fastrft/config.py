@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 REF_SHARDING = ("shard", "replicate")
+PATH_KEYS = ("model", "ref_model", "dataset", "eval_dataset")   # local paths, relative to the working directory
 
 
 @dataclass
@@ -177,6 +179,12 @@ class TrainConfig:
                 value = getattr(self, name)
                 if value is not None and not test(value):
                     raise ConfigError(name, f"{name} must be {requirement}, got {value!r}")
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """A copy whose local paths (PATH_KEYS) are absolute, as config.yaml holds them: a run resumes and exports
+        from any working directory."""
+        return dataclasses.replace(self, **{key: os.path.abspath(value) for key in PATH_KEYS
+                                            if (value := getattr(self, key))})
 
     @property
     def uses_kl(self) -> bool:

@@ -461,7 +461,7 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if overwrite:
             run_dir.clear()
         run_dir.create()
-        save_config(cfg, run_dir.config)
+        save_config(cfg.with_absolute_paths(), run_dir.config)
         run_dir.write_metrics(metrics)
     world.barrier()
     return Run(cfg=cfg, run_dir=run_dir, device=device, tokenizer=tokenizer, policy=policy, ref=ref, task=task,

@@ -490,6 +490,21 @@ def test_the_logged_learning_rate_is_the_steps_own_and_decays_to_its_floor(tiny_
     assert [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r][3:] == pytest.approx([3.25e-4, 1e-4])
 
 
+def test_a_run_given_relative_paths_resumes_from_any_folder(tiny_model, tmp_path, monkeypatch):
+    """config.yaml holds the model's path made absolute: --resume and export read it from another folder too."""
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "models" / "tiny")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "models")
+    train(load_config(None, [*SMALL, "steps=1"], model="tiny", output_dir=str(tmp_path / "run")))
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.model == str(tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path / "work")
+    train(load_config(tmp_path / "run" / "config.yaml", ["steps=2"]), resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "lr" in r] == [1, 2]
+
+
 def test_resume_drops_a_torn_last_line_and_refuses_a_shortened_log(tiny_model, tmp_path):
     train(config(tiny_model, tmp_path, "steps=2", "save_every=2"))
     run_dir = tmp_path / "run"
