@@ -149,7 +149,10 @@ def _compare(args) -> int:
     # Every option, the demo's reference too (it decides the model compared): the command reproduces the comparison.
     source = ["--demo", "--cache-dir", args.cache_dir, "--reference-steps", str(args.reference_steps)] if args.demo \
         else ["--config", args.config]
-    command = ["fastrft", "compare", *source, "--modes", args.modes,
+    # Under torchrun the ranks' number is part of the results (each rank samples its share of the prompts).
+    launcher = ["torchrun", f"--nproc-per-node={os.environ['WORLD_SIZE']}", "-m"] \
+        if os.environ.get("WORLD_SIZE", "1") != "1" else []
+    command = [*launcher, "fastrft", "compare", *source, "--modes", args.modes,
                *(["--kl-coefs", args.kl_coefs] if args.kl_coefs else []), "--seeds", str(args.seeds), "--out",
                args.out, *args.overrides]
     try:
@@ -237,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     p_export.add_argument("run_dir")
     p_export.add_argument("out_dir", help="a new (or empty) directory")
     p_export.set_defaults(func=_export)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # key=value after a flag (train --config x.yaml steps=1 --overwrite lr=1e-4): argparse leaves it over.
+    if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in rest):
+        args.overrides += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         status = args.func(args)
         end_world(exit_status=status or 0)   # under torchrun the process ends here

@@ -149,6 +149,9 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
         from fastrft.trainer import train as train_fn
 
     out_dir = Path(out_dir)
+    if RunDir(out_dir).holds_run():
+        raise ValueError(f"--out {out_dir} holds a training run: a comparison writes its own runs/ and reports there; "
+                         f"give another --out")
     variants = expand_variants(modes, kl_coefs, base_cfg.kl_coef)
     seeds = seed_list(base_cfg.seed, seeds)
     plan = [(v, s, run_config(base_cfg, v, s, out_dir)) for v in variants for s in seeds]

@@ -34,6 +34,17 @@ def test_unknown_key_is_an_error_that_names_it(tiny_model, tmp_path, capsys):
     assert "unknown config key 'learning_rate'" in capsys.readouterr().err
 
 
+def test_overrides_may_come_after_a_flag(tiny_model, tmp_path, capsys):
+    """key=value pairs on both sides of a flag are all overrides, in order; anything else left over is an error."""
+    run_dir = tmp_path / "run"
+    assert main(["train", f"model={tiny_model}", *FAST, "--overwrite", f"output_dir={run_dir}", "kl_coef=0.1",
+                 "constraint=kl"]) == 0
+    assert "kl_coef: 0.1" in (run_dir / "config.yaml").read_text()
+    with pytest.raises(SystemExit):
+        main(["train", f"model={tiny_model}", "--overwrite", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
 def test_resume_needs_a_run_directory(tmp_path):
     with pytest.raises(SystemExit, match="not a fastrft run directory"):
         main(["train", "--resume", str(tmp_path)])

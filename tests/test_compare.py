@@ -140,6 +140,13 @@ def test_the_recorded_command_names_the_demos_reference(tiny_model, tmp_path):
     assert command in (out / "comparison.md").read_text()
 
 
+def test_a_training_runs_folder_is_no_comparisons(tiny_model, tmp_path):
+    train(load_config(None, FAST, model=tiny_model, output_dir=str(tmp_path / "run")))
+    with pytest.raises(ValueError, match=f"--out {tmp_path / 'run'} holds a training run"):
+        compare(load_config(None, FAST, model=tiny_model), modes=["none"], seeds=1, out_dir=tmp_path / "run",
+                train_fn=Spy())
+
+
 def test_interrupted_comparison_resumes_where_it_stopped(tiny_model, tmp_path):
     out = tmp_path / "cmp"
     base = load_config(None, FAST, model=tiny_model)
