@@ -282,7 +282,7 @@ def test_is_degenerate(completion, options, expected):
 
 # --- reference training ----------------------------------------------------------------------------------------
 
-def test_train_reference_tiny_budget(tmp_path):
+def test_train_reference_tiny_budget(tmp_path, capsys):
     stats = demo.train_reference(tmp_path / "ref", seed=1, max_steps=4, batch_size=16, n_eval=16, log_every=0)
     assert stats["steps"] == 4 and not stats["stopped_by_time"]
     saved = json.loads((tmp_path / "ref" / demo.REFERENCE_FILE).read_text())
@@ -298,6 +298,9 @@ def test_train_reference_tiny_budget(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     marker = (tmp_path / "ref" / "model.safetensors").stat().st_mtime_ns
     assert demo.ensure_reference(tmp_path / "ref") == tmp_path / "ref"
+    assert (tmp_path / "ref" / "model.safetensors").stat().st_mtime_ns == marker
+    demo.ensure_reference(tmp_path / "ref", max_steps=9)   # a budget for a reference trained anew: said, not used
+    assert "was trained 4 steps: --reference-steps 9 applies to a reference trained anew" in capsys.readouterr().err
     assert (tmp_path / "ref" / "model.safetensors").stat().st_mtime_ns == marker
 
 

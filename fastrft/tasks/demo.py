@@ -328,4 +328,11 @@ def ensure_reference(cache_dir, **train_options) -> Path:
     cache_dir = Path(cache_dir)
     if not (cache_dir / REFERENCE_FILE).is_file():
         train_reference(cache_dir, **train_options)
+    elif "max_steps" in train_options:
+        trained = json.loads((cache_dir / REFERENCE_FILE).read_text()).get("steps")
+        if trained != train_options["max_steps"]:
+            from fastrft.batch import note_once
+
+            note_once(f"the reference cached in {cache_dir} was trained {trained} steps: --reference-steps "
+                      f"{train_options['max_steps']} applies to a reference trained anew (give another --cache-dir)")
     return cache_dir
