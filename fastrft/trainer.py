@@ -60,7 +60,6 @@ from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world
                                  shard_policy)
 from fastrft.lora import adapters_disabled, add_lora, merge_lora
 from fastrft.refiner import RefineResult, check_refine_template, refine
-from fastrft.rewards import is_degenerate
 from fastrft.rollout import encode_prompts, eval_mode, generate
 from fastrft.rundir import RunDir
 from fastrft.tasks import Task, load_rows, load_task
@@ -697,6 +696,8 @@ def scored_groups(run: Run, policy, rows: list[dict], stats: RolloutStats, times
         rewards, per_func = run.task.score(expanded, samples.texts, samples.truncated)
     for name, values in per_func.items():
         stats.per_func.setdefault(name, []).extend(v for v in values if v is not None)
+    stats.degenerate += sum(run.task.degenerate(text, truncated) is not None
+                            for text, truncated in zip(samples.texts, samples.truncated))
     groups = []
     for g, row in enumerate(rows):
         group = score_group(cfg, run.max_new_tokens, row, samples, range(g * cfg.group_size, (g + 1) * cfg.group_size),
@@ -714,7 +715,6 @@ def score_group(cfg: TrainConfig, max_new_tokens: int, row: dict, samples, membe
     samples, or with dynamic sampling, one shaped reward for all)."""
     kept, shaped = [], []
     for i in members:
-        stats.degenerate += is_degenerate(samples.texts[i], truncated=samples.truncated[i]) is not None
         if rewards[i] is None:
             stats.none_rewards += 1
             continue

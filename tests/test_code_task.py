@@ -6,7 +6,7 @@ import pytest
 
 from fastrft import sandbox
 from fastrft.rewards import combine_rewards
-from fastrft.tasks import Task
+from fastrft.tasks import Task, load_task
 from fastrft.tasks import code
 
 needs_sandbox = pytest.mark.skipif(not sandbox.sandbox_available(),
@@ -222,3 +222,13 @@ def test_code_task_options_are_checked_before_any_run(option, message):
     """Limits that would fail in the sandbox mid-run, or silently skip a problem's tests, fail at the task's start."""
     with pytest.raises(ValueError, match=message):
         code.code_task(**option)
+
+
+def test_a_code_tasks_degenerate_completions_include_what_does_not_compile():
+    """The step's degenerate_frac counts what the task calls degenerate: here unparseable programs and unclosed
+    fences too, beyond the generic empty, truncated and looping."""
+    task = code.code_task()
+    assert task.degenerate("```python\ndef f(:\n```", False) == "unparseable"
+    assert task.degenerate("```python\nprint(1)\n", False) == "truncated"
+    assert task.degenerate("```python\nprint(1)\n```", False) is None
+    assert load_task("demo").degenerate("", False) == "empty"

@@ -69,6 +69,13 @@ class Task:
                     out[name] = allowed
         return out
 
+    def degenerate(self, completion: str, truncated: bool) -> str | None:
+        """Why a completion is degenerate (the step's degenerate_frac), or None: fastrft.rewards.is_degenerate's
+        kinds; a task with kinds of its own overrides this (the code task adds unparseable programs)."""
+        from fastrft.rewards import is_degenerate
+
+        return is_degenerate(completion, truncated=truncated)
+
     def score(self, rows: list[dict], completions: list[str], truncated: list[bool]):
         """(weighted reward or None, {function name: values}) of each completion; rows[i] is completion i's prompt
         row, whose other columns and the `truncated` flags reach the reward functions."""

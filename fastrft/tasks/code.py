@@ -299,6 +299,9 @@ class CodeTask(Task):
     eval_temperature: float = 0.8
     pass_ks: tuple[int, ...] = field(default=(1, 5))
 
+    def degenerate(self, completion: str, truncated: bool) -> str | None:
+        return degenerate_kind(completion, truncated)
+
     def evaluate_sums(self, model, tokenizer, rows: list[dict], *, max_new_tokens: int, batch_size: int = 256,
                       generate=None) -> dict[str, tuple[float, int]]:
         from fastrft.rollout import encode_prompts
