@@ -612,14 +612,14 @@ def train_run(run: Run) -> dict:
     if world.is_main:
         summary = summarize(run.run_dir, run.skipped_steps, step,
                             (stop.signal_name or "SIGTERM") if stop_requested else None)
-        run.run_dir.write_summary(summary)
-        if cfg.plots:
+        if cfg.plots:   # before the summary, which marks the run finished (fastrft compare keeps such a run)
             try:
                 from fastrft.plots import plot_run
 
                 plot_run(run.run_dir.path)
             except ImportError as exc:
                 note_once(f"plots skipped: {exc}")
+        run.run_dir.write_summary(summary)
     return world.broadcast(summary)
 
 
