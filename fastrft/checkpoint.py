@@ -309,8 +309,8 @@ def _bits(dtype: torch.dtype) -> int:
 def _load_torch_save(ckpt_dir: Path, manifest: dict, model, optimizer, map_location, world: World) -> None:
     """A checkpoint of an earlier version: model.pt and optimizer.pt, whole state dicts of one process."""
     if world.size > 1:
-        raise ValueError(f"it is an earlier version's single-process checkpoint (model.pt): resume it in one "
-                         f"process; its next checkpoint loads at any world size")
+        raise ValueError("it is an earlier version's single-process checkpoint (model.pt): resume it in one "
+                         "process; its next checkpoint loads at any world size")
     weights = _read_torch(ckpt_dir / "model.pt", map_location)
     if manifest["weights"] == "trainable":
         expected = set(trainable_weights(model))
