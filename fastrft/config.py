@@ -181,10 +181,13 @@ class TrainConfig:
                     raise ConfigError(name, f"{name} must be {requirement}, got {value!r}")
 
     def with_absolute_paths(self) -> TrainConfig:
-        """A copy whose local paths (PATH_KEYS) are absolute, as config.yaml holds them: a run resumes and exports
-        from any working directory."""
-        return dataclasses.replace(self, **{key: os.path.abspath(value) for key in PATH_KEYS
-                                            if (value := getattr(self, key))})
+        """A copy whose local paths are absolute, as config.yaml holds them, so that a run resumes and exports from
+        any working directory: PATH_KEYS, and each task option that names an existing file or folder
+        (extra.reward_model, extra.dataset)."""
+        extra = {name: os.path.abspath(value) if isinstance(value, str) and value and os.path.exists(value) else value
+                 for name, value in self.extra.items()}
+        return dataclasses.replace(self, extra=extra, **{key: os.path.abspath(value) for key in PATH_KEYS
+                                                         if (value := getattr(self, key))})
 
     @property
     def uses_kl(self) -> bool:

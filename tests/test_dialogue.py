@@ -124,8 +124,8 @@ def test_bf16_on_cuda(reward_model_path):
     assert scores == pytest.approx(_reference_scores(reward_model_path, PROMPTS, REPLIES), abs=0.1)
 
 
-def test_task_rows_refinement_and_dataset(tmp_path):
-    task = dialogue.dialogue_task("unused/path", n_eval=4)
+def test_task_rows_refinement_and_dataset(tmp_path, reward_model_path):
+    task = dialogue.dialogue_task(reward_model_path, n_eval=4)
     assert len(task.eval_rows) == 4 and len(task.train_rows) == len(dialogue.DEFAULT_PROMPTS) - 4
     text = task.refine_template.format(prompt="Say hi.", response="hi")
     assert text.startswith("Say hi.") and "improved reply" in text
@@ -133,7 +133,20 @@ def test_task_rows_refinement_and_dataset(tmp_path):
     assert task.parse_refinement("   ") is None and task.parse_refinement("no no no " * 20) is None
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"question {i}"}) for i in range(6)) + "\n")
-    task = dialogue.dialogue_task("unused/path", str(path), n_eval=2)
+    task = dialogue.dialogue_task(reward_model_path, str(path), n_eval=2)
     assert [r["prompt"] for r in task.eval_rows] == ["question 0", "question 1"]
     with pytest.raises(ValueError, match="n_eval"):
-        dialogue.dialogue_task("unused/path", str(path), n_eval=6)
+        dialogue.dialogue_task(reward_model_path, str(path), n_eval=6)
+
+
+def test_task_options_are_checked_before_any_scoring(tmp_path, reward_model_path, tiny_model):
+    """A reward model that is not there or is no sequence classifier (a causal LM would score with a random head),
+    and scoring options that cannot work, fail when the task is made, before a run starts."""
+    for options, message in ((dict(reward_model=str(tmp_path / "nope")), "is not a local model directory \\(no such "
+                                                                        "directory\\)"),
+                             (dict(reward_model=tiny_model), "is a LlamaForCausalLM, not a sequence-classification"),
+                             (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+                             (dict(max_length=0), "max_length must be an int >= 1, got 0"),
+                             (dict(device="gpu"), "device must be a torch device")):
+        with pytest.raises(ValueError, match=f"dialogue_task: .*{message}"):
+            dialogue.dialogue_task(**{"reward_model": reward_model_path, **options})

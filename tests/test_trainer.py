@@ -491,15 +491,25 @@ def test_the_logged_learning_rate_is_the_steps_own_and_decays_to_its_floor(tiny_
 
 
 def test_a_run_given_relative_paths_resumes_from_any_folder(tiny_model, tmp_path, monkeypatch):
-    """config.yaml holds the model's path made absolute: --resume and export read it from another folder too."""
+    """config.yaml holds the model's path, and a task option's that names a file, made absolute: --resume and export
+    read them from another folder too."""
     import shutil
 
     shutil.copytree(tiny_model, tmp_path / "models" / "tiny")
     (tmp_path / "work").mkdir()
+    (tmp_path / "odd_paths.py").write_text(   # a task with a path among its options, as the dialogue task has
+        "from fastrft.tasks import load_rows, load_task\n"
+        "def task(dataset: str, seed: int = 0):\n"
+        "    task = load_task('demo', n_eval=4, seed=seed)\n    task.train_rows = load_rows(dataset)\n"
+        "    return task\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path / "models")
-    train(load_config(None, [*SMALL, "steps=1"], model="tiny", output_dir=str(tmp_path / "run")))
+    (tmp_path / "models" / "rows.jsonl").write_text('{"prompt": "sort 21=", "answer": "12"}\n')
+    train(load_config(None, [*SMALL, "steps=1", "extra.dataset=rows.jsonl", "extra.seed=3"], model="tiny",
+                      output_dir=str(tmp_path / "run"), task="odd_paths:task"))
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.model == str(tmp_path / "models" / "tiny")
+    assert saved.extra == {"dataset": str(tmp_path / "models" / "rows.jsonl"), "seed": 3}   # task options too
     monkeypatch.chdir(tmp_path / "work")
     train(load_config(tmp_path / "run" / "config.yaml", ["steps=2"]), resume=True)
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "lr" in r] == [1, 2]

@@ -17,7 +17,9 @@ at the length limit):
 """
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 
 import torch
 
@@ -144,12 +146,40 @@ def parse_refinement(text: str) -> str | None:
     return text if is_degenerate(text) is None else None
 
 
+def _check_reward_model(path: str) -> None:
+    """A local model directory whose architecture is a sequence classifier: a causal LM would load with a randomly
+    initialised score head and score noise."""
+    directory = Path(path).expanduser()
+    config = directory / "config.json"
+    if not config.is_file():
+        raise ValueError(f"dialogue_task: reward_model={path!r} is not a local model directory (no "
+                         f"{'config.json in it' if directory.is_dir() else 'such directory'}); models are never "
+                         f"downloaded")
+    try:
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"dialogue_task: reward_model={path!r}: its config.json is not valid JSON ({e})") from None
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(f"dialogue_task: reward_model={path!r} is a {', '.join(architectures)}, not a sequence-"
+                         f"classification reward model: its score head would be random")
+
+
 def dialogue_task(reward_model: str, dataset: str | None = None, *, n_eval: int = 4, device=None,
                   batch_size: int = 16, max_length: int = 2048, degenerate_reward: float = -5.0,
                   max_new_tokens: int = 256) -> Task:
     """Replies to ``dataset``'s prompts (default: the embedded ones), scored by the reward model at the local path
     ``reward_model``; the first ``n_eval`` rows are held out. ``degenerate_reward`` is the reward of an empty,
     truncated or looping reply (set it below the reward model's usual range)."""
+    _check_reward_model(reward_model)
+    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"dialogue_task: {name} must be an int >= 1, got {value!r}")
+    try:
+        scoring_device = _device(device)
+    except RuntimeError:
+        raise ValueError(f"dialogue_task: device must be a torch device (cpu, cuda, cuda:N), got {device!r}") from None
+    if scoring_device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"dialogue_task: device={device!r} but CUDA is not available")
     rows = load_rows(dataset) if dataset else [{"prompt": p} for p in DEFAULT_PROMPTS]
     if not 0 <= n_eval < len(rows):
         raise ValueError(f"dialogue_task: n_eval={n_eval} must leave training rows out of {len(rows)}")
