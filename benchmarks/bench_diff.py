@@ -7,6 +7,7 @@ so only the budgeted search can stop) and a 64-token vocabulary. Median of repea
 
     python benchmarks/bench_diff.py                    # all cores
     taskset -c 0 python benchmarks/bench_diff.py       # the one-core numbers
+    python benchmarks/bench_diff.py --repeats 3 --out /tmp/diff   # a quick look, the committed results untouched
 """
 import argparse
 import difflib
@@ -15,14 +16,16 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastrft.machine import describe_machine
-from fastrft.diff import DEFAULT_MAX_D, cpp_available, diff_masks
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import OUT_HELP, RESULTS  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from fastrft.diff import DEFAULT_MAX_D, cpp_available, diff_masks  # noqa: E402
+from fastrft.machine import describe_machine  # noqa: E402
 
 
 def edited(rng, tokens, rate, vocab):
@@ -59,7 +62,10 @@ def difflib_changed(samples, refineds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default=None, help=OUT_HELP % "bench_diff")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if not cpp_available():
         sys.exit("fastrft._diff is not built: pip install -e . first")
     rng = np.random.default_rng(0)
@@ -121,14 +127,14 @@ def main():
     meta = {**describe_machine(torch.device("cpu")), "default_max_d": DEFAULT_MAX_D}
     result = {"meta": meta, "rows": rows}
     print(json.dumps(result))
-    write_results(result)
+    write_results(result, Path(args.out) if args.out else RESULTS / "bench_diff")
 
 
-def write_results(result):
-    """bench_diff.json keeps one run per number of available cores (so the taskset -c 0 run and the all-core run
-    sit side by side); bench_diff.md is rebuilt from it."""
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "bench_diff.json")
+def write_results(result, out: Path):
+    """out.json keeps one run per number of available cores (so the taskset -c 0 run and the all-core run sit side
+    by side); out.md is rebuilt from it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".json")
     runs = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -148,8 +154,7 @@ def write_results(result):
         lines += [f"| {r['case']} | {r['provider']} | {r['ms']:.2f} | {r['changed_tokens']} | {r['note']} |"
                   for r in run["rows"]]
         lines.append("")
-    with open(os.path.join(RESULTS, "bench_diff.md"), "w") as f:
-        f.write("\n".join(lines))
+    out.with_suffix(".md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

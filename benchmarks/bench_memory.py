@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import fix_malloc_mmap_threshold, rss_bytes  # noqa: E402
 from models import qwen_width_description, qwen_width_model  # noqa: E402
-from report import publish  # noqa: E402
+from report import OUT_HELP, publish  # noqa: E402
 
 VARIANTS = {"full": ["lora_r=0"], "lora": ["lora_r=16"]}
 STEP = ["task=demo", "steps=1", "prompts_per_step=4", "group_size=4", "constraint=kl+refiner", "refine_coef=1.0",
@@ -169,7 +169,7 @@ def main():
     parser.add_argument("--budget-gb", type=float, default=8.0, help="0: skip the largest-fitting search")
     parser.add_argument("--fit-layers", default="2,4", help="the two layer counts the per-layer slope comes from")
     parser.add_argument("--max-check-layers", type=int, default=96, help="confirm predictions up to this size")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help=OUT_HELP % "bench_memory_<cpu|cuda>")
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -18,8 +18,11 @@ import time
 import warnings
 from pathlib import Path
 
-from fastrft import sandbox
-from fastrft.machine import describe_machine
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import OUT_HELP, RESULTS  # noqa: E402
+
+from fastrft import sandbox  # noqa: E402
+from fastrft.machine import describe_machine  # noqa: E402
 
 SOURCE = "import sys\nprint(sys.stdin.readline().strip()[::-1])"
 
@@ -56,7 +59,7 @@ def main():
     parser.add_argument("--programs", type=int, default=240)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_sandbox"))
+    parser.add_argument("--out", default=str(RESULTS / "bench_sandbox"), help=OUT_HELP % "bench_sandbox")
     args = parser.parse_args()
     if not sandbox.sandbox_available():
         sys.exit("bubblewrap is missing or not working: apt-get install bubblewrap")

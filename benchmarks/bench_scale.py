@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import allocator_env, rss_bytes  # noqa: E402
 from models import qwen_width_description, qwen_width_model  # noqa: E402
-from report import publish  # noqa: E402
+from report import OUT_HELP, publish  # noqa: E402
 
 # (ranks, threads per rank, engine): the machine's 2 cores in each, 1 rank first.
 CONFIGS = ((1, 2, "fsdp"), (2, 1, "fsdp"), (2, 1, "ddp"))
@@ -160,7 +160,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=8192)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help=OUT_HELP % "bench_scale_cpu")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--engine", default="fsdp", help=argparse.SUPPRESS)

@@ -16,7 +16,7 @@ Part `plain`: the update against the same model's plain forward+backward (logits
 the same packed tokens.
 
     python benchmarks/bench_step.py                           # every part on the CPU (about 20 minutes)
-    python benchmarks/bench_step.py --parts sweep --models tiny --scales 1,8
+    python benchmarks/bench_step.py --parts sweep --models demo --scales 1,8
 Prints tables, then one JSON line; writes benchmarks/results/bench_step_<cpu|cuda>.{json,md} after each part. The
 parts not measured are kept from the file's earlier run, each with the machine, commit and command it was measured
 with.

@@ -46,13 +46,13 @@ import time
 from pathlib import Path
 
 from memory import allocator_env, peak_extra_bytes as measure_peak
+from report import OUT_HELP, RESULTS
 
 import torch  # noqa: E402
 
 from bench_step import matmul_rate, update_flops as step_update_flops  # noqa: E402
 from fastrft.machine import describe_machine  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROVIDERS = ("trl", "fastrft-trl", "fastrft")
 CUDA_PROVIDERS = ("trl", "trl-torch", "fastrft-trl", "fastrft")
 
@@ -239,6 +239,7 @@ def main():
     parser.add_argument("--max-length", type=int, default=None, help="longest length tried (CPU 2048, CUDA 65536)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", default=None, help=OUT_HELP % "bench_vs_trl_<cpu|cuda>")
     parser.add_argument("--child", nargs=3, metavar=("PROVIDER", "LENGTH", "MEASURE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     on_cuda = args.device.startswith("cuda")
@@ -257,7 +258,7 @@ def main():
     device = torch.device(args.device)
 
     env = describe_machine(device)
-    tag = "cuda" if on_cuda else "cpu"
+    out = Path(args.out) if args.out else RESULTS / f"bench_vs_trl_{'cuda' if on_cuda else 'cpu'}"
     timed, longest = [], {}
 
     rate = matmul_rate(device, torch.bfloat16 if on_cuda else torch.float32)
@@ -276,7 +277,11 @@ def main():
             timed.append(row)
             add_ratios(row, timed, args, rate)
             print(format_row(row), flush=True)
-    write_results(payload(), tag)
+    failed = [row for row in timed if "error" in row]
+    if failed:   # a table of errors is no result: the committed one stays
+        sys.exit(f"bench_vs_trl: {len(failed)} measurement(s) failed, nothing written; the first: "
+                 f"{failed[0]['provider']} at L={failed[0]['length']}: {failed[0]['error']}")
+    write_results(payload(), out)
 
     for provider in providers:
         # Doubling from the longest timed length that fitted (each try is a fresh process), else from 64.
@@ -291,7 +296,7 @@ def main():
                 break
             best, length = length, length * 2
         longest[provider] = {"longest_length": best, "tried": tried}
-        write_results(payload(), tag)
+        write_results(payload(), out)
     print(json.dumps(payload()))
 
 
@@ -308,10 +313,10 @@ def format_row(r) -> str:
     return f"{label}{timed} peak extra {peak}{ratios}"
 
 
-def write_results(payload, tag):
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(payload, out: Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
     env = payload["env"]
-    (RESULTS / f"bench_vs_trl_{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     lines = [f"# bench_vs_trl on {env['device']}", "",
              f"torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}, python {env['python']}, "
              f"commit {env['commit']}{' (dirty)' if env['dirty'] else ''}, {env['cpu_threads']} CPU threads, load "
@@ -334,7 +339,7 @@ def write_results(payload, tag):
     lines += ["", f"Longest completion length (powers of two from 64, up to {payload['max_length']}) whose peak "
               f"stays within {payload['budget_gb']} GB: "
               + ", ".join(f"{p}: {v if v is not None else 'none'}" for p, v in payload["longest"].items()) + "."]
-    (RESULTS / f"bench_vs_trl_{tag}.md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+OUT_HELP = ("where to write the results: a path without suffix, which gets .json and .md (default: "
+            "benchmarks/results/%s)")
 
 
 def publish(payload: dict, text: str, name: str, out: str | None = None) -> None:

@@ -28,9 +28,11 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from fastrft.machine import describe_machine
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import OUT_HELP, RESULTS  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from fastrft.machine import describe_machine  # noqa: E402
+
 TEST_FILES = ("__init__.py", "conftest.py", "testing_utils.py", "test_grpo_trainer.py")
 SWAP = '''
 
@@ -156,6 +158,7 @@ def git_commit(repo: Path) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trl-repo", type=Path, required=True, help="a checkout of TRL's git repository")
+    parser.add_argument("--out", default=None, help=OUT_HELP % "trl_conformance")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (printed) for inspection")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="trl_conformance_"))
@@ -170,8 +173,9 @@ def main():
                    passed_with_trl=len(passed_with_trl),
                    also_passed_with_fastrft=len(passed_with_trl) - len(regressions), regressions=regressions,
                    outcomes=runs)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "trl_conformance.json").write_text(json.dumps(payload, indent=1) + "\n")
+    out = Path(args.out) if args.out else RESULTS / "trl_conformance"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     env = payload["env"]
     lines = ["# TRL's GRPOTrainer tests with FastRFTGRPOTrainer", "",
              f"trl {env.get('trl')}, transformers {env.get('transformers')}, torch {env.get('torch')}; TRL's tests at "
@@ -183,7 +187,7 @@ def main():
     lines += ["", f"Of the {len(passed_with_trl)} tests that pass with TRL's own class, "
               f"{payload['also_passed_with_fastrft']} pass with FastRFTGRPOTrainer."]
     lines += [f"- does not pass with FastRFTGRPOTrainer: `{t}`" for t in regressions]
-    (RESULTS / "trl_conformance.md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.keep:
         print(f"work folder: {root}")
