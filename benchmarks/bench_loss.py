@@ -367,8 +367,16 @@ def main():
     if args.measure_memory:
         return child_measure_memory(*args.measure_memory)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype not in (None, "bfloat16", "float32", "float16"):
+        parser.error(f"--dtype must be bfloat16, float32 or float16, got {args.dtype!r}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shapes = args.shapes.split(",") if args.shapes else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    for shape in shapes:
+        sizes = shape.split("x")
+        if len(sizes) != 3 or not all(n.isdigit() and int(n) >= 1 for n in sizes):
+            parser.error(f"--shapes takes NxHxV, each >= 1 (8192x4096x131072), got {shape!r}")
+    if args.repeat < 1 or args.warmup < 0:
+        parser.error(f"--repeat must be >= 1 and --warmup >= 0, got {args.repeat} and {args.warmup}")
     providers = args.providers.split(",")
     for name in providers:
         try:

@@ -266,7 +266,8 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--lengths", default="32,128,512", help="refinement lengths in tokens")
     parser.add_argument("--edits", default="0,0.02,0.1,0.5,1", help="shares of the draft's tokens edited")
-    parser.add_argument("--rows", default="demo=64,qwen2.5-0.5b-width=8", help="refinements per batch, per model")
+    parser.add_argument("--rows", default="demo=64,qwen2.5-0.5b-width=8",
+                        help="refinements per batch, per model: MODEL=N,...")
     parser.add_argument("--prompt-len", type=int, default=32, help="mean prompt length")
     parser.add_argument("--group", type=int, default=8, help="part shared: rows per common beginning")
     parser.add_argument("--shared-len", type=int, default=256, help="part shared: tokens of each common beginning")
@@ -284,14 +285,19 @@ def main():
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = dict(item.split("=") for item in args.rows.split(","))
+    try:
+        rows = {model: int(n) for model, n in (item.split("=") for item in args.rows.split(","))}
+        lengths, edits = [int(n) for n in args.lengths.split(",")], [float(e) for e in args.edits.split(",")]
+    except ValueError:
+        parser.error("--rows takes MODEL=N,... (demo=64), --lengths integers, --edits numbers, each comma-separated")
+    if min(rows.values()) < 1 or min(lengths) < 1 or not all(0 <= e <= 1 for e in edits) or args.repeat < 1:
+        parser.error("rows, lengths and --repeat must be >= 1 and each share of --edits in [0, 1]")
     payload = {"env": describe_machine(device), "dtype": str(dtype).replace("torch.", ""),
                "prompt_len": args.prompt_len, "repeat": args.repeat, "models": args.models.split(","), "rows": []}
     if "shared" in args.parts.split(",") and not (1 <= args.shared_len and 1 <= args.group):
         raise SystemExit(f"part shared needs --shared-len >= 1 and --group >= 1, got {args.shared_len} and "
                          f"{args.group}")
     tag = "cuda" if device.type == "cuda" else "cpu"
-    lengths, edits = [int(n) for n in args.lengths.split(",")], [float(e) for e in args.edits.split(",")]
     for part in args.parts.split(","):
         if part not in ("edits", "shared"):
             raise SystemExit(f"unknown part {part!r}: edits, shared")
