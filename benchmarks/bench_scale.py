@@ -115,7 +115,11 @@ def measured(ranks: int, threads: int, engine: str, rows: int, args, work: str) 
     """Every rank's times from one launch and its peak RSS from another (launch says why two)."""
     timed, memory = (launch(ranks, threads, engine, rows, args, Path(work) / f"{rows}-{ranks}-{engine}-{measure}.json",
                             measure) for measure in ("time", "memory"))
-    return [{**t, "peak_rss_bytes": m["peak_rss_bytes"]} for t, m in zip(timed, memory)]
+    per_rank = [{**t, "peak_rss_bytes": m["peak_rss_bytes"]} for t, m in zip(timed, memory)]
+    print(f"{rows} rows, {ranks} x {threads} threads, {engine if ranks > 1 else '-'}: step "
+          f"{max(r['step_s'] for r in per_rank):.2f} s, peak RSS per rank "
+          f"{max(r['peak_rss_bytes'] for r in per_rank) / 1e9:.2f} GB", flush=True)   # minutes pass between lines
+    return per_rank
 
 
 def summarize(ranks: int, threads: int, engine: str, rows: int, per_rank: list[dict]) -> dict:
