@@ -100,8 +100,8 @@ def load_tokenizers(policy_path: str, ref_path: str):
 def load_models(cfg: TrainConfig, device: torch.device, policy_dtype: torch.dtype | None = None):
     """(policy, reference) with SDPA attention; choose_attention then moves them to a varlen kernel where one runs.
     With lora_r > 0 the policy carries LoRA adapters, and without ref_model the reference is the policy itself
-    (`reference_model` switches its adapters off) unless it trains weights whole. policy_dtype: the policy's weights' dtype when it differs from
-    cfg.dtype (fp32 master weights under FSDP2's mixed precision)."""
+    (`reference_model` switches its adapters off) unless it trains weights whole. policy_dtype: the policy's
+    weights' dtype when it differs from cfg.dtype (fp32 master weights under FSDP2's mixed precision)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()   # one progress bar: the run's
@@ -416,7 +416,7 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task, **cfg.extra)
     refine_template = cfg.refine_template or task.refine_template
-    if cfg.uses_refiner:   # a task's own template: the config checked the one it was given
+    if cfg.uses_refiner and cfg.refine_template is None:   # the task's own: the config checks one it is given
         check_refine_template(refine_template)
     columns, types = task.required_columns(), task.column_types()
     train_rows = load_rows(cfg.dataset, required=columns, types=types) if cfg.dataset else task.train_rows
@@ -476,8 +476,8 @@ def note_schedule_change(before: TrainConfig, after: TrainConfig, start_step: in
     old, new = before.lr * lr_factor(before, start_step), after.lr * lr_factor(after, start_step)
     if not math.isclose(old, new, rel_tol=1e-9):
         note_once(f"resuming at step {start_step + 1} with the learning-rate schedule of these settings "
-                  f"(lr_schedule={after.lr_schedule} over steps={after.steps}): it runs at lr {new:.4g}, where the run's "
-                  f"settings would have given {old:.4g}")
+                  f"(lr_schedule={after.lr_schedule} over steps={after.steps}): it runs at lr {new:.4g}, where the "
+                  f"run's settings would have given {old:.4g}")
 
 
 def check_distributable(cfg: TrainConfig, fsdp: bool, ref_sharding: str) -> None:
