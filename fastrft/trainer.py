@@ -54,7 +54,7 @@ import torch
 from fastrft.batch import (AttentionPath, Batch, Row, accumulate_gradients, build_batch,  # noqa: F401
                            check_head_matches_model, choose_attention, final_hidden, note_once, rft_loss,
                            router_loss_coef, sequence_logprobs, with_refinements)
-from fastrft.checkpoint import StopSignal, load_checkpoint, save_checkpoint
+from fastrft.checkpoint import StopSignal, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastrft.config import TrainConfig, load_config, save_config
 from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world, local_tensor, shard_frozen,
                                  shard_policy)
@@ -440,7 +440,13 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     optimizer = make_optimizer(cfg, policy, device)
 
     start_step, state, metrics = 0, {"stream": {"epoch": 0, "index": 0}, "skipped_steps": 0}, []
-    if resume:
+    # A run that stopped before its first checkpoint (a crash in its first steps) has nothing to resume from: it
+    # starts again from step 0, its records of those steps dropped, as a resume drops those after its checkpoint.
+    restart = resume and not world.broadcast(latest_checkpoint(run_dir.path) is not None if world.is_main else None)
+    if restart:
+        note_once(f"{run_dir.path} holds no checkpoint (the run stopped before its first one was saved): it starts "
+                  f"again from step 0")
+    if resume and not restart:
         start_step, state = load_checkpoint(run_dir.path, model=policy, optimizer=optimizer,
                                             map_location=device, world=world)
         # Steps logged after the checkpoint are run again: their old records go.

@@ -187,6 +187,39 @@ def test_resume_gives_the_same_weights(tiny_model, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "b" / "run")] == [0, 1, 2, 3, 4, 5, 6]
 
 
+def test_a_run_that_stopped_before_its_first_checkpoint_resumes_from_step_0(tiny_model, tmp_path, monkeypatch,
+                                                                             capsys):
+    """A crash in the first steps (a reward function's bug, say) leaves a run folder with no checkpoint: --resume
+    starts it again from step 0, its records of those steps dropped, and trains as a fresh run would."""
+    import fastrft.trainer as trainer
+
+    train(config(tiny_model, tmp_path / "a", "steps=2", "save_every=2", "lr=1e-3"))
+    cfg = config(tiny_model, tmp_path / "b", "steps=2", "save_every=2", "lr=1e-3")
+    real_step = trainer.run_step
+    calls = []
+
+    def crashing_step(run, step):
+        calls.append(step)
+        if step == 2:
+            raise RuntimeError("a reward function's bug")
+        return real_step(run, step)
+
+    monkeypatch.setattr(trainer, "run_step", crashing_step)
+    with pytest.raises(RuntimeError, match="a reward function's bug"):
+        train(cfg)
+    run_dir = tmp_path / "b" / "run"
+    assert [r["step"] for r in read_metrics(run_dir)] == [0, 1] and not (run_dir / "checkpoints").exists()
+    monkeypatch.setattr(trainer, "run_step", real_step)
+    capsys.readouterr()
+    train(load_config(run_dir / "config.yaml"), resume=True)
+    assert "holds no checkpoint (the run stopped before its first one was saved): it starts again from step 0" \
+        in capsys.readouterr().err
+    straight, resumed = read_metrics(tmp_path / "a" / "run"), read_metrics(run_dir)
+    assert [r["step"] for r in resumed] == [0, 1, 2]
+    for a, b in zip(straight[1:], resumed[1:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["reward_mean"] == b["reward_mean"]
+
+
 def test_nonfinite_loss_skips_the_step(tiny_model, tmp_path):
     """A policy whose final hidden states overflow (as a bf16 model can) gives a NaN loss: the step is skipped,
     counted, and the weights stay as they were."""
