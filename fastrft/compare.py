@@ -12,8 +12,8 @@ again picks up where an interrupted one stopped. SIGINT/SIGTERM stop the current
 StopSignal) and the comparison raises KeyboardInterrupt before starting the next.
 
 Written to out_dir: comparison.json (definitions, configuration, environment, per-run numbers, per-variant mean and
-std over seeds, per-step curves), comparison.md (the table) and reward.png, refine_rate.png, kl_ref.png,
-policy.png.
+std over seeds, per-step curves, every call that wrote the directory), comparison.md (the table) and reward.png,
+refine_rate.png, kl_ref.png, policy.png; calls.jsonl logs each call as it ends, an interrupted or failed one too.
 
 Definitions (per run, then mean +- sample std over seeds; std is null with one seed):
     training time      cumulative step_time_s; held-out evaluation is not counted; the step-0 evaluation is at 0 s
@@ -50,6 +50,7 @@ from fastrft.rundir import RunDir
 COLLAPSE_FRACTION = 0.5     # a drop of more than half the gain over the initial reward is a collapse
 TAIL_FRACTION = 0.1         # "at the end" = the last 10% of the steps
 RUNS_DIR = "runs"
+CALLS_FILE = "calls.jsonl"   # one line per call that wrote the directory, interrupted ones too
 PLOT_FILES = ("reward.png", "refine_rate.png", "kl_ref.png", "policy.png")
 GOLD_PLOT = "gold.png"      # only for a task trained on a proxy reward
 # Keys that may differ between a run's saved config.yaml and the comparison's config for the same run.
@@ -162,32 +163,41 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
     load_start = _loadavg()
     t_start = time.perf_counter()
     trained = []
-    for i, ((variant, seed, cfg), state) in enumerate(zip(plan, states), start=1):
-        name = run_name(variant, seed)
-        if state == "finished":
+
+    def call_record(outcome: str) -> dict:
+        return {"wall_time_s": time.perf_counter() - t_start, "runs_trained": list(trained), "outcome": outcome,
+                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_start": load_start,
+                "load_average_end": _loadavg()}
+
+    stopped_by = None
+    try:
+        for i, ((variant, seed, cfg), state) in enumerate(zip(plan, states), start=1):
+            name = run_name(variant, seed)
+            if state == "finished":
+                if main_rank:
+                    print(f"fastrft compare [{i}/{len(plan)}] {name}: finished earlier, kept", flush=True)
+                continue
             if main_rank:
-                print(f"fastrft compare [{i}/{len(plan)}] {name}: finished earlier, kept", flush=True)
-            continue
+                print(f"fastrft compare [{i}/{len(plan)}] {name}: "
+                      f"{'resuming from its last checkpoint' if state == 'resume' else 'training'}", flush=True)
+            # "start": nothing to resume from; what an earlier attempt left there (no checkpoint) is replaced.
+            summary = train_fn(cfg, resume=state == "resume", overwrite=state == "start")
+            trained.append(name)
+            if summary.get("stopped_by"):
+                stopped_by = summary["stopped_by"]
+                raise KeyboardInterrupt(f"stopped by {stopped_by} during {name} (checkpoint saved); run the same "
+                                        f"command again to continue the comparison")
+        result = aggregate(base_cfg, variants, seeds, out_dir)
+    except BaseException as e:   # the call stays on record: its runs' time is in the comparison it continues
         if main_rank:
-            print(f"fastrft compare [{i}/{len(plan)}] {name}: "
-                  f"{'resuming from its last checkpoint' if state == 'resume' else 'training'}", flush=True)
-        # "start": nothing to resume from; what an earlier attempt left there (no checkpoint) is replaced.
-        summary = train_fn(cfg, resume=state == "resume", overwrite=state == "start")
-        trained.append(name)
-        if summary.get("stopped_by"):
-            raise KeyboardInterrupt(f"stopped by {summary['stopped_by']} during {name} (checkpoint saved); run the "
-                                    f"same command again to continue the comparison")
-    result = aggregate(base_cfg, variants, seeds, out_dir)
+            _append_call(out_dir, call_record(f"stopped by {stopped_by}" if stopped_by else "interrupted"
+                                              if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__})"))
+        raise
     if not main_rank:
         return result
     result["command"] = command
     result["environment"] = describe_machine()
-    # One entry per call that wrote this directory: an interrupted comparison's earlier calls stay on record.
-    previous = out_dir / "comparison.json"
-    calls = json.loads(previous.read_text()).get("calls", []) if previous.is_file() else []
-    result["calls"] = calls + [{"wall_time_s": time.perf_counter() - t_start, "runs_trained": trained,
-                                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                "load_average_start": load_start, "load_average_end": _loadavg()}]
+    result["calls"] = _append_call(out_dir, call_record("finished"))
     (out_dir / "comparison.json").write_text(json.dumps(_json_safe(result), indent=1) + "\n")
     (out_dir / "comparison.md").write_text(markdown(result))
     try:
@@ -490,11 +500,11 @@ def markdown(result: dict) -> str:
         lines.append("")
     lines += ["## Calls", "", "Each call that wrote this directory (the load average is the machine's, other "
               "work included: training times are only comparable under similar load).", "",
-              "| finished at | wall time (s) | load average 1/5/15 min, start -> end | runs trained |",
-              "|---|---:|---|---|"]
-    lines += [f"| {c['finished_at']} | {c['wall_time_s']:.0f} | {_load(c['load_average_start'])} -> "
-              f"{_load(c['load_average_end'])} | {', '.join(c['runs_trained']) or 'none'} |"
-              for c in result.get("calls", [])]
+              "| ended at | outcome | wall time (s) | load average 1/5/15 min, start -> end | runs trained |",
+              "|---|---|---:|---|---|"]
+    lines += [f"| {c['finished_at']} | {c.get('outcome', 'finished')} | {c['wall_time_s']:.0f} | "
+              f"{_load(c['load_average_start'])} -> {_load(c['load_average_end'])} | "
+              f"{', '.join(c['runs_trained']) or 'none'} |" for c in result.get("calls", [])]
     lines.append("")
     return "\n".join(lines)
 
@@ -589,6 +599,19 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
 def _has_gold(variants: list[dict]) -> bool:
     """Whether the runs are of a task trained on a proxy reward (a gold reward was evaluated)."""
     return any(v["summary"]["eval_gold_final"]["mean"] is not None for v in variants)
+
+
+def _append_call(out_dir: Path, call: dict) -> list[dict]:
+    """Every call that wrote out_dir (CALLS_FILE, one JSON line each, this one appended), oldest first; a directory
+    from before the ledger starts it with the calls its comparison.json holds."""
+    ledger = out_dir / CALLS_FILE
+    if not ledger.is_file():
+        report = out_dir / "comparison.json"
+        earlier = json.loads(report.read_text()).get("calls", []) if report.is_file() else []
+        ledger.write_text("".join(json.dumps(c) + "\n" for c in earlier))
+    with ledger.open("a") as f:
+        f.write(json.dumps(_json_safe(call)) + "\n")
+    return [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
 
 
 def _loadavg() -> list[float] | None:

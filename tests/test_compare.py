@@ -182,6 +182,13 @@ def test_a_stop_signal_ends_the_comparison_after_the_current_run(tiny_model, tmp
         compare(base, modes=["none", "kl"], seeds=2, out_dir=tmp_path / "cmp", train_fn=stopped)
     assert calls == [0]
     assert not (tmp_path / "cmp" / "comparison.json").exists()
+    # The stopped call stays on record, and the call that finishes the comparison reports it.
+    ledger = [json.loads(line) for line in (tmp_path / "cmp" / "calls.jsonl").read_text().splitlines()]
+    assert [(c["outcome"], c["runs_trained"]) for c in ledger] == [("stopped by SIGINT", ["none_seed0"])]
+    result = compare(base, modes=["none"], seeds=1, out_dir=tmp_path / "cmp", train_fn=train)
+    assert [(c["outcome"], c["runs_trained"]) for c in result["calls"]] == [("stopped by SIGINT", ["none_seed0"]),
+                                                                          ("finished", ["none_seed0"])]
+    assert "| stopped by SIGINT |" in (tmp_path / "cmp" / "comparison.md").read_text()
 
 
 def test_a_run_directory_with_other_settings_is_refused(tiny_model, tmp_path):
