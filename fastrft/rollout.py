@@ -392,10 +392,15 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
     # rows feed masked padding until the next compaction drops them with the masked slots.
     probe_gap = next_probe = probe_every
     while not all(rows[r].done for r in active):
-        if _worth_compacting(mask, [rows[r].done for r in active]):
-            keep = [a for a, r in enumerate(active) if not rows[r].done]
-            mask = _compact(cache, mask, torch.tensor(keep))
-            active = [active[a] for a in keep]
+        drop_rows, drop_slots = _worth_compacting(mask, [rows[r].done for r in active])
+        if drop_rows or drop_slots:
+            keep = torch.tensor([a for a, r in enumerate(active) if not rows[r].done])
+            if drop_slots:
+                mask = _compact(cache, mask, keep)
+            else:   # selecting rows copies less than gathering each one's slots
+                _select_cache(cache, keep)
+                mask = mask[keep]
+            active = [active[a] for a in keep.tolist()]
         probe = stats.passes >= next_probe
         distrusting = [r for r in active if not rows[r].done and rows[r].size == 0] if probe else []
         blocks = _next_blocks([rows[r] for r in active], max_new_tokens, probe=probe, fill=fill)
@@ -469,11 +474,11 @@ def _fills_blocks(model) -> bool:
     return head <= layers
 
 
-def _worth_compacting(mask: torch.Tensor, done: list[bool], share: float = 0.25) -> bool:
-    """Rebuild the cache when a quarter of its rows are finished, or when dropping the masked slots would shorten
-    it by a quarter: both cost every later pass their share of compute."""
-    longest_row = int(mask.sum(1).max())
-    return sum(done) >= share * len(done) or longest_row <= (1 - share) * mask.shape[1]
+def _worth_compacting(mask: torch.Tensor, done: list[bool], share: float = 0.25) -> tuple[bool, bool]:
+    """Whether to drop the cache's finished rows (a quarter of its rows are) and whether to drop its masked slots
+    too (that would shorten it by a quarter, _compact): both cost every later pass their share of compute."""
+    longest_row = int(mask[[not d for d in done]].sum(1).max()) if not all(done) else 0
+    return sum(done) >= share * len(done), longest_row <= (1 - share) * mask.shape[1]
 
 
 def _compact(cache, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
