@@ -389,7 +389,7 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
         parts.append((cache, mask, bucket))
     cache, mask, active = parts[0] if len(parts) == 1 else _merged(parts, rows)
     # 2. The rows that did not finish, from their verified prefix on. `active` maps cache rows to rows; finished
-    # rows feed masked padding until the next compaction drops them with the masked slots.
+    # rows feed masked padding until the next compaction drops them (and the masked slots, where that pays).
     probe_gap = next_probe = probe_every
     while not all(rows[r].done for r in active):
         drop_rows, drop_slots = _worth_compacting(mask, [rows[r].done for r in active])
