@@ -38,7 +38,9 @@ def main():
                          bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    loss_fn = fastrft.FusedRFTLoss(model.lm_head, clip_low=0.2, clip_high=0.28)
+    # The model's logit transform (Gemma 2's soft-cap, Cohere's scale; none for Llama): the loss scores the
+    # distribution the model samples from.
+    loss_fn = fastrft.FusedRFTLoss(model.lm_head, clip_low=0.2, clip_high=0.28, **fastrft.model_logit_transform(model))
     n_prompts, group, prompt_len, new_tokens, inner_epochs = 4, 8, 4, 8, 2
 
     for step in range(args.steps):

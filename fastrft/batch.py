@@ -622,7 +622,7 @@ class CausalLMWithFusedLoss(torch.nn.Module):
     reduce-scatters its gradient; DDP(loss_module) works alike, and so does a DeepSpeed ZeRO-3 engine over it
     (deepspeed.initialize(model=loss_module, ...)), which gathers the head for the loss and for its backward.
     router_weight > 0 adds that multiple of an MoE model's router load-balancing loss (metrics["router_loss"]: the
-    unweighted loss)."""
+    unweighted loss). model may be a PEFT model (its adapters active)."""
 
     def __init__(self, model):
         super().__init__()
@@ -631,7 +631,8 @@ class CausalLMWithFusedLoss(torch.nn.Module):
 
     def forward(self, input_ids, targets, *, position_ids=None, attention_mask=None, router_weight: float = 0.0,
                 **loss_options):
-        model = self.model
+        # A PEFT model's adapters live inside the causal LM it wraps: its body and head are that model's.
+        model = self.model.get_base_model() if callable(getattr(self.model, "get_base_model", None)) else self.model
         check_module_options(loss_options, "CausalLMWithFusedLoss")
         if input_ids.dim() != 2 or targets.shape != input_ids.shape:
             raise ValueError(f"input_ids and targets must both be [batch, tokens], got {tuple(input_ids.shape)} and "

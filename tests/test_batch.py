@@ -629,3 +629,26 @@ def test_the_loss_module_names_a_bad_call(model, call, message):
     ids = torch.randint(3, model.config.vocab_size, (2, 6))
     with pytest.raises(ValueError, match=message):
         call(CausalLMWithFusedLoss(model), ids)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_the_loss_module_over_a_peft_model_is_its_adapted_model_s_loss(model_type):
+    """A PEFT model (adapters wrapped around the causal LM): the loss of the adapted model under its own logit
+    transform, its gradients reaching the adapters."""
+    peft = pytest.importorskip("peft")
+    from fastrft.batch import CausalLMWithFusedLoss
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_causal_lm(model_type), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                           target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(3, model.config.vocab_size, (2, 8))
+    targets = ids.roll(-1, 1)
+    targets[:, -1] = -100
+    out = CausalLMWithFusedLoss(model)(ids, targets, advantages=torch.ones(2, 8))
+    out.loss.backward()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()   # PEFT's own forward: adapters on, the model's transform
+    own = logits.log_softmax(-1)[:, :-1].gather(-1, targets[:, :-1, None])[..., 0]
+    torch.testing.assert_close(out.logprobs[:, :-1].double(), own, rtol=0, atol=1e-5)
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
