@@ -44,6 +44,7 @@ from pathlib import Path
 
 from fastrft.config import CONSTRAINTS, TrainConfig, load_config
 from fastrft.distributed import launched_rank
+from fastrft.jsonl import json_safe
 from fastrft.machine import describe_machine
 from fastrft.rundir import RunDir
 
@@ -198,7 +199,7 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
     result["command"] = command
     result["environment"] = describe_machine()
     result["calls"] = _append_call(out_dir, call_record("finished"))
-    (out_dir / "comparison.json").write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+    (out_dir / "comparison.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
     (out_dir / "comparison.md").write_text(markdown(result))
     try:
         result["plots"] = [str(p) for p in plot_comparison(result, out_dir)]
@@ -610,7 +611,7 @@ def _append_call(out_dir: Path, call: dict) -> list[dict]:
         earlier = json.loads(report.read_text()).get("calls", []) if report.is_file() else []
         ledger.write_text("".join(json.dumps(c) + "\n" for c in earlier))
     with ledger.open("a") as f:
-        f.write(json.dumps(_json_safe(call)) + "\n")
+        f.write(json.dumps(json_safe(call)) + "\n")
     return [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
 
 
@@ -632,14 +633,3 @@ def _finite(value) -> bool:
 def _mean_of(records: list[dict], key: str) -> float | None:
     values = [r[key] for r in records if _finite(r.get(key))]
     return statistics.fmean(values) if values else None
-
-
-def _json_safe(obj):
-    """Floats that JSON cannot hold become null; int keys (steps) become strings, as json would make them."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj

@@ -1,7 +1,9 @@
-"""JSON-lines files: one JSON object per line, blank lines skipped, errors naming the file and the line."""
+"""JSON-lines files: one JSON object per line, blank lines skipped, errors naming the file and the line; and what
+JSON can hold of a record (json_safe)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -25,3 +27,14 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
                 raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
             records.append((line_number, record))
     return records
+
+
+def json_safe(obj):
+    """Floats that JSON cannot hold become null; int keys (steps) become strings, as json would make them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

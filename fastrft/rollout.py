@@ -11,6 +11,7 @@ import bisect
 import copy
 import functools
 import inspect
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -35,18 +36,27 @@ def first_occurrences(keys) -> list[int]:
 
 
 def encode_prompts(tokenizer, prompts) -> list[list[int]]:
+    """Each prompt's token ids: a string with the tokenizer's special tokens (its BOS), chat messages through its
+    chat template. A prompt of no tokens (an empty string, with a tokenizer that adds no BOS) is a ValueError:
+    its first written token would have nothing to follow."""
     encoded: list = [None] * len(prompts)
     strings = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             strings.append(i)
         elif isinstance(prompt, list):
-            encoded[i] = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+            encoded[i] = list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
         else:
             raise ValueError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
     if strings:   # one call for all the strings: a fast tokenizer encodes them as one batch
         for i, ids in zip(strings, tokenizer([prompts[i] for i in strings], add_special_tokens=True)["input_ids"]):
             encoded[i] = ids
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"the prompt {prompts[empty[0]]!r} encodes to no tokens ({len(empty)} prompts do; the "
+                         f"tokenizer adds no BOS token): the first token written would follow nothing; give every "
+                         f"prompt some text")
     return encoded
 
 

@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from fastrft.jsonl import read_jsonl
+from fastrft.jsonl import json_safe, read_jsonl
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -153,11 +153,11 @@ class RunDir:
         return [r for r in records if r.get("step", 0) <= step]
 
     def write_metrics(self, records: list[dict]) -> None:
-        write_atomically(self.metrics, "".join(json.dumps(r) + "\n" for r in records).encode())
+        write_atomically(self.metrics, "".join(json.dumps(json_safe(r)) + "\n" for r in records).encode())
 
     def append_metrics(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")   # NaN and inf as null: JSON has neither
 
     def read_steps(self) -> list[dict]:
         """metrics.jsonl as one record per step, sorted by step; a step logged twice (a resumed run) keeps the later
@@ -171,7 +171,7 @@ class RunDir:
         return json.loads(self.summary.read_text()) if self.summary.is_file() else None
 
     def write_summary(self, summary: dict) -> None:
-        write_atomically(self.summary, (json.dumps(summary, indent=1) + "\n").encode())
+        write_atomically(self.summary, (json.dumps(json_safe(summary), indent=1) + "\n").encode())
 
 
 def _is_plot(entry: Path) -> bool:

@@ -62,7 +62,7 @@ from fastrft.lora import adapters_disabled, add_lora, merge_lora
 from fastrft.refiner import RefineResult, check_refine_template, refine
 from fastrft.rollout import encode_prompts, eval_mode, generate
 from fastrft.rundir import RunDir
-from fastrft.tasks import Task, load_rows, load_task
+from fastrft.tasks import Task, check_columns, load_rows, load_task
 
 PHASES = ("rollout", "reward", "reference", "refine", "update")
 
@@ -269,7 +269,7 @@ class Run:
     max_new_tokens: int               # the rollouts' (the task's unless cfg sets it)
     refine_template: str
     start_step: int = 0               # the checkpoint's step when resumed
-    skipped_steps: int = 0            # steps whose update was not applied (a non-finite loss or gradient)
+    skipped_steps: int = 0            # steps without an optimizer step (a non-finite loss or gradient, no group)
     generate: Callable = generate     # the sampler of rollouts, evaluation and the refiner
     world: World = SINGLE             # this process's rank in a data-parallel job
     policy_loss: Any = None           # the module whose forward is the policy's fused loss: CausalLMWithFusedLoss,
@@ -303,6 +303,7 @@ class Group:
 class RolloutStats:
     """What phases 1-3 saw, over every prompt drawn in the step (refills included)."""
     rewards: list[float] = field(default_factory=list)            # the scored samples' rewards, before shaping
+    lengths: list[int] = field(default_factory=list)              # every sample's tokens, scored or not
     per_func: dict[str, list[float]] = field(default_factory=dict)
     none_rewards: int = 0
     degenerate: int = 0
@@ -315,6 +316,7 @@ class RolloutStats:
         out = cls()
         for part in parts:
             out.rewards += part.rewards
+            out.lengths += part.lengths
             for name, values in part.per_func.items():
                 out.per_func.setdefault(name, []).extend(values)
             for name in ("none_rewards", "degenerate", "groups_dropped", "prompts_drawn"):
@@ -365,7 +367,7 @@ class StepRecord:
                   "reward_none": rollout.none_rewards, "groups_used": len(self.groups),
                   "groups_dropped": rollout.groups_dropped, "prompts_drawn": rollout.prompts_drawn,
                   "degenerate_frac": rollout.degenerate / max(1, len(rollout.rewards) + rollout.none_rewards),
-                  "response_len": _mean(samples),
+                  "response_len": _mean(rollout.lengths),
                   # each reward function's mean, weighted or not: a task's degenerate-output rates are logged this way
                   **{f"reward_{name}": _mean(values) for name, values in rollout.per_func.items()}}
         if samples:
@@ -421,8 +423,19 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     columns, types = task.required_columns(), task.column_types()
     train_rows = load_rows(cfg.dataset, required=columns, types=types) if cfg.dataset else task.train_rows
     eval_rows = load_rows(cfg.eval_dataset, required=columns, types=types) if cfg.eval_dataset else task.eval_rows
+    sources = [(train_rows, cfg.dataset or f"task {cfg.task!r}'s training rows"),
+               (eval_rows, cfg.eval_dataset or f"task {cfg.task!r}'s evaluation rows")]
+    for rows, source in sources:
+        if rows is task.train_rows or rows is task.eval_rows:   # a dataset file's rows were checked as read
+            check_columns(rows, source)
 
     tokenizer = load_tokenizers(cfg.model, cfg.ref_model or cfg.model)
+    for rows, source in sources:   # a blank prompt may encode to nothing (no BOS): said now, not mid-run
+        blank = [r["prompt"] for r in rows if isinstance(r["prompt"], str) and not r["prompt"].strip()]
+        try:
+            encode_prompts(tokenizer, blank)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
     # Under FSDP2's mixed precision the policy keeps fp32 master weights, gathered and computed in cfg.dtype.
     mixed_precision = getattr(torch, cfg.dtype) if fsdp and world.size > 1 and cfg.dtype != "float32" else None
     policy, ref = load_models(cfg, device, policy_dtype=torch.float32 if mixed_precision else None)
@@ -449,6 +462,12 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if resume and not restart:
         start_step, state = load_checkpoint(run_dir.path, model=policy, optimizer=optimizer,
                                             map_location=device, world=world)
+        if start_step > cfg.steps:
+            raise ValueError(f"{run_dir.path} is at step {start_step} already: steps={cfg.steps} would go back; give "
+                             f"steps above {start_step} to continue it")
+        if start_step == cfg.steps:   # its settings stay as they ran: nothing runs under these
+            note_once(f"{run_dir.path} is at its last step ({start_step}) already: nothing to train (give steps above "
+                      f"{start_step} to continue it)")
         # Steps logged after the checkpoint are run again: their old records go.
         metrics = run_dir.metrics_to_resume(start_step)
         for group in optimizer.param_groups:   # the optimizer's state from the checkpoint, its settings from these
@@ -466,7 +485,8 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if overwrite:
             run_dir.clear()
         run_dir.create()
-        save_config(cfg.with_absolute_paths(), run_dir.config)
+        if start_step < cfg.steps or not resume:
+            save_config(cfg.with_absolute_paths(), run_dir.config)
         run_dir.write_metrics(metrics)
     world.barrier()
     return Run(cfg=cfg, run_dir=run_dir, device=device, tokenizer=tokenizer, policy=policy, ref=ref, task=task,
@@ -548,6 +568,7 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
     step, _ = load_checkpoint(run.path, model=model)
     if cfg.lora_r:
         merge_lora(model)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)   # models/my_model in a fresh checkout
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.absolute().parent))
     umask = os.umask(0o022)
     os.umask(umask)
@@ -702,6 +723,7 @@ def scored_groups(run: Run, policy, rows: list[dict], stats: RolloutStats, times
         rewards, per_func = run.task.score(expanded, samples.texts, samples.truncated)
     for name, values in per_func.items():
         stats.per_func.setdefault(name, []).extend(v for v in values if v is not None)
+    stats.lengths += [len(ids) for ids in samples.completion_ids]
     stats.degenerate += sum(run.task.degenerate(text, truncated) is not None
                             for text, truncated in zip(samples.texts, samples.truncated))
     groups = []
@@ -913,8 +935,8 @@ def _peak_mem_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
 
 
-def _mean(values) -> float:
-    return sum(values) / len(values) if values else 0.0
+def _mean(values, empty: float | None = 0.0) -> float | None:
+    return sum(values) / len(values) if values else empty
 
 
 def _std(values) -> float:
@@ -938,7 +960,7 @@ def summarize(run_dir: RunDir, skipped_steps: int, last_step: int, stopped_by: s
         "refine_rate_mean": _mean([r.get("refine_rate", 0.0) for r in steps]),
         "refine_rate_last": _mean([r.get("refine_rate", 0.0) for r in tail]),
         "kl_ref_last": _mean([r["kl_ref"] for r in tail if isinstance(r.get("kl_ref"), float)
-                              and math.isfinite(r["kl_ref"])]),
+                              and math.isfinite(r["kl_ref"])], None),
         "skipped_steps": skipped_steps,
         "wall_time_s": sum(r.get("step_time_s", 0.0) for r in steps),
     }

@@ -186,7 +186,7 @@ def test_full_fine_tuning_runs_export_too(tiny_model, tmp_path):
     run = make_run(cfg)
     varied_rewards(run)
     train_run(run)
-    out, _ = export_model(tmp_path / "run", tmp_path / "exported")
+    out, _ = export_model(tmp_path / "run", tmp_path / "models" / "exported")   # models/ made as needed
     exported = base_model(out)
     for name, tensor in run.policy.state_dict().items():
         assert torch.equal(exported.state_dict()[name], tensor), name

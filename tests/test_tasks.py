@@ -1,14 +1,14 @@
 """Tasks and rewards: the demo task's tokenizer, rows, rewards and refinement format; load_task / load_rows;
 the rule-based reward helpers; and a few steps of reference training saved and loaded back."""
 import json
-
 import re
+import sys
 
 import pytest
 import torch
 
 from fastrft.rewards import combine_rewards, format_reward, is_degenerate, length_penalty, repetition_penalty
-from fastrft.tasks import load_rows, load_task
+from fastrft.tasks import Task, check_columns, load_rows, load_task
 from fastrft.tasks import demo
 
 transformers = pytest.importorskip("transformers")
@@ -251,6 +251,50 @@ def test_combine_rewards_weights_and_none():
     assert per_func == {"half": [0.5, 0.5], "maybe": [1.0, None]}
     rewards, per_func = combine_rewards([half, half], [1.0, 1.0], ["p"], ["x"])
     assert rewards == [1.0] and set(per_func) == {"half", "half#1"}
+
+
+def test_a_nan_or_inf_reward_counts_as_none(capsys):
+    """TRL's "no reward": summed in, one NaN would make a whole step's update NaN (and so skipped)."""
+    def odd(prompts, completions, **columns):
+        return [float("nan"), 1.0, float("inf"), None]
+
+    rewards, per_func = combine_rewards([odd], [1.0], ["p"] * 4, ["a", "b", "c", "d"])
+    assert rewards == [None, 1.0, None, None] and per_func == {"odd": [None, 1.0, None, None]}
+    assert "reward function 'odd' returned nan for a sample: a NaN or infinite reward counts as None" in \
+        capsys.readouterr().err
+
+
+def test_every_column_any_row_holds_reaches_the_rewards():
+    """A column only some rows hold arrives for every row of the batch (None where a row lacks it), whichever row
+    comes first."""
+    def bonus(prompts, completions, **columns):
+        return [float(b or 0) for b in columns["bonus"]]
+
+    task = Task("x", [], [], [bonus], [1.0], "{response}", str, 4)
+    rows = [{"prompt": "a"}, {"prompt": "b", "bonus": 1}]
+    assert task.score(rows, ["x", "y"], [False, False])[0] == [0.0, 1.0]
+    assert task.score(rows[::-1], ["y", "x"], [False, False])[0] == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("column", ["completions", "prompts", "truncated", "completion_ids"])
+def test_a_column_fastrft_passes_itself_is_refused(tmp_path, column):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(f'{{"prompt": "a"}}\n{{"prompt": "b", "{column}": "mine"}}\n')
+    with pytest.raises(ValueError, match=rf"rows\.jsonl:2: column '{column}' is reserved \(fastrft passes the "
+                                         rf"reward functions their own"):
+        load_rows(path)
+    with pytest.raises(ValueError, match=rf"my rows, row 2: column '{column}' is reserved"):
+        check_columns([{"prompt": "a"}, {"prompt": "b", column: 1}], "my rows")
+
+
+def test_a_task_module_in_the_working_directory_loads(tmp_path, monkeypatch):
+    """The `fastrft` command, unlike `python -m fastrft`, has no working directory on sys.path."""
+    (tmp_path / "cwd_task_xyz.py").write_text(CUSTOM_TASK_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    assert load_task("cwd_task_xyz:make_task").name == "custom-hi"
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):
+        load_task("no_such_module_xyz:f")
 
 
 def test_combine_rewards_errors():

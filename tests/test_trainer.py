@@ -2,6 +2,7 @@
 mode, constraints that act, resume, non-finite skip, refiner failure, dynamic sampling, configuration errors.
 Fakes plug in at the Run's seams (its task, its models, its generate), never at module globals."""
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -493,6 +494,66 @@ def test_a_start_that_fails_on_its_task_or_data_writes_nothing(tiny_model, tmp_p
         with pytest.raises(ValueError, match=message):
             train(config(tiny_model, tmp_path, "steps=1", *overrides))
         assert not (tmp_path / "run").exists()
+
+
+def test_a_prompt_of_no_tokens_is_refused_before_the_run_folder_is_written(tiny_model, tmp_path):
+    """An empty prompt, with a tokenizer that adds no BOS token (as Qwen's and Llama 3's), would give the first
+    written token nothing to follow."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    no_bos = tmp_path / "no_bos"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer._tokenizer.post_processor = None   # the demo tokenizer's BOS template gone
+    tokenizer.save_pretrained(no_bos)
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(no_bos)
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "sort 21=", "answer": "12"}\n{"prompt": "", "answer": ""}\n')
+    with pytest.raises(ValueError, match=rf"{data}: the prompt '' encodes to no tokens \(1 prompts do; the tokenizer "
+                                         r"adds no BOS token\)"):
+        train(config(str(no_bos), tmp_path, "steps=1", f"dataset={data}"))
+    assert not (tmp_path / "run").exists()
+    train(config(tiny_model, tmp_path, "steps=1", f"dataset={data}"))   # with its BOS, an empty prompt is fine
+
+
+def test_chat_prompts_are_encoded_through_the_chat_template(tiny_model):
+    from transformers import AutoTokenizer
+
+    from fastrft.rollout import encode_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}"
+    chat, text = encode_prompts(tokenizer, [[{"role": "user", "content": "sort 21"}], "sort 21="])
+    assert chat == text[1:]   # the template's text, without the BOS that the string's encoding adds
+    with pytest.raises(ValueError, match="a prompt must be a string or a list of chat messages, got int"):
+        encode_prompts(tokenizer, [3])
+
+
+def test_a_step_with_no_group_to_learn_from(tiny_model, tmp_path):
+    """Every group dropped (one reward for all): no optimizer step, counted in skipped_steps; response_len still
+    over the step's samples; kl_ref, which no token gave, is null (valid JSON), and so is the summary's."""
+    run = make_run(config(tiny_model, tmp_path, "steps=1", "dynamic_sampling=true", "max_resample_rounds=0"))
+    run.task.reward_funcs = [lambda prompts, completions, **kw: [1.0] * len(completions)]
+    run.task.reward_weights = [1.0]
+    summary = train_run(run)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[-1])   # strict: NaN would not parse
+    assert record["groups_used"] == 0 and record["skipped_steps"] == 1 and record["response_len"] > 0
+    assert record["kl_ref"] is None and summary["kl_ref_last"] is None
+    assert "NaN" not in "".join(lines)
+
+
+def test_a_resume_with_no_step_left_to_run(tiny_model, tmp_path, capsys):
+    """steps below the checkpoint's would go back: refused. steps equal to it: nothing runs, and config.yaml keeps
+    the settings the run ran with."""
+    train(config(tiny_model, tmp_path, "steps=2", "lr=3e-5"))
+    run_dir = tmp_path / "run"
+    before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="is at step 2 already: steps=1 would go back; give steps above 2"):
+        train(load_config(run_dir / "config.yaml", ["steps=1"]), resume=True)
+    capsys.readouterr()
+    summary = train(load_config(run_dir / "config.yaml", ["lr=0.5"]), resume=True)
+    assert summary["steps"] == 2 and "is at its last step (2) already: nothing to train" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_text() == before
 
 
 def test_float16_trains_adapters_in_fp32_and_refuses_fp16_weights(tiny_model, tmp_path):

@@ -12,6 +12,7 @@ A reward function is called as ``f(prompts, completions, **columns) -> list[floa
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable, Sequence
 
@@ -74,8 +75,10 @@ def combine_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float], promp
     """Weighted sum of reward functions: ``(rewards, per_func)``.
 
     ``rewards[i]`` is ``sum_k weights[k] * funcs[k](...)[i]``, or None when any function returned None for sample i.
-    ``per_func`` maps each function's name to its raw values (duplicate names get a ``#k`` suffix), for logging.
-    A function that returns the wrong number of values raises a ValueError naming it.
+    A NaN or infinite value counts as None (TRL's "no reward"; in a sum it would poison the whole step's update),
+    said once per function. ``per_func`` maps each function's name to its values, None for those (duplicate names
+    get a ``#k`` suffix), for logging. A function that returns the wrong number of values raises a ValueError naming
+    it.
     """
     if len(funcs) != len(weights):
         raise ValueError(f"combine_rewards: {len(funcs)} reward functions but {len(weights)} weights")
@@ -93,6 +96,14 @@ def combine_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float], promp
         if len(values) != len(completions):
             raise ValueError(f"reward function {name!r} returned {len(values)} values for {len(completions)} "
                              "completions")
+        nonfinite = [i for i, value in enumerate(values) if value is not None and not math.isfinite(float(value))]
+        if nonfinite:
+            from fastrft.batch import note_once
+
+            note_once(f"reward function {name!r} returned {values[nonfinite[0]]!r} for a sample: a NaN or infinite "
+                      f"reward counts as None (the sample is not scored)")
+            for i in nonfinite:
+                values[i] = None
         per_func[name if name not in per_func else f"{name}#{k}"] = values
         for i, value in enumerate(values):
             if value is None or rewards[i] is None:

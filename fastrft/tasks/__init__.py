@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -81,7 +82,8 @@ class Task:
         row, whose other columns and the `truncated` flags reach the reward functions."""
         from fastrft.rewards import combine_rewards
 
-        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
+        # Every column any row holds (None where a row lacks it), as datasets and TRL give them.
+        columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r) if k != "prompt"}
         columns["truncated"] = truncated   # stopped by max_new_tokens: tasks may treat it as degenerate
         return combine_rewards(self.reward_funcs, self.reward_weights, [r["prompt"] for r in rows], completions,
                                **columns)
@@ -135,7 +137,7 @@ def load_task(spec: str, **options) -> Task:
         raise ValueError(f"unknown task {spec!r}: known tasks are {sorted(TASKS)}, or pass 'package.module:function'")
     module_name, _, func_name = TASKS.get(spec, spec).partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_task_module(module_name)
     except ImportError as e:
         raise ValueError(f"task {spec!r}: cannot import module {module_name!r} ({e})") from e
     factory = getattr(module, func_name, None)
@@ -146,6 +148,19 @@ def load_task(spec: str, **options) -> Task:
     if not isinstance(task, Task):
         raise ValueError(f"task {spec!r} returned {type(task).__name__}, not a fastrft.tasks.Task")
     return task
+
+
+def _import_task_module(name: str):
+    """The module, found on sys.path or else in the working directory (where `python -m fastrft` would find it,
+    and the `fastrft` command does not look)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        top = name.partition(".")[0]
+        if e.name != top or not (Path.cwd() / top).exists() and not (Path.cwd() / f"{top}.py").exists():
+            raise
+    sys.path.insert(0, str(Path.cwd()))
+    return importlib.import_module(name)
 
 
 def _check_options(spec: str, factory, options: dict) -> None:
@@ -194,11 +209,27 @@ def _type_names(allowed: tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys("None" if t is type(None) else t.__name__ for t in allowed))
 
 
+def check_columns(rows: list[dict], source: str) -> None:
+    """A ValueError naming the first row (source: where the rows come from) holding a column fastrft passes the
+    reward functions itself (prompts, completions, truncated, completion_ids): the row's value would be lost or
+    clash with fastrft's."""
+    for i, row in enumerate(rows, start=1):
+        _check_reserved(row, f"{source}, row {i}")
+
+
+def _check_reserved(row: dict, where: str) -> None:
+    reserved = sorted(_GIVEN_COLUMNS & set(row))
+    if reserved:
+        raise ValueError(f"{where}: column {reserved[0]!r} is reserved (fastrft passes the reward functions their "
+                         f"own {', '.join(map(repr, sorted(_GIVEN_COLUMNS)))}): rename it")
+
+
 def _check_row(row, path: Path, line: int, required: tuple[str, ...], types: dict[str, tuple[type, ...]]) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
     if not isinstance(row.get("prompt"), str):
         raise ValueError(f"{path}:{line}: row has no string 'prompt' field (keys: {sorted(row)})")
+    _check_reserved(row, f"{path}:{line}")
     missing = [column for column in required if row.get(column) is None]
     if missing:
         raise ValueError(f"{path}:{line}: row lacks {', '.join(map(repr, missing))}, which the task's reward "
