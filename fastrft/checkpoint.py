@@ -113,7 +113,7 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
                 _write_torch(tmp_dir / "scheduler.pt", scheduler.state_dict())
             _write_bytes(tmp_dir / "state.json", state_json.encode())
         world.barrier()   # every rank's files are on disk
-        files = sorted(str(f.relative_to(tmp_dir)) for f in tmp_dir.rglob("*") if f.is_file())
+        files = _files_of_every_rank(tmp_dir, world)
         sha256 = _shared_sha256(tmp_dir, files, world)
         if world.is_main:
             manifest = {"step": step, "files": files, "torch": torch.__version__, "world_size": world.size,
@@ -210,7 +210,7 @@ def _choose_checkpoint(run_dir: Path, with_optimizer: bool, with_scheduler: bool
 def _verified_manifest(ckpt_dir: Path, with_optimizer: bool, with_scheduler: bool, world: World = SINGLE) -> dict:
     """The checkpoint's manifest, after checking that it holds what the caller restores and that every file's
     sha256 matches (every rank reads the manifest and checks the small files; the checksums are shared out)."""
-    manifest = _read_manifest(ckpt_dir)
+    manifest = read_manifest(ckpt_dir)
     if with_optimizer and not manifest["optimizer"]:
         raise FileNotFoundError(f"{ckpt_dir} holds no optimizer state (it was saved without an optimizer)")
     if with_scheduler and "scheduler.pt" not in manifest["files"]:
@@ -427,6 +427,21 @@ def _write_torch(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
+def _files_of_every_rank(folder: Path, world: World) -> list[str]:
+    """The files every rank wrote under folder (relative names, sorted; one listing on every rank). A rank that does
+    not see a file another rank wrote is a ValueError on every rank: the run folder is not one folder for all of
+    them (a node-local output_dir), and its checkpoints would never load."""
+    files = sorted(set().union(*world.gather([str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()])))
+    unseen = world.gather([name for name in files if not (folder / name).is_file()])
+    blind = [(rank, names) for rank, names in enumerate(unseen) if names]
+    if blind:
+        rank, names = blind[0]
+        raise ValueError(f"rank {rank} does not see {names[0]} in {folder}, which another rank wrote "
+                         f"({sum(len(n) for _, n in blind)} such files): output_dir must be one folder that every "
+                         f"rank sees, on a filesystem every node mounts")
+    return files
+
+
 def _shared_sha256(folder: Path, files: list[str], world: World) -> dict[str, str]:
     """{file: sha256} of folder's files, the work shared out over the ranks by size (largest first, each to the
     least loaded rank: every rank makes the same assignment from the same listing) and gathered on every rank."""
@@ -458,7 +473,9 @@ def _read_torch(path: Path, map_location):
         raise ValueError(f"corrupt checkpoint file {path}: {e}") from e
 
 
-def _read_manifest(ckpt_dir: Path) -> dict:
+def read_manifest(ckpt_dir: Path) -> dict:
+    """The checkpoint directory's manifest, checked against the files it lists (FileNotFoundError for a missing
+    one, ValueError for a manifest that does not parse or agree with itself)."""
     path = ckpt_dir / MANIFEST_FILE
     try:
         manifest = json.loads(path.read_text())
@@ -479,7 +496,8 @@ def _read_manifest(ckpt_dir: Path) -> dict:
     # Earlier versions listed optimizer.pt among the files; DCP keeps the optimizer in weights/.
     optimizer = bool(manifest.get("optimizer", "optimizer.pt" in files))
     return {"step": step, "files": files, "sha256": sha256, "weights": weights, "optimizer": optimizer,
-            "optimizer_fresh": bool(manifest.get("optimizer_fresh", False))}
+            "optimizer_fresh": bool(manifest.get("optimizer_fresh", False)),
+            "world_size": manifest.get("world_size", 1)}   # written by every version with data parallelism
 
 
 def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:

@@ -51,7 +51,8 @@ def _demo(args) -> int:
     from fastrft.trainer import train
 
     t0 = time.perf_counter()
-    print("fastrft demo: reference model (trained once by fastrft.tasks.demo, then cached)", flush=True)
+    if launched_rank() == 0:
+        print("fastrft demo: reference model (trained once by fastrft.tasks.demo, then cached)", flush=True)
     cfg = _demo_config(args)
     if not args.overwrite and not any(item.startswith("output_dir=") for item in args.overrides):
         cfg.output_dir = str(_free_run_dir(Path(cfg.output_dir)))
@@ -100,7 +101,7 @@ def _free_run_dir(path: Path) -> Path:
     while RunDir(candidate).run_files():
         k += 1
         candidate = path.with_name(f"{path.name}-{k}")
-    if candidate != path:
+    if candidate != path and launched_rank() == 0:
         print(f"fastrft demo: {path} holds an earlier run (kept); this one goes to {candidate} "
               f"(--overwrite replaces {path} instead)", flush=True)
     return candidate
@@ -120,6 +121,8 @@ def _plot(args) -> int:
 def _export(args) -> int:
     from fastrft.trainer import export_model
 
+    if launched_rank() != 0:   # under torchrun (as train and compare run): one rank writes it
+        return 0
     out, step = export_model(args.run_dir, args.out_dir)
     print(f"fastrft export: step {step} of {args.run_dir} written to {out}")
     return 0
@@ -159,7 +162,8 @@ def _compare(args) -> int:
         result = compare(cfg, modes=args.modes.split(","), kl_coefs=kl_coefs, seeds=args.seeds, out_dir=args.out,
                          command=shlex.join(command))
     except KeyboardInterrupt as exc:
-        print(f"fastrft compare: {str(exc) or 'interrupted'}", file=sys.stderr)
+        if launched_rank() == 0:
+            print(f"fastrft compare: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
     if launched_rank() != 0:
         return 0

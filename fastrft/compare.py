@@ -119,9 +119,10 @@ def run_config(base_cfg: TrainConfig, variant: Variant, seed: int, out_dir: Path
                                output_dir=str(out_dir / RUNS_DIR / run_name(variant, seed)))
 
 
-def run_state(cfg: TrainConfig) -> str:
+def run_state(cfg: TrainConfig, world_size: int = 1) -> str:
     """"finished", "resume" (a checkpoint to continue from) or "start"; ValueError when the directory holds a run
-    with other settings, or one that went past cfg.steps."""
+    with other settings, one that went past cfg.steps, or one trained on another number of ranks than world_size
+    (each rank samples its share of the prompts: runs of one comparison are trained alike)."""
     from fastrft.checkpoint import latest_checkpoint
 
     run_dir = RunDir(cfg.output_dir)
@@ -134,13 +135,19 @@ def run_state(cfg: TrainConfig) -> str:
             raise ValueError(f"{run_dir.path} holds a run with other settings ({shown}); use another output "
                              f"directory")
     summary = run_dir.read_summary()
+    checkpoint = latest_checkpoint(run_dir.path)
+    ranks = (summary or {}).get("world_size") or _checkpoint_world_size(checkpoint)
+    if ranks is not None and ranks != world_size:
+        raise ValueError(f"{run_dir.path} holds a run trained on {ranks} rank{'s' * (ranks > 1)}, and this comparison "
+                         f"runs on {world_size}: each rank samples its share of the prompts, so its results would not "
+                         f"compare; run the comparison on {ranks}, or give another --out")
     if summary is not None:
         done = summary.get("steps")
         if done == cfg.steps:
             return "finished"
         if isinstance(done, int) and done > cfg.steps:
             raise ValueError(f"{run_dir.path} already ran {done} steps, more than steps={cfg.steps}")
-    return "resume" if latest_checkpoint(run_dir.path) is not None else "start"
+    return "resume" if checkpoint is not None else "start"
 
 
 def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, command: str | None = None,
@@ -157,7 +164,8 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
     variants = expand_variants(modes, kl_coefs, base_cfg.kl_coef)
     seeds = seed_list(base_cfg.seed, seeds)
     plan = [(v, s, run_config(base_cfg, v, s, out_dir)) for v in variants for s in seeds]
-    states = [run_state(cfg) for _, _, cfg in plan]   # every run directory checked before any training
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    states = [run_state(cfg, world_size) for _, _, cfg in plan]   # every run directory checked before any training
     out_dir.mkdir(parents=True, exist_ok=True)
     # Under torchrun every rank trains each run (its share of the prompts); rank 0 alone reports and writes.
     main_rank = launched_rank() == 0
@@ -600,6 +608,17 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
 def _has_gold(variants: list[dict]) -> bool:
     """Whether the runs are of a task trained on a proxy reward (a gold reward was evaluated)."""
     return any(v["summary"]["eval_gold_final"]["mean"] is not None for v in variants)
+
+
+def _checkpoint_world_size(checkpoint: Path | None) -> int | None:
+    """The number of ranks that wrote the checkpoint (None: none, or its manifest unreadable, which a resume
+    reports)."""
+    from fastrft.checkpoint import read_manifest
+
+    try:
+        return read_manifest(checkpoint).get("world_size") if checkpoint is not None else None
+    except (OSError, ValueError):
+        return None
 
 
 def _append_call(out_dir: Path, call: dict) -> list[dict]:

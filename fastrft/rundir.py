@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -118,6 +119,33 @@ class RunDir:
 
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def check_shared(self, world, wait_s: float = 10.0) -> None:
+        """A ValueError on every rank of world (fastrft.distributed.World) unless each sees this folder as the one
+        rank 0 writes: rank 0 makes it and a marker file there, every rank looks for the marker (for up to wait_s, as
+        a network filesystem may show a new file late). A node-local output_dir would otherwise train to the end and
+        leave checkpoints that never load."""
+        if world.size == 1:
+            return
+        marker = made = None
+        if world.is_main:
+            made = not self.path.exists()
+            self.create()
+            fd, marker = tempfile.mkstemp(prefix=f"{TMP_PREFIX}ranks-", dir=self.path)
+            os.close(fd)
+        marker = Path(world.broadcast(marker))
+        deadline = time.monotonic() + wait_s
+        while not marker.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        blind = [rank for rank, seen in enumerate(world.gather(marker.is_file())) if not seen]
+        if world.is_main:
+            marker.unlink()
+            if blind and made:
+                self.path.rmdir()
+        if blind:
+            raise ValueError(f"output_dir {self.path} is not the folder rank 0 writes on rank "
+                             f"{', '.join(map(str, blind))}: every rank writes checkpoints there, so it must be one "
+                             f"folder on a filesystem that every node mounts")
 
     def clear(self) -> None:
         """Remove the run's own files, nothing else the folder holds: ValueError (from run_files), with nothing

@@ -399,6 +399,7 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         raise ValueError("model is not set: give the local path of the policy's initial weights (model=PATH)")
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
+    check_same_settings(cfg, resume, overwrite, world)
     run_dir = RunDir(cfg.output_dir)
     if resume and not run_dir.holds_run():
         raise ValueError(f"{run_dir.path} holds no run to resume (no {run_dir.config.name})")
@@ -481,6 +482,7 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     scheduler = make_scheduler(cfg, optimizer, start_step)
     stream = PromptStream(train_rows, cfg.seed, **state["stream"])
     # Everything has loaded: only now does the run folder change (rank 0 writes it).
+    run_dir.check_shared(world)
     if world.is_main:
         if overwrite:
             run_dir.clear()
@@ -504,6 +506,21 @@ def note_schedule_change(before: TrainConfig, after: TrainConfig, start_step: in
         note_once(f"resuming at step {start_step + 1} with the learning-rate schedule of these settings "
                   f"(lr_schedule={after.lr_schedule} over steps={after.steps}): it runs at lr {new:.4g}, where the "
                   f"run's settings would have given {old:.4g}")
+
+
+def check_same_settings(cfg: TrainConfig, resume: bool, overwrite: bool, world: World) -> None:
+    """A ValueError on every rank unless every rank was given rank 0's settings (a node launched with other
+    overrides would train its share under them, or hang its peers at a step they never take)."""
+    if world.size == 1:
+        return
+    ranks = world.gather({**cfg.to_dict(), "progress": None, "--resume": resume, "--overwrite": overwrite})
+    first = ranks[0]
+    for rank, theirs in enumerate(ranks):
+        keys = [key for key in first if theirs.get(key) != first[key]]
+        if keys:
+            shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {first[k]!r} on rank 0" for k in keys)
+            raise ValueError(f"rank {rank} was given other settings than rank 0 ({shown}): run the same command, "
+                             f"with the same config and overrides, on every node")
 
 
 def check_distributable(cfg: TrainConfig, fsdp: bool, ref_sharding: str) -> None:
@@ -576,9 +593,13 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if out.exists():
-            out.rmdir()   # empty, checked above
-        os.replace(staging, out)
+        try:
+            if out.exists():
+                out.rmdir()   # empty, checked above
+            os.replace(staging, out)
+        except OSError:   # something else filled it meanwhile
+            raise ValueError(f"{out} already exists and is not an empty directory: export never overwrites, give "
+                             f"a new OUT_DIR") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -638,7 +659,7 @@ def train_run(run: Run) -> dict:
     summary = None
     if world.is_main:
         summary = summarize(run.run_dir, run.skipped_steps, step,
-                            (stop.signal_name or "SIGTERM") if stop_requested else None)
+                            (stop.signal_name or "SIGTERM") if stop_requested else None, world.size)
         if cfg.plots:   # before the summary, which marks the run finished (fastrft compare keeps such a run)
             try:
                 from fastrft.plots import plot_run
@@ -946,13 +967,14 @@ def _std(values) -> float:
     return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
-def summarize(run_dir: RunDir, skipped_steps: int, last_step: int, stopped_by: str | None) -> dict:
+def summarize(run_dir: RunDir, skipped_steps: int, last_step: int, stopped_by: str | None,
+              world_size: int = 1) -> dict:
     records = run_dir.read_metrics()
     evals = [r for r in records if "eval_reward" in r]
     steps = [r for r in records if "reward_mean" in r]
     tail = steps[-max(1, len(steps) // 5):] if steps else []
     return {
-        "steps": last_step, "stopped_by": stopped_by,
+        "steps": last_step, "stopped_by": stopped_by, "world_size": world_size,
         "eval_reward_initial": evals[0]["eval_reward"] if evals else None,
         "eval_reward_final": evals[-1]["eval_reward"] if evals else None,
         "eval_reward_best": max(r["eval_reward"] for r in evals) if evals else None,

@@ -7,7 +7,7 @@
 A real `fastrft train` except for the rollout sampler, which samples each prompt from a seed of its own (its token
 ids), so that a prompt's samples do not depend on which rank draws it or what else is in its batch: a 2-rank run then
 equals a 1-rank run on the same global batch. FASTRFT_TEST_FAULT="rank:step:kill|raise|hang" makes that rank fail in
-that step's reward phase.
+that step's reward phase; FASTRFT_TEST_RANK_OVERRIDES="rank:key=value ..." gives that rank overrides of its own.
 """
 import os
 import signal
@@ -55,6 +55,10 @@ def inject_fault(run, spec: str) -> None:
 
 
 def run_training(mode: str, run_dir: str, overrides: list[str]) -> None:
+    # FASTRFT_TEST_RANK_OVERRIDES="1:lr=0.01": that rank's command line differs (a node launched otherwise).
+    rank_spec = os.environ.get("FASTRFT_TEST_RANK_OVERRIDES", "")
+    if rank_spec.partition(":")[0] == os.environ.get("RANK"):
+        overrides = [*overrides, *rank_spec.partition(":")[2].split()]
     if mode == "resume":
         cfg = load_config(os.path.join(run_dir, "config.yaml"), overrides, output_dir=run_dir)
     else:

@@ -423,3 +423,53 @@ def test_a_checkpoint_before_the_first_step_leaves_the_optimizer_fresh(tmp_path)
     load_checkpoint(tmp_path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
     assert not fresh_optimizer.state
     _assert_same(_weights(model), _weights(fresh))
+
+
+class OneOfTwoRanks:
+    """A World of two ranks seen from one of them, the other simulated: gather returns this rank's value and the
+    other's (`others`), broadcast rank 0's (`from_rank_0` on rank 1)."""
+
+    def __init__(self, rank: int, others: list, from_rank_0=None):
+        self.rank, self.size, self.others, self.from_rank_0 = rank, 2, list(others), from_rank_0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj) -> list:
+        other = self.others.pop(0)
+        return [obj, other] if self.rank == 0 else [other, obj]
+
+    def broadcast(self, obj):
+        return obj if self.rank == 0 else self.from_rank_0
+
+
+def test_a_run_folder_that_a_rank_does_not_see_is_refused_at_the_start(tmp_path):
+    """A node-local output_dir (not the folder rank 0 writes) would train to the end and leave checkpoints that
+    never load: every rank refuses before anything is written."""
+    from fastrft.rundir import RunDir
+
+    run_dir = RunDir(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"output_dir .*run is not the folder rank 0 writes on rank 1: every rank "
+                                         r"writes checkpoints there"):
+        run_dir.check_shared(OneOfTwoRanks(0, others=[False]), wait_s=0)
+    assert not run_dir.path.exists()                     # the folder rank 0 made for the check is gone again
+    with pytest.raises(ValueError, match="is not the folder rank 0 writes on rank 1"):   # rank 1's side of it
+        run_dir.check_shared(OneOfTwoRanks(1, others=[True], from_rank_0=str(tmp_path / "elsewhere" / ".tmp-x")),
+                             wait_s=0)
+    run_dir.check_shared(OneOfTwoRanks(0, others=[True]), wait_s=0)   # both see it
+    assert run_dir.path.is_dir() and not any(run_dir.path.iterdir())
+
+
+def test_a_checkpoint_file_a_rank_does_not_see_fails_the_save_on_every_rank(tmp_path):
+    folder = tmp_path / "ckpt"
+    (folder / "weights").mkdir(parents=True)
+    (folder / "rng.pt").write_bytes(b"0")
+    (folder / "weights" / "__0_0.distcp").write_bytes(b"0")
+    # Rank 1 wrote rng_1.pt and its shard where rank 0 does not see them; rank 1 sees nothing of rank 0's.
+    world = OneOfTwoRanks(0, others=[["rng_1.pt", "weights/__1_0.distcp"], ["rng.pt", "weights/__0_0.distcp"]])
+    with pytest.raises(ValueError, match=r"rank 0 does not see rng_1\.pt in .*ckpt, which another rank wrote \(4 such "
+                                         r"files\): output_dir must be one folder that every rank sees"):
+        checkpoint._files_of_every_rank(folder, world)
+    assert checkpoint._files_of_every_rank(folder, OneOfTwoRanks(0, others=[["rng.pt"], []])) == \
+        ["rng.pt", "weights/__0_0.distcp"]

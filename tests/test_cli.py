@@ -184,3 +184,14 @@ def test_lora_train_then_export(tiny_model, tmp_path, capsys):
     assert "never overwrites" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "other")]) == 2
     assert "not a fastrft run directory" in capsys.readouterr().err
+
+
+def test_export_under_torchrun_is_written_by_rank_0_alone(tiny_model, tmp_path, monkeypatch):
+    """Prefixed with torchrun like train and compare, export would race: every rank into one folder."""
+    assert main(["train", f"model={tiny_model}", f"output_dir={tmp_path / 'run'}", *FAST]) == 0
+    monkeypatch.setenv("RANK", "1")
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "config.json").is_file()

@@ -393,3 +393,24 @@ def test_a_copy_without_git_reports_the_commit_it_was_sent_at(tmp_path):
                              timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip().splitlines()[-1] == want
+
+
+def test_a_run_trained_on_another_number_of_ranks_is_refused(tiny_model, tmp_path, monkeypatch):
+    """Each rank samples its share of the prompts: a run trained on 2 ranks does not belong in a 1-rank comparison
+    (nor a resumed one), found from its summary or, before it finished, its checkpoint."""
+    base = load_config(None, FAST, model=tiny_model)
+    cfg = run_config(base, Variant("none", "none", 0.05), 0, tmp_path)
+    train(cfg)
+    summary = tmp_path / "runs" / "none_seed0" / "summary.json"
+    assert json.loads(summary.read_text())["world_size"] == 1
+    assert run_state(cfg, 1) == "finished"
+    with pytest.raises(ValueError, match=r"none_seed0 holds a run trained on 1 rank, and this comparison runs on 2: "
+                                         r"each rank samples its share"):
+        run_state(cfg, 2)
+    summary.unlink()   # stopped before its summary: the checkpoint's manifest says it
+    assert run_state(cfg, 1) == "resume"
+    with pytest.raises(ValueError, match="trained on 1 rank, and this comparison runs on 2"):
+        run_state(cfg, 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="trained on 1 rank, and this comparison runs on 2"):
+        compare(base, modes=["none"], seeds=1, out_dir=tmp_path, train_fn=Spy(lambda *a, **k: pytest.fail()))

@@ -32,11 +32,13 @@ CLOSE = ("reward_mean", "reward_std", "response_len", "refine_rate", "changed_to
 
 
 def launch(nproc: int, *args: str, fault: str | None = None, timeout: float = 300,
-           worker: Path = WORKER) -> subprocess.CompletedProcess:
+           worker: Path = WORKER, rank_overrides: str | None = None) -> subprocess.CompletedProcess:
     """worker (tests/dist_worker.py) under torchrun with nproc ranks (one: plain python), its output captured."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if fault:
         env["FASTRFT_TEST_FAULT"] = fault
+    if rank_overrides:
+        env["FASTRFT_TEST_RANK_OVERRIDES"] = rank_overrides
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
         if nproc > 1 else [sys.executable]
     for _ in range(3):
@@ -159,6 +161,17 @@ def test_a_failing_rank_ends_the_job_with_its_error(demo_reference, tmp_path, ho
     assert time.monotonic() - t0 < 120
     # What was saved before the failure is intact: step 1's checkpoint.
     assert (tmp_path / "run" / "checkpoints" / "step_00000001" / "checkpoint.json").is_file()
+
+
+def test_ranks_given_other_settings_stop_before_anything_is_written(demo_reference, tmp_path):
+    """A node launched with other overrides would train its share under them (or hang the others at a step they
+    never take): every rank refuses, naming the rank and the keys."""
+    done = launch(2, "train", str(tmp_path / "run"), f"model={demo_reference}", *RUN, rank_overrides="1:lr=0.01",
+                  timeout=240)
+    assert done.returncode != 0
+    assert "rank 1 was given other settings than rank 0 (lr: 0.01 there, 0.0003 on rank 0)" in done.stderr, \
+        failure(done)
+    assert not (tmp_path / "run").exists()
 
 
 def test_mixed_precision_keeps_fp32_master_weights(demo_reference, tmp_path):
