@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from fastrft.distributed import SINGLE, World, local_tensor
-from fastrft.rundir import CHECKPOINTS_DIR, TMP_PREFIX, fsync_dir
+from fastrft.rundir import CHECKPOINTS_DIR, TMP_PREFIX, as_made, fsync_dir
 
 LATEST_FILE = "latest"
 MANIFEST_FILE = "checkpoint.json"
@@ -104,6 +104,7 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
         ckpt_root.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(ckpt_root)
         tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=ckpt_root))
+        as_made(tmp_dir, directory=True)
     tmp_dir = Path(world.broadcast(str(tmp_dir)))
     try:
         _save_weights(weights, tmp_dir / WEIGHTS_DIR, world)

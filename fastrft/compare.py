@@ -174,7 +174,8 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
     trained = []
 
     def call_record(outcome: str) -> dict:
-        return {"wall_time_s": time.perf_counter() - t_start, "runs_trained": list(trained), "outcome": outcome,
+        return {"command": command, "wall_time_s": time.perf_counter() - t_start, "runs_trained": list(trained),
+                "outcome": outcome,
                 "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_start": load_start,
                 "load_average_end": _loadavg()}
 

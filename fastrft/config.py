@@ -118,6 +118,7 @@ class TrainConfig:
     eval_every: int = 10
     eval_size: int | None = None           # held-out prompts per evaluation; default: all
     save_every: int = 50
+    keep_checkpoints: int | None = 2       # the newest checkpoints kept (each save prunes older ones); null: all
     progress: bool = True
     plots: bool = True                     # draw plots/ at the end of the run (fastrft plot RUN_DIR redraws them)
     extra: dict = field(default_factory=dict)  # task options, passed to the task loader
@@ -152,6 +153,17 @@ class TrainConfig:
             raise ConfigError("ref_quantization", "with lora_r > 0 and no ref_model the reference is the policy's "
                                                   "own base weights: ref_quantization has no separate reference to "
                                                   "quantize (load_in_4bit quantizes the base)")
+        if not self.output_dir:
+            raise ConfigError("output_dir", "output_dir must name the run's folder, got ''")
+        if self.warmup_steps >= self.steps:
+            raise ConfigError("warmup_steps", f"warmup_steps={self.warmup_steps} is not below steps={self.steps}: the "
+                                              f"learning rate would never reach lr")
+        if self.overlong == "penalty" and self.overlong_buffer < 1:
+            raise ConfigError("overlong_buffer", "overlong=penalty needs overlong_buffer >= 1: the penalty ramps up "
+                                                 "over the last overlong_buffer tokens before max_new_tokens")
+        if self.lora_target_modules and self.lora_r == 0:
+            raise ConfigError("lora_target_modules", "lora_target_modules names LoRA's modules, but lora_r=0 trains "
+                                                     "every weight whole: set lora_r > 0")
         if self.group_size < 2:
             raise ConfigError("group_size", "group_size must be >= 2: GRPO's advantages compare samples of the same "
                                             "prompt")
@@ -213,7 +225,8 @@ class ConfigError(ValueError):
 # (keys, test, what the test asks), checked after the types; None (unset) passes.
 _RANGES = (
     (("steps", "prompts_per_step", "generation_batch_size", "ppo_epochs", "minibatches", "eval_every", "save_every",
-      "max_tokens_per_batch", "max_new_tokens", "refine_max_new_tokens", "eval_size"), lambda v: v >= 1, ">= 1"),
+      "max_tokens_per_batch", "max_new_tokens", "refine_max_new_tokens", "eval_size", "keep_checkpoints"),
+     lambda v: v >= 1, ">= 1"),
     (("max_resample_rounds", "overlong_buffer", "refine_context", "warmup_steps", "lora_r"), lambda v: v >= 0,
      ">= 0"),
     (("lr", "temperature", "lora_alpha", "dist_timeout_s"), lambda v: v > 0, "> 0"),

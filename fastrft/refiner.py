@@ -39,6 +39,7 @@ class RefineResult:
     refinements: list[Refinement | None]   # one per sample; None: unchanged or failed (no constraint)
     failed: int = 0                        # empty, unparseable or too long
     unchanged: int = 0
+    changed_samples: int = 0               # samples the refiner changed (weighted in the loss or not)
     changed_tokens: int = 0
     refined_tokens: int = 0                # tokens of all parsed refinements
     failures: dict = field(default_factory=dict)   # reason -> count
@@ -52,7 +53,7 @@ class RefineResult:
         forward passes the most any part made (the step waited for that one)."""
         out = cls(refinements=[r for part in parts for r in part.refinements])
         for part in parts:
-            for name in ("failed", "unchanged", "changed_tokens", "refined_tokens", "copies"):
+            for name in ("failed", "unchanged", "changed_samples", "changed_tokens", "refined_tokens", "copies"):
                 setattr(out, name, getattr(out, name) + getattr(part, name))
             out.passes = max(out.passes, part.passes)
             for reason, count in part.failures.items():
@@ -143,8 +144,8 @@ def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, complet
         refinement, refined_tokens, changed = outcome
         result.refined_tokens += refined_tokens
         result.changed_tokens += changed
-        if refinement is None:
-            result.unchanged += 1
-        else:   # each sample its own weights: the update's rows never share a tensor
+        result.changed_samples += changed > 0
+        result.unchanged += changed == 0
+        if refinement is not None:   # each sample its own weights: the update's rows never share a tensor
             result.refinements[i] = replace(refinement, sft_weights=refinement.sft_weights.clone())
     return result

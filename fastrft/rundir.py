@@ -35,12 +35,21 @@ def read_metrics(path) -> list[dict]:
     return [record for _, record in read_jsonl(path)]
 
 
+def as_made(path, directory: bool = False) -> None:
+    """Gives path the mode open() or mkdir would have given it under the user's umask: tempfile's are its owner's
+    alone, and a run's files are read by others (dashboards, evaluation jobs, colleagues)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
 def write_atomically(path, data: bytes) -> None:
     """path holds data, or (after a crash at any point) what it held before: a temporary sibling, fsynced, then
     renamed over it, and the directory fsynced."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent)
     try:
+        as_made(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -119,6 +128,14 @@ class RunDir:
 
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def check_writable(self) -> None:
+        """A ValueError naming output_dir unless this folder exists or can be made, and takes files."""
+        existing = next(p for p in (self.path, *self.path.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            raise ValueError(f"output_dir={str(self.path)!r}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"output_dir={str(self.path)!r}: {existing} is not writable")
 
     def check_shared(self, world, wait_s: float = 10.0) -> None:
         """A ValueError on every rank of world (fastrft.distributed.World) unless each sees this folder as the one

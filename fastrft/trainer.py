@@ -61,7 +61,7 @@ from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world
 from fastrft.lora import adapters_disabled, add_lora, merge_lora
 from fastrft.refiner import RefineResult, check_refine_template, refine
 from fastrft.rollout import encode_prompts, eval_mode, generate
-from fastrft.rundir import RunDir
+from fastrft.rundir import RunDir, as_made
 from fastrft.tasks import Task, check_columns, load_rows, load_task
 
 PHASES = ("rollout", "reward", "reference", "refine", "update")
@@ -205,7 +205,8 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     linear or cosine decay that reaches min_lr_ratio at the last step."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps - 1))
+    decay_steps = cfg.steps - cfg.warmup_steps - 1   # after the first step past the warmup (0: it is the last)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps) if decay_steps > 0 else 1.0
     if cfg.lr_schedule == "linear":
         return 1 - (1 - cfg.min_lr_ratio) * progress
     if cfg.lr_schedule == "cosine":
@@ -372,7 +373,7 @@ class StepRecord:
                   **{f"reward_{name}": _mean(values) for name, values in rollout.per_func.items()}}
         if samples:
             refine = self.refine or RefineResult([])
-            record.update(refine_rate=sum(r is not None for r in refine.refinements) / len(samples),
+            record.update(refine_rate=refine.changed_samples / len(samples),
                           refine_failed=refine.failed,
                           changed_token_frac=refine.changed_tokens / max(1, refine.refined_tokens),
                           refine_passes=refine.passes, refine_copied=refine.copies / len(samples))
@@ -401,6 +402,7 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         raise ValueError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
     check_same_settings(cfg, resume, overwrite, world)
     run_dir = RunDir(cfg.output_dir)
+    run_dir.check_writable()
     if resume and not run_dir.holds_run():
         raise ValueError(f"{run_dir.path} holds no run to resume (no {run_dir.config.name})")
     held = run_dir.run_files()   # refuses files of the run's layout that fastrft did not write, whatever the flags
@@ -412,7 +414,7 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     fsdp = cfg.fsdp if cfg.fsdp is not None else world.size > 1
     ref_sharding = cfg.ref_sharding or ("shard" if fsdp else "replicate")
     if world.size > 1:
-        check_distributable(cfg, fsdp, ref_sharding)
+        check_distributable(cfg, fsdp, ref_sharding, world)
     check_model_dir(cfg.model, "model")
     check_model_dir(cfg.ref_model or cfg.model, "ref_model")
     random.seed(cfg.seed)
@@ -424,6 +426,13 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     columns, types = task.required_columns(), task.column_types()
     train_rows = load_rows(cfg.dataset, required=columns, types=types) if cfg.dataset else task.train_rows
     eval_rows = load_rows(cfg.eval_dataset, required=columns, types=types) if cfg.eval_dataset else task.eval_rows
+    max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
+    if cfg.overlong == "penalty" and cfg.overlong_buffer >= max_new_tokens:
+        raise ValueError(f"overlong_buffer={cfg.overlong_buffer} is not below max_new_tokens={max_new_tokens}: the "
+                         f"overlong penalty would fall on every sample")
+    if cfg.eval_size and cfg.eval_size > len(eval_rows):
+        note_once(f"eval_size={cfg.eval_size}, but the evaluation set holds {len(eval_rows)} prompts: each "
+                  f"evaluation reads those {len(eval_rows)}")
     sources = [(train_rows, cfg.dataset or f"task {cfg.task!r}'s training rows"),
                (eval_rows, cfg.eval_dataset or f"task {cfg.task!r}'s evaluation rows")]
     for rows, source in sources:
@@ -431,10 +440,12 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             check_columns(rows, source)
 
     tokenizer = load_tokenizers(cfg.model, cfg.ref_model or cfg.model)
-    for rows, source in sources:   # a blank prompt may encode to nothing (no BOS): said now, not mid-run
+    # Said now, not mid-run: a blank prompt may encode to nothing (no BOS), chat messages need a chat template.
+    for rows, source in sources:
         blank = [r["prompt"] for r in rows if isinstance(r["prompt"], str) and not r["prompt"].strip()]
+        chat = next((r["prompt"] for r in rows if not isinstance(r["prompt"], str)), None)
         try:
-            encode_prompts(tokenizer, blank)
+            encode_prompts(tokenizer, blank + ([chat] if chat else []))
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
     # Under FSDP2's mixed precision the policy keeps fp32 master weights, gathered and computed in cfg.dtype.
@@ -494,7 +505,7 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     return Run(cfg=cfg, run_dir=run_dir, device=device, tokenizer=tokenizer, policy=policy, ref=ref, task=task,
                stream=stream,
                eval_rows=eval_rows[:cfg.eval_size] if cfg.eval_size else eval_rows, optimizer=optimizer,
-               scheduler=scheduler, attention=path, max_new_tokens=cfg.max_new_tokens or task.max_new_tokens,
+               scheduler=scheduler, attention=path, max_new_tokens=max_new_tokens,
                refine_template=refine_template, start_step=start_step,
                skipped_steps=state.get("skipped_steps", 0), world=world, policy_loss=policy_loss)
 
@@ -523,8 +534,13 @@ def check_same_settings(cfg: TrainConfig, resume: bool, overwrite: bool, world: 
                              f"with the same config and overrides, on every node")
 
 
-def check_distributable(cfg: TrainConfig, fsdp: bool, ref_sharding: str) -> None:
+def check_distributable(cfg: TrainConfig, fsdp: bool, ref_sharding: str, world: World) -> None:
     """Options a data-parallel run cannot take, refused with the key before anything loads."""
+    share = -(-cfg.prompts_per_step // world.size) * cfg.group_size   # the most samples a rank holds
+    if cfg.minibatches > share:   # each rank splits its own share: the minibatches past it would be empty
+        raise ValueError(f"minibatches={cfg.minibatches} exceeds the {share} samples a rank holds of a step on "
+                         f"{world.size} ranks (prompts_per_step={cfg.prompts_per_step} shared out, group_size="
+                         f"{cfg.group_size} each)")
     if fsdp and cfg.load_in_4bit:
         raise ValueError("load_in_4bit=true with fsdp: FSDP2 does not shard bitsandbytes' 4-bit weights; run QLoRA "
                          "with fsdp=false (each rank holds the 4-bit base) or in one process")
@@ -587,9 +603,7 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
         merge_lora(model)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)   # models/my_model in a fresh checkout
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.absolute().parent))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)   # a folder as mkdir makes it: mkdtemp's is its owner's alone
+    as_made(staging, directory=True)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -647,7 +661,7 @@ def train_run(run: Run) -> dict:
             stop_requested = bool(world.max([stop.requested])[0])
             if step % cfg.save_every == 0 or step == cfg.steps or stop_requested:
                 save_checkpoint(run.run_dir.path, step, model=run.policy, optimizer=run.optimizer,
-                                state=run.checkpoint_state(),
+                                state=run.checkpoint_state(), keep=cfg.keep_checkpoints,
                                 trainable_only=cfg.lora_r > 0, world=world)
             if progress is not None:
                 progress.update(1)

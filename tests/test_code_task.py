@@ -194,8 +194,8 @@ def test_task_evaluation_reports_pass_at_k():
     calls = []
 
     class Tokenizer:
-        def __call__(self, text, add_special_tokens=True):
-            return {"input_ids": [len(calls), len(text)]}
+        def __call__(self, texts, add_special_tokens=True):
+            return {"input_ids": [[len(calls), len(text)] for text in texts]}
 
     def generate(model, tokenizer, prompt_ids, *, max_new_tokens, num_samples=1, greedy=False, **kwargs):
         calls.append((num_samples, greedy))

@@ -15,7 +15,7 @@ from fastrft.distributed import World
 from fastrft.rollout import Samples
 from fastrft.rundir import RunDir
 from fastrft.tasks.demo import make_model, make_tokenizer
-from fastrft.trainer import group_advantages, make_run, overlong_penalty, train, train_run
+from fastrft.trainer import group_advantages, lr_factor, make_run, overlong_penalty, train, train_run
 
 SMALL = ["prompts_per_step=3", "group_size=4", "eval_size=4", "eval_every=2", "save_every=2", "progress=false",
          "device=cpu", "plots=false", "dynamic_sampling=false"]
@@ -285,10 +285,15 @@ def test_different_tokenizers_are_refused(tiny_model, tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("learning_rate=1e-4", "unknown config key 'learning_rate'"), ("steps=ten", "'steps' must be int"),
     ("constraint=both", "constraint must be one of"), ("steps", "key=value"),
-    ("packing=sometimes", "packing must be one of"), ("max_tokens_per_batch=0", "max_tokens_per_batch must be >= 1")])
+    ("packing=sometimes", "packing must be one of"), ("max_tokens_per_batch=0", "max_tokens_per_batch must be >= 1"),
+    ("output_dir=", "output_dir must name the run's folder, got ''"),
+    ("warmup_steps=100", "warmup_steps=100 is not below steps=100: the learning rate would never reach lr"),
+    ("overlong=penalty overlong_buffer=0", "overlong=penalty needs overlong_buffer >= 1"),
+    ("lora_target_modules=q_proj", "lora_target_modules names LoRA's modules, but lora_r=0 trains every weight"),
+    ("keep_checkpoints=0", "keep_checkpoints must be >= 1")])
 def test_config_override_errors_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
-        load_config(None, [override])
+        load_config(None, override.split(" "))
 
 
 @pytest.mark.parametrize("override,message", [
@@ -542,6 +547,86 @@ def test_a_step_with_no_group_to_learn_from(tiny_model, tmp_path):
     assert "NaN" not in "".join(lines)
 
 
+def test_a_dataset_of_chat_prompts_trains_through_the_chat_template(tiny_model, tmp_path):
+    """Chat-message prompts: formatted by the model's chat template (refused before the run folder is written when it
+    has none); the reward functions get the messages; the refiner's template the last message's content."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"sort {d}"}], "answer": "".join(
+        sorted(d))}) + "\n" for d in ("321", "4132", "97", "5501")))
+    with pytest.raises(ValueError, match=rf"{data}: Cannot use chat template functions because "
+                                         r"tokenizer.chat_template is not set"):
+        train(config(tiny_model, tmp_path, "steps=1", f"dataset={data}"))
+    assert not (tmp_path / "run").exists()
+    chat_model = tmp_path / "chat_model"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}"
+    tokenizer.save_pretrained(chat_model)
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(chat_model)
+    run = make_run(config(str(chat_model), tmp_path, "steps=1", f"dataset={data}", "constraint=kl+refiner"))
+    seen = []
+    reward = run.task.reward_funcs[0]
+
+    def spy(prompts, completions, **columns):
+        seen.extend(prompts)
+        return reward(prompts, completions, **columns)
+
+    run.task.reward_funcs = [spy, *run.task.reward_funcs[1:]]
+    train_run(run)
+    chat = [p for p in seen if not isinstance(p, str)]   # the training prompts (evaluation: the task's own)
+    assert chat and all(p[0]["role"] == "user" and p[0]["content"].startswith("sort ") for p in chat)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 1
+
+
+def test_settings_that_only_the_task_or_the_folder_can_refuse(tiny_model, tmp_path, capsys):
+    """Refused (or said) before the run folder is written: an overlong buffer as long as the task's answers, an
+    output_dir under a file; eval_size beyond the evaluation set is said once."""
+    with pytest.raises(ValueError, match=r"overlong_buffer=10 is not below max_new_tokens=10: the overlong penalty "
+                                         r"would fall on every sample"):
+        train(config(tiny_model, tmp_path, "steps=1", "overlong=penalty", "overlong_buffer=10"))
+    (tmp_path / "a_file").write_text("mine")
+    for output_dir in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
+        with pytest.raises(ValueError, match=rf"output_dir='{output_dir}': {tmp_path / 'a_file'} is a file, not a "
+                                             r"folder"):
+            train(config(tiny_model, tmp_path, "steps=1", f"output_dir={output_dir}"))
+    assert not (tmp_path / "run").exists() and (tmp_path / "a_file").read_text() == "mine"
+    run = make_run(config(tiny_model, tmp_path, "steps=1", "eval_size=1000"))
+    assert len(run.eval_rows) < 1000
+    assert f"eval_size=1000, but the evaluation set holds {len(run.eval_rows)} prompts" in capsys.readouterr().err
+
+
+def test_a_run_keeps_its_newest_checkpoints_and_its_files_are_readable_as_any(tiny_model, tmp_path):
+    """keep_checkpoints (null: all); the run's files and folders take the user's umask, as open() and mkdir make
+    them (tempfile's, renamed into place, had been their owner's alone)."""
+    train(config(tiny_model, tmp_path, "steps=3", "save_every=1", "keep_checkpoints=1", "plots=true"))
+    run_dir = tmp_path / "run"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000003"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (run_dir / "config.yaml", run_dir / "metrics.jsonl", run_dir / "summary.json",
+                 *(run_dir / "plots").glob("*.png")):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    assert (run_dir / "checkpoints" / "step_00000003").stat().st_mode & 0o777 == 0o777 & ~umask
+    train(config(tiny_model, tmp_path / "all", "steps=3", "save_every=1", "keep_checkpoints=null"))
+    assert len(list((tmp_path / "all" / "run" / "checkpoints").glob("step_*"))) == 3
+
+
+def test_the_refine_rate_counts_changed_samples_whatever_their_weight(tiny_model, tmp_path):
+    """refine_coef=0 watches the refiner without training on it: its rate is the share of samples it changed."""
+    rates = {}
+    for coef in ("0", "1"):
+        run = make_run(config(tiny_model, tmp_path / coef, "steps=1", "constraint=refiner", "refine_draft=false",
+                              f"refine_coef={coef}"))
+        varied_rewards(run)
+        finished_refiner(run)
+        train_run(run)
+        record = read_metrics(tmp_path / coef / "run")[-1]
+        rates[coef] = record["refine_rate"]
+        assert record["sft_loss"] == 0 if coef == "0" else record["sft_loss"] > 0
+    assert rates["0"] == rates["1"] > 0
+
+
 def test_a_resume_with_no_step_left_to_run(tiny_model, tmp_path, capsys):
     """steps below the checkpoint's would go back: refused. steps equal to it: nothing runs, and config.yaml keeps
     the settings the run ran with."""
@@ -582,6 +667,9 @@ def test_the_logged_learning_rate_is_the_steps_own_and_decays_to_its_floor(tiny_
     assert "resuming at step 4 with the learning-rate schedule of these settings (lr_schedule=linear over " \
            "steps=5): it runs at lr 0.000325" in capsys.readouterr().err
     assert [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r][3:] == pytest.approx([3.25e-4, 1e-4])
+    # One step past the warmup is the last: it too runs at the floor.
+    short = load_config(None, ["steps=3", "warmup_steps=2", "lr_schedule=cosine", "min_lr_ratio=0.1"])
+    assert [lr_factor(short, step) for step in range(3)] == pytest.approx([0.5, 1.0, 0.1])
 
 
 def test_a_run_given_relative_paths_resumes_from_any_folder(tiny_model, tmp_path, monkeypatch):
@@ -744,3 +832,16 @@ def test_the_evaluation_a_task_gives_is_its_nearest_override():
 
     assert [_own_evaluate(c) for c in (Task, CodeTask, OwnMeans, OwnSumsAgain, Both)] == \
         [False, False, True, False, False]
+
+
+def test_minibatches_beyond_a_ranks_share_of_the_step_are_refused():
+    """Each rank splits its own share of the step's samples into minibatches: past that share some would be empty
+    on every rank, and the step would take fewer optimizer steps than asked."""
+    from fastrft.distributed import World
+    from fastrft.trainer import check_distributable
+
+    cfg = load_config(None, ["prompts_per_step=3", "group_size=2", "minibatches=4"])
+    check_distributable(cfg, True, "shard", World(rank=0, size=1))
+    check_distributable(cfg, True, "shard", World(rank=0, size=2))   # 4 samples on rank 0, 2 on rank 1
+    with pytest.raises(ValueError, match=r"minibatches=4 exceeds the 2 samples a rank holds of a step on 3 ranks"):
+        check_distributable(cfg, True, "shard", World(rank=0, size=3))

@@ -429,9 +429,8 @@ class FastRFTGRPOTrainer(GRPOTrainer):
                 refined_ids[i, :length] = torch.tensor(refinement.refined_ids)
                 refined_mask[i, :length] = 1
                 refined_weights[i, :length] = refinement.sft_weights
-        n_refined = sum(r is not None for r in result.refinements)
         draft = result.draft
-        local = torch.tensor([n_samples, n_refined, result.failed, result.changed_tokens, result.refined_tokens,
+        local = torch.tensor([n_samples, result.changed_samples, result.failed, result.changed_tokens, result.refined_tokens,
                               int((refined_weights != 0).sum()), result.passes, draft.offered if draft else 0,
                               draft.accepted if draft else 0, result.copies], device=device)
         total = self.accelerator.reduce(local, reduction="sum").tolist()

@@ -224,11 +224,18 @@ def _check_reserved(row: dict, where: str) -> None:
                          f"own {', '.join(map(repr, sorted(_GIVEN_COLUMNS)))}): rename it")
 
 
+def _is_prompt(prompt) -> bool:
+    """A string, or chat messages (formatted with the tokenizer's chat template)."""
+    return isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt))
+
+
 def _check_row(row, path: Path, line: int, required: tuple[str, ...], types: dict[str, tuple[type, ...]]) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
-    if not isinstance(row.get("prompt"), str):
-        raise ValueError(f"{path}:{line}: row has no string 'prompt' field (keys: {sorted(row)})")
+    if not _is_prompt(row.get("prompt")):
+        raise ValueError(f"{path}:{line}: row has no 'prompt' field that is a string or a list of chat messages "
+                         f"({{\"role\": str, \"content\": str}}) (keys: {sorted(row)})")
     _check_reserved(row, f"{path}:{line}")
     missing = [column for column in required if row.get(column) is None]
     if missing:
@@ -244,10 +251,10 @@ def _check_row(row, path: Path, line: int, required: tuple[str, ...], types: dic
 def load_rows(path, required: tuple[str, ...] = (), types: dict[str, tuple[type, ...]] | None = None) -> list[dict]:
     """Rows of a local ``.jsonl`` (one JSON object per line, blank lines skipped) or ``.parquet`` file.
 
-    Every row needs a string "prompt" and each `required` column (a task's
-    ``required_columns()``), each column of `types` (a task's ``column_types()``) a value of those types; its other
-    fields become reward-function columns too. Errors name the file and the
-    (1-based) line, or row for Parquet; a file without rows is an error.
+    Every row needs a "prompt" (a string, or chat messages: [{"role": ..., "content": ...}, ...]) and each
+    `required` column (a task's ``required_columns()``), each column of `types` (a task's ``column_types()``) a value
+    of those types; its other fields become reward-function columns too. Errors name the file and the (1-based) line,
+    or row for Parquet; a file without rows is an error.
     """
     path = Path(path)
     if path.suffix not in (".jsonl", ".parquet"):
