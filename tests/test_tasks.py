@@ -187,7 +187,14 @@ def test_load_rows_jsonl(tmp_path):
     with pytest.raises(ValueError, match=r"rows\.jsonl:2: malformed JSON"):
         load_rows(path)
     path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"question": "c"}\n')
-    with pytest.raises(ValueError, match=r"rows\.jsonl:3: row has no string 'prompt'"):
+    with pytest.raises(ValueError, match=r"rows\.jsonl:3: row has no 'prompt' field that is a string or a list of "
+                                         r"chat messages"):
+        load_rows(path)
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"}]
+    path.write_text(json.dumps({"prompt": chat}) + "\n")
+    assert load_rows(path) == [{"prompt": chat}]
+    path.write_text('{"prompt": [{"role": "user"}]}\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:1: row has no 'prompt' field that is a string or a list"):
         load_rows(path)
     path.write_text('["prompt"]\n')
     with pytest.raises(ValueError, match=r"rows\.jsonl:1: expected a JSON object"):
@@ -221,7 +228,7 @@ def test_load_rows_parquet(tmp_path):
     pq.write_table(pa.table({"prompt": ["a", "b"], "answer": ["1", "2"]}), path)
     assert load_rows(path) == [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]
     pq.write_table(pa.table({"question": ["a"]}), path)
-    with pytest.raises(ValueError, match=r"rows\.parquet:1: row has no string 'prompt'"):
+    with pytest.raises(ValueError, match=r"rows\.parquet:1: row has no 'prompt' field that is a string"):
         load_rows(path)
 
 
