@@ -148,7 +148,7 @@ def write_results(result, out: Path):
         meta = run["meta"]
         lines += [f"## {meta['cores_available']} core(s) available", "",
                   f"CPU {meta['cpu']}; Python {meta['python']}, torch {meta['torch']}, numpy {meta['numpy']}; "
-                  f"commit {meta['commit']}; default max_d {meta['default_max_d']}.", "",
+                  f"commit {meta['commit']}{' (dirty)' if meta.get('dirty') else ''}; default max_d {meta['default_max_d']}.", "",
                   f"Command: `{meta['command']}`", "",
                   "| case | provider | ms (median) | changed tokens | note |", "|---|---|---:|---:|---|"]
         lines += [f"| {r['case']} | {r['provider']} | {r['ms']:.2f} | {r['changed_tokens']} | {r['note']} |"

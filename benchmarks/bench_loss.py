@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from memory import allocator_env, peak_extra_bytes
+from report import OUT_HELP
 
 import torch
 
@@ -327,10 +328,10 @@ def format_row(r):
     return f"{label} {r['ms']:10.2f} ms {r['x_floor']:7.2f}x floor {peak}  {r.get('note', '')}"
 
 
-def write_results(env, rates, rows, tag):
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(env, rates, rows, out: Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(env=env, matmul_tflops=rates, rows=rows)
-    (RESULTS / f"bench_loss_{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     lines = [f"# bench_loss on {env['device']}", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, python {env['python']}, commit {env['commit']}"
              f"{' (dirty)' if env['dirty'] else ''}, {env['cpu_threads']} CPU threads", "",
@@ -348,7 +349,7 @@ def write_results(env, rates, rows, tag):
                          f"{r['ms']:.2f} | {r['x_floor']:.2f} | {peak} | {r['note']} |")
     lines += ["", "Matmul rate used for the floor (TFLOP/s): "
               + ", ".join(f"{k}: {v:.2f}" for k, v in rates.items())]
-    (RESULTS / f"bench_loss_{tag}.md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def main():
@@ -360,7 +361,8 @@ def main():
     parser.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--no-write", action="store_true", help="print only; write nothing under results/")
+    parser.add_argument("--no-write", action="store_true", help="print only; write nothing")
+    parser.add_argument("--out", default=None, help=OUT_HELP % "bench_loss_<cpu|cuda>")
     parser.add_argument("--measure-memory", nargs=4, metavar=("PROVIDER", "SHAPE", "DTYPE", "ZERO_HALF"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -396,7 +398,8 @@ def main():
         print("\n".join(format_row(r) for r in shape_rows), flush=True)
         if not args.no_write:   # after every shape, so that a run stopped by a time limit still leaves its results
             env["shapes_done"] = f"{done} of {len(shapes)}"
-            write_results(env, rates, rows, "cuda" if device.type == "cuda" else "cpu")
+            write_results(env, rates, rows, Path(args.out) if args.out else
+                          RESULTS / f"bench_loss_{'cuda' if device.type == 'cuda' else 'cpu'}")
     print("\nmatmul rate for the floor: " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in rates.items()))
     print("\n".join(format_row(r) for r in rows))
     print(json.dumps(dict(env=env, matmul_tflops=rates, rows=rows)))

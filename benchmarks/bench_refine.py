@@ -277,8 +277,12 @@ def main():
                              "top two logits nearly tie at many positions, so the plain path's compiled decoder and "
                              "the draft path's eager passes round to different tokens there: float32 separates "
                              "speed from rounding")
-    parser.add_argument("--reference-dir", default="runs/demo_reference")
+    parser.add_argument("--reference-dir", default="runs/demo_reference", help="the demo's reference model (trained "
+                        "there first if missing)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--out", default=None, help="where to write the results: a path without suffix, which gets "
+                        ".json and .md (part shared: PATH_shared.json and .md; default: "
+                        "benchmarks/results/bench_refine[_shared]_<cpu|cuda>)")
     args = parser.parse_args()
 
     from fastrft.machine import describe_machine
@@ -292,6 +296,9 @@ def main():
         parser.error("--rows takes MODEL=N,... (demo=64), --lengths integers, --edits numbers, each comma-separated")
     if min(rows.values()) < 1 or min(lengths) < 1 or not all(0 <= e <= 1 for e in edits) or args.repeat < 1:
         parser.error("rows, lengths and --repeat must be >= 1 and each share of --edits in [0, 1]")
+    if args.prompt_len < 2:
+        parser.error(f"--prompt-len must be >= 2 (prompts of prompt_len/2 to 3*prompt_len/2 tokens), got "
+                     f"{args.prompt_len}")
     payload = {"env": describe_machine(device), "dtype": str(dtype).replace("torch.", ""),
                "prompt_len": args.prompt_len, "repeat": args.repeat, "models": args.models.split(","), "rows": []}
     if "shared" in args.parts.split(",") and not (1 <= args.shared_len and 1 <= args.group):
@@ -315,9 +322,10 @@ def main():
                                                        args.group, args.shared_len, args.prompt_len, args.repeat,
                                                        seed=0)
             if not args.no_write:
-                RESULTS.mkdir(parents=True, exist_ok=True)
-                (RESULTS / f"{stem}_{tag}.json").write_text(json.dumps(part_payload, indent=1) + "\n")
-                (RESULTS / f"{stem}_{tag}.md").write_text(render(part_payload))
+                out = Path(f"{args.out}{stem[len('bench_refine'):]}") if args.out else RESULTS / f"{stem}_{tag}"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.with_suffix(".json").write_text(json.dumps(part_payload, indent=1) + "\n")
+                out.with_suffix(".md").write_text(render(part_payload))
             del model
         print(render(part_payload))
         print(json.dumps(part_payload))

@@ -94,7 +94,7 @@ def main():
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# {record['question']}", "", f"`{record['command']}` on {record['machine']['cores_available']} CPUs "
              f"({record['machine']['cpu']}, {record['machine']['platform']}), {record['sandbox']['bwrap']}, "
-             f"commit {record['machine']['commit']}.", "", f"Program: `{SOURCE!r}`, every output checked; median of "
+             f"commit {record['machine']['commit']}{' (dirty)' if record['machine'].get('dirty') else ''}.", "", f"Program: `{SOURCE!r}`, every output checked; median of "
              f"{args.repeats} runs of {args.programs} programs after a warm-up.", "",
              "| provider | workers | programs/s | median wall per program (ms) |", "|---|---:|---:|---:|"]
     lines += [f"| {r['provider']} | {r['workers']} | {r['programs_per_s']:.1f} | {r['median_program_wall_ms']:.1f} |"

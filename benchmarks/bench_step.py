@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import fix_malloc_mmap_threshold, peak_extra_bytes  # noqa: E402
 from models import QWEN_WIDTH, qwen_width_description, qwen_width_model  # noqa: E402
+from report import OUT_HELP  # noqa: E402
 
 from fastrft.rollout import greedy_from_drafts as _greedy_from_drafts  # noqa: E402 (the unpatched one)
 
@@ -49,6 +50,7 @@ DEMO_ROWS = 128                  # one demo step: 16 prompts x 8 samples
 MODELS = {   # name: what it is
     "demo": "the demo's tiny Llama (3 layers, hidden 96, vocabulary 24)",
     QWEN_WIDTH: qwen_width_description(4),
+    "tiny-llama": "a 2-layer Llama of hidden 64 (quick checks of the script)",
 }
 
 
@@ -450,16 +452,34 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="demo steps measured per run (after one warm-up)")
     parser.add_argument("--reference-dir", default="runs/demo_reference", help="the demo's reference model (trained "
                                                                                "there first if missing)")
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=f"demo,{QWEN_WIDTH}", help=f"of {', '.join(MODELS)}")
     parser.add_argument("--scales", default="1,2,4,8", help="batches, in demo steps' tokens")
     parser.add_argument("--max-tokens", type=int, default=None, help="micro-batch budget (default: TrainConfig's)")
     parser.add_argument("--dense-limit-gb", type=float, default=4.0)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--out", default=None, help=OUT_HELP % "bench_step_<cpu|cuda>")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     parts = (args.parts or ("sweep,plain" if device.type == "cuda" else "demo,sweep,plain")).split(",")
+    unknown = [part for part in parts if part not in PART_KEYS]
+    if unknown:
+        parser.error(f"unknown part {unknown[0]!r}: --parts takes {', '.join(PART_KEYS)}")
+    for name in ("steps", "repeat"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    try:
+        scales = [int(s) for s in args.scales.split(",")]
+    except ValueError:
+        scales = []
+    if not scales or min(scales) < 1:
+        parser.error(f"--scales takes comma-separated integers >= 1, got {args.scales!r}")
+    unknown = [name for name in args.models.split(",") if name not in MODELS]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r}: --models takes {', '.join(MODELS)}")
     # The demo step is timed as users run it, with the allocator's own settings; the sweep's peak memory needs a
     # fixed mmap threshold, so the script re-executes itself for the parts after the demo (memory.py).
     if "demo" not in parts:
@@ -474,15 +494,16 @@ def main():
                "models": args.models.split(",")}
     tag = "cuda" if device.type == "cuda" else "cpu"
     payload["part_env"] = {}
+    out = Path(args.out) if args.out else RESULTS / f"bench_step_{tag}"
     if not args.no_write:
-        payload.update(earlier_parts(RESULTS / f"bench_step_{tag}.json"))
+        payload.update(earlier_parts(out.with_suffix(".json")))
 
     def write():
         text = markdown(payload)
         if not args.no_write:
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            (RESULTS / f"bench_step_{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
-            (RESULTS / f"bench_step_{tag}.md").write_text(text)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+            out.with_suffix(".md").write_text(text)
         return text
 
     if "demo" in parts:
@@ -498,7 +519,7 @@ def main():
             print(write(), flush=True)
             fix_malloc_mmap_threshold([*sys.argv[1:], "--parts", ",".join(rest)])
     if "sweep" in parts:
-        payload["sweep"], rate = sweep(payload["models"], [int(s) for s in args.scales.split(",")], device, dtype,
+        payload["sweep"], rate = sweep(payload["models"], scales, device, dtype,
                                        args.warmup, args.repeat, args.dense_limit_gb, max_tokens)
         payload["matmul_gflops"] = rate / 1e9
         payload["sweep_settings"] = {key: payload[key] for key in ("dtype", "max_tokens", "models")}

@@ -336,7 +336,8 @@ def write_results(payload, out: Path):
         ratio = {key: f"{r[key]:.2f}x" if key in r else "-" for key in ("x_floor", "time_vs_trl", "peak_vs_trl")}
         lines.append(f"| {r['provider']} | {r['length']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | "
                      f"{ratio['x_floor']} | {ratio['time_vs_trl']} | {peak} | {ratio['peak_vs_trl']} |")
-    lines += ["", f"Longest completion length (powers of two from 64, up to {payload['max_length']}) whose peak "
+    lines += ["", f"Longest completion length (doubling from the longest timed length that fitted, else from 64, up "
+              f"to {payload['max_length']}) whose peak "
               f"stays within {payload['budget_gb']} GB: "
               + ", ".join(f"{p}: {v if v is not None else 'none'}" for p, v in payload["longest"].items()) + "."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

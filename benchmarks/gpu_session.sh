@@ -32,11 +32,11 @@ export PYTHONPATH=$site
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt"
 parts=${1:-tests,loss,step}
-run_bench() {   # name, seconds, arguments...
+run_bench() {   # name, seconds, arguments...: its results straight into $OUT, never an earlier session's
     local name=$1 limit=$2
     shift 2
-    timeout "$limit" python3 "benchmarks/$name.py" "$@" > "$OUT/$name.log" 2>&1 || echo "$name failed or ran out of time: see $name.log"
-    cp benchmarks/results/"$name"_cuda.* "$OUT/" 2>/dev/null || true
+    timeout "$limit" python3 "benchmarks/$name.py" "$@" --out "$OUT/${name}_cuda" > "$OUT/$name.log" 2>&1 \
+        || echo "$name failed or ran out of time: see $name.log"
 }
 # Run from tests/ so that the source tree (where kernels/ is not yet fastrft.kernels) is not on sys.path. The files
 # that exercise the compiled kernels go first; 8 workers where pytest-xdist is there (2 threads each), a per-test

@@ -140,8 +140,12 @@ def run_tests(root: Path, swap: bool) -> dict[str, str]:
     """{test id: passed | failed | skipped} of one run of the copied test file."""
     report = root / f"{'fastrft' if swap else 'trl'}.xml"
     env = {**os.environ, **OFFLINE, "FASTRFT_SWAP": "1" if swap else "0"}
-    subprocess.run([sys.executable, "-m", "pytest", "tests/test_grpo_trainer.py", "-q", "-p", "no:cacheprovider",
-                    f"--junitxml={report}"], cwd=root, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "pytest", "tests/test_grpo_trainer.py", "-q", "-p",
+                           "no:cacheprovider", f"--junitxml={report}"], cwd=root, env=env, capture_output=True, text=True)
+    if done.returncode not in (0, 1) or not report.is_file():   # 1: some failed; else collection, usage, internal
+        raise SystemExit(f"TRL's test file did not run with {'FastRFTGRPOTrainer' if swap else 'its own class'} "
+                         f"(pytest exit {done.returncode}): nothing compared, nothing written\n"
+                         f"{(done.stdout + done.stderr)[-3000:]}")
     outcomes = {}
     for case in ET.parse(report).getroot().iter("testcase"):
         kinds = {child.tag for child in case}
@@ -162,10 +166,19 @@ def main():
     parser.add_argument("--keep", action="store_true", help="keep the work folder (printed) for inspection")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="trl_conformance_"))
-    copy_tests(args.trl_repo.expanduser(), root)
-    build_stand_ins(root)
-    runs = {"trl": run_tests(root, swap=False), "fastrft": run_tests(root, swap=True)}
+    try:
+        copy_tests(args.trl_repo.expanduser(), root)
+        build_stand_ins(root)
+        runs = {"trl": run_tests(root, swap=False), "fastrft": run_tests(root, swap=True)}
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     passed_with_trl = sorted(t for t, outcome in runs["trl"].items() if outcome == "passed")
+    if not passed_with_trl:
+        shutil.rmtree(root, ignore_errors=True)
+        raise SystemExit(f"no test of {args.trl_repo}/tests/test_grpo_trainer.py passed with TRL's own class: "
+                         f"nothing to compare (a checkout that does not match the installed trl "
+                         f"{describe_machine().get('trl')}?), nothing written")
     regressions = [t for t in passed_with_trl if runs["fastrft"].get(t) != "passed"]
     counts = {side: {o: sum(v == o for v in outcomes.values()) for o in ("passed", "failed", "skipped")}
               for side, outcomes in runs.items()}
