@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import fix_malloc_mmap_threshold, rss_bytes  # noqa: E402
 from models import qwen_width_description, qwen_width_model  # noqa: E402
-from report import OUT_HELP, publish  # noqa: E402
+from report import OUT_HELP, check_device, check_minimums, int_list, publish  # noqa: E402
 
 VARIANTS = {"full": ["lora_r=0"], "lora": ["lora_r=16"]}
 STEP = ["task=demo", "steps=1", "prompts_per_step=4", "group_size=4", "constraint=kl+refiner", "refine_coef=1.0",
@@ -164,7 +164,7 @@ def markdown(payload: dict) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget-gb", type=float, default=8.0, help="0: skip the largest-fitting search")
     parser.add_argument("--fit-layers", default="2,4", help="the two layer counts the per-layer slope comes from")
@@ -176,7 +176,11 @@ def main():
     if args.child:
         print(json.dumps(one_step(args.model_dir, args.child, args.dtype, args.device)))
         return
-    args.fit_layers = [int(n) for n in args.fit_layers.split(",")]
+    check_minimums(parser, args, {"layers": 1, "budget_gb": 0, "max_check_layers": 1})
+    check_device(parser, args.device)
+    args.fit_layers = int_list(parser, "--fit-layers", args.fit_layers)
+    if len(set(args.fit_layers)) != 2:
+        parser.error(f"--fit-layers takes two different layer counts (the slope's two points), got {args.fit_layers}")
     from fastrft.machine import describe_machine
 
     payload = {"machine": describe_machine(), "args": vars(args)}

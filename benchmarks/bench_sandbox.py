@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import OUT_HELP, RESULTS  # noqa: E402
+from report import OUT_HELP, RESULTS, check_minimums  # noqa: E402
 
 from fastrft import sandbox  # noqa: E402
 from fastrft.machine import describe_machine  # noqa: E402
@@ -61,6 +61,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "bench_sandbox"), help=OUT_HELP % "bench_sandbox")
     args = parser.parse_args()
+    check_minimums(parser, args, {"programs": 1, "workers": 1, "repeats": 1})
     if not sandbox.sandbox_available():
         sys.exit("bubblewrap is missing or not working: apt-get install bubblewrap")
 

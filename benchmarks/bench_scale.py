@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import allocator_env, rss_bytes  # noqa: E402
 from models import qwen_width_description, qwen_width_model  # noqa: E402
-from report import OUT_HELP, publish  # noqa: E402
+from report import OUT_HELP, check_minimums, int_list, publish  # noqa: E402
 
 # (ranks, threads per rank, engine): the machine's 2 cores in each, 1 rank first.
 CONFIGS = ((1, 2, "fsdp"), (2, 1, "fsdp"), (2, 1, "ddp"))
@@ -173,13 +173,15 @@ def main():
         args.rows = int(args.rows)
         worker(args)
         return
+    check_minimums(parser, args, {"layers": 1, "repeat": 1, "warmup": 0, "max_tokens": 1})
+    row_counts = int_list(parser, "--rows", args.rows)
     from fastrft.machine import describe_machine
 
     payload = {"machine": describe_machine(), "args": vars(args), "model": qwen_width_description(args.layers)}
     payload["machine"]["command"] = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:])
     payload["configs"], payload["ratios"] = [], []
     with tempfile.TemporaryDirectory(prefix="bench_scale-") as work:
-        for rows in (int(n) for n in args.rows.split(",")):
+        for rows in row_counts:
             one, two, ddp = (summarize(ranks, threads, engine, rows, measured(ranks, threads, engine, rows, args, work))
                              for ranks, threads, engine in CONFIGS)
             payload["configs"] += [one, two, ddp]

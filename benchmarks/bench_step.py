@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import fix_malloc_mmap_threshold, peak_extra_bytes  # noqa: E402
 from models import QWEN_WIDTH, qwen_width_description, qwen_width_model  # noqa: E402
-from report import OUT_HELP  # noqa: E402
+from report import OUT_HELP, check_minimums, int_list  # noqa: E402
 
 from fastrft.rollout import greedy_from_drafts as _greedy_from_drafts  # noqa: E402 (the unpatched one)
 
@@ -466,17 +466,8 @@ def main():
     unknown = [part for part in parts if part not in PART_KEYS]
     if unknown:
         parser.error(f"unknown part {unknown[0]!r}: --parts takes {', '.join(PART_KEYS)}")
-    for name in ("steps", "repeat"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
-    try:
-        scales = [int(s) for s in args.scales.split(",")]
-    except ValueError:
-        scales = []
-    if not scales or min(scales) < 1:
-        parser.error(f"--scales takes comma-separated integers >= 1, got {args.scales!r}")
+    check_minimums(parser, args, {"steps": 1, "repeat": 1, "warmup": 0, "max_tokens": 1})
+    scales = int_list(parser, "--scales", args.scales)
     unknown = [name for name in args.models.split(",") if name not in MODELS]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}: --models takes {', '.join(MODELS)}")

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from memory import allocator_env, peak_extra_bytes as measure_peak
-from report import OUT_HELP, RESULTS
+from report import OUT_HELP, RESULTS, check_device, check_minimums, int_list
 
 import torch  # noqa: E402
 
@@ -231,7 +231,8 @@ def fits(row, budget_gb) -> bool:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", default=None, help="tiny | qwen2.5-1.5b (default: tiny on the CPU)")
+    parser.add_argument("--model", default=None, choices=("tiny", "qwen2.5-1.5b"),
+                        help="tiny | qwen2.5-1.5b (default: tiny on the CPU)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per micro-batch (CPU 8, CUDA 8)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (CPU 32, CUDA 256)")
     parser.add_argument("--lengths", default=None, help="completion lengths to time (CPU 64,256; CUDA 1024,4096)")
@@ -252,6 +253,10 @@ def main():
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2], args)))
         return
+    check_device(parser, args.device)
+    check_minimums(parser, args, {"batch": 1, "prompt_len": 1, "max_length": 1, "budget_gb": 0, "warmup": 0,
+                                  "repeat": 1})
+    lengths = int_list(parser, "--lengths", args.lengths)
     argv = ["--device", args.device, "--model", args.model, "--batch", str(args.batch), "--prompt-len",
             str(args.prompt_len)]
     timing_argv = argv + ["--warmup", str(args.warmup), "--repeat", str(args.repeat)]
@@ -271,7 +276,7 @@ def main():
 
     # Results are written after each stage, so that a run stopped by a time limit keeps what it measured.
     providers = CUDA_PROVIDERS if on_cuda else PROVIDERS
-    for length in (int(x) for x in args.lengths.split(",")):
+    for length in lengths:
         for provider in providers:
             row = measured(provider, length, timing_argv, on_cuda)
             timed.append(row)

@@ -19,3 +19,35 @@ def publish(payload: dict, text: str, name: str, out: str | None = None) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     path.with_suffix(".md").write_text(text)
+
+
+def check_minimums(parser, args, minimums: dict[str, float]) -> None:
+    """parser.error naming the first option below its least value (minimums: attribute -> least; None passes)."""
+    for name, least in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+
+
+def int_list(parser, flag: str, text: str, least: int = 1) -> list[int]:
+    """text as comma-separated integers >= least; else parser.error naming flag."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < least:
+        parser.error(f"{flag} takes comma-separated integers >= {least}, got {text!r}")
+    return values
+
+
+def check_device(parser, name: str):
+    """The torch device of that name, which this machine has; else parser.error."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: this machine has no CUDA device")
+    return device
