@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -376,6 +378,7 @@ def earlier_parts(path: Path) -> dict:
         if earlier.get(keys[0]):
             kept.update({key: earlier[key] for key in keys if key in earlier})
             kept["part_env"][part] = earlier.get("part_env", {}).get(part, earlier["env"])
+            kept.setdefault("part_run", {})[part] = earlier.get("part_run", {}).get(part)
     return kept
 
 
@@ -383,9 +386,13 @@ def markdown(payload: dict) -> str:
     env = payload["env"]
     lines = [f"# bench_step on {env['device']}", "", describe_env(env), ""]
 
-    def earlier(part: str) -> list[str]:   # a part kept from an earlier run says what it was measured with
+    def earlier(part: str) -> list[str]:   # a part measured otherwise than the header says, says how
         part_env = payload.get("part_env", {}).get(part, env)
-        return [] if part_env == env else [f"Kept from an earlier run: {describe_env(part_env)}", ""]
+        if part_env == env:
+            return []
+        this_run = payload.get("part_run", {}).get(part) == payload.get("run")
+        return [f"{'Measured in this run with' if this_run else 'Kept from an earlier run'}: "
+                f"{describe_env(part_env)}", ""]
 
     if payload.get("demo"):
         ratios = payload["demo_ratios"]
@@ -488,6 +495,9 @@ def main():
     out = Path(args.out) if args.out else RESULTS / f"bench_step_{tag}"
     if not args.no_write:
         payload.update(earlier_parts(out.with_suffix(".json")))
+    # One run across the re-execution below: the parts it measured are this run's, whatever their settings.
+    payload["run"] = os.environ.setdefault("FASTRFT_BENCH_RUN", uuid.uuid4().hex[:12])
+    payload.setdefault("part_run", {})
 
     def write():
         text = markdown(payload)
@@ -504,6 +514,7 @@ def main():
             payload["demo"] = demo_step(args.steps, Path(args.reference_dir), Path(tmp))
         payload["demo_ratios"] = demo_ratios(payload["demo"])
         payload["part_env"]["demo"] = payload["env"]
+        payload["part_run"]["demo"] = payload["run"]
         torch.set_num_threads(threads)
         rest = [part for part in parts if part != "demo"]
         if rest:
@@ -515,11 +526,13 @@ def main():
         payload["matmul_gflops"] = rate / 1e9
         payload["sweep_settings"] = {key: payload[key] for key in ("dtype", "max_tokens", "models")}
         payload["part_env"]["sweep"] = payload["env"]
+        payload["part_run"]["sweep"] = payload["run"]
         write()
     if "plain" in parts:
         payload["plain"] = update_vs_plain("qwen2.5-0.5b-width" if device.type == "cuda" else "demo", device, dtype,
                                            args.warmup, args.repeat)
         payload["part_env"]["plain"] = payload["env"]
+        payload["part_run"]["plain"] = payload["run"]
     print(write())
     print(json.dumps(payload))
 
