@@ -66,6 +66,11 @@ def main():
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    out = Path(args.out) if args.out else RESULTS / "bench_diff"
+    try:
+        earlier_runs(out.with_suffix(".json"))
+    except ValueError as e:
+        parser.error(str(e))
     if not cpp_available():
         sys.exit("fastrft._diff is not built: pip install -e . first")
     rng = np.random.default_rng(0)
@@ -127,7 +132,22 @@ def main():
     meta = {**describe_machine(torch.device("cpu")), "default_max_d": DEFAULT_MAX_D}
     result = {"meta": meta, "rows": rows}
     print(json.dumps(result))
-    write_results(result, Path(args.out) if args.out else RESULTS / "bench_diff")
+    write_results(result, out)
+
+
+def earlier_runs(path: Path) -> list[dict]:
+    """The runs a bench_diff results file holds (none where there is no file); a ValueError for a file that is not
+    one (checked before measuring: the measurement is not lost)."""
+    if not path.exists():
+        return []
+    try:
+        runs = json.loads(path.read_text())["runs"]
+        cores = [run["meta"]["cores_available"] for run in runs]
+    except (ValueError, KeyError, TypeError):
+        cores = None
+    if cores is None or not all(isinstance(n, int) for n in cores):
+        raise ValueError(f"{path} exists and is not a bench_diff result: give another --out")
+    return runs
 
 
 def write_results(result, out: Path):
@@ -135,10 +155,7 @@ def write_results(result, out: Path):
     by side); out.md is rebuilt from it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".json")
-    runs = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            runs = {str(run["meta"]["cores_available"]): run for run in json.load(f)["runs"]}
+    runs = {str(run["meta"]["cores_available"]): run for run in earlier_runs(path)}
     runs[str(result["meta"]["cores_available"])] = result
     ordered = [runs[key] for key in sorted(runs, key=int)]
     with open(path, "w") as f:
