@@ -9,7 +9,8 @@ layers, on each of --rows counts of rows of the demo's shape:
     2 ranks DDP   the other implementation fsdp=false gives: whole weights and AdamW state per rank, gradients
                   all-reduced
 Per rank: the median step time over --repeat steps (after --warmup); the communication inside one step (the wall
-time of FSDP2's all-gather and reduce-scatter regions, from torch.profiler); the bytes of the parameters and AdamW's
+time of FSDP2's all-gather and reduce-scatter regions, from torch.profiler, the ranks starting together; reported
+for the rank that spent least in them, as the other's includes waiting for it); the bytes of the parameters and AdamW's
 state it holds (its shards); its peak RSS (in a run of its own with glibc's mmap threshold fixed, memory.py; the
 times with the allocator's own settings, as users run). Floor: the update's FLOPs on the rank's rows (fwd + bwd of
 every layer's matmuls, attention, the LM head on target tokens) over the matmul rate its threads measure. Targets:
@@ -74,6 +75,7 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+    world.barrier()   # the ranks start the profiled step together: a collective's time is its own, not a late start
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     comm_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key.startswith(COMM_REGIONS))
@@ -126,7 +128,8 @@ def summarize(ranks: int, threads: int, engine: str, rows: int, per_rank: list[d
     slowest = max(per_rank, key=lambda r: r["step_s"])
     return {"rows": rows, "ranks": ranks, "threads_per_rank": threads, "engine": engine if ranks > 1 else "-",
             "step_s": slowest["step_s"],
-            "comm_s": max(r["comm_s"] for r in per_rank), "floor_s": max(r["floor_s"] for r in per_rank),
+            # The rank that spent least in the collectives: the other's time there includes waiting for it.
+            "comm_s": min(r["comm_s"] for r in per_rank), "floor_s": max(r["floor_s"] for r in per_rank),
             "state_bytes_per_rank": max(r["param_bytes"] + r["optimizer_bytes"] for r in per_rank),
             "peak_rss_bytes_per_rank": max(r["peak_rss_bytes"] for r in per_rank), "per_rank": per_rank}
 
