@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import OUT_HELP, RESULTS  # noqa: E402
+from report import OUT_HELP, RESULTS, check_minimums  # noqa: E402
 
 from fastrft.diff import DEFAULT_MAX_D, cpp_available, diff_masks  # noqa: E402
 from fastrft.machine import describe_machine  # noqa: E402
@@ -64,8 +64,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=None, help=OUT_HELP % "bench_diff")
     args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    check_minimums(parser, args, {"repeats": 1})
     out = Path(args.out) if args.out else RESULTS / "bench_diff"
     try:
         earlier_runs(out.with_suffix(".json"))

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from memory import allocator_env, peak_extra_bytes
-from report import OUT_HELP
+from report import OUT_HELP, check_minimums
 
 import torch
 
@@ -377,8 +377,7 @@ def main():
         sizes = shape.split("x")
         if len(sizes) != 3 or not all(n.isdigit() and int(n) >= 1 for n in sizes):
             parser.error(f"--shapes takes NxHxV, each >= 1 (8192x4096x131072), got {shape!r}")
-    if args.repeat < 1 or args.warmup < 0:
-        parser.error(f"--repeat must be >= 1 and --warmup >= 0, got {args.repeat} and {args.warmup}")
+    check_minimums(parser, args, {"repeat": 1, "warmup": 0})
     providers = args.providers.split(",")
     for name in providers:
         try:

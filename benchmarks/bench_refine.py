@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import QWEN_WIDTH, qwen_width_description, qwen_width_model  # noqa: E402
+from report import check_minimums  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
@@ -296,9 +297,7 @@ def main():
         parser.error("--rows takes MODEL=N,... (demo=64), --lengths integers, --edits numbers, each comma-separated")
     if min(rows.values()) < 1 or min(lengths) < 1 or not all(0 <= e <= 1 for e in edits) or args.repeat < 1:
         parser.error("rows, lengths and --repeat must be >= 1 and each share of --edits in [0, 1]")
-    if args.prompt_len < 2:
-        parser.error(f"--prompt-len must be >= 2 (prompts of prompt_len/2 to 3*prompt_len/2 tokens), got "
-                     f"{args.prompt_len}")
+    check_minimums(parser, args, {"prompt_len": 2})   # prompts of prompt_len/2 to 3*prompt_len/2 tokens
     payload = {"env": describe_machine(device), "dtype": str(dtype).replace("torch.", ""),
                "prompt_len": args.prompt_len, "repeat": args.repeat, "models": args.models.split(","), "rows": []}
     if "shared" in args.parts.split(",") and not (1 <= args.shared_len and 1 <= args.group):
