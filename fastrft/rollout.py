@@ -37,15 +37,19 @@ def first_occurrences(keys) -> list[int]:
 
 def encode_prompts(tokenizer, prompts) -> list[list[int]]:
     """Each prompt's token ids: a string with the tokenizer's special tokens (its BOS), chat messages through its
-    chat template. A prompt of no tokens (an empty string, with a tokenizer that adds no BOS) is a ValueError:
-    its first written token would have nothing to follow."""
+    chat template (the assistant's turn begun, or, where the last message is the assistant's, that one continued).
+    A prompt of no tokens (an empty string, with a tokenizer that adds no BOS) is a ValueError: its first written
+    token would have nothing to follow."""
     encoded: list = [None] * len(prompts)
     strings = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             strings.append(i)
         elif isinstance(prompt, list):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+            # A last assistant message is the answer's beginning, which the model continues (as TRL does).
+            prefilled = bool(prompt) and isinstance(prompt[-1], Mapping) and prompt[-1].get("role") == "assistant"
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=not prefilled,
+                                                continue_final_message=prefilled, tokenize=True, return_dict=False)
             encoded[i] = list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
         else:
             raise ValueError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")

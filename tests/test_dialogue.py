@@ -75,6 +75,10 @@ def test_batched_scores_match_unpadded_reference(reward_model_path):
     assert scores == pytest.approx(expected, abs=1e-4)
     assert max(expected) - min(expected) > 1e-2  # the model tells the conversations apart
     assert scorer.model.dtype == torch.float32 and not scorer.model.training
+    # Chat prompts and TRL's conversational completions score the same conversations.
+    chat = scorer([[{"role": "user", "content": p}] for p in PROMPTS],
+                  [[{"role": "assistant", "content": r}] for r in REPLIES])
+    assert chat == pytest.approx(scores, abs=1e-6)
 
 
 def test_reward_model_loaded_once_and_degenerate_replies_not_scored(reward_model_path, monkeypatch):
@@ -108,6 +112,10 @@ def test_without_chat_template_uses_plain_layout(tmp_path):
     path = _save_reward_model(tmp_path, chat_template=None)
     scorer = dialogue.RewardModelScorer(str(path), device="cpu")
     assert scorer.format("Hi?", "Hello.") == "User: Hi?\n\nAssistant: Hello."
+    # Chat prompts and TRL's conversational completions: the conversation as it is.
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    assert scorer.format(chat, [{"role": "assistant", "content": "Hello."}]) == \
+        "System: Be brief.\n\nUser: Hi?\n\nAssistant: Hello."
     scores = scorer(PROMPTS[:2], REPLIES[:2])
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()

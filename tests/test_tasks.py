@@ -283,6 +283,35 @@ def test_every_column_any_row_holds_reaches_the_rewards():
     assert task.score(rows[::-1], ["y", "x"], [False, False])[0] == [1.0, 0.0]
 
 
+def test_a_chat_prompt_s_completion_reaches_the_rewards_as_trl_gives_it():
+    """TRL's conversational format: a chat prompt's completion is [{"role": "assistant", "content": text}], a string
+    prompt's the text; fastrft's own reward functions read either."""
+    seen = []
+
+    def spy(prompts, completions, **columns):
+        seen.extend(completions)
+        return [0.0] * len(completions)
+
+    chat = [{"role": "user", "content": "sort 21"}]
+    task = Task("x", [], [], [spy], [1.0], "{response}", str, 4)
+    task.score([{"prompt": chat}, {"prompt": "sort 21="}], ["12", "12"], [False, False])
+    assert seen == [[{"role": "assistant", "content": "12"}], "12"]
+    texts = [" 45 ", "aaaaaaaaaa", "a b c a b c", ""]
+    as_chat = [[{"role": "assistant", "content": t}] for t in texts]
+    for func in (format_reward(r"\d+"), length_penalty(5), repetition_penalty(3)):
+        assert func(["p"] * 4, as_chat) == func(["p"] * 4, texts)
+    assert [is_degenerate(c) for c in as_chat] == [is_degenerate(t) for t in texts] == [None, "looping", None,
+                                                                                         "empty"]
+    demo = load_task("demo")
+    answer = ["12", "12"]
+    for func in demo.reward_funcs:
+        assert func(["p", "p"], as_chat[:1] + [[{"role": "assistant", "content": "12"}]], answer=answer) == \
+            func(["p", "p"], texts[:1] + ["12"], answer=answer)
+    with pytest.raises(TypeError, match="a completion must be a string or a list of chat messages with string "
+                                        "contents, got 3"):
+        is_degenerate(3)
+
+
 @pytest.mark.parametrize("column", ["completions", "prompts", "truncated", "completion_ids"])
 def test_a_column_fastrft_passes_itself_is_refused(tmp_path, column):
     path = tmp_path / "rows.jsonl"

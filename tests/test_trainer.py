@@ -529,6 +529,10 @@ def test_chat_prompts_are_encoded_through_the_chat_template(tiny_model):
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}"
     chat, text = encode_prompts(tokenizer, [[{"role": "user", "content": "sort 21"}], "sort 21="])
     assert chat == text[1:]   # the template's text, without the BOS that the string's encoding adds
+    # A last assistant message is continued, not followed by a new turn (TRL's continue_final_message).
+    prefilled, text = encode_prompts(tokenizer, [[{"role": "user", "content": "sort 321"},
+                                                  {"role": "assistant", "content": "1"}], "sort 321=1"])
+    assert prefilled == text[1:]
     with pytest.raises(ValueError, match="a prompt must be a string or a list of chat messages, got int"):
         encode_prompts(tokenizer, [3])
 
@@ -549,7 +553,8 @@ def test_a_step_with_no_group_to_learn_from(tiny_model, tmp_path):
 
 def test_a_dataset_of_chat_prompts_trains_through_the_chat_template(tiny_model, tmp_path):
     """Chat-message prompts: formatted by the model's chat template (refused before the run folder is written when it
-    has none); the reward functions get the messages; the refiner's template the last message's content."""
+    has none); the reward functions get the messages, and the completions as TRL's conversational ones; the
+    refiner's template the last message's content."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = tmp_path / "chat.jsonl"
@@ -569,13 +574,15 @@ def test_a_dataset_of_chat_prompts_trains_through_the_chat_template(tiny_model, 
     reward = run.task.reward_funcs[0]
 
     def spy(prompts, completions, **columns):
-        seen.extend(prompts)
+        seen.extend(zip(prompts, completions))
         return reward(prompts, completions, **columns)
 
     run.task.reward_funcs = [spy, *run.task.reward_funcs[1:]]
     train_run(run)
-    chat = [p for p in seen if not isinstance(p, str)]   # the training prompts (evaluation: the task's own)
-    assert chat and all(p[0]["role"] == "user" and p[0]["content"].startswith("sort ") for p in chat)
+    chat = [(p, c) for p, c in seen if not isinstance(p, str)]   # the training prompts (evaluation: the task's own)
+    assert chat and all(p[0]["role"] == "user" and p[0]["content"].startswith("sort ") for p, _ in chat)
+    assert all(len(c) == 1 and c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for _, c in chat)
+    assert all(isinstance(c, str) for p, c in seen if isinstance(p, str))
     assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 1
 
 

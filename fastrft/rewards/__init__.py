@@ -1,14 +1,17 @@
 """Rule-based reward helpers in TRL's convention, reusable by any task.
 
 A reward function is called as ``f(prompts, completions, **columns) -> list[float | None]``: ``prompts`` and
-``completions`` are lists of strings, each dataset column arrives as a list aligned with them, and ``None`` means
-"no reward for this sample" (the sample is left out of the average, not scored 0).
+``completions`` are lists of strings, or, for rows whose prompt is chat messages, TRL's conversational format (the
+prompt's messages, and the completion as ``[{"role": "assistant", "content": text}]``); each dataset column arrives
+as a list aligned with them, and ``None`` means "no reward for this sample" (the sample is left out of the average,
+not scored 0). The helpers here take either form (``completion_text``).
 
     format_reward(pattern)        1.0 when the completion fully matches a regex, else 0.0
     length_penalty(max_chars)     0.0 up to max_chars, then -(excess / max_chars), floored at -1
     repetition_penalty(n=3)       minus the fraction of the completion's n-grams that repeat an earlier one
     combine_rewards(...)          the weighted total and each function's values, None-aware
     is_degenerate(completion)     "empty" | "truncated" | "looping" | None
+    completion_text(completion)   the text of a completion in either form
 """
 from __future__ import annotations
 
@@ -19,12 +22,24 @@ from typing import Callable, Sequence
 RewardFunc = Callable[..., list]
 
 
+def completion_text(completion) -> str:
+    """A completion's text: a string as it is, a conversational completion (a list of messages, TRL's format for chat
+    prompts) as its messages' contents joined."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                            for m in completion):
+        return "".join(m["content"] for m in completion)
+    raise TypeError(f"a completion must be a string or a list of chat messages with string contents, got "
+                    f"{completion!r:.80}")
+
+
 def format_reward(pattern: str) -> RewardFunc:
     """1.0 for a completion (stripped of surrounding whitespace) that fully matches ``pattern``, else 0.0."""
     regex = re.compile(pattern, re.DOTALL)
 
     def format_reward(prompts, completions, **columns):
-        return [1.0 if regex.fullmatch(c.strip()) else 0.0 for c in completions]
+        return [1.0 if regex.fullmatch(completion_text(c).strip()) else 0.0 for c in completions]
 
     format_reward.__name__ = f"format_reward({pattern!r})"
     return format_reward
@@ -36,7 +51,7 @@ def length_penalty(max_chars: int) -> RewardFunc:
         raise ValueError(f"length_penalty: max_chars must be positive, got {max_chars}")
 
     def length_penalty(prompts, completions, **columns):
-        return [-min(1.0, max(0, len(c) - max_chars) / max_chars) for c in completions]
+        return [-min(1.0, max(0, len(completion_text(c)) - max_chars) / max_chars) for c in completions]
 
     length_penalty.__name__ = f"length_penalty({max_chars})"
     return length_penalty
@@ -57,7 +72,7 @@ def repetition_penalty(n: int = 3) -> RewardFunc:
 
     def repetition_penalty(prompts, completions, **columns):
         values = []
-        for c in completions:
+        for c in map(completion_text, completions):
             words = c.split()
             values.append(-_repeated_ngram_fraction(words if len(words) >= n else c, n))
         return values
@@ -113,14 +128,15 @@ def combine_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float], promp
     return rewards, per_func
 
 
-def is_degenerate(completion: str, *, max_chars: int | None = None, truncated: bool = False,
+def is_degenerate(completion, *, max_chars: int | None = None, truncated: bool = False,
                   ngram: int = 3) -> str | None:
-    """Why a completion is degenerate, or None when it is not.
+    """Why a completion (a string or a conversational completion) is degenerate, or None when it is not.
 
     "empty": nothing but whitespace. "truncated": generation hit its token limit (``truncated``) or the text is
     longer than ``max_chars``. "looping": at least half of its ``ngram``-grams (words, or characters for texts of
     few words) repeat an earlier one, over at least 4 n-grams.
     """
+    completion = completion_text(completion)
     if not completion.strip():
         return "empty"
     if truncated or (max_chars is not None and len(completion) > max_chars):

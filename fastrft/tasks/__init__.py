@@ -8,7 +8,8 @@
     load_rows("data.jsonl")                 local rows for a task: JSONL or Parquet, each row with a "prompt"
 
 Reward functions follow TRL's convention (see fastrft.rewards): ``f(prompts, completions, **columns)`` where every
-column of the rows other than "prompt" arrives as a list aligned with the prompts.
+column of the rows other than "prompt" arrives as a list aligned with the prompts, and a chat prompt's completion is
+a list of one assistant message.
 """
 from __future__ import annotations
 
@@ -79,8 +80,12 @@ class Task:
 
     def score(self, rows: list[dict], completions: list[str], truncated: list[bool]):
         """(weighted reward or None, {function name: values}) of each completion; rows[i] is completion i's prompt
-        row, whose other columns and the `truncated` flags reach the reward functions."""
+        row, whose other columns and the `truncated` flags reach the reward functions. A completion of a chat prompt
+        reaches them as TRL gives it, [{"role": "assistant", "content": text}]."""
         from fastrft.rewards import combine_rewards
+
+        completions = [[{"role": "assistant", "content": text}] if isinstance(row["prompt"], list) else text
+                       for row, text in zip(rows, completions, strict=True)]
 
         # Every column any row holds (None where a row lacks it), as datasets and TRL give them.
         columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r) if k != "prompt"}

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from fastrft import sandbox
 from fastrft.jsonl import read_jsonl
-from fastrft.rewards import is_degenerate, truncated_flags
+from fastrft.rewards import completion_text, is_degenerate, truncated_flags
 from fastrft.tasks import Task
 
 DEFAULT_PROBLEMS = Path(__file__).parent / "data" / "code_problems.jsonl"
@@ -239,7 +239,7 @@ def make_reward_funcs(scorer: CodeScorer, *, degenerate_reward: float = -0.5, ma
 
     def scores(completions, tests, truncated, completion_ids):
         flags = truncated_flags(len(completions), truncated, completion_ids, max_new_tokens)
-        return scorer.score(list(completions), list(tests), flags)
+        return scorer.score([completion_text(c) for c in completions], list(tests), flags)
 
     def pass_rate(prompts, completions, tests, truncated=None, completion_ids=None, **columns):
         return [degenerate_reward if s.degenerate else s.pass_rate

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from fastrft.rewards import completion_text
 from fastrft.tasks import Task
 
 PROMPT_FORMAT = "sort {digits}="
@@ -99,7 +100,7 @@ def sort_reward(prompts, completions, answer: list[str], **columns):
     """Half partial credit, half exact match, in [0, 1]: (LCS(completion, answer) / max(len(completion),
     len(answer)) + [completion == answer]) / 2. Empty or non-digit text scores 0.0."""
     rewards = []
-    for completion, target in zip(completions, answer):
+    for completion, target in zip(map(completion_text, completions), answer):
         completion = completion.strip()
         if not completion.isdigit():
             rewards.append(0.0)
@@ -111,12 +112,12 @@ def sort_reward(prompts, completions, answer: list[str], **columns):
 
 def exact_match(prompts, completions, answer: list[str], **columns):
     """1.0 when the stripped completion is exactly the sorted digits, else 0.0."""
-    return [float(completion.strip() == target) for completion, target in zip(completions, answer)]
+    return [float(completion_text(completion).strip() == target) for completion, target in zip(completions, answer)]
 
 
 def proxy_reward(prompts, completions, answer: list[str], **columns):
     """The biased proxy: sort_reward + LENGTH_BONUS per character of the stripped completion."""
-    return [gold + LENGTH_BONUS * len(completion.strip())
+    return [gold + LENGTH_BONUS * len(completion_text(completion).strip())
             for gold, completion in zip(sort_reward(prompts, completions, answer), completions)]
 
 

@@ -5,8 +5,8 @@
 
 The reward model is loaded from a local path with ``AutoModelForSequenceClassification`` the first time it is
 needed and reused for every later batch: bf16 on CUDA, fp32 on the CPU. Each (prompt, reply) pair becomes a user
-and an assistant message formatted by the reward model's chat template (a plain "User:/Assistant:" layout when its
-tokenizer has none), right-padded and scored in batches.
+message (or the prompt's chat messages) and an assistant message, formatted by the reward model's chat template (a
+plain "User:/Assistant:" layout when its tokenizer has none), right-padded and scored in batches.
 
 Rewards (TRL convention; an optional per-sample ``truncated`` column or TRL's ``completion_ids`` mark replies cut
 at the length limit):
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastrft.rewards import is_degenerate, truncated_flags
+from fastrft.rewards import completion_text, is_degenerate, truncated_flags
 from fastrft.tasks import Task, load_rows
 
 DEGENERATE_KINDS = ("empty", "truncated", "looping")
@@ -91,15 +91,18 @@ class RewardModelScorer:
                 self.model, self.tokenizer = model.to(self.device).eval(), tokenizer
         return self.model, self.tokenizer
 
-    def format(self, prompt: str, reply: str) -> str:
+    def format(self, prompt, reply) -> str:
+        """The scored text: the prompt (a string: one user message; or chat messages) and the reply (a string, or
+        TRL's conversational completion) as a conversation."""
         _, tokenizer = self.load()
+        messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)) + \
+            [{"role": "assistant", "content": completion_text(reply)}]
         if tokenizer.chat_template:
-            return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                                  {"role": "assistant", "content": reply}], tokenize=False)
-        return f"User: {prompt}\n\nAssistant: {reply}"
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], replies: list[str]) -> list[float]:
+    def __call__(self, prompts: list, replies: list) -> list[float]:
         model, tokenizer = self.load()
         texts = [self.format(p, r) for p, r in zip(prompts, replies)]
         # A chat template writes its own special tokens; the plain layout gets the tokenizer's.
