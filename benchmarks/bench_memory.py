@@ -69,15 +69,16 @@ def one_step(model_dir: str, variant: str, dtype: str, device: str) -> dict:
         t0 = time.perf_counter()
         run = make_run(cfg)
         run.eval_rows = []
+        t1 = time.perf_counter()
         record = run_step(run, 1)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t1
         params = {"total": sum(p.numel() for p in run.policy.parameters()),
                   "trained": sum(p.numel() for p in run.policy.parameters() if p.requires_grad),
                   "reference_copy": 0 if run.ref is run.policy else sum(p.numel() for p in run.ref.parameters())}
         element = torch.finfo(getattr(torch, dtype)).bits // 8
         # weights (and the reference's copy), gradients of what trains, AdamW's two fp32-or-dtype moments
         floor = element * (params["total"] + params["reference_copy"] + 3 * params["trained"])
-        result = {"variant": variant, "params": params, "floor_bytes": floor, "step_s": seconds,
+        result = {"variant": variant, "params": params, "floor_bytes": floor, "step_s": seconds, "load_s": t1 - t0,
                   "trained_tokens": record.trained_tokens, "micro_batches": record.update.micro_batches}
         if torch.cuda.is_available() and run.device.type == "cuda":
             result["peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -138,14 +139,18 @@ def markdown(payload: dict) -> str:
              f"{'the CUDA allocator' if args['device'] == 'cuda' else 'process peak RSS (VmHWM); over start: less the RSS before the models load'}. "
              "Floor: weights (x2 with a separate reference) + gradients and two AdamW moments of what trains. "
              "GB = 2^30 bytes.", "",
-             "| variant | layers | params | trained | peak GB | over start GB | floor GB | peak / floor | step s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "Load s: making the run (models, tokenizer, optimizer); step s: the step alone.", "",
+             "| variant | layers | params | trained | peak GB | over start GB | floor GB | peak / floor | load s | "
+             "step s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in payload["comparison"]:
-        over = r.get("peak_over_start_bytes")
+        over, load = r.get("peak_over_start_bytes"), r.get("load_s")   # (load_s: not in results before it was)
         lines.append(f"| {r['variant']} | {r['layers']} | {r['params']['total'] / 1e6:.0f}M | "
                      f"{r['params']['trained'] / 1e6:.2f}M | {r['peak_bytes'] / GB:.2f} | "
                      f"{'-' if over is None else f'{over / GB:.2f}'} | {r['floor_bytes'] / GB:.2f} | "
-                     f"{r['peak_bytes'] / r['floor_bytes']:.2f}x | {r['step_s']:.1f} |")
+                     f"{r['peak_bytes'] / r['floor_bytes']:.2f}x | "
+                     f"{'-' if load is None else f'{load:.1f}'} | {r['step_s']:.1f}"
+                     f"{' (loading included)' if load is None else ''} |")
     lines += ["", f"LoRA / full peak: **{payload['lora_over_full']:.2f}x** (target <= 0.4x)"
               + (f"; over start: {payload['lora_over_full_over_start']:.2f}x"
                  if payload.get("lora_over_full_over_start") else "")]

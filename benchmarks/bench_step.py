@@ -48,6 +48,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("rollout", "reward", "reference", "refine", "update")
 PART_KEYS = {"demo": ("demo", "demo_ratios"), "sweep": ("sweep", "matmul_gflops", "sweep_settings"),
              "plain": ("plain",)}
+CARRIED_PARTS = "FASTRFT_BENCH_CARRIED"   # the environment variable taking measured parts across the re-execution
 DEMO_ROWS = 128                  # one demo step: 16 prompts x 8 samples
 MODELS = {   # name: what it is
     "demo": "the demo's tiny Llama (3 layers, hidden 96, vocabulary 24)",
@@ -495,6 +496,8 @@ def main():
     out = Path(args.out) if args.out else RESULTS / f"bench_step_{tag}"
     if not args.no_write:
         payload.update(earlier_parts(out.with_suffix(".json")))
+    # The parts measured before this process re-executed itself (below): kept even where nothing is written.
+    payload.update(json.loads(os.environ.pop(CARRIED_PARTS, "{}")))
     # One run across the re-execution below: the parts it measured are this run's, whatever their settings.
     payload["run"] = os.environ.setdefault("FASTRFT_BENCH_RUN", uuid.uuid4().hex[:12])
     payload.setdefault("part_run", {})
@@ -519,6 +522,8 @@ def main():
         rest = [part for part in parts if part != "demo"]
         if rest:
             print(write(), flush=True)
+            os.environ[CARRIED_PARTS] = json.dumps({key: payload[key] for key in (*PART_KEYS["demo"], "part_env",
+                                                                                  "part_run")})
             fix_malloc_mmap_threshold([*sys.argv[1:], "--parts", ",".join(rest)])
     if "sweep" in parts:
         payload["sweep"], rate = sweep(payload["models"], scales, device, dtype,
