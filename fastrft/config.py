@@ -124,6 +124,9 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # task options, passed to the task loader
 
     def __post_init__(self):
+        for key in (*PATH_KEYS, "output_dir"):   # ~ in a YAML file: no shell expands it there
+            if isinstance(getattr(self, key), str):
+                setattr(self, key, os.path.expanduser(getattr(self, key)))
         # packing was a boolean: true/false (YAML booleans included) still mean what they did.
         word = str(self.packing).lower()
         if word in _BOOLEAN_WORDS:

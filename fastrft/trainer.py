@@ -549,8 +549,9 @@ def check_distributable(cfg: TrainConfig, fsdp: bool, ref_sharding: str, world: 
                          f"bitsandbytes' quantized weights; give ref_sharding=replicate")
 
 
-def check_model_dir(path: str, key: str) -> None:
-    """A local Hugging Face model directory (models never come from the hub): ValueError naming the key otherwise."""
+def check_model_dir(path: str, key: str) -> dict:
+    """A local Hugging Face model directory (models never come from the hub): its config.json's settings; a
+    ValueError naming the key otherwise."""
     directory = Path(path)
     if not directory.exists():
         raise ValueError(f"{key}={path!r}: no such directory (fastrft loads models from local Hugging Face model "
@@ -559,9 +560,12 @@ def check_model_dir(path: str, key: str) -> None:
     if not config.is_file():
         raise ValueError(f"{key}={path!r} is not a Hugging Face model directory: it has no config.json")
     try:
-        json.loads(config.read_text(encoding="utf-8"))
+        settings = json.loads(config.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{key}={path!r}: its config.json is not valid JSON ({e})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{key}={path!r}: its config.json holds no settings (a JSON object)")
+    return settings
 
 
 def check_vocabularies(cfg: TrainConfig, tokenizer, policy, ref) -> None:

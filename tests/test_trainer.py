@@ -363,6 +363,16 @@ def test_config_values_yaml_types_that_mean_the_same_are_taken(tmp_path):
     assert (cfg.steps, cfg.lr, cfg.packing, cfg.eval_size) == (10, 1e-4, "false", None)
 
 
+def test_config_paths_may_begin_with_the_home_folder(tmp_path, monkeypatch):
+    """No shell expands ~ in a YAML file: the config does, for the model, reference, dataset and output paths."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "run.yaml"
+    path.write_text("model: ~/m\nref_model: ~/r\ndataset: ~/d.jsonl\neval_dataset: ~/e.jsonl\noutput_dir: ~/runs/x\n")
+    cfg = load_config(path)
+    assert (cfg.model, cfg.ref_model, cfg.dataset, cfg.eval_dataset, cfg.output_dir) == tuple(
+        str(tmp_path / name) for name in ("m", "r", "d.jsonl", "e.jsonl", "runs/x"))
+
+
 def test_config_errors_name_the_key(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("steps: 7\nconstraint: kl\nbogus_key: 1\n")

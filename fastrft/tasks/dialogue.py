@@ -17,9 +17,8 @@ at the length limit):
 """
 from __future__ import annotations
 
-import json
+import os
 import threading
-from pathlib import Path
 
 import torch
 
@@ -152,16 +151,9 @@ def parse_refinement(text: str) -> str | None:
 def _check_reward_model(path: str) -> None:
     """A local model directory whose architecture is a sequence classifier: a causal LM would load with a randomly
     initialised score head and score noise."""
-    directory = Path(path).expanduser()
-    config = directory / "config.json"
-    if not config.is_file():
-        raise ValueError(f"dialogue_task: reward_model={path!r} is not a local model directory (no "
-                         f"{'config.json in it' if directory.is_dir() else 'such directory'}); models are never "
-                         f"downloaded")
-    try:
-        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"dialogue_task: reward_model={path!r}: its config.json is not valid JSON ({e})") from None
+    from fastrft.trainer import check_model_dir
+
+    architectures = check_model_dir(path, "dialogue_task: reward_model").get("architectures") or []
     if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise ValueError(f"dialogue_task: reward_model={path!r} is a {', '.join(architectures)}, not a sequence-"
                          f"classification reward model: its score head would be random")
@@ -173,6 +165,7 @@ def dialogue_task(reward_model: str, dataset: str | None = None, *, n_eval: int 
     """Replies to ``dataset``'s prompts (default: the embedded ones), scored by the reward model at the local path
     ``reward_model``; the first ``n_eval`` rows are held out. ``degenerate_reward`` is the reward of an empty,
     truncated or looping reply (set it below the reward model's usual range)."""
+    reward_model, dataset = (os.path.expanduser(p) if isinstance(p, str) else p for p in (reward_model, dataset))
     _check_reward_model(reward_model)
     for name, value in (("batch_size", batch_size), ("max_length", max_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
