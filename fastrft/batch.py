@@ -42,8 +42,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from fastrft.distributed import SINGLE, World, gradient_sync, launched_rank
-from fastrft.loss import (IGNORE_INDEX, FusedRFTOutput, beyond_causal, check_module_options, fused_rft_loss,
-                          kl_estimate, model_logit_transform, token_logprobs)
+from fastrft.loss import (IGNORE_INDEX, FusedRFTOutput, beyond_causal, check_module_options, check_plain_head,
+                          fused_rft_loss, kl_estimate, model_logit_transform, token_logprobs)
 from fastrft.rollout import eval_mode, first_occurrences
 
 PACKING = ("auto", "true", "false")
@@ -534,7 +534,9 @@ def router_loss_coef(model, cfg) -> float:
 
 
 def lm_head(model):
-    return model.get_output_embeddings()
+    head = model.get_output_embeddings()
+    check_plain_head(head, type(model).__name__)
+    return head
 
 
 # The probe's length, and its tolerance: in fp32 up to this many nats, in 16 bits also a few roundings of the largest
@@ -633,7 +635,8 @@ class CausalLMWithFusedLoss(torch.nn.Module):
                 **loss_options):
         # A PEFT model's adapters live inside the causal LM it wraps: its body and head are that model's.
         model = self.model.get_base_model() if callable(getattr(self.model, "get_base_model", None)) else self.model
-        check_module_options(loss_options, "CausalLMWithFusedLoss")
+        check_module_options(loss_options, "CausalLMWithFusedLoss", own=tuple(model_logit_transform(model)))
+        check_plain_head(model.get_output_embeddings(), "CausalLMWithFusedLoss")
         if input_ids.dim() != 2 or targets.shape != input_ids.shape:
             raise ValueError(f"input_ids and targets must both be [batch, tokens], got {tuple(input_ids.shape)} and "
                              f"{tuple(targets.shape)}")

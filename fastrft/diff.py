@@ -83,7 +83,8 @@ def _resolve_max_d(max_d) -> int:
 
 
 def _check_tokens(seq, what: str):
-    """What the backends accept: 1-D integer tensors go as int64 numpy views, other input is checked by them."""
+    """What the backends accept: 1-D integer tensors go as int64 numpy views, strided arrays as contiguous copies,
+    other input is checked by them."""
     if isinstance(seq, torch.Tensor):
         if seq.dim() != 1:
             raise ValueError(f"{what} must be 1-D, got shape {tuple(seq.shape)}")
@@ -93,6 +94,9 @@ def _check_tokens(seq, what: str):
     ndim = getattr(seq, "ndim", 1)
     if ndim != 1:
         raise ValueError(f"{what} must be 1-D, got {ndim} dimensions")
+    flags = getattr(seq, "flags", None)
+    if flags is not None and not flags["C_CONTIGUOUS"]:
+        return seq.copy(order="C")   # a strided array (a[::2]): the C++ parser reads contiguous buffers
     return seq
 
 

@@ -253,7 +253,8 @@ def _flatten_inputs(hidden, weight, targets, bias):
 
 
 def _per_row(name, value, targets_shape, n, device, dtype=torch.float32):
-    """A per-token input as a flat [N] tensor, or None."""
+    """A per-token input as a flat [N] tensor, or None; detached: gradients flow through the log-probs and the
+    entropies only (an old_logprobs still on the policy's graph would cancel the ratio's gradient)."""
     if value is None:
         return None
     if not isinstance(value, torch.Tensor):
@@ -269,7 +270,7 @@ def _per_row(name, value, targets_shape, n, device, dtype=torch.float32):
         return value.reshape(-1)
     if not value.dtype.is_floating_point:
         raise ValueError(f"{name} must be a float tensor, got {value.dtype}")
-    return value.reshape(-1).to(dtype)
+    return value.detach().reshape(-1).to(dtype)
 
 
 def _check_targets(targets, vocab_size, ignore_index):
@@ -316,7 +317,7 @@ def _check_loss_options(*, clip_low, clip_high, kl_coef, kl_estimator, entropy_c
             raise ValueError(f"normalizer must be a number or a one-element real tensor, got a {normalizer.dtype} "
                              f"tensor of shape {tuple(normalizer.shape)}")
         if not torch.compiler.is_compiling():   # a value check would break a compiled graph
-            _check_normalizer_value(float(normalizer))
+            _check_normalizer_value(float(normalizer.detach()))
     elif normalizer is not None:
         if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
             raise ValueError(f"normalizer must be a number or a one-element tensor, got {type(normalizer).__name__}")
@@ -471,7 +472,7 @@ def fused_rft_loss(
     if normalizer is None:
         normalizer = (pg_rows | (sft_w != 0)).sum().clamp(min=1).float()
     elif isinstance(normalizer, torch.Tensor):
-        normalizer = normalizer.reshape(()).to(device=device, dtype=torch.float32)
+        normalizer = normalizer.detach().reshape(()).to(device=device, dtype=torch.float32)
     loss = row_loss.sum() / normalizer
 
     with torch.no_grad():
@@ -492,14 +493,29 @@ def fused_rft_loss(
     return FusedRFTOutput(loss, detached.view(targets.shape), entropy.detach().view(targets.shape), metrics)
 
 
-def check_module_options(options: dict, module: str) -> None:
+def check_module_options(options: dict, module: str, *, own: tuple[str, ...] = ()) -> None:
     """The loss options given a module that computes fused_rft_loss over an LM head of its own (FusedRFTLoss,
-    CausalLMWithFusedLoss), at construction or in a call: fused_rft_loss's keyword arguments but bias."""
+    CausalLMWithFusedLoss), at construction or in a call: fused_rft_loss's keyword arguments but bias and the
+    module's `own` (options it reads from the model)."""
     unknown = set(options) - set(fused_rft_loss.__kwdefaults__)
     if unknown:
         raise ValueError(f"unknown fused_rft_loss options: {sorted(unknown)}")
     if "bias" in options:
         raise ValueError(f"bias is not an option of {module}: it reads the bias of its LM head (lm_head.bias)")
+    given = [name for name in own if name in options]
+    if given:
+        raise ValueError(f"{given[0]} is not an option of {module}: it reads the model's logit transform itself "
+                         f"(fastrft.model_logit_transform)")
+
+
+def check_plain_head(head: nn.Module, where: str) -> None:
+    """A ValueError where the LM head computes more than hidden @ weight.T (+ bias), which is all the fused loss
+    reads of it: a PEFT adapter on the head (lm_head among LoRA's target_modules), whose weight is the base layer's,
+    would neither count nor train."""
+    if hasattr(head, "base_layer"):
+        raise ValueError(f"{where}: the LM head is a {type(head).__name__}, a PEFT adapter on it: the fused loss reads "
+                         f"only its base weight, so the adapter would neither count nor train; leave the head out of "
+                         f"the adapters' target modules (modules_to_save=['lm_head'] trains it whole, and works)")
 
 
 class FusedRFTLoss(nn.Module):
@@ -515,6 +531,7 @@ class FusedRFTLoss(nn.Module):
         if not isinstance(getattr(lm_head, "weight", None), torch.Tensor) or lm_head.weight.dim() != 2:
             raise ValueError("lm_head must be a module with a [V, H] weight, such as nn.Linear")
         check_module_options(defaults, "FusedRFTLoss")
+        check_plain_head(lm_head, "FusedRFTLoss")
         options = {**fused_rft_loss.__kwdefaults__, **defaults}
         _check_loss_options(**{name: options[name] for name in inspect.signature(_check_loss_options).parameters})
         self.lm_head = lm_head

@@ -622,6 +622,10 @@ def test_moe_router_loss_is_the_models_own_and_joins_the_update():
     (lambda m, ids: m(ids, ids, advantages=torch.ones(2), clip_hgh=0.3),
      r"unknown fused_rft_loss options: \['clip_hgh'\]"),
     (lambda m, ids: m(ids, ids, advantages=torch.ones(2), bias=None), "bias is not an option of CausalLMWithFusedLoss"),
+    (lambda m, ids: m(ids, ids, advantages=torch.ones(2), softcap=30.0),
+     "softcap is not an option of CausalLMWithFusedLoss: it reads the model's logit transform itself"),
+    (lambda m, ids: m(ids, ids, advantages=torch.ones(2), logit_scale=1.0),
+     "logit_scale is not an option of CausalLMWithFusedLoss"),
 ])
 def test_the_loss_module_names_a_bad_call(model, call, message):
     from fastrft.batch import CausalLMWithFusedLoss
@@ -652,3 +656,29 @@ def test_the_loss_module_over_a_peft_model_is_its_adapted_model_s_loss(model_typ
     torch.testing.assert_close(out.logprobs[:, :-1].double(), own, rtol=0, atol=1e-5)
     adapters = [p for n, p in model.named_parameters() if "lora_" in n]
     assert adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
+
+
+def test_a_peft_adapter_on_the_head_is_refused_and_a_head_trained_whole_is_not():
+    """The fused loss reads the head's weight: a LoRA adapter on lm_head (its weight the base layer's) would neither
+    count nor train, so it is refused; modules_to_save trains the head whole, and its log-probs are the model's."""
+    peft = pytest.importorskip("peft")
+    from fastrft import FusedRFTLoss
+    from fastrft.batch import CausalLMWithFusedLoss
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 50, (2, 8))
+    targets = ids.roll(-1, 1)
+    targets[:, -1] = -100
+    adapted = peft.get_peft_model(tiny_causal_lm("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                                           init_lora_weights=False))
+    message = r"the LM head is a Linear, a PEFT adapter on it: the fused loss reads only its base weight"
+    with pytest.raises(ValueError, match=f"CausalLMWithFusedLoss: {message}"):
+        CausalLMWithFusedLoss(adapted)(ids, targets, advantages=torch.ones(2, 8))
+    with pytest.raises(ValueError, match=f"FusedRFTLoss: {message}"):
+        FusedRFTLoss(adapted.get_base_model().lm_head)
+    whole = peft.get_peft_model(tiny_causal_lm("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                         modules_to_save=["lm_head"]))
+    out = CausalLMWithFusedLoss(whole)(ids, targets, advantages=torch.ones(2, 8))
+    with torch.no_grad():
+        own = whole(input_ids=ids).logits.double().log_softmax(-1)[:, :-1].gather(-1, targets[:, :-1, None])[..., 0]
+    torch.testing.assert_close(out.logprobs[:, :-1].double(), own, rtol=0, atol=1e-5)

@@ -198,6 +198,7 @@ def test_input_types_agree(backend):
         (torch.tensor(sample)[::1], torch.tensor(refined + [0])[:-1]),
         (np.array(sample, dtype=np.int64), np.array(refined, dtype=np.int32)),
         (torch.tensor(sample).repeat_interleave(2)[::2], torch.tensor(refined)),  # non-contiguous
+        (np.array(sample).repeat(2)[::2], np.array(refined + refined)[:len(refined)]),   # a strided array
     ]
     for a, b in variants:
         got = diff_mask(a, b, backend=backend)

@@ -631,6 +631,29 @@ def test_a_tensor_normalizer_acts_as_the_same_number(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_flow_through_the_log_probs_and_entropies_only(impl):
+    """The per-token inputs and a tensor normalizer are constants of the loss, whatever graph they carry: an
+    old_logprobs still on the policy's graph would otherwise cancel the ratio's gradient."""
+    hidden, weight, _, targets = make_inputs(6, 8, 13, ignored=0.0)
+    torch.manual_seed(1)
+    adv, sft = torch.randn(6), torch.rand(6)
+
+    def hidden_grad(old_logprobs, ref_logprobs, advantages, sft_weights, normalizer):
+        h = hidden.detach().clone().requires_grad_()
+        fastrft.fused_rft_loss(h, weight, targets, advantages=advantages, old_logprobs=old_logprobs,
+                               ref_logprobs=ref_logprobs, sft_weights=sft_weights, kl_coef=0.1,
+                               normalizer=normalizer, impl=impl).loss.backward()
+        return h.grad
+
+    h = hidden.detach().clone().requires_grad_()
+    on_graph, _ = fastrft.lm_head_logprobs(h, weight, targets, impl=impl)   # the policy's, with its graph
+    given = [t.clone().requires_grad_() for t in (on_graph.detach() - 0.1, adv, sft, torch.tensor(4.0))]
+    expected = hidden_grad(on_graph.detach(), on_graph.detach() - 0.1, adv, sft, 4.0)
+    torch.testing.assert_close(hidden_grad(on_graph, *given), expected, rtol=0, atol=0)
+    assert h.grad is None and all(t.grad is None for t in given)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_log_ratios_past_exps_range_give_finite_gradients(impl):
     """Rows whose log-ratio to the behaviour policy (or whose k3 exponent ref - logp) lies past exp's fp32 range:
     the loss and every gradient stay finite; rows in range keep the reference's gradient."""
