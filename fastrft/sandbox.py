@@ -53,6 +53,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import numbers
 import operator
 import os
 import select
@@ -93,6 +94,7 @@ MEMORY_MECHANISMS = ("cgroup2", "cgroup1", "rlimit")
 CGROUP_ENV = "FASTRFT_SANDBOX_CGROUP"  # a delegated cgroup directory to create the programs' groups in
 MIN_PROCESS_MB = 32                    # RLIMIT_AS a Python process needs to start (its VmPeak is ~14 MB)
 MIN_OPEN_FILES = 4                     # file descriptors Python needs to start a program (stdio and main.py)
+MAX_TIMEOUT_S = 1e6                    # about 11 days: past what the clocks' waits take
 # The rlimit fallback's inference (no kernel count there): allocation failures surface as MemoryError, or as a
 # crash (SIGSEGV/SIGABRT/SIGBUS) when the failing allocation is in C code that cannot raise.
 _MEMORY_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS}
@@ -621,14 +623,15 @@ def sandbox_available() -> bool:
 def _run_bwrap(source: str, stdin: str, limits: _Limits) -> SandboxResult:
     start = time.monotonic()
     python = _python()
+    source_bytes, stdin_bytes = source.encode(), stdin.encode()   # (run_code has checked that they encode)
     try:
         group = _new_group(limits)
     except OSError as e:
         return SandboxResult("sandbox_error", "", f"cannot create the program's cgroup: {e}", None,
                              time.monotonic() - start, memory_mechanism())
     mechanism = group.mechanism if group else "rlimit"
-    source_fd = _memfd("main.py", source.encode())
-    stdin_fd = _memfd("stdin", stdin.encode())
+    source_fd = _memfd("main.py", source_bytes)
+    stdin_fd = _memfd("stdin", stdin_bytes)
     status_r, status_w = os.pipe()
     block_r, block_w = os.pipe() if group else (None, None)
     child_fds = [source_fd, stdin_fd, status_w] + ([block_r] if group else [])
@@ -644,11 +647,15 @@ def _run_bwrap(source: str, stdin: str, limits: _Limits) -> SandboxResult:
         finally:
             for fd in child_fds:  # the child holds its copies
                 os.close(fd)
-        problem = run.enter_group(group, block_w) if group else None
-        if problem is None:
-            out, err, limit_hit = run.pump()
-        else:
-            out, err, limit_hit = b"", problem.encode(), "sandbox_error"
+        try:
+            problem = run.enter_group(group, block_w) if group else None
+            if problem is None:
+                out, err, limit_hit = run.pump()
+            else:
+                out, err, limit_hit = b"", problem.encode(), "sandbox_error"
+        except BaseException:   # (an interrupt too) nothing the program started is left running
+            run.finish("interrupted")
+            raise
         returncode, limit_hit = run.finish(limit_hit)
         if run.exit_code_reported is not None and limit_hit is None and run.stalled_returncode is None:
             returncode = run.exit_code_reported
@@ -682,7 +689,11 @@ def _run_unsafe(source: str, stdin: str, limits: _Limits) -> SandboxResult:
             run = _Run(cmd, limits, stdin_fd, (), None, cwd=scratch, as_nobody=False)
         finally:
             os.close(stdin_fd)
-        out, err, limit_hit = run.pump()
+        try:
+            out, err, limit_hit = run.pump()
+        except BaseException:
+            run.finish("interrupted")
+            raise
         returncode, limit_hit = run.finish(limit_hit)
     status, exit_code = _classify(returncode, limit_hit, err, True, None)
     return SandboxResult(status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), exit_code,
@@ -692,9 +703,10 @@ def _run_unsafe(source: str, stdin: str, limits: _Limits) -> SandboxResult:
 def _check_limits(timeout_s, memory_mb, max_output_bytes, max_processes, scratch_mb, max_open_files) -> _Limits:
     """The limits, each checked by name: a bad one would otherwise surface as a wall of failed programs that read
     as zero rewards."""
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) \
-            or timeout_s <= 0:
-        raise ValueError(f"run_code: timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not math.isfinite(timeout_s) \
+            or not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"run_code: timeout_s must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:g}, got "
+                         f"{timeout_s!r}")
     counts = {}
     for name, value, least in (("memory_mb", memory_mb, 1), ("max_output_bytes", max_output_bytes, 0),
                                ("max_processes", max_processes, 2), ("scratch_mb", scratch_mb, 1),
@@ -723,6 +735,12 @@ def run_code(source: str, stdin: str = "", *, timeout_s: float = 5.0, memory_mb:
         raise ValueError(f"run_code: source must be str, got {type(source).__name__} (decode bytes first)")
     if not isinstance(stdin, str):
         raise ValueError(f"run_code: stdin must be str (\"\" for none), got {type(stdin).__name__}")
+    for name, text in (("source", source), ("stdin", stdin)):
+        try:
+            text.encode()
+        except UnicodeEncodeError as e:   # a lone surrogate, as JSON's "\ud800" loads
+            raise ValueError(f"run_code: {name} is not valid Unicode: {e.object[e.start:e.end]!r} at index "
+                             f"{e.start} ({e.reason}) cannot be written as UTF-8") from None
     limits = _check_limits(timeout_s, memory_mb, max_output_bytes, max_processes, scratch_mb, max_open_files)
     isolated = sandbox_available()
     if not isolated and not unsafe:

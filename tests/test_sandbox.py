@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 
+import numpy as np
 import pytest
 
 from fastrft import sandbox
@@ -470,11 +471,41 @@ def test_refuses_without_isolation_unless_unsafe(monkeypatch, tmp_path):
     ({"max_processes": 1}, "max_processes"), ({"scratch_mb": 0}, "scratch_mb"),
     ({"max_output_bytes": -1}, "max_output_bytes"), ({"source": b"print(1)"}, "source"),
     ({"stdin": None}, "stdin"), ({"stdin": b"1\n"}, "stdin"),
+    ({"timeout_s": 1e10}, r"timeout_s must be a number of seconds > 0 and at most 1e\+06"),
+    ({"source": "print('\ud800')"}, r"source is not valid Unicode: '\\ud800' at index 7"),
+    ({"stdin": "1\ud800"}, r"stdin is not valid Unicode: '\\ud800' at index 1"),
 ])
 def test_rejects_bad_limits(arguments, named):
     call = {"source": "print(1)", **arguments}
     with pytest.raises(ValueError, match=named):
         sandbox.run_code(call.pop("source"), **call)
+
+
+def test_a_numpy_timeout_is_a_number():
+    assert run("print(1)", limit_s=5.0, timeout_s=np.float32(2.0)).status == "ok"
+
+
+def test_an_error_in_the_caller_mid_run_leaves_nothing_running(monkeypatch):
+    """An exception (an interrupt) while the program runs: its sandbox, children and cgroup go before it
+    propagates."""
+    marker = f"fastrft-orphan-{uuid.uuid4().hex}"
+    source = (f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)', "
+              f"'{marker}'])\ntime.sleep(30)")
+    groups = []
+    new_group = sandbox._new_group
+    monkeypatch.setattr(sandbox, "_new_group", lambda limits: groups.append(new_group(limits)) or groups[-1])
+
+    def interrupted(self):
+        deadline = time.monotonic() + 5.0
+        while not _host_processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sandbox._Run, "pump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sandbox.run_code(source, timeout_s=20.0, memory_mb=256, max_processes=16)
+    assert _host_processes_with(marker) == []
+    assert all(not os.path.exists(d) for group in groups if group for d in group.dirs)
 
 
 def test_run_many_rejects_bad_jobs():
