@@ -85,10 +85,17 @@ def test_bad_problem_rows(tmp_path):
                          ({"fn_name": "not a name"}, "fn_name must be a string naming"),
                          ({"input_output": {"inputs": [[1]], "outputs": [1], "fn_name": ["f"]}},
                           "input_output's fn_name must be a string"),
-                         ({"starter_code": 3}, "starter_code must be a string")):
+                         ({"starter_code": 3}, "starter_code must be a string"),
+                         ({"input_output": "[1, 2]"}, "input_output must be an object with 'inputs' and 'outputs' "
+                                                      r"\(or a JSON string of one\), got list"),
+                         ({"input_output": "{"}, "input_output is not valid JSON"),
+                         ({"input_output": None}, "input_output must be an object")):
         path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **bad}) + "\n")
         with pytest.raises(ValueError, match=r"bad.jsonl:2: " + message):
             code.load_problems(path)
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: code problem has no 'input_output' \(its tests"):
+        code.load_problems(path)
     path.write_text("\n")
     with pytest.raises(ValueError, match="holds no problems"):
         code.load_problems(path)

@@ -166,7 +166,16 @@ def _call_result_matches(stdout: str, sentinel: str, expected) -> bool:
 
 def parse_tests(input_output) -> dict:
     """APPS ``input_output`` (dict or JSON string) -> {"inputs": [...], "outputs": [...], "fn_name": str | None}."""
-    tests = json.loads(input_output) if isinstance(input_output, str) else dict(input_output)
+    if isinstance(input_output, str):
+        try:
+            tests = json.loads(input_output)
+        except ValueError as e:
+            raise ValueError(f"input_output is not valid JSON ({e})") from None
+    else:
+        tests = input_output
+    if not isinstance(tests, dict):
+        raise ValueError(f"input_output must be an object with 'inputs' and 'outputs' (or a JSON string of one), got "
+                         f"{type(tests).__name__}")
     inputs, outputs = tests.get("inputs"), tests.get("outputs")
     if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs) or not inputs:
         raise ValueError("input_output needs non-empty 'inputs' and 'outputs' lists of the same length")
@@ -332,6 +341,8 @@ def problem_to_row(problem: dict) -> dict:
     """An APPS problem -> a task row: the prompt and the ``tests`` column (a JSON string, one type for every row)."""
     if not isinstance(problem.get("question"), str):
         raise ValueError(f"code problem has no string 'question' (keys: {sorted(problem)})")
+    if "input_output" not in problem:
+        raise ValueError(f"code problem has no 'input_output' (its tests; keys: {sorted(problem)})")
     spec = parse_tests(problem["input_output"])
     for key, value in (("fn_name", problem.get("fn_name")), ("input_output's fn_name", spec["fn_name"])):
         if value is not None and not (isinstance(value, str) and value.isidentifier()):
