@@ -228,7 +228,7 @@ def run_numbers(records: list[dict]) -> dict:
     for r in train_steps:
         total += r.get("step_time_s", 0.0)
         time_at[r["step"]] = total
-    evals = [(r["step"], time_at[r["step"]], r["eval_reward"]) for r in records if "eval_reward" in r]
+    evals = [(r["step"], time_at[r["step"]], r["eval_reward"]) for r in records if _finite(r.get("eval_reward"))]
     tail = train_steps[-max(1, math.ceil(TAIL_FRACTION * len(train_steps))):]
     head = train_steps[:max(1, math.ceil(TAIL_FRACTION * len(train_steps)))]
 

@@ -30,7 +30,10 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
 
 
 def json_safe(obj):
-    """Floats that JSON cannot hold become null; int keys (steps) become strings, as json would make them."""
+    """Floats that JSON cannot hold become null; numpy and torch scalars become Python numbers; int keys (steps)
+    become strings, as json would make them."""
+    if getattr(obj, "ndim", None) == 0 and callable(getattr(obj, "item", None)):   # np.float32(1.0), a 0-d tensor
+        obj = obj.item()
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):

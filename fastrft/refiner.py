@@ -118,6 +118,9 @@ def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, complet
     corrections: dict[int, str] = {}
     for i, raw, truncated in zip(unique, written.texts, written.truncated):
         corrected = None if truncated else parse(raw)
+        if corrected is not None and not isinstance(corrected, str):
+            raise ValueError(f"parse_refinement returned {type(corrected).__name__} for {raw!r}: it must return the "
+                             f"corrected response (a str) or None")
         reason = "too_long" if truncated else "unparseable" if corrected is None else "empty" if not corrected else None
         if reason:
             outcomes[i] = reason

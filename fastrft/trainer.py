@@ -364,13 +364,15 @@ class StepRecord:
     def to_dict(self) -> dict:
         rollout, update = self.rollout, self.update
         samples = [len(ids) for g in self.groups for ids in g.completion_ids]
-        record = {"step": self.step, "reward_mean": _mean(rollout.rewards), "reward_std": _std(rollout.rewards),
+        # A mean over no value (every sample unscored: None) is null, never 0.
+        record = {"step": self.step, "reward_mean": _mean(rollout.rewards, None),
+                  "reward_std": _std(rollout.rewards) if rollout.rewards else None,
                   "reward_none": rollout.none_rewards, "groups_used": len(self.groups),
                   "groups_dropped": rollout.groups_dropped, "prompts_drawn": rollout.prompts_drawn,
                   "degenerate_frac": rollout.degenerate / max(1, len(rollout.rewards) + rollout.none_rewards),
                   "response_len": _mean(rollout.lengths),
                   # each reward function's mean, weighted or not: a task's degenerate-output rates are logged this way
-                  **{f"reward_{name}": _mean(values) for name, values in rollout.per_func.items()}}
+                  **{f"reward_{name}": _mean(values, None) for name, values in rollout.per_func.items()}}
         if samples:
             refine = self.refine or RefineResult([])
             record.update(refine_rate=refine.changed_samples / len(samples),
@@ -437,7 +439,7 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                (eval_rows, cfg.eval_dataset or f"task {cfg.task!r}'s evaluation rows")]
     for rows, source in sources:
         if rows is task.train_rows or rows is task.eval_rows:   # a dataset file's rows were checked as read
-            check_columns(rows, source)
+            check_columns(rows, source, columns, types)
 
     tokenizer = load_tokenizers(cfg.model, cfg.ref_model or cfg.model)
     # Said now, not mid-run: a blank prompt may encode to nothing (no BOS), chat messages need a chat template.
@@ -759,7 +761,7 @@ def scored_groups(run: Run, policy, rows: list[dict], stats: RolloutStats, times
                                temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size)
     with _timed(times_s, "reward"):
         expanded = [r for r in rows for _ in range(cfg.group_size)]
-        rewards, per_func = run.task.score(expanded, samples.texts, samples.truncated)
+        rewards, per_func = run.task.score(expanded, samples.texts, samples.truncated, samples.completion_ids)
     for name, values in per_func.items():
         stats.per_func.setdefault(name, []).extend(v for v in values if v is not None)
     stats.lengths += [len(ids) for ids in samples.completion_ids]
@@ -944,7 +946,11 @@ def evaluate(run: Run) -> dict:
             sums = task.evaluate_sums(policy, run.tokenizer, rows, **options)
     ranks = [s for s in run.world.gather(sums) if s]
     names = ranks[0] if ranks else {}
-    return {name: sum(s[name][0] for s in ranks) / max(1, sum(s[name][1] for s in ranks)) for name in names}
+    unprefixed = [name for name in names if not str(name).startswith("eval_")]
+    if unprefixed:   # it would overwrite a metric of the step's line (step itself, say)
+        raise ValueError(f"task {run.cfg.task!r}: its evaluation's metric {unprefixed[0]!r} is not named eval_*")
+    counts = {name: sum(s[name][1] for s in ranks) for name in names}
+    return {name: sum(s[name][0] for s in ranks) / counts[name] if counts[name] else None for name in names}
 
 
 def _own_evaluate(task_class) -> bool:
@@ -978,6 +984,11 @@ def _mean(values, empty: float | None = 0.0) -> float | None:
     return sum(values) / len(values) if values else empty
 
 
+def _is_number(value) -> bool:
+    """A finite number as metrics.jsonl holds one (not null, not a flag)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _std(values) -> float:
     if len(values) < 2:
         return 0.0
@@ -989,18 +1000,18 @@ def summarize(run_dir: RunDir, skipped_steps: int, last_step: int, stopped_by: s
               world_size: int = 1) -> dict:
     records = run_dir.read_metrics()
     evals = [r for r in records if "eval_reward" in r]
+    scored = [r["eval_reward"] for r in evals if _is_number(r["eval_reward"])]   # (null: nothing was scored)
     steps = [r for r in records if "reward_mean" in r]
     tail = steps[-max(1, len(steps) // 5):] if steps else []
     return {
         "steps": last_step, "stopped_by": stopped_by, "world_size": world_size,
         "eval_reward_initial": evals[0]["eval_reward"] if evals else None,
         "eval_reward_final": evals[-1]["eval_reward"] if evals else None,
-        "eval_reward_best": max(r["eval_reward"] for r in evals) if evals else None,
-        "reward_mean_last": _mean([r["reward_mean"] for r in tail]),
+        "eval_reward_best": max(scored) if scored else None,
+        "reward_mean_last": _mean([r["reward_mean"] for r in tail if _is_number(r["reward_mean"])], None),
         "refine_rate_mean": _mean([r.get("refine_rate", 0.0) for r in steps]),
         "refine_rate_last": _mean([r.get("refine_rate", 0.0) for r in tail]),
-        "kl_ref_last": _mean([r["kl_ref"] for r in tail if isinstance(r.get("kl_ref"), float)
-                              and math.isfinite(r["kl_ref"])], None),
+        "kl_ref_last": _mean([r["kl_ref"] for r in tail if _is_number(r.get("kl_ref"))], None),
         "skipped_steps": skipped_steps,
         "wall_time_s": sum(r.get("step_time_s", 0.0) for r in steps),
     }

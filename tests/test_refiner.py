@@ -539,6 +539,15 @@ def test_an_empty_prompt_is_refused(reference):
         greedy_from_drafts(model, tokenizer, [[5, 6], []], [[7], [7]], max_new_tokens=4)
 
 
+def test_a_parse_refinement_that_returns_no_string_is_named(reference):
+    model, tokenizer = reference
+    ids = [tokenizer("1739", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    with pytest.raises(ValueError, match=r"parse_refinement returned int for '.*': it must return the corrected "
+                                         r"response \(a str\) or None"):
+        refine(model, tokenizer, template=REFINE_TEMPLATE, parse=len, prompts=["sort 7391="], completions=["1739"],
+               completion_ids=ids, max_new_tokens=8)
+
+
 def test_bf16_mismatches_only_at_rounding_ties():
     """In bf16 the draft path's batched verification and generate's step-by-step decoding round differently; a
     row may differ only where the plain path's top-2 logits are within bf16 rounding of each other."""

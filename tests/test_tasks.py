@@ -3,6 +3,7 @@ the rule-based reward helpers; and a few steps of reference training saved and l
 import json
 import re
 import sys
+import time
 
 import pytest
 import torch
@@ -162,6 +163,27 @@ def test_task_options_are_checked_by_name_and_type(spec, options, message):
         load_task(spec, **options)
 
 
+@pytest.mark.parametrize("field, message", [
+    ({"reward_weights": [1.0, 2.0]}, "Task.reward_weights must be a list of one weight per reward function (1)"),
+    ({"reward_weights": [float("nan")]}, "Task.reward_weights must be finite numbers, got nan"),
+    ({"reward_funcs": []}, "Task.reward_funcs must be a non-empty list of callables"),
+    ({"gold_reward": "gold"}, "Task.gold_reward='gold' names no reward function (they are \"format_reward('[0-9]+')\")"),
+    ({"max_new_tokens": 0}, "Task.max_new_tokens must be an int >= 1, got 0"),
+    ({"parse_refinement": "strip"}, "Task.parse_refinement must be a callable"),
+    ({"refine_template": "{prompt}"}, "Task.refine_template must be a str.format template whose fields are"),
+    ({"train_rows": ({"prompt": "a"},)}, "Task.train_rows must be a list of rows (dicts), got tuple"),
+])
+def test_a_task_s_fields_are_checked_when_it_loads(custom_task_module, field, message):
+    """Each would fail a run at its first step (or its last), after the run folder is written."""
+    import dataclasses
+    import importlib
+
+    module = importlib.import_module(custom_task_module)
+    module.broken = lambda: dataclasses.replace(module.make_task(), **field)
+    with pytest.raises(ValueError, match=re.escape(f"task '{custom_task_module}:broken': {message}")):
+        load_task(f"{custom_task_module}:broken")
+
+
 def test_task_options_of_the_right_type_pass():
     assert len(load_task("demo", n_eval=3, seed=1).eval_rows) == 3
     assert load_task("code", timeout_s=3).name == "code"    # an int where a float is asked
@@ -258,6 +280,70 @@ def test_combine_rewards_weights_and_none():
     assert per_func == {"half": [0.5, 0.5], "maybe": [1.0, None]}
     rewards, per_func = combine_rewards([half, half], [1.0, 1.0], ["p"], ["x"])
     assert rewards == [1.0] and set(per_func) == {"half", "half#1"}
+
+
+def test_rewards_are_taken_as_floats_and_async_functions_are_awaited():
+    """numpy scalars, ints and bools are numbers (metrics.jsonl could not hold a numpy float32); a string is no
+    reward; async functions (TRL allows them) are awaited together, also where an event loop runs."""
+    import asyncio
+
+    import numpy as np
+
+    def numpy_rewards(prompts, completions, **columns):
+        return np.array([0.5, 1.0], dtype=np.float32)
+
+    def mixed(prompts, completions, **columns):
+        return [True, 2]
+
+    async def slow_a(prompts, completions, **columns):
+        await asyncio.sleep(0.2)
+        return [1.0, None]
+
+    async def slow_b(prompts, completions, **columns):
+        await asyncio.sleep(0.2)
+        return [2.0, 3.0]
+
+    rewards, per_func = combine_rewards([numpy_rewards, mixed], [1.0, 1.0], ["p", "q"], ["x", "y"])
+    assert rewards == [1.5, 3.0] and all(type(v) is float for v in per_func["numpy_rewards"] + per_func["mixed"])
+    json.dumps(per_func)
+    for _ in range(2):
+        t0 = time.perf_counter()
+        rewards, per_func = combine_rewards([slow_a, slow_b], [1.0, 1.0], ["p", "q"], ["x", "y"])
+        assert rewards == [3.0, None] and per_func == {"slow_a": [1.0, None], "slow_b": [2.0, 3.0]}
+        assert time.perf_counter() - t0 < 0.35   # together, not one after the other
+
+        async def inside_a_loop():
+            return combine_rewards([slow_a], [1.0], ["p", "q"], ["x", "y"])
+        assert asyncio.run(inside_a_loop())[0] == [1.0, None]
+    def words(prompts, completions, **columns):
+        return ["good"]
+
+    with pytest.raises(ValueError, match="reward function 'words' returned 'good' for sample 0: a reward must be a "
+                                         "number or None"):
+        combine_rewards([words], [1.0], ["p"], ["x"])
+
+
+def test_what_json_cannot_hold_of_a_metrics_record():
+    """A custom evaluation's numpy or torch scalars become numbers; NaN and inf become null."""
+    import numpy as np
+
+    from fastrft.jsonl import json_safe
+
+    record = {"eval_a": np.float32(0.5), "eval_b": torch.tensor(2.0), "eval_c": float("nan"), 3: [np.int64(4)]}
+    assert json.loads(json.dumps(json_safe(record))) == {"eval_a": 0.5, "eval_b": 2.0, "eval_c": None, "3": [4]}
+
+
+def test_the_completions_token_ids_reach_the_rewards_as_trl_passes_them():
+    seen = {}
+
+    def by_length(prompts, completions, completion_ids, **columns):
+        seen["ids"] = completion_ids
+        return [float(len(ids)) for ids in completion_ids]
+
+    task = Task("x", [], [], [by_length], [1.0], "{response}", str, 4)
+    rewards, _ = task.score([{"prompt": "a"}, {"prompt": "b"}], ["x", "yz"], [False, False], [[5, 0], [6, 7, 0]])
+    assert rewards == [2.0, 3.0] and seen["ids"] == [[5, 0], [6, 7, 0]]
+    assert task.required_columns() == ()   # fastrft passes it: no dataset column needed
 
 
 def test_a_nan_or_inf_reward_counts_as_none(capsys):
@@ -404,7 +490,8 @@ def test_demo_proxy_rewards_length_and_its_gold_does_not():
     def fake_generate(model, tokenizer, prompts, **kwargs):
         from types import SimpleNamespace
 
-        return SimpleNamespace(texts=[rows[0]["answer"], rows[1]["answer"] + "9999"], truncated=[False, False])
+        return SimpleNamespace(texts=[rows[0]["answer"], rows[1]["answer"] + "9999"], truncated=[False, False],
+                               completion_ids=[[4, 0], [5, 6, 0]])
 
     metrics = task.evaluate(None, demo.make_tokenizer(), rows, max_new_tokens=10, generate=fake_generate)
     golds = demo.sort_reward(None, [rows[0]["answer"], rows[1]["answer"] + "9999"], [r["answer"] for r in rows])

@@ -561,6 +561,40 @@ def test_a_step_with_no_group_to_learn_from(tiny_model, tmp_path):
     assert "NaN" not in "".join(lines)
 
 
+def test_a_mean_of_no_scored_sample_is_null_not_zero(tiny_model, tmp_path):
+    """A reward function that scores nothing (every value None): the step's and the evaluation's means are null, and
+    the summary's too; nothing crashes at the end."""
+    run = make_run(config(tiny_model, tmp_path, "steps=2", "eval_every=1"))
+    run.task.reward_funcs = [lambda prompts, completions, **kw: [None] * len(completions)]
+    run.task.reward_weights = [1.0]
+    summary = train_run(run)
+    records = read_metrics(tmp_path / "run")
+    assert [r["eval_reward"] for r in records if "eval_reward" in r] == [None] * 3
+    steps = [r for r in records if "reward_mean" in r]
+    assert steps and all(r["reward_mean"] is None and r["reward_std"] is None and r["reward_none"] > 0 for r in steps)
+    assert summary["eval_reward_best"] is None and summary["reward_mean_last"] is None
+
+
+def test_a_task_s_rows_and_evaluation_are_checked(tiny_model, tmp_path, monkeypatch):
+    """A task's own rows lacking what its reward functions read are refused before the run folder is written, as a
+    dataset file's are; an evaluation metric not named eval_* (it would overwrite the step's own) is refused."""
+    (tmp_path / "rowless_task.py").write_text(
+        "from fastrft.tasks.demo import demo_task\n"
+        "def make():\n"
+        "    task = demo_task()\n"
+        "    task.train_rows = [{'prompt': r['prompt']} for r in task.train_rows]\n"
+        "    return task\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"task 'rowless_task:make''s training rows, row 1: row lacks 'answer', which "
+                                         r"the task's reward functions need"):
+        make_run(config(tiny_model, tmp_path, "steps=1", "task=rowless_task:make"))
+    assert not (tmp_path / "run").exists()
+    run = make_run(config(tiny_model, tmp_path, "steps=1"))
+    run.task.evaluate_sums = lambda *args, **kwargs: {"step": (99.0, 1)}
+    with pytest.raises(ValueError, match="task 'demo': its evaluation's metric 'step' is not named eval_"):
+        train_run(run)
+
+
 def test_a_dataset_of_chat_prompts_trains_through_the_chat_template(tiny_model, tmp_path):
     """Chat-message prompts: formatted by the model's chat template (refused before the run folder is written when it
     has none); the reward functions get the messages, and the completions as TRL's conversational ones; the

@@ -15,8 +15,11 @@ not scored 0). The helpers here take either form (``completion_text``).
 """
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 RewardFunc = Callable[..., list]
@@ -90,10 +93,11 @@ def combine_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float], promp
     """Weighted sum of reward functions: ``(rewards, per_func)``.
 
     ``rewards[i]`` is ``sum_k weights[k] * funcs[k](...)[i]``, or None when any function returned None for sample i.
-    A NaN or infinite value counts as None (TRL's "no reward"; in a sum it would poison the whole step's update),
-    said once per function. ``per_func`` maps each function's name to its values, None for those (duplicate names
-    get a ``#k`` suffix), for logging. A function that returns the wrong number of values raises a ValueError naming
-    it.
+    A function may be async (as TRL allows): the coroutines of one call are awaited together. Values are taken as
+    floats (numpy scalars, ints and bools too); a NaN or infinite value counts as None (TRL's "no reward"; in a sum
+    it would poison the whole step's update), said once per function. ``per_func`` maps each function's name to its
+    values, None for those (duplicate names get a ``#k`` suffix), for logging. A function that returns the wrong
+    number of values, or a value that is no number, raises a ValueError naming it.
     """
     if len(funcs) != len(weights):
         raise ValueError(f"combine_rewards: {len(funcs)} reward functions but {len(weights)} weights")
@@ -103,29 +107,65 @@ def combine_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float], promp
         if len(column) != len(completions):
             raise ValueError(f"combine_rewards: column {name!r} has {len(column)} values for {len(completions)} "
                              "completions")
+    returned = [func(prompts=list(prompts), completions=list(completions), **columns) for func in funcs]
+    pending = [k for k, value in enumerate(returned) if inspect.isawaitable(value)]
+    for k, value in zip(pending, _awaited([returned[k] for k in pending])):
+        returned[k] = value
     rewards: list[float | None] = [0.0] * len(completions)
     per_func: dict[str, list] = {}
-    for k, (func, weight) in enumerate(zip(funcs, weights)):
+    for k, (func, weight, values) in enumerate(zip(funcs, weights, returned)):
         name = _func_name(func)
-        values = list(func(prompts=list(prompts), completions=list(completions), **columns))
-        if len(values) != len(completions):
-            raise ValueError(f"reward function {name!r} returned {len(values)} values for {len(completions)} "
-                             "completions")
-        nonfinite = [i for i, value in enumerate(values) if value is not None and not math.isfinite(float(value))]
-        if nonfinite:
-            from fastrft.batch import note_once
-
-            note_once(f"reward function {name!r} returned {values[nonfinite[0]]!r} for a sample: a NaN or infinite "
-                      f"reward counts as None (the sample is not scored)")
-            for i in nonfinite:
-                values[i] = None
+        values = _reward_values(name, values, len(completions))
         per_func[name if name not in per_func else f"{name}#{k}"] = values
         for i, value in enumerate(values):
             if value is None or rewards[i] is None:
                 rewards[i] = None
             else:
-                rewards[i] += weight * float(value)
+                rewards[i] += weight * value
     return rewards, per_func
+
+
+def _reward_values(name: str, returned, n: int) -> list[float | None]:
+    """A reward function's values as floats or None (a NaN or infinite one said once, and None)."""
+    values = list(returned)
+    if len(values) != n:
+        raise ValueError(f"reward function {name!r} returned {len(values)} values for {n} completions")
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError
+            values[i] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"reward function {name!r} returned {value!r} for sample {i}: a reward must be a "
+                             f"number or None") from None
+    nonfinite = [i for i, value in enumerate(values) if value is not None and not math.isfinite(value)]
+    if nonfinite:
+        from fastrft.batch import note_once
+
+        note_once(f"reward function {name!r} returned {values[nonfinite[0]]!r} for a sample: a NaN or infinite "
+                  f"reward counts as None (the sample is not scored)")
+        for i in nonfinite:
+            values[i] = None
+    return values
+
+
+def _awaited(awaitables: list) -> list:
+    """The results of async reward functions, awaited together; in a thread of its own where this one runs an event
+    loop already (a notebook)."""
+    if not awaitables:
+        return []
+
+    async def gathered():
+        return await asyncio.gather(*awaitables)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(gathered())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, gathered()).result()
 
 
 def is_degenerate(completion, *, max_chars: int | None = None, truncated: bool = False,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
+import numbers
 import sys
 import types
 import typing
@@ -71,6 +73,41 @@ class Task:
                     out[name] = allowed
         return out
 
+    def check(self, source: str) -> None:
+        """A ValueError naming the field (source: where the task comes from) unless the task's fields can work: a
+        run would otherwise fail at its first step or its last, after the run folder is written."""
+        from fastrft.refiner import check_refine_template
+        from fastrft.rewards import _func_name
+
+        funcs = self.reward_funcs
+        if not isinstance(funcs, (list, tuple)) or not funcs or not all(callable(f) for f in funcs):
+            raise ValueError(f"{source}: Task.reward_funcs must be a non-empty list of callables, got {funcs!r}")
+        weights = self.reward_weights
+        if not isinstance(weights, (list, tuple)) or len(weights) != len(funcs):
+            raise ValueError(f"{source}: Task.reward_weights must be a list of one weight per reward function "
+                             f"({len(funcs)}), got {weights!r}")
+        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)]
+        if bad:
+            raise ValueError(f"{source}: Task.reward_weights must be finite numbers, got {bad[0]!r}")
+        names = [_func_name(f) for f in funcs]
+        if self.gold_reward is not None and self.gold_reward not in names:
+            raise ValueError(f"{source}: Task.gold_reward={self.gold_reward!r} names no reward function (they are "
+                             f"{', '.join(map(repr, names))})")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"{source}: Task.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not callable(self.parse_refinement):
+            raise ValueError(f"{source}: Task.parse_refinement must be a callable str -> str | None, got "
+                             f"{self.parse_refinement!r}")
+        try:
+            check_refine_template(self.refine_template)
+        except ValueError as e:
+            raise ValueError(f"{source}: Task.{e}") from None
+        for name in ("train_rows", "eval_rows"):
+            if not isinstance(getattr(self, name), list):
+                raise ValueError(f"{source}: Task.{name} must be a list of rows (dicts), got "
+                                 f"{type(getattr(self, name)).__name__}")
+
     def degenerate(self, completion: str, truncated: bool) -> str | None:
         """Why a completion is degenerate (the step's degenerate_frac), or None: fastrft.rewards.is_degenerate's
         kinds; a task with kinds of its own overrides this (the code task adds unparseable programs)."""
@@ -78,10 +115,12 @@ class Task:
 
         return is_degenerate(completion, truncated=truncated)
 
-    def score(self, rows: list[dict], completions: list[str], truncated: list[bool]):
+    def score(self, rows: list[dict], completions: list[str], truncated: list[bool],
+              completion_ids: list[list[int]] | None = None):
         """(weighted reward or None, {function name: values}) of each completion; rows[i] is completion i's prompt
-        row, whose other columns and the `truncated` flags reach the reward functions. A completion of a chat prompt
-        reaches them as TRL gives it, [{"role": "assistant", "content": text}]."""
+        row, whose other columns, the `truncated` flags and the completions' token ids (`completion_ids`, up to and
+        including EOS, as TRL passes them) reach the reward functions. A completion of a chat prompt reaches them as
+        TRL gives it, [{"role": "assistant", "content": text}]."""
         from fastrft.rewards import combine_rewards
 
         completions = [[{"role": "assistant", "content": text}] if isinstance(row["prompt"], list) else text
@@ -90,15 +129,18 @@ class Task:
         # Every column any row holds (None where a row lacks it), as datasets and TRL give them.
         columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r) if k != "prompt"}
         columns["truncated"] = truncated   # stopped by max_new_tokens: tasks may treat it as degenerate
+        if completion_ids is not None:
+            columns["completion_ids"] = completion_ids
         return combine_rewards(self.reward_funcs, self.reward_weights, [r["prompt"] for r in rows], completions,
                                **columns)
 
     def evaluate(self, model, tokenizer, rows: list[dict], *, max_new_tokens: int, batch_size: int = 256,
                  generate=None) -> dict:
         """Held-out metrics, each named eval_*: here the weighted reward of greedy completions (eval_reward) and
-        each reward function's mean, over the completions it scored (None: not scored). The means of
+        each reward function's mean, over the completions it scored (None: not scored; a metric of no scored
+        completion is None). The means of
         evaluate_sums. generate: fastrft.rollout.generate or a stand-in with its signature."""
-        return {name: total / max(1, count)
+        return {name: total / count if count else None   # None: no completion was scored
                 for name, (total, count) in self.evaluate_sums(model, tokenizer, rows, max_new_tokens=max_new_tokens,
                                                                batch_size=batch_size, generate=generate).items()}
 
@@ -113,7 +155,7 @@ class Task:
         samples = (generate or default_generate)(model, tokenizer,
                                                  encode_prompts(tokenizer, [r["prompt"] for r in rows]),
                                                  max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size)
-        rewards, per_func = self.score(rows, samples.texts, samples.truncated)
+        rewards, per_func = self.score(rows, samples.texts, samples.truncated, samples.completion_ids)
         sums = {"eval_reward": _sum_count(rewards)}
         for name, values in per_func.items():
             sums[f"eval_{name}"] = _sum_count(values)
@@ -152,6 +194,7 @@ def load_task(spec: str, **options) -> Task:
     task = factory(**options)
     if not isinstance(task, Task):
         raise ValueError(f"task {spec!r} returned {type(task).__name__}, not a fastrft.tasks.Task")
+    task.check(f"task {spec!r}")
     return task
 
 
@@ -214,12 +257,13 @@ def _type_names(allowed: tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys("None" if t is type(None) else t.__name__ for t in allowed))
 
 
-def check_columns(rows: list[dict], source: str) -> None:
-    """A ValueError naming the first row (source: where the rows come from) holding a column fastrft passes the
-    reward functions itself (prompts, completions, truncated, completion_ids): the row's value would be lost or
-    clash with fastrft's."""
+def check_columns(rows: list[dict], source: str, required: tuple[str, ...] = (),
+                  types: dict[str, tuple[type, ...]] | None = None) -> None:
+    """A ValueError naming the first row (source: where the rows come from) that load_rows would refuse: no prompt,
+    a `required` column missing, a column not of its `types`, or one fastrft passes the reward functions itself
+    (prompts, completions, truncated, completion_ids), whose value would be lost or clash with fastrft's."""
     for i, row in enumerate(rows, start=1):
-        _check_reserved(row, f"{source}, row {i}")
+        _check_row(row, f"{source}, row {i}", required, types or {})
 
 
 def _check_reserved(row: dict, where: str) -> None:
@@ -235,20 +279,21 @@ def _is_prompt(prompt) -> bool:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt))
 
 
-def _check_row(row, path: Path, line: int, required: tuple[str, ...], types: dict[str, tuple[type, ...]]) -> dict:
+def _check_row(row, where: str, required: tuple[str, ...], types: dict[str, tuple[type, ...]]) -> dict:
+    """row, or a ValueError that names where it is (file:line)."""
     if not isinstance(row, dict):
-        raise ValueError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if not _is_prompt(row.get("prompt")):
-        raise ValueError(f"{path}:{line}: row has no 'prompt' field that is a string or a list of chat messages "
+        raise ValueError(f"{where}: row has no 'prompt' field that is a string or a list of chat messages "
                          f"({{\"role\": str, \"content\": str}}) (keys: {sorted(row)})")
-    _check_reserved(row, f"{path}:{line}")
+    _check_reserved(row, where)
     missing = [column for column in required if row.get(column) is None]
     if missing:
-        raise ValueError(f"{path}:{line}: row lacks {', '.join(map(repr, missing))}, which the task's reward "
+        raise ValueError(f"{where}: row lacks {', '.join(map(repr, missing))}, which the task's reward "
                          f"functions need (keys: {sorted(row)})")
     for column, allowed in types.items():
         if column in row and not _is_one_of(row[column], allowed):
-            raise ValueError(f"{path}:{line}: {column!r} must be {_type_names(allowed)} (the task's reward functions "
+            raise ValueError(f"{where}: {column!r} must be {_type_names(allowed)} (the task's reward functions "
                              f"read it so), got {row[column]!r}")
     return row
 
@@ -267,14 +312,15 @@ def load_rows(path, required: tuple[str, ...] = (), types: dict[str, tuple[type,
     if not path.is_file():
         raise ValueError(f"dataset {path} does not exist")
     if path.suffix == ".jsonl":
-        rows = [_check_row(row, path, line_number, required, types or {}) for line_number, row in read_jsonl(path)]
+        rows = [_check_row(row, f"{path}:{line_number}", required, types or {})
+                for line_number, row in read_jsonl(path)]
     else:
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError("reading .parquet rows needs pyarrow: pip install pyarrow") from e
         records = pq.read_table(path).to_pylist()
-        rows = [_check_row(row, path, i, required, types or {}) for i, row in enumerate(records, start=1)]
+        rows = [_check_row(row, f"{path}:{i}", required, types or {}) for i, row in enumerate(records, start=1)]
     if not rows:
         raise ValueError(f"dataset {path} holds no rows")
     return rows
