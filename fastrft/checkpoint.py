@@ -52,6 +52,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from fastrft.distributed import SINGLE, World, local_tensor
 from fastrft.rundir import CHECKPOINTS_DIR, TMP_PREFIX, as_made, fsync_dir
@@ -176,8 +177,10 @@ def load_checkpoint(run_dir, *, model: torch.nn.Module, optimizer=None, schedule
             _load_weights(ckpt_dir / WEIGHTS_DIR, manifest, model, optimizer, world)
         if scheduler is not None:
             scheduler.load_state_dict(scheduler_state)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ValueError(f"checkpoint {ckpt_dir} does not fit the model/optimizer/scheduler given: {e}") from e
+    except (RuntimeError, KeyError, ValueError, CheckpointException) as e:   # (torch's CheckpointException is a
+        # BaseException: a weight of another shape, say)
+        raise ValueError(f"checkpoint {ckpt_dir} does not fit the model/optimizer/scheduler given: "
+                         f"{_cause(e)}") from e
     _set_rng_state(rng)
     if not own_rng:
         # A rank the saving job did not have: its own stream, derived from rank 0's.
@@ -185,6 +188,13 @@ def load_checkpoint(run_dir, *, model: torch.nn.Module, optimizer=None, schedule
         random.seed(seed)
         torch.manual_seed(seed)
     return manifest["step"], state
+
+
+def _cause(error: BaseException) -> BaseException:
+    """What went wrong: a CheckpointException's first failure (its message is every rank's traceback)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        return next(iter(error.failures.values()))[0]
+    return error
 
 
 def _choose_checkpoint(run_dir: Path, with_optimizer: bool, with_scheduler: bool, world: World = SINGLE):
@@ -348,6 +358,17 @@ def _checkpoints_newest_first(run_dir: Path) -> list[Path]:
     others = [d for _, d in reversed(_step_dirs(run_dir / CHECKPOINTS_DIR))
               if d != first and (d / MANIFEST_FILE).is_file()]
     return [first, *others]
+
+
+def latest_state(run_dir) -> dict:
+    """The trainer's state (state.json) of the newest checkpoint of run_dir that has one readable; {} where none
+    has. Unverified: a small file read before the checkpoint is (load_checkpoint checks every file)."""
+    for ckpt_dir in _checkpoints_newest_first(Path(run_dir)):
+        try:
+            return json.loads((ckpt_dir / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return {}
 
 
 def latest_checkpoint(run_dir) -> Path | None:

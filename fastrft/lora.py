@@ -73,6 +73,12 @@ def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: lis
     for name, module in model.named_modules():
         if any(_matches(name, t) for t in whole):
             module.requires_grad_(True)
+    fused = [name for name, p in model.get_decoder().named_parameters() if p.dim() >= 3]
+    if fused and not target_modules:
+        from fastrft.batch import note_once
+
+        note_once(f"LoRA adapts the model's linear projections; its {len(fused)} fused expert weight tensors "
+                  f"({fused[0]}, ...) are no projections and stay frozen: the experts do not train")
 
 
 def _embedding_names(model) -> set[str]:

@@ -131,11 +131,7 @@ class RunDir:
 
     def check_writable(self) -> None:
         """A ValueError naming output_dir unless this folder exists or can be made, and takes files."""
-        existing = next(p for p in (self.path, *self.path.absolute().parents) if p.exists())
-        if not existing.is_dir():
-            raise ValueError(f"output_dir={str(self.path)!r}: {existing} is a file, not a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"output_dir={str(self.path)!r}: {existing} is not writable")
+        check_writable_dir(self.path, "output_dir")
 
     def check_shared(self, world, wait_s: float = 10.0) -> None:
         """A ValueError on every rank of world (fastrft.distributed.World) unless each sees this folder as the one
@@ -224,3 +220,12 @@ def _is_plot(entry: Path) -> bool:
     names = [f"{stem}.png" for stem in PLOT_STEMS]
     return entry.is_file() and any(entry.name == name or entry.name.startswith(f"{TMP_PREFIX}{name}-")
                                    for name in names)
+
+
+def check_writable_dir(path: Path, key: str) -> None:
+    """A ValueError naming key unless the folder path exists or can be made, and takes files."""
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{key}={str(path)!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={str(path)!r}: {existing} is not writable")

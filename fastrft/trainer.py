@@ -34,6 +34,7 @@ union of the ranks' splits).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -54,14 +55,14 @@ import torch
 from fastrft.batch import (AttentionPath, Batch, Row, accumulate_gradients, build_batch,  # noqa: F401
                            check_head_matches_model, choose_attention, final_hidden, note_once, rft_loss,
                            router_loss_coef, sequence_logprobs, with_refinements)
-from fastrft.checkpoint import StopSignal, latest_checkpoint, load_checkpoint, save_checkpoint
+from fastrft.checkpoint import StopSignal, latest_checkpoint, latest_state, load_checkpoint, save_checkpoint
 from fastrft.config import TrainConfig, load_config, save_config
 from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world, local_tensor, shard_frozen,
                                  shard_policy)
 from fastrft.lora import adapters_disabled, add_lora, merge_lora
 from fastrft.refiner import RefineResult, check_refine_template, refine
 from fastrft.rollout import encode_prompts, eval_mode, generate
-from fastrft.rundir import RunDir, as_made
+from fastrft.rundir import RunDir, as_made, check_writable_dir
 from fastrft.tasks import Task, check_columns, load_rows, load_task
 
 PHASES = ("rollout", "reward", "reference", "refine", "update")
@@ -186,7 +187,12 @@ def enable_activation_checkpointing(model) -> None:
 
 def make_optimizer(cfg: TrainConfig, model, device: torch.device):
     params = [p for p in model.parameters() if p.requires_grad]
-    if any(p.dtype == torch.float16 for p in params):
+    whole = [name for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if whole and cfg.lora_r:
+        raise ValueError(f"dtype=float16 would train {whole[0]} whole in fp16 (lora_target_modules names it), where "
+                         f"AdamW's state underflows (NaN at the first step): use dtype=bfloat16, or leave it out of "
+                         f"lora_target_modules (the adapters train in fp32 over the fp16 base)")
+    if whole:
         # AdamW's eps (1e-8) and squared gradients below 6e-8 round to 0 in fp16: 0/0 at the first step.
         raise ValueError("dtype=float16 would train weights in fp16 itself, where AdamW's state underflows (NaN at the "
                          "first step): use dtype=bfloat16, or float16 with LoRA adapters (lora_r > 0: they train in "
@@ -239,7 +245,7 @@ class PromptStream:
     def take(self, n: int) -> list[dict]:
         out = []
         for _ in range(n):
-            if self.index == len(self._order):
+            if self.index >= len(self._order):   # (past it: a run resumed on a smaller dataset)
                 self.epoch, self.index = self.epoch + 1, 0
                 self._order = self._shuffle()
             out.append(self.rows[self._order[self.index]])
@@ -286,7 +292,7 @@ class Run:
         return self.cfg.ppo_epochs > 1 or self.cfg.minibatches > 1
 
     def checkpoint_state(self) -> dict:
-        return {"stream": self.stream.state(), "skipped_steps": self.skipped_steps}
+        return {"stream": self.stream.state(), "skipped_steps": self.skipped_steps, "lora": lora_settings(self.cfg)}
 
 
 @dataclass
@@ -476,6 +482,13 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if resume and not restart:
         start_step, state = load_checkpoint(run_dir.path, model=policy, optimizer=optimizer,
                                             map_location=device, world=world)
+        trained, given = state.get("lora"), lora_settings(cfg) or {"lora_r": 0}
+        if trained and trained != given:   # the adapters' weights mean what they do under the settings they had
+            changed = [f"{key}={given.get(key)!r}" for key in trained if trained[key] != given.get(key)]
+            raise ValueError(f"{run_dir.path}: its checkpoint's adapters were trained with "
+                             f"{', '.join(f'{k}={v!r}' for k, v in trained.items())}; resuming with "
+                             f"{', '.join(changed)} would change what they compute: resume with the settings they "
+                             f"were trained with")
         if start_step > cfg.steps:
             raise ValueError(f"{run_dir.path} is at step {start_step} already: steps={cfg.steps} would go back; give "
                              f"steps above {start_step} to continue it")
@@ -585,6 +598,13 @@ def check_vocabularies(cfg: TrainConfig, tokenizer, policy, ref) -> None:
                          f"{rows['model']} rows")
 
 
+def lora_settings(cfg: TrainConfig) -> dict | None:
+    """What a LoRA checkpoint's adapter weights mean (checkpoints record it): their rank, their scale's alpha and
+    the modules they sit on; None without adapters."""
+    return {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+            "lora_target_modules": list(cfg.lora_target_modules)} if cfg.lora_r else None
+
+
 def export_model(run_dir, out_dir) -> tuple[Path, int]:
     """The run's newest good checkpoint as an ordinary Hugging Face model directory (weights and tokenizer) at
     out_dir, LoRA adapters merged into the base weights (loaded unquantized, on the CPU): AutoModelForCausalLM loads
@@ -597,14 +617,25 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty directory: export never overwrites, give a new "
                          f"OUT_DIR")
+    check_writable_dir(out, "OUT_DIR")
     cfg = load_config(run.config, output_dir=str(run.path))
+    # The adapters as the newest checkpoint trained them (config.yaml may hold a resume's settings that no
+    # checkpoint has reached yet).
+    cfg = dataclasses.replace(cfg, **(latest_state(run.path).get("lora") or {}))
     check_model_dir(cfg.model, "model")
     tokenizer = load_tokenizers(cfg.model, cfg.model)
     model = _load_model(cfg.model, "model", getattr(torch, cfg.dtype), torch.device("cpu"), "none", "load_in_4bit")
     if cfg.lora_r:
         add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                  target_modules=cfg.lora_target_modules)
-    step, _ = load_checkpoint(run.path, model=model)
+    for attempt in range(3):
+        try:
+            step, _ = load_checkpoint(run.path, model=model)
+            break
+        except (ValueError, FileNotFoundError):
+            # A live run may prune the checkpoint being read (keep_checkpoints): the newest one then is another.
+            if attempt == 2:
+                raise
     if cfg.lora_r:
         merge_lora(model)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)   # models/my_model in a fresh checkout
@@ -613,6 +644,8 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        for written in staging.rglob("*"):   # safetensors writes its files owner-only, whatever the umask
+            as_made(written, directory=written.is_dir())
         try:
             if out.exists():
                 out.rmdir()   # empty, checked above

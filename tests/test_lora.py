@@ -1,6 +1,7 @@
 """LoRA in `fastrft train`: the reference is the policy with its adapters off (the base model, bit for bit), only the
 adapters train, checkpoints hold them alone and resume exactly, export merges them into an ordinary model directory,
 and bad keys name themselves. The tiny demo model, built from a config and saved locally."""
+import json
 import os
 
 import pytest
@@ -159,6 +160,42 @@ def test_lora_resume_equals_the_uninterrupted_run(tiny_model, tmp_path):
     assert any(p.abs().sum() > 0 for name, p in a.items() if "lora_B" in name)   # it trained
 
 
+def test_a_resume_that_changes_the_adapters_is_refused_and_export_merges_them_as_trained(tiny_model, tmp_path):
+    """The checkpoint records the adapters' settings: another lora_alpha (their scale) or lora_r (their shape) is
+    refused before anything is written, and export merges with the checkpoint's settings even where config.yaml was
+    rewritten by a resume that died before its first checkpoint."""
+    import yaml
+
+    run = make_run(config(tiny_model, tmp_path, "steps=2", "lora_alpha=32"))
+    varied_rewards(run)
+    train_run(run)
+    rows = sample_rows(run.policy.config.vocab_size)
+    run.policy.eval()
+    trained = logprobs(run.policy, rows)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    for override, message in (("lora_alpha=64", r"trained with lora_r=4, lora_alpha=32\.0, lora_target_modules=\[\]; "
+                                                r"resuming with lora_alpha=64\.0 would change what they compute"),
+                              ("lora_r=8", r"does not fit the model/optimizer/scheduler given: .*[Ss]ize mismatch")):
+        with pytest.raises(ValueError, match=message):
+            make_run(load_config(tmp_path / "run" / "config.yaml", ["steps=4", override]), resume=True)
+        assert (tmp_path / "run" / "config.yaml").read_text() == saved
+    settings = yaml.safe_load(saved)
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({**settings, "lora_alpha": 64.0}))
+    out, _ = export_model(tmp_path / "run", tmp_path / "exported")
+    for a, e in zip(trained, logprobs(base_model(out), rows)):
+        torch.testing.assert_close(e, a, rtol=0, atol=1e-5)
+
+
+def test_a_run_resumed_on_a_smaller_dataset_goes_on_from_a_new_epoch(tiny_model, tmp_path):
+    rows = [{"prompt": f"sort {d}=", "answer": "".join(sorted(d))} for d in ("321", "4132", "97", "5501", "862")]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    (tmp_path / "small.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    train(config(tiny_model, tmp_path, "steps=2", f"dataset={tmp_path / 'big.jsonl'}"))   # 6 prompts in
+    summary = train(load_config(tmp_path / "run" / "config.yaml", ["steps=3", f"dataset={tmp_path / 'small.jsonl'}"]),
+                    resume=True)
+    assert summary["steps"] == 3
+
+
 def test_export_merges_the_adapters_into_a_model_that_starts_a_run(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -193,6 +230,26 @@ def test_full_fine_tuning_runs_export_too(tiny_model, tmp_path):
     umask = os.umask(0o022)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask   # readable as any folder mkdir makes, not its owner's alone
+    # and its files as open() makes them (safetensors writes its own owner-only)
+    assert {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()} == \
+        {path.name: 0o666 & ~umask for path in out.iterdir()}
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(ValueError, match=f"OUT_DIR='{tmp_path / 'a_file' / 'sub'}': {tmp_path / 'a_file'} is a file"):
+        export_model(tmp_path / "run", tmp_path / "a_file" / "sub")
+
+
+def test_an_moe_model_s_fused_experts_are_said_to_stay_frozen(capsys):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from fastrft.batch import _NOTED
+
+    _NOTED.clear()
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, num_local_experts=4))
+    add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=[])
+    assert "its 2 fused expert weight tensors (layers.0.mlp.experts.gate_up_proj, ...) are no projections and stay " \
+           "frozen" in capsys.readouterr().err
+    assert not any(p.requires_grad for name, p in model.named_parameters() if "experts" in name)
 
 
 def test_merge_is_what_the_adapters_compute(tiny_model):

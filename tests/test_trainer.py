@@ -695,6 +695,10 @@ def test_a_resume_with_no_step_left_to_run(tiny_model, tmp_path, capsys):
 def test_float16_trains_adapters_in_fp32_and_refuses_fp16_weights(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="dtype=float16 would train weights in fp16 itself"):
         train(config(tiny_model, tmp_path, "steps=1", "dtype=float16"))
+    with pytest.raises(ValueError, match=r"dtype=float16 would train model.embed_tokens.weight whole in fp16 "
+                                         r"\(lora_target_modules names it\)"):
+        train(config(tiny_model, tmp_path, "steps=1", "dtype=float16", "lora_r=4",
+                     "lora_target_modules=q_proj,embed_tokens"))
     assert not (tmp_path / "run").exists()
     run = make_run(config(tiny_model, tmp_path, "steps=2", "dtype=float16", "lora_r=4", "constraint=kl"))
     trained = [p for p in run.policy.parameters() if p.requires_grad]
