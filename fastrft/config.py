@@ -36,7 +36,7 @@ class TrainConfig:
     # What to train, on what.
     model: str = ""                        # local path of the policy's initial weights (a Hugging Face model dir)
     ref_model: str | None = None           # local path of the frozen reference / refiner; default: model
-    task: str = "demo"                     # "demo" or "package.module:function" returning a fastrft.tasks.Task
+    task: str = "demo"                     # "demo", "package.module:function" or "file.py:function" -> a Task
     dataset: str | None = None             # local .jsonl / .parquet replacing the task's training prompts
     eval_dataset: str | None = None        # local .jsonl / .parquet replacing the task's held-out prompts
     output_dir: str = "runs/run"
@@ -197,12 +197,14 @@ class TrainConfig:
 
     def with_absolute_paths(self) -> TrainConfig:
         """A copy whose local paths are absolute, as config.yaml holds them, so that a run resumes and exports from
-        any working directory: PATH_KEYS, and each task option that names an existing file or folder
-        (extra.reward_model, extra.dataset)."""
+        any working directory: PATH_KEYS, each task option that names an existing file or folder
+        (extra.reward_model, extra.dataset), and a task module of the working directory (as its file)."""
+        from fastrft.tasks import portable_task_spec
+
         extra = {name: os.path.abspath(value) if isinstance(value, str) and value and os.path.exists(value) else value
                  for name, value in self.extra.items()}
-        return dataclasses.replace(self, extra=extra, **{key: os.path.abspath(value) for key in PATH_KEYS
-                                                         if (value := getattr(self, key))})
+        return dataclasses.replace(self, extra=extra, task=portable_task_spec(self.task),
+                                   **{key: os.path.abspath(value) for key in PATH_KEYS if (value := getattr(self, key))})
 
     @property
     def uses_kl(self) -> bool:

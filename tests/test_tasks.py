@@ -419,6 +419,32 @@ def test_a_task_module_in_the_working_directory_loads(tmp_path, monkeypatch):
         load_task("no_such_module_xyz:f")
 
 
+def test_a_task_from_a_file_and_a_working_directory_s_module_kept_as_its_file(tmp_path, monkeypatch):
+    """path/to/file.py:function loads a task module from its file (within packages: by its dotted name); a run
+    folder keeps a working directory's task module as its file, so that the run resumes from anywhere."""
+    from fastrft.config import load_config
+    from fastrft.tasks import portable_task_spec
+
+    package = tmp_path / "tasks_pkg_xyz"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helpers.py").write_text("GREETING = 'pkg'\n")
+    (package / "mine.py").write_text(CUSTOM_TASK_MODULE + "\nfrom .helpers import GREETING\n"
+                                                          "def make():\n    return make_task(GREETING)\n")
+    (tmp_path / "file_task_xyz.py").write_text(CUSTOM_TASK_MODULE)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    assert load_task(f"{package / 'mine.py'}:make").name == "custom-pkg"   # its relative import works
+    assert load_task(f"{tmp_path / 'file_task_xyz.py'}:make_task", greeting="yo").name == "custom-yo"
+    with pytest.raises(ValueError, match=r"cannot import module '/nowhere/t\.py' \(no such file /nowhere/t\.py\)"):
+        load_task("/nowhere/t.py:make")
+    monkeypatch.chdir(tmp_path)
+    assert portable_task_spec("file_task_xyz:make_task") == f"{tmp_path / 'file_task_xyz.py'}:make_task"
+    assert portable_task_spec("tasks_pkg_xyz.mine:make") == f"{package / 'mine.py'}:make"
+    assert portable_task_spec("json:loads") == "json:loads" and portable_task_spec("demo") == "demo"
+    cfg = load_config(None, ["task=file_task_xyz:make_task"], model="m")
+    assert cfg.with_absolute_paths().task == f"{tmp_path / 'file_task_xyz.py'}:make_task"
+
+
 def test_combine_rewards_errors():
     def short(prompts, completions, **columns):
         return [1.0]

@@ -5,6 +5,7 @@
     load_task("code")                       APPS-format problems scored by unit tests in the sandbox (33 embedded)
     load_task("dialogue", reward_model=P)   chat prompts scored by a local reward model
     load_task("my_pkg.my_mod:make_task")    any callable returning a Task, called with the options
+    load_task("path/to/my_task.py:make")    the same, from a file
     load_rows("data.jsonl")                 local rows for a task: JSONL or Parquet, each row with a "prompt"
 
 Reward functions follow TRL's convention (see fastrft.rewards): ``f(prompts, completions, **columns)`` where every
@@ -181,10 +182,11 @@ def load_task(spec: str, **options) -> Task:
     ``options`` (fastrft train's extra.NAME=value): an option the function does not take, one it needs and was not
     given, or one of the wrong type (by the function's annotations) is a ValueError that names it."""
     if spec not in TASKS and ":" not in spec:
-        raise ValueError(f"unknown task {spec!r}: known tasks are {sorted(TASKS)}, or pass 'package.module:function'")
-    module_name, _, func_name = TASKS.get(spec, spec).partition(":")
+        raise ValueError(f"unknown task {spec!r}: known tasks are {sorted(TASKS)}, or pass 'package.module:function' "
+                         f"or 'path/to/file.py:function'")
+    module_name, _, func_name = TASKS.get(spec, spec).rpartition(":")
     try:
-        module = _import_task_module(module_name)
+        module = _import_task_file(module_name) if module_name.endswith(".py") else _import_task_module(module_name)
     except ImportError as e:
         raise ValueError(f"task {spec!r}: cannot import module {module_name!r} ({e})") from e
     factory = getattr(module, func_name, None)
@@ -196,6 +198,32 @@ def load_task(spec: str, **options) -> Task:
         raise ValueError(f"task {spec!r} returned {type(task).__name__}, not a fastrft.tasks.Task")
     task.check(f"task {spec!r}")
     return task
+
+
+def _import_task_file(path: str):
+    """The module of a task file (path/to/file.py, inside packages or not): imported by its dotted name from the
+    folder above its outermost package, which goes on sys.path (its own imports of its neighbours work)."""
+    file = Path(path).expanduser().absolute()
+    if not file.is_file():
+        raise ImportError(f"no such file {file}")
+    root, parts = file.parent, [file.stem]
+    while (root / "__init__.py").is_file():
+        root, parts = root.parent, [root.name, *parts]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(".".join(parts))
+
+
+def portable_task_spec(spec: str) -> str:
+    """The spec as a run folder keeps it (config.yaml): a module found in the working directory (the `fastrft`
+    command looks there) as its file's absolute path, so that the run resumes and exports from anywhere."""
+    module_name, _, func_name = spec.rpartition(":")
+    if spec in TASKS or not module_name or module_name.endswith(".py"):
+        return str(Path(module_name).expanduser().absolute()) + ":" + func_name if module_name.endswith(".py") \
+            else spec
+    base = Path.cwd().joinpath(*module_name.split("."))
+    file = next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+    return f"{file}:{func_name}" if file else spec
 
 
 def _import_task_module(name: str):
