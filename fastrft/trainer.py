@@ -431,6 +431,9 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     refine_template = cfg.refine_template or task.refine_template
     if cfg.uses_refiner and cfg.refine_template is None:   # the task's own: the config checks one it is given
         check_refine_template(refine_template)
+    if cfg.uses_refiner and not callable(task.parse_refinement):
+        raise ValueError(f"task {cfg.task!r}: Task.parse_refinement must be a callable str -> str | None, got "
+                         f"{task.parse_refinement!r}")
     columns, types = task.required_columns(), task.column_types()
     train_rows = load_rows(cfg.dataset, required=columns, types=types) if cfg.dataset else task.train_rows
     eval_rows = load_rows(cfg.eval_dataset, required=columns, types=types) if cfg.eval_dataset else task.eval_rows

@@ -169,8 +169,6 @@ def test_task_options_are_checked_by_name_and_type(spec, options, message):
     ({"reward_funcs": []}, "Task.reward_funcs must be a non-empty list of callables"),
     ({"gold_reward": "gold"}, "Task.gold_reward='gold' names no reward function (they are \"format_reward('[0-9]+')\")"),
     ({"max_new_tokens": 0}, "Task.max_new_tokens must be an int >= 1, got 0"),
-    ({"parse_refinement": "strip"}, "Task.parse_refinement must be a callable"),
-    ({"refine_template": "{prompt}"}, "Task.refine_template must be a str.format template whose fields are"),
     ({"train_rows": ({"prompt": "a"},)}, "Task.train_rows must be a list of rows (dicts), got tuple"),
 ])
 def test_a_task_s_fields_are_checked_when_it_loads(custom_task_module, field, message):

@@ -499,12 +499,15 @@ def test_a_start_that_fails_on_its_task_or_data_writes_nothing(tiny_model, tmp_p
         "from fastrft.tasks import load_task\n"
         "def no_prompts():\n    task = load_task('demo', n_eval=4)\n    task.train_rows = []\n    return task\n"
         "def bad_template():\n    task = load_task('demo', n_eval=4)\n    task.refine_template = 'fix {resp}'\n"
+        "    return task\n"
+        "def bad_parser():\n    task = load_task('demo', n_eval=4)\n    task.parse_refinement = None\n"
         "    return task\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     data = tmp_path / "rows.jsonl"
     data.write_text('{"prompt": "sort 21=", "answer": "12"}\n{"prompt": "sort 321=", "answer": 123}\n')
     for overrides, message in ((["task=odd_tasks:no_prompts"], "the task has no training prompts"),
                                (["task=odd_tasks:bad_template"], "refine_template must be a str.format template"),
+                               (["task=odd_tasks:bad_parser"], "Task.parse_refinement must be a callable"),
                                ([f"dataset={data}"], r"rows\.jsonl:2: 'answer' must be str")):
         with pytest.raises(ValueError, match=message):
             train(config(tiny_model, tmp_path, "steps=1", *overrides))

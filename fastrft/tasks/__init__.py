@@ -76,8 +76,8 @@ class Task:
 
     def check(self, source: str) -> None:
         """A ValueError naming the field (source: where the task comes from) unless the task's fields can work: a
-        run would otherwise fail at its first step or its last, after the run folder is written."""
-        from fastrft.refiner import check_refine_template
+        run would otherwise fail at its first step or its last, after the run folder is written. (The refiner's
+        template and parser are checked where a run uses the refiner.)"""
         from fastrft.rewards import _func_name
 
         funcs = self.reward_funcs
@@ -97,13 +97,6 @@ class Task:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 1:
             raise ValueError(f"{source}: Task.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not callable(self.parse_refinement):
-            raise ValueError(f"{source}: Task.parse_refinement must be a callable str -> str | None, got "
-                             f"{self.parse_refinement!r}")
-        try:
-            check_refine_template(self.refine_template)
-        except ValueError as e:
-            raise ValueError(f"{source}: Task.{e}") from None
         for name in ("train_rows", "eval_rows"):
             if not isinstance(getattr(self, name), list):
                 raise ValueError(f"{source}: Task.{name} must be a list of rows (dicts), got "
