@@ -441,6 +441,11 @@ def test_a_task_from_a_file_and_a_working_directory_s_module_kept_as_its_file(tm
     assert portable_task_spec("json:loads") == "json:loads" and portable_task_spec("demo") == "demo"
     cfg = load_config(None, ["task=file_task_xyz:make_task"], model="m")
     assert cfg.with_absolute_paths().task == f"{tmp_path / 'file_task_xyz.py'}:make_task"
+    (tmp_path / "json.py").write_text(CUSTOM_TASK_MODULE)   # a name the standard library has: its module comes first
+    with pytest.raises(ValueError, match=r"module 'json' has no callable 'make_task' \(the module imported is .*json"
+                                         r".*; for .*json\.py give task=json\.py:make_task\)"):
+        load_task("json:make_task")
+    assert load_task("json.py:make_task").name == "custom-hi"
 
 
 def test_combine_rewards_errors():

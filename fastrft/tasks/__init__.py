@@ -15,6 +15,7 @@ a list of one assistant message.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import math
 import numbers
@@ -184,7 +185,10 @@ def load_task(spec: str, **options) -> Task:
         raise ValueError(f"task {spec!r}: cannot import module {module_name!r} ({e})") from e
     factory = getattr(module, func_name, None)
     if not callable(factory):
-        raise ValueError(f"task {spec!r}: module {module_name!r} has no callable {func_name!r}")
+        local = Path.cwd() / f"{module_name}.py"
+        shadowed = (f" (the module imported is {module.__file__}; for {local} give task={local.name}:{func_name})"
+                    if local.is_file() and Path(getattr(module, "__file__", None) or local) != local else "")
+        raise ValueError(f"task {spec!r}: module {module_name!r} has no callable {func_name!r}{shadowed}")
     _check_options(spec, factory, options)
     task = factory(**options)
     if not isinstance(task, Task):
@@ -204,7 +208,15 @@ def _import_task_file(path: str):
         root, parts = root.parent, [root.name, *parts]
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    return importlib.import_module(".".join(parts))
+    name = ".".join(parts)
+    loaded = sys.modules.get(name)
+    if len(parts) > 1 or loaded is None or Path(getattr(loaded, "__file__", None) or "") == file:
+        return importlib.import_module(name)
+    # A file named as a module already imported (json.py): this file's module, beside it.
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def portable_task_spec(spec: str) -> str:
