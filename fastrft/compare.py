@@ -44,7 +44,7 @@ from pathlib import Path
 
 from fastrft.config import CONSTRAINTS, TrainConfig, load_config
 from fastrft.distributed import launched_rank
-from fastrft.jsonl import json_safe
+from fastrft.jsonl import finite_number, json_safe
 from fastrft.machine import describe_machine
 from fastrft.rundir import RunDir
 
@@ -228,7 +228,7 @@ def run_numbers(records: list[dict]) -> dict:
     for r in train_steps:
         total += r.get("step_time_s", 0.0)
         time_at[r["step"]] = total
-    evals = [(r["step"], time_at[r["step"]], r["eval_reward"]) for r in records if _finite(r.get("eval_reward"))]
+    evals = [(r["step"], time_at[r["step"]], r["eval_reward"]) for r in records if finite_number(r.get("eval_reward"))]
     tail = train_steps[-max(1, math.ceil(TAIL_FRACTION * len(train_steps))):]
     head = train_steps[:max(1, math.ceil(TAIL_FRACTION * len(train_steps)))]
 
@@ -253,10 +253,10 @@ def run_numbers(records: list[dict]) -> dict:
         if initial is not None:
             gain = max(rewards) - initial
             out["collapsed"] = rewards[-1] < initial or max_drop > COLLAPSE_FRACTION * gain
-    gold = [r["eval_gold"] for r in records if _finite(r.get("eval_gold"))]
+    gold = [r["eval_gold"] for r in records if finite_number(r.get("eval_gold"))]
     if gold:   # a task trained on a proxy reward: its gold reward, evaluated alongside
         out.update(eval_gold_initial=gold[0], eval_gold_final=gold[-1], eval_gold_best=max(gold))
-    out["curves"] = {key: {r["step"]: r[key] for r in records if _finite(r.get(key))}
+    out["curves"] = {key: {r["step"]: r[key] for r in records if finite_number(r.get(key))}
                      for key in CURVE_KEYS if key != "train_time_s"}
     out["curves"]["train_time_s"] = time_at
     out["evals"] = evals
@@ -274,7 +274,7 @@ def eval_at_time(evals: list[tuple[int, float, float]], budget_s: float) -> floa
 def mean_std(values) -> dict:
     """Mean, sample std and the half-width of the mean's 95% confidence interval (Student's t, n - 1 degrees of
     freedom) over the finite values; std and ci95 are None with fewer than two."""
-    values = [float(v) for v in values if _finite(v)]
+    values = [float(v) for v in values if finite_number(v)]
     if not values:
         return {"mean": None, "std": None, "ci95": None, "n": 0}
     n = len(values)
@@ -325,7 +325,7 @@ def student_t_quantile(probability: float, df: int) -> float:
 def paired_test(a: dict, b: dict) -> dict | None:
     """Paired t-test of a - b over the seeds both have ({seed: value}): the mean difference, its 95% confidence
     interval, t, the two-sided p and whether p < SIGNIFICANCE_LEVEL; None with fewer than two pairs."""
-    seeds = sorted(seed for seed in a if seed in b and _finite(a[seed]) and _finite(b[seed]))
+    seeds = sorted(seed for seed in a if seed in b and finite_number(a[seed]) and finite_number(b[seed]))
     if len(seeds) < 2:
         return None
     differences = [a[seed] - b[seed] for seed in seeds]
@@ -646,10 +646,6 @@ def _load(values) -> str:
     return "n/a" if values is None else " / ".join(f"{x:.2f}" for x in values)
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _mean_of(records: list[dict], key: str) -> float | None:
-    values = [r[key] for r in records if _finite(r.get(key))]
+    values = [r[key] for r in records if finite_number(r.get(key))]
     return statistics.fmean(values) if values else None

@@ -1,5 +1,5 @@
 """JSON-lines files: one JSON object per line, blank lines skipped, errors naming the file and the line; and what
-JSON can hold of a record (json_safe)."""
+JSON can hold of a record (json_safe), and which of its values are numbers (finite_number)."""
 from __future__ import annotations
 
 import json
@@ -41,3 +41,8 @@ def json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def finite_number(value) -> bool:
+    """A finite number as a metrics record holds one: not null, not a flag (bool), not NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

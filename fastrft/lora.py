@@ -73,7 +73,7 @@ def add_lora(model, *, r: int, alpha: float, dropout: float, target_modules: lis
     for name, module in model.named_modules():
         if any(_matches(name, t) for t in whole):
             module.requires_grad_(True)
-    fused = [name for name, p in model.get_decoder().named_parameters() if p.dim() >= 3]
+    fused = [name for name, p in model.get_decoder().named_parameters() if p.dim() >= 3 and "expert" in name]
     if fused and not target_modules:
         from fastrft.batch import note_once
 

@@ -95,18 +95,18 @@ def _series(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     no_step = 0
     for record in records:
         step = record.get("step")
-        if not _is_number(step):
+        if not _plottable(step):
             no_step += 1
             continue
         for key, value in record.items():
-            if key != "step" and _is_number(value):
+            if key != "step" and _plottable(value):
                 by_key.setdefault(key, {})[step] = float(value)  # NaN/inf stay: matplotlib leaves a gap
     if no_step:
         warnings.warn(f"{no_step} metrics record(s) without a numeric 'step' were not plotted", stacklevel=3)
     return {key: (sorted(points), [points[s] for s in sorted(points)]) for key, points in by_key.items()}
 
 
-def _is_number(value) -> bool:
+def _plottable(value) -> bool:
     return isinstance(value, (int, float))  # bools count: a flag such as refine_failed plots as 0/1
 
 

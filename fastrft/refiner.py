@@ -87,6 +87,14 @@ def check_refine_template(template) -> None:
                          f"{{response}}, got the fields {sorted(fields)} in {template!r}")
 
 
+def prompt_text(prompt) -> str:
+    """What the refiner's template shows as {prompt}: a string prompt; of chat messages, the last user message (a
+    last assistant message is the answer's beginning, not the question)."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), prompt[-1]["content"])
+
+
 def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, completions: list[str],
            completion_ids: list[list[int]], max_new_tokens: int, batch_size: int = 256, changed_weight: float = 1.0,
            kept_weight: float = 0.0, context: int = 0, draft: bool = True, generate=None) -> RefineResult:
@@ -94,8 +102,7 @@ def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, complet
     refiner's greedy continuation (see the module docstring); else decode it with generate, fastrft.rollout.generate
     (the default) or a stand-in with its signature. Counts are per sample, copies included."""
     result = RefineResult(refinements=[None] * len(completions))
-    texts = [template.format(prompt=p if isinstance(p, str) else p[-1]["content"], response=c)
-             for p, c in zip(prompts, completions)]
+    texts = [template.format(prompt=prompt_text(p), response=c) for p, c in zip(prompts, completions)]
     source = rollout.first_occurrences((text, tuple(ids)) for text, ids in zip(texts, completion_ids))
     unique = [i for i, first in enumerate(source) if first == i]
     result.copies = len(texts) - len(unique)

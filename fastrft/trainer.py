@@ -59,6 +59,7 @@ from fastrft.checkpoint import StopSignal, latest_checkpoint, latest_state, load
 from fastrft.config import TrainConfig, load_config, save_config
 from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world, local_tensor, shard_frozen,
                                  shard_policy)
+from fastrft.jsonl import finite_number
 from fastrft.lora import adapters_disabled, add_lora, merge_lora
 from fastrft.refiner import RefineResult, check_refine_template, refine
 from fastrft.rollout import encode_prompts, eval_mode, generate
@@ -485,13 +486,15 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if resume and not restart:
         start_step, state = load_checkpoint(run_dir.path, model=policy, optimizer=optimizer,
                                             map_location=device, world=world)
+        # The adapters' weights mean what they do at the scale they were trained at (the modules they sit on, the
+        # checkpoint's loading has checked).
         trained, given = state.get("lora"), lora_settings(cfg) or {"lora_r": 0}
-        if trained and trained != given:   # the adapters' weights mean what they do under the settings they had
-            changed = [f"{key}={given.get(key)!r}" for key in trained if trained[key] != given.get(key)]
-            raise ValueError(f"{run_dir.path}: its checkpoint's adapters were trained with "
-                             f"{', '.join(f'{k}={v!r}' for k, v in trained.items())}; resuming with "
-                             f"{', '.join(changed)} would change what they compute: resume with the settings they "
-                             f"were trained with")
+        changed = [f"{key}={given.get(key)!r}" for key in ("lora_r", "lora_alpha")
+                   if trained and trained[key] != given.get(key)]
+        if changed:
+            raise ValueError(f"{run_dir.path}: its checkpoint's adapters were trained with lora_r={trained['lora_r']}, "
+                             f"lora_alpha={trained['lora_alpha']!r}; resuming with {', '.join(changed)} would change "
+                             f"what they compute: resume with the settings they were trained with")
         if start_step > cfg.steps:
             raise ValueError(f"{run_dir.path} is at step {start_step} already: steps={cfg.steps} would go back; give "
                              f"steps above {start_step} to continue it")
@@ -707,8 +710,8 @@ def train_run(run: Run) -> dict:
                                 trainable_only=cfg.lora_r > 0, world=world)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(reward=f"{_mean(record.rollout.rewards):.3f}",
-                                     **({"eval": f"{record.eval['eval_reward']:.3f}"} if record.eval else {}))
+                progress.set_postfix(reward=_shown(_mean(record.rollout.rewards, None)),
+                                     **({"eval": _shown(record.eval["eval_reward"])} if record.eval else {}))
     if progress is not None:
         progress.close()
 
@@ -976,7 +979,7 @@ def evaluate(run: Run) -> dict:
         if rows and _own_evaluate(type(task)):
             # A task whose evaluate is its own, not the means of its evaluate_sums: its means, weighted by the rows
             # each rank evaluated.
-            sums = {name: (value * len(rows), len(rows))
+            sums = {name: (value * len(rows), len(rows)) if value is not None else (0.0, 0)
                     for name, value in task.evaluate(policy, run.tokenizer, rows, **options).items()}
         elif rows:
             sums = task.evaluate_sums(policy, run.tokenizer, rows, **options)
@@ -1020,9 +1023,9 @@ def _mean(values, empty: float | None = 0.0) -> float | None:
     return sum(values) / len(values) if values else empty
 
 
-def _is_number(value) -> bool:
-    """A finite number as metrics.jsonl holds one (not null, not a flag)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _shown(value: float | None) -> str:
+    """A metric for the progress bar: null (nothing scored) as -."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _std(values) -> float:
@@ -1036,7 +1039,7 @@ def summarize(run_dir: RunDir, skipped_steps: int, last_step: int, stopped_by: s
               world_size: int = 1) -> dict:
     records = run_dir.read_metrics()
     evals = [r for r in records if "eval_reward" in r]
-    scored = [r["eval_reward"] for r in evals if _is_number(r["eval_reward"])]   # (null: nothing was scored)
+    scored = [r["eval_reward"] for r in evals if finite_number(r["eval_reward"])]   # (null: nothing was scored)
     steps = [r for r in records if "reward_mean" in r]
     tail = steps[-max(1, len(steps) // 5):] if steps else []
     return {
@@ -1044,10 +1047,10 @@ def summarize(run_dir: RunDir, skipped_steps: int, last_step: int, stopped_by: s
         "eval_reward_initial": evals[0]["eval_reward"] if evals else None,
         "eval_reward_final": evals[-1]["eval_reward"] if evals else None,
         "eval_reward_best": max(scored) if scored else None,
-        "reward_mean_last": _mean([r["reward_mean"] for r in tail if _is_number(r["reward_mean"])], None),
+        "reward_mean_last": _mean([r["reward_mean"] for r in tail if finite_number(r["reward_mean"])], None),
         "refine_rate_mean": _mean([r.get("refine_rate", 0.0) for r in steps]),
         "refine_rate_last": _mean([r.get("refine_rate", 0.0) for r in tail]),
-        "kl_ref_last": _mean([r["kl_ref"] for r in tail if _is_number(r.get("kl_ref"))], None),
+        "kl_ref_last": _mean([r["kl_ref"] for r in tail if finite_number(r.get("kl_ref"))], None),
         "skipped_steps": skipped_steps,
         "wall_time_s": sum(r.get("step_time_s", 0.0) for r in steps),
     }

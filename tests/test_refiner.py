@@ -539,6 +539,15 @@ def test_an_empty_prompt_is_refused(reference):
         greedy_from_drafts(model, tokenizer, [[5, 6], []], [[7], [7]], max_new_tokens=4)
 
 
+def test_the_refiner_s_template_shows_the_question_of_a_chat_prompt():
+    from fastrft.refiner import prompt_text
+
+    asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}]
+    assert prompt_text("sort 21=") == "sort 21="
+    assert prompt_text(asked) == prompt_text(asked + [{"role": "assistant", "content": "Sure: it is"}]) == \
+        "Name a prime."
+
+
 def test_a_parse_refinement_that_returns_no_string_is_named(reference):
     model, tokenizer = reference
     ids = [tokenizer("1739", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]

@@ -157,6 +157,7 @@ def test_load_task_errors(spec, message, custom_task_module):
     ("code", {"timeout_s": "4"}, "task 'code': extra.timeout_s must be float or int, got '4'"),
     ("demo", {"n_eval": -5}, "the demo task needs extra.n_train >= 1 and extra.n_eval >= 0"),
     ("demo", {"n_train": 0}, "the demo task needs extra.n_train >= 1"),
+    ("code", {"timeout_s": 2e6}, "code_task: timeout_s must be at most 1e+06 (the sandbox's), got 2000000.0"),
 ])
 def test_task_options_are_checked_by_name_and_type(spec, options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -439,6 +440,10 @@ def test_a_task_from_a_file_and_a_working_directory_s_module_kept_as_its_file(tm
     assert portable_task_spec("file_task_xyz:make_task") == f"{tmp_path / 'file_task_xyz.py'}:make_task"
     assert portable_task_spec("tasks_pkg_xyz.mine:make") == f"{package / 'mine.py'}:make"
     assert portable_task_spec("json:loads") == "json:loads" and portable_task_spec("demo") == "demo"
+    # A module found without the working directory (installed, or on the path) is what a run imports: kept by name.
+    (tmp_path / "fastrft" / "tasks").mkdir(parents=True)
+    (tmp_path / "fastrft" / "tasks" / "demo.py").write_text("")
+    assert portable_task_spec("fastrft.tasks.demo:demo_task") == "fastrft.tasks.demo:demo_task"
     cfg = load_config(None, ["task=file_task_xyz:make_task"], model="m")
     assert cfg.with_absolute_paths().task == f"{tmp_path / 'file_task_xyz.py'}:make_task"
     (tmp_path / "json.py").write_text(CUSTOM_TASK_MODULE)   # a name the standard library has: its module comes first

@@ -14,8 +14,9 @@ from fastrft.config import TrainConfig, load_config
 from fastrft.distributed import World
 from fastrft.rollout import Samples
 from fastrft.rundir import RunDir
+from fastrft.tasks import Task
 from fastrft.tasks.demo import make_model, make_tokenizer
-from fastrft.trainer import group_advantages, lr_factor, make_run, overlong_penalty, train, train_run
+from fastrft.trainer import evaluate, group_advantages, lr_factor, make_run, overlong_penalty, train, train_run
 
 SMALL = ["prompts_per_step=3", "group_size=4", "eval_size=4", "eval_every=2", "save_every=2", "progress=false",
          "device=cpu", "plots=false", "dynamic_sampling=false"]
@@ -567,7 +568,7 @@ def test_a_step_with_no_group_to_learn_from(tiny_model, tmp_path):
 def test_a_mean_of_no_scored_sample_is_null_not_zero(tiny_model, tmp_path):
     """A reward function that scores nothing (every value None): the step's and the evaluation's means are null, and
     the summary's too; nothing crashes at the end."""
-    run = make_run(config(tiny_model, tmp_path, "steps=2", "eval_every=1"))
+    run = make_run(config(tiny_model, tmp_path, "steps=2", "eval_every=1", "progress=true"))   # (a bar shows -)
     run.task.reward_funcs = [lambda prompts, completions, **kw: [None] * len(completions)]
     run.task.reward_weights = [1.0]
     summary = train_run(run)
@@ -576,6 +577,13 @@ def test_a_mean_of_no_scored_sample_is_null_not_zero(tiny_model, tmp_path):
     steps = [r for r in records if "reward_mean" in r]
     assert steps and all(r["reward_mean"] is None and r["reward_std"] is None and r["reward_none"] > 0 for r in steps)
     assert summary["eval_reward_best"] is None and summary["reward_mean_last"] is None
+
+    class OwnEvaluation(Task):   # a task's own evaluate, whose metric scored nothing
+        def evaluate(self, *args, **kwargs):
+            return {"eval_reward": None}
+
+    run.task = OwnEvaluation(**{f.name: getattr(run.task, f.name) for f in dataclasses.fields(Task)})
+    assert evaluate(run) == {"eval_reward": None}
 
 
 def test_a_task_s_rows_and_evaluation_are_checked(tiny_model, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ a list of one assistant message.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import math
@@ -211,7 +212,10 @@ def _import_task_file(path: str):
     name = ".".join(parts)
     loaded = sys.modules.get(name)
     if len(parts) > 1 or loaded is None or Path(getattr(loaded, "__file__", None) or "") == file:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
+        if Path(getattr(module, "__file__", None) or file).resolve() != file.resolve():
+            raise ImportError(f"the module {name} is imported from {module.__file__} already, not from {file}")
+        return module
     # A file named as a module already imported (json.py): this file's module, beside it.
     spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
@@ -228,7 +232,23 @@ def portable_task_spec(spec: str) -> str:
             else spec
     base = Path.cwd().joinpath(*module_name.split("."))
     file = next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
-    return f"{file}:{func_name}" if file else spec
+    return f"{file}:{func_name}" if file and not _importable_elsewhere(module_name.partition(".")[0]) else spec
+
+
+def _importable_elsewhere(top: str) -> bool:
+    """Whether the top-level module is found without the working directory on sys.path (installed, or on the
+    path): then that one is imported, not the working directory's (_import_task_module)."""
+    cwd = Path.cwd().resolve()
+    paths = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != cwd]
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        try:
+            found = find and (find(top, paths) if finder is importlib.machinery.PathFinder else find(top, None))
+        except (ImportError, ValueError, TypeError):
+            continue
+        if found:
+            return True
+    return False
 
 
 def _import_task_module(name: str):

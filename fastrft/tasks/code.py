@@ -392,6 +392,9 @@ def code_task(dataset: str | None = None, *, n_eval: int = 6, seed: int = 0, tim
     for name, value in (("eval_temperature", eval_temperature), ("timeout_s", timeout_s)):
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"code_task: {name} must be a finite number > 0, got {value!r}")
+    if timeout_s > sandbox.MAX_TIMEOUT_S:
+        raise ValueError(f"code_task: timeout_s must be at most {sandbox.MAX_TIMEOUT_S:g} (the sandbox's), got "
+                         f"{timeout_s!r}")
     order = list(range(len(problems)))
     random.Random(seed).shuffle(order)
     rows = [problem_to_row(problems[i]) for i in order]

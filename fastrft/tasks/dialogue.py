@@ -92,10 +92,12 @@ class RewardModelScorer:
 
     def format(self, prompt, reply) -> str:
         """The scored text: the prompt (a string: one user message; or chat messages) and the reply (a string, or
-        TRL's conversational completion) as a conversation."""
+        TRL's conversational completion) as a conversation; a prompt's last assistant message (an answer's
+        beginning, which the policy continued) and the reply are one answer."""
         _, tokenizer = self.load()
-        messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)) + \
-            [{"role": "assistant", "content": completion_text(reply)}]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        begun = messages.pop()["content"] if messages[-1].get("role") == "assistant" else ""   # a prefilled answer
+        messages.append({"role": "assistant", "content": begun + completion_text(reply)})
         if tokenizer.chat_template:
             return tokenizer.apply_chat_template(messages, tokenize=False)
         return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
