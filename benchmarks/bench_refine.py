@@ -125,6 +125,7 @@ def measure(name, model, lengths, edit_shares, rows: int, prompt_len: int, repea
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     tokenizer = IdTokenizer(eos_token_id=vocab - 1 if name != "demo" else 0)   # the demo never writes <pad>
+    stops = [tokenizer.eos_token_id]   # alone: not the model's own EOS, which it writes
     rng = random.Random(seed)
     out = []
     for length in lengths:
@@ -132,14 +133,14 @@ def measure(name, model, lengths, edit_shares, rows: int, prompt_len: int, repea
         prompt_ids = [[rng.randrange(3, vocab) for _ in range(rng.randint(prompt_len // 2, 3 * prompt_len // 2))]
                       for _ in range(rows)]
         plain_s, plain = timed(lambda: generate(model, tokenizer, prompt_ids, max_new_tokens=length, greedy=True,
-                                                batch_size=rows), device, repeat)
+                                                batch_size=rows, stop_ids=stops), device, repeat)
         refinements = plain.completion_ids
         floor_s, _ = timed(lambda: floor_pass(model, prompt_ids, refinements), device, repeat)
         tokens = sum(map(len, refinements))
         for share in edit_shares:
             drafts = [edit(r, share, vocab, rng) for r in refinements]
             draft_s, (drafted, stats) = timed(lambda: greedy_from_drafts(
-                model, tokenizer, prompt_ids, drafts, max_new_tokens=length, batch_size=rows), device, repeat)
+                model, tokenizer, prompt_ids, drafts, max_new_tokens=length, batch_size=rows, stop_ids=stops), device, repeat)
             row = {"model": name, "rows": rows, "length": length, "edited": share, "tokens": tokens,
                    "plain_s": plain_s, "plain_passes": length, "draft_s": draft_s, "draft_passes": stats.passes,
                    "draft_accepted": stats.accepted / max(1, stats.offered), "floor_s": floor_s,
@@ -165,6 +166,7 @@ def measure_shared(name, model, lengths, edit_shares, rows: int, group: int, sha
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     tokenizer = IdTokenizer(eos_token_id=vocab - 1 if name != "demo" else 0)
+    stops = [tokenizer.eos_token_id]
     rng = random.Random(seed)
     out = []
     for length in lengths:
@@ -172,7 +174,7 @@ def measure_shared(name, model, lengths, edit_shares, rows: int, group: int, sha
         prompt_ids = [beginnings[r // group] + [rng.randrange(3, vocab) for _ in range(prompt_len)]
                       for r in range(rows)]
         refinements = generate(model, tokenizer, prompt_ids, max_new_tokens=length, greedy=True,
-                               batch_size=rows).completion_ids
+                               batch_size=rows, stop_ids=stops).completion_ids
 
         @torch.no_grad()
         def floor():
@@ -195,7 +197,7 @@ def measure_shared(name, model, lengths, edit_shares, rows: int, group: int, sha
             for label, share_prefixes in (("alone", False), ("shared", True)):
                 seconds, (drafted, stats) = timed(lambda: greedy_from_drafts(
                     model, tokenizer, prompt_ids, drafts, max_new_tokens=length, batch_size=rows,
-                    share_prefixes=share_prefixes), device, repeat)
+                    share_prefixes=share_prefixes, stop_ids=stops), device, repeat)
                 row[f"{label}_s"] = seconds
                 row[f"{label}_passes"] = stats.passes
                 row[f"{label}_mismatched_rows"] = sum(a != b for a, b in zip(drafted.completion_ids, refinements))

@@ -137,7 +137,7 @@ def counted_batches():
 @contextmanager
 def refiner_calls():
     """The refiner's greedy decodings (fastrft.rollout.greedy_from_drafts) in the block, appended to the list it
-    yields as (seconds, (model, tokenizer, templates, refinements written, max_new_tokens, batch_size))."""
+    yields as (seconds, (model, tokenizer, templates, refinements written, max_new_tokens, batch_size, stop_ids))."""
     from fastrft import rollout
 
     calls = []
@@ -146,7 +146,8 @@ def refiner_calls():
         t0 = time.perf_counter()
         out = _greedy_from_drafts(model, tokenizer, prompt_ids, drafts, **kwargs)
         calls.append((time.perf_counter() - t0, (model, tokenizer, prompt_ids, out[0].completion_ids,
-                                                 kwargs["max_new_tokens"], kwargs["batch_size"])))
+                                                 kwargs["max_new_tokens"], kwargs["batch_size"],
+                                                 kwargs.get("stop_ids"))))
         return out
 
     rollout.greedy_from_drafts = timed_decode
@@ -156,12 +157,14 @@ def refiner_calls():
         rollout.greedy_from_drafts = _greedy_from_drafts
 
 
-def decoding_floor_s(model, tokenizer, templates, written, max_new_tokens: int, batch_size: int) -> float:
+def decoding_floor_s(model, tokenizer, templates, written, max_new_tokens: int, batch_size: int,
+                     stop_ids: list[int] | None = None) -> float:
     """The floor of the refiner's decoding: the same call with the refinements it wrote as the drafts, every one
     right, which the draft path verifies in one pass over the templates' common beginnings and one over the rest
     (the demo's refinements fit the first block): the cost of checking the answer, one prefill."""
     t0 = time.perf_counter()
-    _greedy_from_drafts(model, tokenizer, templates, written, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    _greedy_from_drafts(model, tokenizer, templates, written, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        stop_ids=stop_ids)
     return time.perf_counter() - t0
 
 

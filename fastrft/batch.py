@@ -568,6 +568,26 @@ def check_head_matches_model(model, key: str, fused_logprobs=None, temperature: 
                          f"softcap={transform['softcap']}); this architecture is not supported")
 
 
+def check_vocabularies(tokenizer, policy, ref, *, policy_name: str, ref_name: str) -> None:
+    """The policy and the reference (or refiner) score the same token ids: same number of LM-head rows, and every id
+    the tokenizer can produce has one; names say which model is which in the error."""
+    rows = {policy_name: _head_rows(policy), ref_name: _head_rows(ref)}
+    if rows[policy_name] != rows[ref_name]:
+        raise ValueError(f"the policy ({policy_name}) has {rows[policy_name]} vocabulary rows but the reference "
+                         f"({ref_name}) has {rows[ref_name]}: the KL term and the refiner compare the two models' "
+                         f"log-probs of the same token ids, so their vocabularies must match")
+    largest_id = max([len(tokenizer) - 1, tokenizer.eos_token_id or 0, tokenizer.pad_token_id or 0])
+    if largest_id >= rows[policy_name]:
+        raise ValueError(f"the tokenizer of {policy_name} has ids up to {largest_id} but the model's LM head has only "
+                         f"{rows[policy_name]} rows")
+
+
+def _head_rows(model) -> int:
+    """The LM head's rows (its whole shape where DeepSpeed ZeRO-3 partitions it)."""
+    weight = model.get_output_embeddings().weight
+    return (getattr(weight, "ds_shape", None) or weight.shape)[0]
+
+
 def _train_path_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     row = Row(prompt_ids=ids[0, :1].tolist(), target_ids=ids[0, 1:].tolist())
     path = AttentionPath(False, model.config._attn_implementation, ids.numel())

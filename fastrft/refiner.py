@@ -25,6 +25,7 @@ import torch
 
 from fastrft import rollout
 from fastrft.diff import diff_masks, diff_weights
+from fastrft.rewards import message_text
 
 
 @dataclass
@@ -88,34 +89,53 @@ def check_refine_template(template) -> None:
 
 
 def prompt_text(prompt) -> str:
-    """What the refiner's template shows as {prompt}: a string prompt; of chat messages, the last user message (a
-    last assistant message is the answer's beginning, not the question)."""
+    """What the refiner's template shows as {prompt}: a string prompt; of chat messages, the last user message's
+    text (its typed parts' texts joined)."""
     if isinstance(prompt, str):
         return prompt
-    return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), prompt[-1]["content"])
+    return message_text(next((m["content"] for m in reversed(prompt) if m.get("role") == "user"),
+                             prompt[-1]["content"]))
+
+
+def check_refinable(prompts: list, source: str) -> None:
+    """A ValueError naming source unless the refiner can rewrite each prompt's answer whole: a chat prompt whose last
+    message is the assistant's (an answer's beginning, which the policy continues) cannot be (the refinement would
+    start the answer again after it)."""
+    prefilled = next((p for p in prompts if isinstance(p, list) and p and isinstance(p[-1], dict)
+                      and p[-1].get("role") == "assistant"), None)
+    if prefilled is not None:
+        raise ValueError(f"{source}: the prompt {prefilled!r:.120} ends with an assistant message (an answer's "
+                         f"beginning): the refiner rewrites whole answers and cannot refine its continuation; drop "
+                         f"the refiner (constraint without refiner, refine_coef=0) or the prefilled message")
 
 
 def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, completions: list[str],
            completion_ids: list[list[int]], max_new_tokens: int, batch_size: int = 256, changed_weight: float = 1.0,
-           kept_weight: float = 0.0, context: int = 0, draft: bool = True, generate=None) -> RefineResult:
+           kept_weight: float = 0.0, context: int = 0, draft: bool = True, generate=None,
+           stop_ids: list[int] | None = None) -> RefineResult:
     """Each completion's refinement (None where unchanged or failed). draft: verify the response as the draft of the
     refiner's greedy continuation (see the module docstring); else decode it with generate, fastrft.rollout.generate
-    (the default) or a stand-in with its signature. Counts are per sample, copies included."""
+    (the default) or a stand-in with its signature. stop_ids: the ids that end a completion, as the samples were
+    ended (default: rollout.stop_token_ids of the refiner); a refinement ends with its sample's own. Counts are per
+    sample, copies included."""
     result = RefineResult(refinements=[None] * len(completions))
     texts = [template.format(prompt=prompt_text(p), response=c) for p, c in zip(prompts, completions)]
     source = rollout.first_occurrences((text, tuple(ids)) for text, ids in zip(texts, completion_ids))
     unique = [i for i, first in enumerate(source) if first == i]
     result.copies = len(texts) - len(unique)
-    eos = tokenizer.eos_token_id
+    stops = stop_ids or rollout.stop_token_ids(ref_model, tokenizer)
+    # Each sample's own stop token (an instruct model's end of turn, say); the first stop id for one cut short.
+    ends = {i: ids[-1] if ids and ids[-1] in stops else stops[0] for i, ids in enumerate(completion_ids)}
     template_ids = rollout.encode_prompts(tokenizer, [texts[i] for i in unique])
     if draft:
-        drafts = [[t for t in completion_ids[i] if t != eos] + [eos] for i in unique]
+        drafts = [[t for t in completion_ids[i] if t not in stops] + [ends[i]] for i in unique]
         written, result.draft = rollout.greedy_from_drafts(ref_model, tokenizer, template_ids, drafts,
-                                                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                                           max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                           stop_ids=stops)
         result.passes = result.draft.passes
     else:
         written = (generate or rollout.generate)(ref_model, tokenizer, template_ids, max_new_tokens=max_new_tokens,
-                                                 greedy=True, batch_size=batch_size)
+                                                 greedy=True, batch_size=batch_size, stop_ids=stops)
         # generate() runs each batch until its longest completion ends: one pass per token of it.
         result.passes = sum(max(map(len, written.completion_ids[i:i + batch_size]))
                             for i in range(0, len(unique), batch_size))
@@ -134,8 +154,8 @@ def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, complet
         else:
             corrections[i] = corrected
     if corrections:
-        parsed = [(i, ids + [eos]) for i, ids in zip(corrections, tokenizer(list(corrections.values()),
-                                                                            add_special_tokens=False)["input_ids"])]
+        parsed = [(i, ids + [ends[i]]) for i, ids in zip(corrections, tokenizer(list(corrections.values()),
+                                                                                add_special_tokens=False)["input_ids"])]
         masks = diff_masks([completion_ids[i] for i, _ in parsed], [ids for _, ids in parsed])
         # The weights on the refiner's device (the Triton kernel on CUDA), back once for the update's rows.
         weights = diff_weights(masks, changed_weight=changed_weight, kept_weight=kept_weight, context=context,

@@ -70,20 +70,37 @@ def cache_implementation(device: torch.device):
     return "static" if device.type == "cuda" else None
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end a completion, as TRL takes them: the tokenizer's EOS, then those of the model's generation
+    config (an instruct model's end of turn: Gemma's <end_of_turn>, Llama 3's <|eot_id|>)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token: generation could not stop")
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return list(dict.fromkeys([eos, *configured]))
+
+
+def _ended(ids: list[int], stops) -> list[int]:
+    """ids up to and including the first stop id (all of them where none comes)."""
+    end = next((j for j, token in enumerate(ids) if token in stops), None)
+    return ids if end is None else ids[:end + 1]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, num_samples: int = 1,
-             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, batch_size: int = 256) -> Samples:
-    """num_samples completions of each prompt (samples of one prompt are adjacent)."""
+             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, batch_size: int = 256,
+             stop_ids: list[int] | None = None) -> Samples:
+    """num_samples completions of each prompt (samples of one prompt are adjacent), each ended by the first of
+    stop_ids (default: stop_token_ids(model, tokenizer)) or by max_new_tokens."""
     from transformers import GenerationConfig
 
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if eos_id is None:
-        raise ValueError("the tokenizer has no eos_token: generation could not stop")
-    pad_id = eos_id if pad_id is None else pad_id
+    stops = stop_ids or stop_token_ids(model, tokenizer)
+    pad_id = stops[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     device = next(model.parameters()).device
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
-        top_p=None if greedy else top_p, top_k=None, eos_token_id=eos_id, pad_token_id=pad_id,
+        top_p=None if greedy else top_p, top_k=None, eos_token_id=stops, pad_token_id=pad_id,
         cache_implementation=cache_implementation(device),
     )
     expanded = [ids for ids in prompt_ids for _ in range(num_samples)]
@@ -102,8 +119,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
                                     generation_config=gen_config, synced_gpus=False, **given)
             for ids, new in zip(batch, output[:, width:].tolist()):
                 samples.prompt_ids.append(ids)
-                samples.completion_ids.append(new[:new.index(eos_id) + 1] if eos_id in new else new)
-    return _with_texts(samples, tokenizer)
+                samples.completion_ids.append(_ended(new, stops))
+    return _with_texts(samples, tokenizer, stops)
 
 
 def _dynamic_cache(model, batch: list[list[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -175,10 +192,10 @@ def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return input_ids, mask.long()
 
 
-def _with_texts(samples: Samples, tokenizer) -> Samples:
-    """samples with truncated and texts filled in from their completions (decoded in one batch)."""
-    eos_id = tokenizer.eos_token_id
-    samples.truncated = [eos_id not in completion for completion in samples.completion_ids]
+def _with_texts(samples: Samples, tokenizer, stops) -> Samples:
+    """samples with truncated (no stop id ended it) and texts (decoded in one batch) filled in from their
+    completions."""
+    samples.truncated = [not completion or completion[-1] not in stops for completion in samples.completion_ids]
     samples.texts = tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
     return samples
 
@@ -197,7 +214,8 @@ class DraftStats:
 @torch.no_grad()
 def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: list[list[int]], *,
                        max_new_tokens: int, batch_size: int = 256, first_block: int = 16, lookahead: int = 512,
-                       ngram: int = 3, share_prefixes: bool = True) -> tuple[Samples, DraftStats]:
+                       ngram: int = 3, share_prefixes: bool = True,
+                       stop_ids: list[int] | None = None) -> tuple[Samples, DraftStats]:
     """The greedy completion of each prompt, token for token what generate(..., greedy=True) writes, with drafts[i]
     (a guess of completion i, such as the response a refiner corrects) verified instead of decoded:
 
@@ -217,7 +235,8 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
     A row whose draft holds (its EOS included) finishes in about log2(len(draft) / first_block) + 1 passes, a row
     whose draft is useless decodes one token a pass, as generate() does. Rejected tokens stay in the cache, masked
     out of attention, so that every row of the batch keeps one cache length (transformers' dynamic cache, any causal
-    LM), until the cache is compacted. EOS and max_new_tokens end a row as in generate(). A model whose attention
+    LM), until the cache is compacted. A stop id (stop_ids, as generate() takes them) and max_new_tokens end a row
+    as in generate(). A model whose attention
     goes beyond a causal mask (fastrft.loss.beyond_causal: a sliding window's cache drops slots by count) is decoded
     plainly. Returns the completions (as generate's
     Samples) and what the drafts saved (DraftStats)."""
@@ -227,10 +246,8 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
     if empty:
         raise ValueError(f"prompt {empty[0]} is empty ({len(empty)} empty prompts): greedy decoding continues a "
                          "prompt's last token")
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if eos_id is None:
-        raise ValueError("the tokenizer has no eos_token: generation could not stop")
-    pad_id = eos_id if pad_id is None else pad_id
+    stops = stop_ids or stop_token_ids(model, tokenizer)
+    pad_id = stops[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     stats = DraftStats()
     completions: list[list[int] | None] = [None] * len(prompt_ids)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(drafts[i]))
@@ -240,17 +257,18 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
             batch = order[start:start + batch_size]
             if sliding:
                 plain = generate(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens=max_new_tokens,
-                                 greedy=True, batch_size=batch_size)
+                                 greedy=True, batch_size=batch_size, stop_ids=stops)
                 for i, ids in zip(batch, plain.completion_ids):
                     completions[i] = ids
                 stats.plain_rows += len(batch)
                 continue
             for i, ids in zip(batch, _verify_batch(model, [prompt_ids[i] for i in batch],
-                                                   [drafts[i][:max_new_tokens] for i in batch], eos_id, pad_id,
+                                                   [drafts[i][:max_new_tokens] for i in batch], frozenset(stops),
+                                                   pad_id,
                                                    max_new_tokens, first_block, lookahead, ngram, stats,
                                                    share_prefixes)):
                 completions[i] = ids
-    return _with_texts(Samples(list(prompt_ids), completions, [], []), tokenizer), stats
+    return _with_texts(Samples(list(prompt_ids), completions, [], []), tokenizer, stops), stats
 
 
 class _DraftRow:
@@ -292,10 +310,10 @@ class _DraftRow:
                     self._ends.setdefault(tuple(self.draft[end - n:end]), []).append(end)
         return self._ends
 
-    def write(self, tokens: list[int], eos_id: int, max_new_tokens: int) -> None:
+    def write(self, tokens: list[int], stops: frozenset[int], max_new_tokens: int) -> None:
         for token in tokens:
             self.out.append(token)
-            if token == eos_id or len(self.out) == max_new_tokens:
+            if token in stops or len(self.out) == max_new_tokens:
                 self.done = True
                 return
 
@@ -347,7 +365,7 @@ class _DraftRow:
             self.size = max(accepted, min(self.size // 2, self.accepted // self.changes))
 
 
-def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_block, lookahead, ngram, stats,
+def _verify_batch(model, prompts, drafts, stops, pad_id, max_new_tokens, first_block, lookahead, ngram, stats,
                   share_prefixes: bool = True, probe_every: int = 16) -> list[list[int]]:
     device = next(model.parameters()).device
     backbone, head = model.get_decoder(), model.get_output_embeddings()
@@ -393,7 +411,7 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
             accepted = next((j for j, (x, y) in enumerate(zip(g, b)) if x != y), len(b))
             row = rows[r] = _DraftRow(drafts[r], ngram, len(b))
             row.valid = len(prompts[r]) + accepted
-            row.write(b[:accepted] + [g[accepted]], eos_id, max_new_tokens)
+            row.write(b[:accepted] + [g[accepted]], stops, max_new_tokens)
             row.verified(len(b), accepted, lookahead)
             if accepted < len(b):
                 row.size = max(2, row.size)   # a first change, perhaps a local one: re-align and try the draft again
@@ -434,7 +452,7 @@ def _verify_batch(model, prompts, drafts, eos_id, pad_id, max_new_tokens, first_
             k += len(block)
             accepted = next((j for j, (x, y) in enumerate(zip(g, proposal)) if x != y), len(proposal))
             if block:
-                rows[r].write(proposal[:accepted] + [g[accepted]], eos_id, max_new_tokens)
+                rows[r].write(proposal[:accepted] + [g[accepted]], stops, max_new_tokens)
                 rows[r].verified(len(proposal), accepted, lookahead)
                 rows[r].valid += 1 + accepted
                 stats.offered += len(proposal)

@@ -53,16 +53,16 @@ import torch
 
 # Batch, build_batch and final_hidden stay importable from here, where they used to live.
 from fastrft.batch import (AttentionPath, Batch, Row, accumulate_gradients, build_batch,  # noqa: F401
-                           check_head_matches_model, choose_attention, final_hidden, note_once, rft_loss,
-                           router_loss_coef, sequence_logprobs, with_refinements)
+                           check_head_matches_model, check_vocabularies, choose_attention, final_hidden, note_once,
+                           rft_loss, router_loss_coef, sequence_logprobs, with_refinements)
 from fastrft.checkpoint import StopSignal, latest_checkpoint, latest_state, load_checkpoint, save_checkpoint
 from fastrft.config import TrainConfig, load_config, save_config
 from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world, local_tensor, shard_frozen,
                                  shard_policy)
 from fastrft.jsonl import finite_number
 from fastrft.lora import adapters_disabled, add_lora, merge_lora
-from fastrft.refiner import RefineResult, check_refine_template, refine
-from fastrft.rollout import encode_prompts, eval_mode, generate
+from fastrft.refiner import RefineResult, check_refinable, check_refine_template, refine
+from fastrft.rollout import encode_prompts, eval_mode, generate, stop_token_ids
 from fastrft.rundir import RunDir, as_made, check_writable_dir
 from fastrft.tasks import Task, check_columns, load_rows, load_task
 
@@ -301,7 +301,7 @@ class Group:
     """One prompt's scored samples (those whose reward is not None), in sampling order."""
     row: dict                         # the prompt's dataset row
     prompt_ids: list[int]
-    completion_ids: list[list[int]]   # each up to and including EOS
+    completion_ids: list[list[int]]   # each up to and including its stop token (EOS)
     texts: list[str]
     truncated: list[bool]
     advantages: list[float]
@@ -450,6 +450,8 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     for rows, source in sources:
         if rows is task.train_rows or rows is task.eval_rows:   # a dataset file's rows were checked as read
             check_columns(rows, source, columns, types)
+        if cfg.uses_refiner:
+            check_refinable([row["prompt"] for row in rows], source)
 
     tokenizer = load_tokenizers(cfg.model, cfg.ref_model or cfg.model)
     # Said now, not mid-run: a blank prompt may encode to nothing (no BOS), chat messages need a chat template.
@@ -463,7 +465,7 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     # Under FSDP2's mixed precision the policy keeps fp32 master weights, gathered and computed in cfg.dtype.
     mixed_precision = getattr(torch, cfg.dtype) if fsdp and world.size > 1 and cfg.dtype != "float32" else None
     policy, ref = load_models(cfg, device, policy_dtype=torch.float32 if mixed_precision else None)
-    check_vocabularies(cfg, tokenizer, policy, ref)
+    check_vocabularies(tokenizer, policy, ref, policy_name=cfg.model, ref_name=cfg.ref_model or cfg.model)
     check_head_matches_model(policy, "model")
     if ref is not policy:
         check_head_matches_model(ref, "ref_model")
@@ -587,21 +589,6 @@ def check_model_dir(path: str, key: str) -> dict:
     if not isinstance(settings, dict):
         raise ValueError(f"{key}={path!r}: its config.json holds no settings (a JSON object)")
     return settings
-
-
-def check_vocabularies(cfg: TrainConfig, tokenizer, policy, ref) -> None:
-    """The policy and the reference score the same token ids: same number of LM-head rows, and every id the
-    tokenizer can produce has one."""
-    rows = {name: model.get_output_embeddings().weight.shape[0] for name, model in (("model", policy), ("ref_model",
-                                                                                                      ref))}
-    if rows["model"] != rows["ref_model"]:
-        raise ValueError(f"the policy ({cfg.model}) has {rows['model']} vocabulary rows but the reference "
-                         f"({cfg.ref_model}) has {rows['ref_model']}: the KL term and the refiner compare the two "
-                         f"models' log-probs of the same token ids, so their vocabularies must match")
-    largest_id = max([len(tokenizer) - 1, tokenizer.eos_token_id or 0, tokenizer.pad_token_id or 0])
-    if largest_id >= rows["model"]:
-        raise ValueError(f"the tokenizer of {cfg.model} has ids up to {largest_id} but the model's LM head has only "
-                         f"{rows['model']} rows")
 
 
 def lora_settings(cfg: TrainConfig) -> dict | None:
@@ -900,7 +887,7 @@ def refined_rows(run: Run, groups: list[Group]) -> tuple[list[Row | None], Refin
                         max_new_tokens=cfg.refine_max_new_tokens or run.max_new_tokens,
                         batch_size=cfg.generation_batch_size, changed_weight=cfg.refine_coef,
                         kept_weight=cfg.refine_kept_weight, context=cfg.refine_context, draft=cfg.refine_draft,
-                        generate=run.generate)
+                        generate=run.generate, stop_ids=stop_token_ids(run.policy, run.tokenizer))
     prompt_ids = [group.prompt_ids for group in groups for _ in group.texts]
     rows = [None if refinement is None else Row(ids, refinement.refined_ids, sft_weights=refinement.sft_weights)
             for ids, refinement in zip(prompt_ids, result.refinements)]

@@ -647,6 +647,19 @@ def test_refiner_options_fail_at_construction(refiner, message, model_dir, tmp_p
 
 
 @needs_trl
+@pytest.mark.parametrize("vocab_size", [3, 40])
+def test_a_refiner_of_another_vocabulary_fails_at_construction(vocab_size, model_dir, tmp_path):
+    """Too few rows for the tokenizer's ids failed at the first step (an IndexError); more made every refinement
+    fail. Either is the vocabulary check fastrft train makes."""
+    refiner = tiny_llama()
+    refiner.resize_token_embeddings(vocab_size)
+    with pytest.raises(ValueError, match=r"the policy \(the policy\) has \d+ vocabulary rows but the reference "
+                                         r"\(refiner_model LlamaForCausalLM\) has " + str(vocab_size)):
+        make_trainer(model_dir, tmp_path, refiner=dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE,
+                                                       refiner_model=refiner))
+
+
+@needs_trl
 @pytest.mark.parametrize("name,local", [("/models/qwen", True), ("./qwen", True), ("../qwen", True), ("~/qwen", True),
                                         ("models/qwen/v2", True), ("Qwen/Qwen2.5-0.5B", False), ("gpt2", False)])
 def test_refiner_model_paths_are_told_from_hub_ids(name, local):

@@ -252,7 +252,7 @@ def test_a_draft_row_steps_over_a_one_token_edit(edit, passes):
     draft = {"substitution": truth[:20] + [99] + truth[21:], "extra draft token": truth[:20] + [99] + truth[20:],
              "missing draft token": truth[:20] + truth[21:]}[edit]
     row = _DraftRow(draft, ngram=3, size=8)
-    row.write(truth[:20], eos_id=2, max_new_tokens=64)
+    row.write(truth[:20], stops=frozenset({2}), max_new_tokens=64)
     row.pointer = 20
     assert rejected_passes(row, truth, block=8) == passes
 
@@ -266,7 +266,7 @@ def rejected_passes(row, truth: list[int], block: int) -> int:
             (proposal := row.proposal(block)) != truth[len(row.out):len(row.out) + block]:
         greedy = truth[len(row.out):]
         accepted = next((j for j, (x, y) in enumerate(zip(greedy, proposal)) if x != y), len(proposal))
-        row.write(greedy[:accepted + 1], eos_id=2, max_new_tokens=1000)
+        row.write(greedy[:accepted + 1], stops=frozenset({2}), max_new_tokens=1000)
         row.verified(len(proposal), accepted, lookahead=64)
         rejected += 1
     return rejected
@@ -282,7 +282,7 @@ def test_a_draft_row_never_sticks_to_a_failing_start():
     truth = [7] * 200
     draft = [6] + [7] * 7 + [12, 3] + [7] * 150
     row = _DraftRow(draft, ngram=3, size=8)
-    row.write(truth[:8], eos_id=2, max_new_tokens=1000)
+    row.write(truth[:8], stops=frozenset({2}), max_new_tokens=1000)
     row.pointer = 8
     assert rejected_passes(row, truth, block=8) <= 4
 
@@ -294,7 +294,7 @@ def test_a_draft_row_at_its_drafts_end_re_aligns():
 
     draft = [7] * 50 + [5] + [7] * 30
     row = _DraftRow(draft, ngram=3, size=8)
-    row.write([7] * 40, eos_id=2, max_new_tokens=100)
+    row.write([7] * 40, stops=frozenset({2}), max_new_tokens=100)
     row.pointer = len(draft)
     assert row.proposal(8) == [7]
 
@@ -546,6 +546,65 @@ def test_the_refiner_s_template_shows_the_question_of_a_chat_prompt():
     assert prompt_text("sort 21=") == "sort 21="
     assert prompt_text(asked) == prompt_text(asked + [{"role": "assistant", "content": "Sure: it is"}]) == \
         "Name a prime."
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Name "},
+                                          {"type": "text", "text": "a prime."}]}]   # typed parts: their texts
+    assert prompt_text(parts) == "Name a prime."
+
+
+def test_a_prompt_that_begins_the_answer_cannot_be_refined(tiny_model, tmp_path):
+    """A chat prompt ending with an assistant message: the policy continues that answer, the refiner would write a
+    whole one after it. Refused before the run folder is written (and by the TRL adapter, at its first batch)."""
+    import json
+
+    from fastrft.config import load_config
+    from fastrft.refiner import check_refinable
+    from fastrft.trainer import train
+
+    with pytest.raises(ValueError, match=r"rows: the prompt .* ends with an assistant message \(an answer's "
+                                         r"beginning\): the refiner rewrites whole answers"):
+        check_refinable(["sort 21=", [{"role": "user", "content": "sort 21"}, {"role": "assistant", "content": "1"}]],
+                        "rows")
+    check_refinable(["sort 21=", [{"role": "user", "content": "sort 21"}]], "rows")
+    data = tmp_path / "prefilled.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "sort 21"}, {"role": "assistant",
+                                                                                   "content": "1"}],
+                                "answer": "12"}) + "\n")
+    cfg = load_config(None, ["steps=1", "constraint=kl+refiner", f"dataset={data}", "progress=false"],
+                      model=tiny_model, output_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=f"{data}: the prompt"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_s_own_end_of_turn_ends_a_completion_on_both_paths():
+    """The ids of the model's generation config end a completion too (an instruct model's end of turn, as TRL takes
+    them): in generate() and in the draft path alike, the completion not truncated."""
+    from collections import Counter
+
+    model, tokenizer = tiny_causal_lm("llama-bf16").float(), IdTokenizer()
+    prompts = [[5 + i, 9, 11 + i] for i in range(6)]
+    unended = generate(model, tokenizer, prompts, max_new_tokens=12, greedy=True, stop_ids=[2]).completion_ids
+    turn_end = Counter(t for ids in unended for t in ids[1:]).most_common(1)[0][0]
+    model.generation_config.eos_token_id = [2, turn_end]
+    plain = generate(model, tokenizer, prompts, max_new_tokens=12, greedy=True)
+    expected = [ids[:ids.index(turn_end) + 1] if turn_end in ids else ids for ids in unended]
+    assert plain.completion_ids == expected and any(ids[-1] == turn_end for ids in expected)
+    assert plain.truncated == [ids[-1] not in (2, turn_end) for ids in expected]
+    drafted, _ = greedy_from_drafts(model, tokenizer, prompts, unended, max_new_tokens=12)
+    assert drafted.completion_ids == plain.completion_ids and drafted.truncated == plain.truncated
+
+
+def test_a_refinement_ends_with_its_sample_s_own_stop_token(reference):
+    """A sample ended by an end-of-turn id (not the tokenizer's EOS): its refinement ends with that id too, and the
+    refiner stops on it."""
+    model, tokenizer = reference
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]   # noqa: E731
+    turn_end = ids("x")[0]
+    result = refine(model, tokenizer, template=REFINE_TEMPLATE, parse=parse_refinement, prompts=["sort 7391="],
+                    completions=["1739"], completion_ids=[ids("1739") + [turn_end]], max_new_tokens=8,
+                    kept_weight=0.5, stop_ids=[tokenizer.eos_token_id, turn_end])   # (kept tokens kept in the row)
+    refined = result.refinements[0]
+    assert refined is not None and refined.refined_ids == ids("1379") + [turn_end]
 
 
 def test_a_parse_refinement_that_returns_no_string_is_named(reference):
@@ -603,20 +662,20 @@ def test_a_draft_row_keeps_long_proposals_where_its_draft_holds():
 
     draft = list(range(100, 200))
     row = _DraftRow(draft, ngram=3, size=16)
-    row.write(draft[:17], eos_id=-1, max_new_tokens=1000)       # the first block accepted, and the token after it
+    row.write(draft[:17], stops=frozenset(), max_new_tokens=1000)       # the first block accepted, and the token after it
     row.verified(16, 16, lookahead=512)
     assert row.size == 32 and row.proposal(32) == draft[17:49] and row._ends is None
-    row.write(draft[17:19] + [7], eos_id=-1, max_new_tokens=1000)   # 2 of 32 accepted, then a replacement
+    row.write(draft[17:19] + [7], stops=frozenset(), max_new_tokens=1000)   # 2 of 32 accepted, then a replacement
     row.verified(32, 2, lookahead=512)
     assert row.size == 16                                       # 18 accepted in 1 change: halved, not cut to 2
-    row.write([draft[20]], eos_id=-1, max_new_tokens=1000)      # the draft's token after the replaced one
+    row.write([draft[20]], stops=frozenset(), max_new_tokens=1000)      # the draft's token after the replaced one
     assert row.proposal(4) == draft[21:25] and row._ends is None   # one edit away: no n-gram looked up
-    row.write(draft[21:25] + [5, 6] + draft[60:63], eos_id=-1, max_new_tokens=1000)   # accepted, then a rewrite
+    row.write(draft[21:25] + [5, 6] + draft[60:63], stops=frozenset(), max_new_tokens=1000)   # accepted, then a rewrite
     row.verified(4, 4, lookahead=512)                                                  # that rejoins the draft
     assert row.proposal(4) == draft[63:67] and row._ends is not None   # found by its last 3 tokens
 
     choppy = _DraftRow(draft, ngram=3, size=4)
-    choppy.write([draft[0], 7], eos_id=-1, max_new_tokens=1000)
+    choppy.write([draft[0], 7], stops=frozenset(), max_new_tokens=1000)
     choppy.verified(4, 1, lookahead=512)
     assert choppy.size == 1                                     # runs of 1: cut to what was accepted
 
@@ -632,7 +691,7 @@ def test_rows_fill_the_block_with_their_drafts():
     rows = []
     for size, written in ((8, 1), (8, 1), (2, 1), (2, 36), (0, 1), (8, 1)):
         row = _DraftRow(draft, ngram=3, size=size)
-        row.write(draft[:written], eos_id=-1, max_new_tokens=1000)
+        row.write(draft[:written], stops=frozenset(), max_new_tokens=1000)
         row.pointer = written
         rows.append(row)
     rows[5].done = True

@@ -395,6 +395,8 @@ def test_a_chat_prompt_s_completion_reaches_the_rewards_as_trl_gives_it():
     with pytest.raises(TypeError, match="a completion must be a string or a list of chat messages with string "
                                         "contents, got 3"):
         is_degenerate(3)
+    typed = [{"role": "assistant", "content": [{"type": "text", "text": "1"}, {"type": "text", "text": "2"}]}]
+    assert format_reward(r"\d+")(["p"], [typed]) == [1.0]
 
 
 @pytest.mark.parametrize("column", ["completions", "prompts", "truncated", "completion_ids"])

@@ -39,10 +39,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastrft.batch import check_head_matches_model, own_forward_hidden
+from fastrft.batch import check_head_matches_model, check_vocabularies, own_forward_hidden
 from fastrft.distributed import ROOT_WARMUP_TOKENS, fix_root, gathered, is_sharded
 from fastrft.loss import IGNORE_INDEX, lm_head_logprobs, model_logit_transform
-from fastrft.refiner import check_refine_template, refine
+from fastrft.refiner import check_refinable, check_refine_template, refine
 
 try:
     from accelerate.utils import is_peft_model  # accelerate comes with TRL
@@ -253,8 +253,9 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         refine_coef            sft weight of each token the refiner changed; 0 (default) turns the refiner off and
                                leaves the trainer exactly TRL's loss
         refine_template        str.format template with {prompt} and {response}: the text the refiner continues
-                               greedily (required when refine_coef > 0). Chat prompts contribute their last message's
-                               content; add any chat formatting the refiner needs to the template itself.
+                               greedily (required when refine_coef > 0). Chat prompts contribute their last user
+                               message's text; add any chat formatting the refiner needs to the template itself (a
+                               prompt ending with an assistant message is refused: the refiner rewrites whole answers).
         parse_refinement       refiner output -> corrected response, or None when it cannot be parsed (a failed
                                refinement, no constraint); default: the output stripped, None when empty
         refine_kept_weight     sft weight of the refinement's unchanged tokens (default 0: only the changes)
@@ -341,6 +342,8 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         if not isinstance(refiner_model, nn.Module) or not hasattr(refiner_model, "generate"):
             raise ValueError(f"refiner_model must be a causal LM (with generate) or a model path, got "
                              f"{type(refiner_model).__name__}")
+        check_vocabularies(self._tokenizer, self._causal_lm(self.model), refiner_model, policy_name="the policy",
+                           ref_name=f"refiner_model {type(refiner_model).__name__}")
         refiner_model.requires_grad_(False)
         refiner_model.eval()
         if self.args.disable_dropout:
@@ -411,12 +414,14 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         device = self.accelerator.device
         tokenizer = self._tokenizer
         completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        check_refinable(prompts, "FastRFTGRPOTrainer with refine_coef > 0")
         with self._refiner() as refiner_model:
             result = refine(refiner_model, tokenizer, template=self.refine_template, parse=self.parse_refinement,
                             prompts=prompts, completions=completions, completion_ids=completion_ids,
                             max_new_tokens=self.refine_max_new_tokens, batch_size=len(prompts),
                             changed_weight=self.refine_coef, kept_weight=self.refine_kept_weight,
-                            context=self.refine_context, draft=self.refine_draft)
+                            context=self.refine_context, draft=self.refine_draft,
+                            stop_ids=list(getattr(self, "eos_token_ids", None) or []))   # where TRL stopped them
         n_samples = len(completion_ids)
         width = max((len(r.refined_ids) for r in result.refinements if r is not None), default=0)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

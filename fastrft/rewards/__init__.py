@@ -25,14 +25,27 @@ from typing import Callable, Sequence
 RewardFunc = Callable[..., list]
 
 
+def message_text(content) -> str:
+    """A chat message's content as text: a string as it is; typed parts ([{"type": "text", "text": ...}, ...], as
+    multimodal chat templates take them) as their texts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return "".join(part["text"] for part in content if part.get("type") == "text" and isinstance(part.get("text"),
+                                                                                                       str))
+    raise TypeError(f"a chat message's content must be a string or a list of typed parts, got {content!r:.80}")
+
+
 def completion_text(completion) -> str:
     """A completion's text: a string as it is, a conversational completion (a list of messages, TRL's format for chat
     prompts) as its messages' contents joined."""
     if isinstance(completion, str):
         return completion
-    if isinstance(completion, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                            for m in completion):
-        return "".join(m["content"] for m in completion)
+    if isinstance(completion, list) and all(isinstance(m, dict) and "content" in m for m in completion):
+        try:
+            return "".join(message_text(m["content"]) for m in completion)
+        except TypeError:
+            pass
     raise TypeError(f"a completion must be a string or a list of chat messages with string contents, got "
                     f"{completion!r:.80}")
 
