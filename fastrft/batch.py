@@ -753,7 +753,7 @@ def accumulate_gradients(model, rows: list[Row], cfg, path: AttentionPath, devic
             if kl_values is not None:
                 kl_values.append(kl_estimate(out.logprobs[pg_tokens], batch.ref_logprobs[pg_tokens]))
     totals = dict(zip(sums, world.sum(list(sums.values()))))
-    pg_token_count = max(1.0, totals.pop("pg_tokens"))
-    totals["clip_frac"] = totals.pop("clipped") / pg_token_count
-    totals["entropy"] /= pg_token_count
+    pg_token_count = totals.pop("pg_tokens")   # none (refined rows alone): no clip fraction, no entropy (NaN)
+    totals["clip_frac"] = totals.pop("clipped") / pg_token_count if pg_token_count else float("nan")
+    totals["entropy"] = totals["entropy"] / pg_token_count if pg_token_count else float("nan")
     return totals, n_batches

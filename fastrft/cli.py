@@ -161,10 +161,10 @@ def _compare(args) -> int:
     try:
         result = compare(cfg, modes=args.modes.split(","), kl_coefs=kl_coefs, seeds=args.seeds, out_dir=args.out,
                          command=shlex.join(command))
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt as exc:   # (Stopped: a signal's stop) 128 + the signal's number, as fastrft train
         if launched_rank() == 0:
             print(f"fastrft compare: {str(exc) or 'interrupted'}", file=sys.stderr)
-        return 130
+        return 128 + signal.Signals[getattr(exc, "signal_name", "SIGINT")]
     if launched_rank() != 0:
         return 0
     print((Path(args.out) / "comparison.md").read_text())

@@ -37,16 +37,19 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastrft.config import CONSTRAINTS, TrainConfig, load_config
 from fastrft.distributed import launched_rank
 from fastrft.jsonl import finite_number, json_safe
 from fastrft.machine import describe_machine
-from fastrft.rundir import RunDir
+from fastrft.rundir import RunDir, check_writable_dir
 
 COLLAPSE_FRACTION = 0.5     # a drop of more than half the gain over the initial reward is a collapse
 TAIL_FRACTION = 0.1         # "at the end" = the last 10% of the steps
@@ -95,6 +98,12 @@ def expand_variants(modes, kl_coefs=None, default_kl_coef: float = 0.05) -> list
             variants += [Variant(f"{mode}@{c:g}", mode, c) for c in kl_coefs]
         else:
             variants.append(Variant(mode, mode, default_kl_coef))
+    names = [v.name for v in variants]
+    clash = next((v for v in variants if names.count(v.name) > 1), None)
+    if clash is not None:   # their runs would share one folder
+        same = [f"{v.kl_coef!r}" for v in variants if v.name == clash.name]
+        raise ValueError(f"KL coefficients {' and '.join(same)} both name their runs {clash.name} (6 significant "
+                         f"digits): give coefficients that differ there")
     return variants
 
 
@@ -150,6 +159,33 @@ def run_state(cfg: TrainConfig, world_size: int = 1) -> str:
     return "resume" if checkpoint is not None else "start"
 
 
+class Stopped(KeyboardInterrupt):
+    """A comparison stopped by a signal (signal_name: SIGINT or SIGTERM), its runs checkpointed where they trained."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
+@contextmanager
+def _terminated_as_interrupt():
+    """SIGTERM outside a run's steps (a run loading, its first evaluation, the reports) as Stopped, so that the call
+    is recorded; inside them the trainer's own handler checkpoints and stops. The previous handler comes back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped("stopped by SIGTERM between runs' steps; run the same command again to continue the comparison",
+                      "SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, command: str | None = None,
             train_fn=None) -> dict:
     """Run (or resume, or skip when finished) every variant x seed, then aggregate; returns what comparison.json
@@ -158,6 +194,7 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
         from fastrft.trainer import train as train_fn
 
     out_dir = Path(out_dir)
+    check_writable_dir(out_dir, "--out")
     if RunDir(out_dir).holds_run():
         raise ValueError(f"--out {out_dir} holds a training run: a comparison writes its own runs/ and reports there; "
                          f"give another --out")
@@ -166,6 +203,9 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
     plan = [(v, s, run_config(base_cfg, v, s, out_dir)) for v in variants for s in seeds]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     states = [run_state(cfg, world_size) for _, _, cfg in plan]   # every run directory checked before any training
+    for (_, _, cfg), state in zip(plan, states):
+        if state == "start":   # a file of the run's layout that fastrft did not write, refused now, not runs later
+            RunDir(cfg.output_dir).run_files()
     out_dir.mkdir(parents=True, exist_ok=True)
     # Under torchrun every rank trains each run (its share of the prompts); rank 0 alone reports and writes.
     main_rank = launched_rank() == 0
@@ -181,25 +221,27 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
 
     stopped_by = None
     try:
-        for i, ((variant, seed, cfg), state) in enumerate(zip(plan, states), start=1):
-            name = run_name(variant, seed)
-            if state == "finished":
+        with _terminated_as_interrupt():
+            for i, ((variant, seed, cfg), state) in enumerate(zip(plan, states), start=1):
+                name = run_name(variant, seed)
+                if state == "finished":
+                    if main_rank:
+                        print(f"fastrft compare [{i}/{len(plan)}] {name}: finished earlier, kept", flush=True)
+                    continue
                 if main_rank:
-                    print(f"fastrft compare [{i}/{len(plan)}] {name}: finished earlier, kept", flush=True)
-                continue
-            if main_rank:
-                print(f"fastrft compare [{i}/{len(plan)}] {name}: "
-                      f"{'resuming from its last checkpoint' if state == 'resume' else 'training'}", flush=True)
-            # "start": nothing to resume from; what an earlier attempt left there (no checkpoint) is replaced.
-            summary = train_fn(cfg, resume=state == "resume", overwrite=state == "start")
-            trained.append(name)
-            if summary.get("stopped_by"):
-                stopped_by = summary["stopped_by"]
-                raise KeyboardInterrupt(f"stopped by {stopped_by} during {name} (checkpoint saved); run the same "
-                                        f"command again to continue the comparison")
-        result = aggregate(base_cfg, variants, seeds, out_dir)
+                    print(f"fastrft compare [{i}/{len(plan)}] {name}: "
+                          f"{'resuming from its last checkpoint' if state == 'resume' else 'training'}", flush=True)
+                # "start": nothing to resume from; what an earlier attempt left there (no checkpoint) is replaced.
+                summary = train_fn(cfg, resume=state == "resume", overwrite=state == "start")
+                trained.append(name)
+                if summary.get("stopped_by"):
+                    stopped_by = summary["stopped_by"]
+                    raise Stopped(f"stopped by {stopped_by} during {name} (checkpoint saved); run the same command "
+                                  f"again to continue the comparison", stopped_by)
+            result = aggregate(base_cfg, variants, seeds, out_dir)
     except BaseException as e:   # the call stays on record: its runs' time is in the comparison it continues
         if main_rank:
+            stopped_by = stopped_by or getattr(e, "signal_name", None)
             _append_call(out_dir, call_record(f"stopped by {stopped_by}" if stopped_by else "interrupted"
                                               if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__})"))
         raise

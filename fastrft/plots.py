@@ -47,7 +47,7 @@ def plot_run(run_dir) -> list[Path]:
         why = ("it is a file" if run_dir.path.is_file() else
                f"it holds no {run_dir.metrics.name}" if run_dir.path.is_dir() else "no such folder")
         raise FileNotFoundError(f"{run_dir.path} is not a run directory: {why}")
-    series = _series(run_dir.read_metrics())
+    series = _series(run_dir.read_metrics(torn_end_ok=True))   # a crashed run's curves too
     run_name = run_dir.path.resolve().name
     written = []
 

@@ -166,13 +166,11 @@ class RunDir:
         for path in self.run_files():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
-    def read_metrics(self) -> list[dict]:
-        return read_metrics(self.metrics)
-
-    def metrics_to_resume(self, step: int) -> list[dict]:
-        """The records of steps up to `step` (a checkpoint's), to rewrite metrics.jsonl with when resuming from it.
-        A torn last line (a crash mid-write) is dropped with a warning; a file that lacks steps the checkpoint has
-        seen (emptied or cut short) is a ValueError: resuming would lose their records for good."""
+    def read_metrics(self, torn_end_ok: bool = False) -> list[dict]:
+        """The run's metrics records; torn_end_ok: a torn last line (a crash mid-write) is dropped with a warning,
+        not an error (a bad line elsewhere still is)."""
+        if not torn_end_ok:
+            return read_metrics(self.metrics)
         records = []
         if self.metrics.is_file():
             lines = self.metrics.read_bytes().split(b"\n")
@@ -186,7 +184,14 @@ class RunDir:
                         raise ValueError(f"{self.metrics}:{number}: malformed JSON in the middle of the file") \
                             from None
                     warnings.warn(f"{self.metrics}:{number}: dropped a torn last line (a crash while it was "
-                                  f"written): {line[:60]!r}", stacklevel=2)
+                                  f"written): {line[:60]!r}", stacklevel=3)
+        return records
+
+    def metrics_to_resume(self, step: int) -> list[dict]:
+        """The records of steps up to `step` (a checkpoint's), to rewrite metrics.jsonl with when resuming from it.
+        A torn last line (a crash mid-write) is dropped with a warning; a file that lacks steps the checkpoint has
+        seen (emptied or cut short) is a ValueError: resuming would lose their records for good."""
+        records = self.read_metrics(torn_end_ok=True)
         logged = max((r.get("step", 0) for r in records), default=None)
         if step > 0 and (logged is None or logged < step):
             raise ValueError(f"{self.metrics} holds steps up to {logged} but the checkpoint is at step {step}: the "

@@ -334,14 +334,16 @@ class RolloutStats:
 
 @dataclass
 class UpdateStats:
-    pg_loss: float = 0.0
-    sft_loss: float = 0.0
-    kl_loss: float = 0.0
-    router_loss: float = 0.0          # an MoE model's router load-balancing loss (0 without one, or when off)
-    clip_frac: float = 0.0
-    entropy: float = 0.0
-    grad_norm: float = 0.0
-    loss: float = 0.0
+    # Each the mean over the step's optimizer steps of what it measured; NaN (null in metrics.jsonl) where none
+    # measured it: a step without an optimizer step, clip_frac and entropy without policy-gradient tokens.
+    pg_loss: float = float("nan")
+    sft_loss: float = float("nan")
+    kl_loss: float = float("nan")
+    router_loss: float = float("nan")   # an MoE model's router load-balancing loss (0 without one, or when off)
+    clip_frac: float = float("nan")
+    entropy: float = float("nan")
+    grad_norm: float = float("nan")
+    loss: float = float("nan")
     kl_ref: float = float("nan")      # k3 estimate of KL(policy || reference) on the sampled tokens, every mode
     optimizer_steps: int = 0
     nonfinite_updates: int = 0        # optimizer steps skipped for a non-finite loss or gradient
@@ -909,7 +911,7 @@ def update_policy(run: Run, rows: list[Row]) -> UpdateStats:
     if not run.policy.training:
         run.policy.train()
     stats = UpdateStats()
-    sums: dict[str, float] = {}
+    sums: dict[str, tuple[float, int]] = {}   # each metric's sum and count over the optimizer steps
     kl_values = []
     for epoch in range(cfg.ppo_epochs):
         for minibatch in (rows[i::cfg.minibatches] for i in range(cfg.minibatches)):
@@ -937,9 +939,11 @@ def update_policy(run: Run, rows: list[Row]) -> UpdateStats:
             stats.optimizer_steps += 1
             result["grad_norm"] = float(grad_norm)
             for name, value in result.items():
-                sums[name] = sums.get(name, 0.0) + value
-    for name, value in sums.items():
-        setattr(stats, name, value / stats.optimizer_steps)
+                if math.isfinite(value):
+                    total, count = sums.get(name, (0.0, 0))
+                    sums[name] = (total + value, count + 1)
+    for name, (total, count) in sums.items():
+        setattr(stats, name, total / count)
     kl_sum, kl_count = world.sum([float(sum(v.sum() for v in kl_values)), sum(v.numel() for v in kl_values)])
     if kl_count:
         stats.kl_ref = kl_sum / kl_count
@@ -1035,8 +1039,8 @@ def summarize(run_dir: RunDir, skipped_steps: int, last_step: int, stopped_by: s
         "eval_reward_final": evals[-1]["eval_reward"] if evals else None,
         "eval_reward_best": max(scored) if scored else None,
         "reward_mean_last": _mean([r["reward_mean"] for r in tail if finite_number(r["reward_mean"])], None),
-        "refine_rate_mean": _mean([r.get("refine_rate", 0.0) for r in steps]),
-        "refine_rate_last": _mean([r.get("refine_rate", 0.0) for r in tail]),
+        "refine_rate_mean": _mean([r["refine_rate"] for r in steps if finite_number(r.get("refine_rate"))], None),
+        "refine_rate_last": _mean([r["refine_rate"] for r in tail if finite_number(r.get("refine_rate"))], None),
         "kl_ref_last": _mean([r["kl_ref"] for r in tail if finite_number(r.get("kl_ref"))], None),
         "skipped_steps": skipped_steps,
         "wall_time_s": sum(r.get("step_time_s", 0.0) for r in steps),

@@ -1,5 +1,6 @@
 """fastrft compare: variants and seeds, the directory it writes, resuming an interrupted comparison, and the
 aggregation (equal-time reward, stability and collapse, mean and std over seeds) on hand-written metrics."""
+import functools
 import json
 import math
 
@@ -57,6 +58,7 @@ def test_kl_coefficients_expand_each_kl_mode():
     (["none", "refiner"], [0.1], "no mode uses KL"),
     (["kl"], [0.1, -1.0], "finite and >= 0"),
     (["kl"], [0.1, 0.1], "listed twice"),
+    (["kl"], [0.1, 0.1000001], r"KL coefficients 0\.1 and 0\.1000001 both name their runs kl@0\.1"),
 ])
 def test_bad_modes_are_errors(modes, kl_coefs, message):
     with pytest.raises(ValueError, match=message):
@@ -189,6 +191,52 @@ def test_a_stop_signal_ends_the_comparison_after_the_current_run(tiny_model, tmp
     assert [(c["outcome"], c["runs_trained"]) for c in result["calls"]] == [("stopped by SIGINT", ["none_seed0"]),
                                                                           ("finished", ["none_seed0"])]
     assert "| stopped by SIGINT |" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_sigterm_between_runs_steps_is_a_recorded_stop_with_its_status(tiny_model, tmp_path, capsys,
+                                                                        monkeypatch):
+    """SIGTERM while a run loads (outside the trainer's own handling of its steps): the call is recorded as stopped
+    by SIGTERM, and the command exits 143, as fastrft train does."""
+    import os
+    import signal
+
+    from fastrft.cli import main
+
+    def terminated(cfg, resume=False, overwrite=False):
+        os.kill(os.getpid(), signal.SIGTERM)
+        pytest.fail("SIGTERM did not stop the comparison")
+
+    base = load_config(None, FAST, model=tiny_model)
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM") as stop:
+        compare(base, modes=["none"], seeds=1, out_dir=tmp_path / "cmp", train_fn=terminated)
+    assert stop.value.signal_name == "SIGTERM" and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ledger = [json.loads(line) for line in (tmp_path / "cmp" / "calls.jsonl").read_text().splitlines()]
+    assert [c["outcome"] for c in ledger] == ["stopped by SIGTERM"]
+    import fastrft.compare as compare_module
+
+    monkeypatch.setattr(compare_module, "compare", functools.partial(compare_module.compare, train_fn=terminated))
+    config = tmp_path / "run.yaml"
+    config.write_text("".join(f"{item.replace('=', ': ', 1)}\n" for item in FAST) + f"model: {tiny_model}\n")
+    assert main(["compare", "--config", str(config), "--modes", "none", "--seeds", "1", "--out",
+                 str(tmp_path / "cmp2")]) == 143
+    assert "fastrft compare: stopped by SIGTERM" in capsys.readouterr().err
+
+
+def test_what_the_comparison_cannot_write_is_refused_before_any_training(tiny_model, tmp_path):
+    """An --out that is a file or under one; a file of a later run's layout that fastrft did not write (found only
+    when that run started, after the earlier ones had trained)."""
+    base = load_config(None, FAST, model=tiny_model)
+    (tmp_path / "a_file").write_text("mine")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        with pytest.raises(ValueError, match=f"--out='{out}': {tmp_path / 'a_file'} is a file, not a folder"):
+            compare(base, modes=["none"], seeds=1, out_dir=out, train_fn=Spy(lambda *a, **k: pytest.fail()))
+    plots = tmp_path / "cmp" / "runs" / "kl_seed0" / "plots"
+    plots.mkdir(parents=True)
+    (plots / "mine.png").write_text("mine")
+    spy = Spy(lambda *a, **k: pytest.fail("a run trained before the folder was refused"))
+    with pytest.raises(ValueError, match="mine.png"):
+        compare(base, modes=["none", "kl"], seeds=1, out_dir=tmp_path / "cmp", train_fn=spy)
+    assert spy.calls == [] and (plots / "mine.png").read_text() == "mine"
 
 
 def test_a_run_directory_with_other_settings_is_refused(tiny_model, tmp_path):

@@ -99,7 +99,11 @@ def test_malformed_line_names_file_and_line(tmp_path):
     path.write_text('{"step": 1, "reward_mean": 0.5}\n\n{"step": 2, "reward_mean": \n')
     with pytest.raises(ValueError, match=r"metrics\.jsonl:3: malformed JSON"):
         read_metrics(path)
-    with pytest.raises(ValueError, match=r":3: malformed JSON"):
+    # As a resume does, plot drops a torn last line (a crash mid-write) with a warning: a crashed run's curves.
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl:3: dropped a torn last line"):
+        assert [p.name for p in plot_run(tmp_path)] == ["reward.png"]
+    path.write_text('{"step": 1, "reward_mean": 0.5}\n{"step": 2, "reward_mean": \n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r":2: malformed JSON in the middle of the file"):
         plot_run(tmp_path)
     path.write_text('{"step": 1}\n[1, 2]\n')
     with pytest.raises(ValueError, match=r":2: expected a JSON object"):

@@ -562,6 +562,8 @@ def test_a_step_with_no_group_to_learn_from(tiny_model, tmp_path):
     record = json.loads(lines[-1])   # strict: NaN would not parse
     assert record["groups_used"] == 0 and record["skipped_steps"] == 1 and record["response_len"] > 0
     assert record["kl_ref"] is None and summary["kl_ref_last"] is None
+    # What no update measured is null too, not 0: the loss, the entropy, the clip fraction, the gradient norm.
+    assert all(record[key] is None for key in ("loss", "pg_loss", "entropy", "clip_frac", "grad_norm"))
     assert "NaN" not in "".join(lines)
 
 
@@ -577,6 +579,7 @@ def test_a_mean_of_no_scored_sample_is_null_not_zero(tiny_model, tmp_path):
     steps = [r for r in records if "reward_mean" in r]
     assert steps and all(r["reward_mean"] is None and r["reward_std"] is None and r["reward_none"] > 0 for r in steps)
     assert summary["eval_reward_best"] is None and summary["reward_mean_last"] is None
+    assert summary["refine_rate_mean"] is None and summary["refine_rate_last"] is None   # no step logged one
 
     class OwnEvaluation(Task):   # a task's own evaluate, whose metric scored nothing
         def evaluate(self, *args, **kwargs):
