@@ -131,7 +131,7 @@ def _export(args) -> int:
 def _compare(args) -> int:
     import shlex
 
-    from fastrft.compare import compare, expand_variants
+    from fastrft.compare import check_out_dir, compare, expand_variants
     from fastrft.config import load_config
 
     for item in args.overrides:
@@ -144,7 +144,9 @@ def _compare(args) -> int:
         kl_coefs = [float(c) for c in args.kl_coefs.split(",")] if args.kl_coefs else None
     except ValueError:
         raise ValueError(f"--kl-coefs must be comma-separated numbers, got {args.kl_coefs!r}") from None
-    expand_variants(args.modes.split(","), kl_coefs)   # mode errors before the demo's reference is trained
+    # Mode and folder errors before the demo's reference is trained.
+    expand_variants(args.modes.split(","), kl_coefs)
+    check_out_dir(Path(args.out))
     if args.demo:
         cfg = _demo_config(args)
     else:

@@ -49,7 +49,7 @@ from fastrft.config import CONSTRAINTS, TrainConfig, load_config
 from fastrft.distributed import launched_rank
 from fastrft.jsonl import finite_number, json_safe
 from fastrft.machine import describe_machine
-from fastrft.rundir import RunDir, check_writable_dir
+from fastrft.rundir import RunDir, check_writable_dir, write_atomically
 
 COLLAPSE_FRACTION = 0.5     # a drop of more than half the gain over the initial reward is a collapse
 TAIL_FRACTION = 0.1         # "at the end" = the last 10% of the steps
@@ -169,8 +169,9 @@ class Stopped(KeyboardInterrupt):
 
 @contextmanager
 def _terminated_as_interrupt():
-    """SIGTERM outside a run's steps (a run loading, its first evaluation, the reports) as Stopped, so that the call
-    is recorded; inside them the trainer's own handler checkpoints and stops. The previous handler comes back."""
+    """SIGTERM outside a run's steps (a run loading, its first evaluation, the aggregation) as Stopped, so that the
+    call is recorded; inside them the trainer's own handler checkpoints and stops. The previous handler comes
+    back."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -186,6 +187,14 @@ def _terminated_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """A ValueError naming --out unless the comparison can write its runs and reports there."""
+    check_writable_dir(out_dir, "--out")
+    if RunDir(out_dir).holds_run():
+        raise ValueError(f"--out {out_dir} holds a training run: a comparison writes its own runs/ and reports there; "
+                         f"give another --out")
+
+
 def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, command: str | None = None,
             train_fn=None) -> dict:
     """Run (or resume, or skip when finished) every variant x seed, then aggregate; returns what comparison.json
@@ -194,17 +203,14 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
         from fastrft.trainer import train as train_fn
 
     out_dir = Path(out_dir)
-    check_writable_dir(out_dir, "--out")
-    if RunDir(out_dir).holds_run():
-        raise ValueError(f"--out {out_dir} holds a training run: a comparison writes its own runs/ and reports there; "
-                         f"give another --out")
+    check_out_dir(out_dir)
     variants = expand_variants(modes, kl_coefs, base_cfg.kl_coef)
     seeds = seed_list(base_cfg.seed, seeds)
     plan = [(v, s, run_config(base_cfg, v, s, out_dir)) for v in variants for s in seeds]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     states = [run_state(cfg, world_size) for _, _, cfg in plan]   # every run directory checked before any training
     for (_, _, cfg), state in zip(plan, states):
-        if state == "start":   # a file of the run's layout that fastrft did not write, refused now, not runs later
+        if state != "finished":   # a file of the run's layout that fastrft did not write: refused now, not runs later
             RunDir(cfg.output_dir).run_files()
     out_dir.mkdir(parents=True, exist_ok=True)
     # Under torchrun every rank trains each run (its share of the prompts); rank 0 alone reports and writes.
@@ -250,8 +256,9 @@ def compare(base_cfg: TrainConfig, *, modes, kl_coefs=None, seeds=3, out_dir, co
     result["command"] = command
     result["environment"] = describe_machine()
     result["calls"] = _append_call(out_dir, call_record("finished"))
-    (out_dir / "comparison.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
-    (out_dir / "comparison.md").write_text(markdown(result))
+    # Whole or as they were (a signal now ends the process with its default action).
+    write_atomically(out_dir / "comparison.json", (json.dumps(json_safe(result), indent=1) + "\n").encode())
+    write_atomically(out_dir / "comparison.md", markdown(result).encode())
     try:
         result["plots"] = [str(p) for p in plot_comparison(result, out_dir)]
     except ImportError as exc:
@@ -270,7 +277,8 @@ def run_numbers(records: list[dict]) -> dict:
     for r in train_steps:
         total += r.get("step_time_s", 0.0)
         time_at[r["step"]] = total
-    evals = [(r["step"], time_at[r["step"]], r["eval_reward"]) for r in records if finite_number(r.get("eval_reward"))]
+    evals = [(r["step"], time_at[r["step"]], r["eval_reward"]) for r in records
+             if finite_number(r.get("eval_reward"))]
     tail = train_steps[-max(1, math.ceil(TAIL_FRACTION * len(train_steps))):]
     head = train_steps[:max(1, math.ceil(TAIL_FRACTION * len(train_steps)))]
 

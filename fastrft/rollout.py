@@ -71,8 +71,8 @@ def cache_implementation(device: torch.device):
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The ids that end a completion, as TRL takes them: the tokenizer's EOS, then those of the model's generation
-    config (an instruct model's end of turn: Gemma's <end_of_turn>, Llama 3's <|eot_id|>)."""
+    """The ids that end a completion (the ones TRL stops at): the tokenizer's EOS first, then those of the model's
+    generation config (an instruct model's end of turn: Gemma's <end_of_turn>, Llama 3's <|eot_id|>)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token: generation could not stop")

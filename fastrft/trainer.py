@@ -452,7 +452,7 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     for rows, source in sources:
         if rows is task.train_rows or rows is task.eval_rows:   # a dataset file's rows were checked as read
             check_columns(rows, source, columns, types)
-        if cfg.uses_refiner:
+        if cfg.uses_refiner and rows is train_rows:   # (evaluation does not refine)
             check_refinable([row["prompt"] for row in rows], source)
 
     tokenizer = load_tokenizers(cfg.model, cfg.ref_model or cfg.model)

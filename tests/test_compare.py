@@ -78,6 +78,10 @@ def test_cli_errors(tiny_model, tmp_path, capsys):
     # With --demo, a bad mode is reported before the reference model is trained.
     assert main(["compare", "--demo", "--modes", "kl+ppo", "--cache-dir", str(tmp_path / "ref"), "--out", out]) == 2
     assert "unknown mode 'kl+ppo'" in capsys.readouterr().err and not (tmp_path / "ref").exists()
+    (tmp_path / "a_file").write_text("mine")   # and so is an --out it cannot write to
+    assert main(["compare", "--demo", "--modes", "none", "--cache-dir", str(tmp_path / "ref"), "--out",
+                 str(tmp_path / "a_file")]) == 2
+    assert "--out=" in capsys.readouterr().err and not (tmp_path / "ref").exists()
     with pytest.raises(SystemExit, match="--config RUN_YAML or --demo"):
         main(["compare", "--modes", "none", "--out", out])
     assert not (tmp_path / "cmp" / "runs").exists()

@@ -119,6 +119,8 @@ def test_without_chat_template_uses_plain_layout(tmp_path):
     # A prompt's last assistant message is the answer's beginning: it and the reply are one answer.
     prefilled = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Sure: it is"}]
     assert scorer.format(prefilled, " 7.") == "User: Name a prime.\n\nAssistant: Sure: it is 7."
+    typed = [prefilled[0], {"role": "assistant", "content": [{"type": "text", "text": "Sure: it is"}]}]
+    assert scorer.format(typed, " 7.") == "User: Name a prime.\n\nAssistant: Sure: it is 7."
     scores = scorer(PROMPTS[:2], REPLIES[:2])
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()

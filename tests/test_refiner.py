@@ -574,6 +574,18 @@ def test_a_prompt_that_begins_the_answer_cannot_be_refined(tiny_model, tmp_path)
     with pytest.raises(ValueError, match=f"{data}: the prompt"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+    # Evaluation does not refine: such prompts may be held out (by a model with a chat template).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastrft.trainer import make_run
+
+    chat_model = tmp_path / "chat_model"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}"
+    tokenizer.save_pretrained(chat_model)
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(chat_model)
+    make_run(load_config(None, ["steps=1", "constraint=kl+refiner", f"eval_dataset={data}", "progress=false"],
+                         model=str(chat_model), output_dir=str(tmp_path / "run")))
 
 
 def test_a_model_s_own_end_of_turn_ends_a_completion_on_both_paths():

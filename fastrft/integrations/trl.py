@@ -421,7 +421,10 @@ class FastRFTGRPOTrainer(GRPOTrainer):
                             max_new_tokens=self.refine_max_new_tokens, batch_size=len(prompts),
                             changed_weight=self.refine_coef, kept_weight=self.refine_kept_weight,
                             context=self.refine_context, draft=self.refine_draft,
-                            stop_ids=list(getattr(self, "eos_token_ids", None) or []))   # where TRL stopped them
+                            # Where TRL stopped the samples; the tokenizer's EOS first: a cut-short sample's
+                            # refinement ends with it (TRL lists the generation config's first where it has it).
+                            stop_ids=list(dict.fromkeys([tokenizer.eos_token_id,
+                                                         *(getattr(self, "eos_token_ids", None) or [])])))
         n_samples = len(completion_ids)
         width = max((len(r.refined_ids) for r in result.refinements if r is not None), default=0)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
