@@ -42,6 +42,19 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def chat_model(tiny_model, tmp_path_factory):
+    """tiny_model with a chat template (each message's content, then "="): a model that takes chat prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("chat_model")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}"
+    tokenizer.save_pretrained(path)
+    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def demo_reference(tmp_path_factory):
     """The demo's reference model, trained as fastrft demo trains it on a shorter budget (120 steps), saved with its
     tokenizer: the directory."""

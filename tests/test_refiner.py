@@ -551,7 +551,7 @@ def test_the_refiner_s_template_shows_the_question_of_a_chat_prompt():
     assert prompt_text(parts) == "Name a prime."
 
 
-def test_a_prompt_that_begins_the_answer_cannot_be_refined(tiny_model, tmp_path):
+def test_a_prompt_that_begins_the_answer_cannot_be_refined(tiny_model, chat_model, tmp_path):
     """A chat prompt ending with an assistant message: the policy continues that answer, the refiner would write a
     whole one after it. Refused before the run folder is written (and by the TRL adapter, at its first batch)."""
     import json
@@ -575,17 +575,10 @@ def test_a_prompt_that_begins_the_answer_cannot_be_refined(tiny_model, tmp_path)
         train(cfg)
     assert not (tmp_path / "run").exists()
     # Evaluation does not refine: such prompts may be held out (by a model with a chat template).
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from fastrft.trainer import make_run
 
-    chat_model = tmp_path / "chat_model"
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}"
-    tokenizer.save_pretrained(chat_model)
-    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(chat_model)
     make_run(load_config(None, ["steps=1", "constraint=kl+refiner", f"eval_dataset={data}", "progress=false"],
-                         model=str(chat_model), output_dir=str(tmp_path / "run")))
+                         model=chat_model, output_dir=str(tmp_path / "run")))
 
 
 def test_a_model_s_own_end_of_turn_ends_a_completion_on_both_paths():

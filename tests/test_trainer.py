@@ -609,12 +609,10 @@ def test_a_task_s_rows_and_evaluation_are_checked(tiny_model, tmp_path, monkeypa
         train_run(run)
 
 
-def test_a_dataset_of_chat_prompts_trains_through_the_chat_template(tiny_model, tmp_path):
+def test_a_dataset_of_chat_prompts_trains_through_the_chat_template(tiny_model, chat_model, tmp_path):
     """Chat-message prompts: formatted by the model's chat template (refused before the run folder is written when it
     has none); the reward functions get the messages, and the completions as TRL's conversational ones; the
-    refiner's template the last message's content."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    refiner's template the last user message's content."""
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"sort {d}"}], "answer": "".join(
         sorted(d))}) + "\n" for d in ("321", "4132", "97", "5501")))
@@ -622,12 +620,7 @@ def test_a_dataset_of_chat_prompts_trains_through_the_chat_template(tiny_model, 
                                          r"tokenizer.chat_template is not set"):
         train(config(tiny_model, tmp_path, "steps=1", f"dataset={data}"))
     assert not (tmp_path / "run").exists()
-    chat_model = tmp_path / "chat_model"
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}"
-    tokenizer.save_pretrained(chat_model)
-    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(chat_model)
-    run = make_run(config(str(chat_model), tmp_path, "steps=1", f"dataset={data}", "constraint=kl+refiner"))
+    run = make_run(config(chat_model, tmp_path, "steps=1", f"dataset={data}", "constraint=kl+refiner"))
     seen = []
     reward = run.task.reward_funcs[0]
 
