@@ -25,7 +25,7 @@ import torch
 
 from fastrft import rollout
 from fastrft.diff import diff_masks, diff_weights
-from fastrft.rewards import message_text
+from fastrft.rewards import is_prefilled, message_text
 
 
 @dataclass
@@ -101,8 +101,7 @@ def check_refinable(prompts: list, source: str) -> None:
     """A ValueError naming source unless the refiner can rewrite each prompt's answer whole: a chat prompt whose last
     message is the assistant's (an answer's beginning, which the policy continues) cannot be (the refinement would
     start the answer again after it)."""
-    prefilled = next((p for p in prompts if isinstance(p, list) and p and isinstance(p[-1], dict)
-                      and p[-1].get("role") == "assistant"), None)
+    prefilled = next((p for p in prompts if is_prefilled(p)), None)
     if prefilled is not None:
         raise ValueError(f"{source}: the prompt {prefilled!r:.120} ends with an assistant message (an answer's "
                          f"beginning): the refiner rewrites whole answers and cannot refine its continuation; drop "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fastrft.loss import beyond_causal
+from fastrft.rewards import is_prefilled
 
 
 @dataclass
@@ -47,7 +48,7 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
             strings.append(i)
         elif isinstance(prompt, list):
             # A last assistant message is the answer's beginning, which the model continues (as TRL does).
-            prefilled = bool(prompt) and isinstance(prompt[-1], Mapping) and prompt[-1].get("role") == "assistant"
+            prefilled = is_prefilled(prompt)
             ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=not prefilled,
                                                 continue_final_message=prefilled, tokenize=True, return_dict=False)
             encoded[i] = list(ids["input_ids"] if isinstance(ids, Mapping) else ids)

@@ -12,6 +12,7 @@ not scored 0). The helpers here take either form (``completion_text``).
     combine_rewards(...)          the weighted total and each function's values, None-aware
     is_degenerate(completion)     "empty" | "truncated" | "looping" | None
     completion_text(completion)   the text of a completion in either form
+    is_prefilled(prompt)          whether a chat prompt ends with the assistant's message, which the model continues
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import asyncio
 import inspect
 import math
 import re
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -34,6 +36,13 @@ def message_text(content) -> str:
         return "".join(part["text"] for part in content if part.get("type") == "text" and isinstance(part.get("text"),
                                                                                                        str))
     raise TypeError(f"a chat message's content must be a string or a list of typed parts, got {content!r:.80}")
+
+
+def is_prefilled(prompt) -> bool:
+    """Whether a prompt is chat messages whose last message is the assistant's: an answer's beginning, which the
+    model continues (TRL's continue_final_message) instead of starting an answer of its own."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[-1], Mapping) \
+        and prompt[-1].get("role") == "assistant"
 
 
 def completion_text(completion) -> str:

@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-from fastrft.rewards import completion_text, is_degenerate, message_text, truncated_flags
+from fastrft.rewards import completion_text, is_degenerate, is_prefilled, message_text, truncated_flags
 from fastrft.tasks import Task, load_rows
 
 DEGENERATE_KINDS = ("empty", "truncated", "looping")
@@ -96,7 +96,7 @@ class RewardModelScorer:
         beginning, which the policy continued) and the reply are one answer."""
         _, tokenizer = self.load()
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        begun = message_text(messages.pop()["content"]) if messages[-1].get("role") == "assistant" else ""   # begun
+        begun = message_text(messages.pop()["content"]) if is_prefilled(messages) else ""
         messages.append({"role": "assistant", "content": begun + completion_text(reply)})
         if tokenizer.chat_template:
             return tokenizer.apply_chat_template(messages, tokenize=False)
