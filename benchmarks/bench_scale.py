@@ -50,15 +50,16 @@ def worker(args) -> None:
     from fastrft.batch import SDPA, AttentionPath, accumulate_gradients
     from fastrft.config import TrainConfig
     from fastrft.distributed import end_world, full_value, init_world, local_tensor, shard_policy
+    from fastrft.trainer import make_optimizer
 
     torch.set_num_threads(args.threads)
     world = init_world(600, cuda=False)   # gloo on the CPU, also on a GPU machine
     device = torch.device("cpu")
     model = qwen_width_model(args.layers)
     loss_module = shard_policy(model, world, fsdp=args.engine == "fsdp")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    rows = [demo_rows(args.rows, model.config.vocab_size)[i] for i in world.share(args.rows)]
     cfg = TrainConfig(model="unused", constraint="kl")
+    optimizer = make_optimizer(cfg, model, device)   # the trainer's
+    rows = [demo_rows(args.rows, model.config.vocab_size)[i] for i in world.share(args.rows)]
     path = AttentionPath(False, SDPA, args.max_tokens)
 
     def step():

@@ -242,13 +242,14 @@ def sweep(model_names, scales, device, dtype, warmup: int, repeat: int, dense_li
           max_tokens: int) -> list[dict]:
     from fastrft.batch import SDPA, AttentionPath, accumulate_gradients, choose_attention
     from fastrft.config import TrainConfig
+    from fastrft.trainer import make_optimizer
 
     cfg = TrainConfig(model="unused", constraint="kl")
     rate = matmul_rate(device, dtype)
     rows_out = []
     for name in model_names:
         model = make_model(name, device, dtype)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+        optimizer = make_optimizer(cfg, model, device)
         default = choose_attention("auto", model, device, max_tokens)
         paths = {"default": default}
         if default.packed:
@@ -300,7 +301,7 @@ def update_vs_plain(name: str, device: torch.device, dtype: torch.dtype, warmup:
     (logits materialised, a trivial loss) on the same tokens, both with activation checkpointing."""
     from fastrft.batch import Row, attention, build_batch, choose_attention, rft_loss
     from fastrft.config import TrainConfig
-    from fastrft.trainer import enable_activation_checkpointing
+    from fastrft.trainer import enable_activation_checkpointing, make_optimizer
 
     model = make_model(name, device, dtype)
     enable_activation_checkpointing(model)
@@ -314,7 +315,7 @@ def update_vs_plain(name: str, device: torch.device, dtype: torch.dtype, warmup:
                 .tolist(), advantage=float(torch.randn(1, generator=gen)), pg=True) for p, c in lengths]
     batch = build_batch(rows, device, packed=path.packed)
     cfg = TrainConfig(model="unused", constraint="none")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+    optimizer = make_optimizer(cfg, model, device)
 
     def fastrft_update():
         optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,8 @@ from fastrft.rollout import Samples
 from fastrft.rundir import RunDir
 from fastrft.tasks import Task
 from fastrft.tasks.demo import make_model, make_tokenizer
-from fastrft.trainer import evaluate, group_advantages, lr_factor, make_run, overlong_penalty, train, train_run
+from fastrft.trainer import (evaluate, group_advantages, lr_factor, make_optimizer, make_run, overlong_penalty, train,
+                             train_run)
 
 SMALL = ["prompts_per_step=3", "group_size=4", "eval_size=4", "eval_every=2", "save_every=2", "progress=false",
          "device=cpu", "plots=false", "dynamic_sampling=false"]
@@ -408,6 +409,24 @@ def test_bfloat16_run(tiny_model, tmp_path):
     train(config(tiny_model, tmp_path, "steps=1", "dtype=bfloat16", "constraint=kl+refiner"))
     record = read_metrics(tmp_path / "run")[-1]
     assert math.isfinite(record["pg_loss"]) and record["skipped_steps"] == 0
+
+
+def test_the_cpu_optimizer_is_the_fused_adamw_with_the_loops_numbers():
+    torch.manual_seed(0)
+    fused_model, loop_model = (torch.nn.Linear(8, 4) for _ in range(2))
+    loop_model.load_state_dict(fused_model.state_dict())
+    cfg = TrainConfig(model="unused", lr=1e-2, weight_decay=0.1)
+    fused = make_optimizer(cfg, fused_model, torch.device("cpu"))
+    loop = torch.optim.AdamW(loop_model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"]
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        for model, optimizer in ((fused_model, fused), (loop_model, loop)):
+            optimizer.zero_grad()
+            model(x).square().sum().backward()
+            optimizer.step()
+    for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tiny_model, tmp_path):
