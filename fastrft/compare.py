@@ -564,7 +564,7 @@ def markdown(result: dict) -> str:
               "|---|---|---:|---|---|"]
     lines += [f"| {c['finished_at']} | {c.get('outcome', 'finished')} | {c['wall_time_s']:.0f} | "
               f"{_load(c['load_average_start'])} -> {_load(c['load_average_end'])} | "
-              f"{', '.join(c['runs_trained']) or 'none'} |" for c in result.get("calls", [])]
+              f"{', '.join(c['runs_trained']) or '(no run)'} |" for c in result.get("calls", [])]
     lines.append("")
     return "\n".join(lines)
 

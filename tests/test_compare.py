@@ -132,6 +132,7 @@ def test_cli_end_to_end_layout_and_rerun_skips(tiny_model, tmp_path, capsys):
     again = compare(cfg, modes=["none", "kl"], kl_coefs=[0.01, 0.1], seeds=2, out_dir=out, train_fn=spy)
     assert spy.calls == []
     assert [c["runs_trained"] for c in again["calls"]] == [names, []]
+    assert (out / "comparison.md").read_text().splitlines()[-1].endswith("| (no run) |")   # not a mode's name
     assert mtimes == {n: (out / "runs" / n / "metrics.jsonl").stat().st_mtime_ns for n in names}
 
 
