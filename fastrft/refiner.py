@@ -69,8 +69,15 @@ class RefineResult:
 
     @property
     def draft_accepted(self) -> float | None:
-        """The fraction of the draft tokens offered that the refiner's greedy decoding accepted."""
-        return None if self.draft is None else self.draft.accepted / max(1, self.draft.offered)
+        """The fraction of the draft tokens offered that the refiner's greedy decoding accepted; None without drafts
+        or where none was offered."""
+        return None if self.draft is None or not self.draft.offered else self.draft.accepted / self.draft.offered
+
+    @property
+    def changed_token_frac(self) -> float | None:
+        """The share of the refinements' tokens that differ from their samples; None where no refinement was parsed
+        (every one failed: nothing was measured, which 0 would read as "every token kept")."""
+        return self.changed_tokens / self.refined_tokens if self.refined_tokens else None
 
 
 def check_refine_template(template) -> None:

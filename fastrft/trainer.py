@@ -388,9 +388,9 @@ class StepRecord:
             refine = self.refine or RefineResult([])
             record.update(refine_rate=refine.changed_samples / len(samples),
                           refine_failed=refine.failed,
-                          changed_token_frac=refine.changed_tokens / max(1, refine.refined_tokens),
+                          changed_token_frac=refine.changed_token_frac,
                           refine_passes=refine.passes, refine_copied=refine.copies / len(samples))
-            if refine.draft_accepted is not None:
+            if refine.draft is not None:   # drafts on (null where none was offered)
                 record["refine_draft_accepted"] = refine.draft_accepted
         record.update(pg_loss=update.pg_loss, sft_loss=update.sft_loss, kl_loss=update.kl_loss,
                       clip_frac=update.clip_frac, entropy=update.entropy, grad_norm=update.grad_norm,
@@ -441,7 +441,8 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                          f"{task.parse_refinement!r}")
     columns, types = task.required_columns(), task.column_types()
     train_rows = load_rows(cfg.dataset, required=columns, types=types) if cfg.dataset else task.train_rows
-    eval_rows = load_rows(cfg.eval_dataset, required=columns, types=types) if cfg.eval_dataset else task.eval_rows
+    eval_rows = load_rows(cfg.eval_dataset, required=columns, types=types, key="eval_dataset") if cfg.eval_dataset \
+        else task.eval_rows
     max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
     if cfg.overlong == "penalty" and cfg.overlong_buffer >= max_new_tokens:
         raise ValueError(f"overlong_buffer={cfg.overlong_buffer} is not below max_new_tokens={max_new_tokens}: the "
@@ -917,7 +918,9 @@ def update_policy(run: Run, rows: list[Row]) -> UpdateStats:
     kl_values = []
     for epoch in range(cfg.ppo_epochs):
         for minibatch in (rows[i::cfg.minibatches] for i in range(cfg.minibatches)):
-            if not world.max([len(minibatch)])[0]:
+            # No token of the loss on any rank (every sample masked as overlong, say): no optimizer step, which
+            # would still move the weights by AdamW's momentum.
+            if not world.sum([sum(row.loss_tokens for row in minibatch)])[0]:
                 continue
             run.optimizer.zero_grad(set_to_none=True)
             result, n_batches = accumulate_gradients(run.policy_loss, minibatch, cfg, run.attention, run.device,

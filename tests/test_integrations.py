@@ -398,6 +398,17 @@ def finished_refiner(monkeypatch):
 
 
 @needs_trl
+def test_a_batch_whose_refinements_all_failed_logs_no_changed_token_share(finished_refiner, model_dir, tmp_path):
+    refiner = dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE, parse_refinement=lambda text: None)
+    trainer = make_trainer(model_dir, tmp_path, refiner=refiner, max_steps=1, loss_type="dapo")
+    trainer.train()
+    refine_logs = [entry for entry in trainer.state.log_history if "refine/rate" in entry]
+    assert refine_logs and all(entry["refine/failed"] == 1.0 for entry in refine_logs)
+    # Nothing was measured: no value (0 would read as "every token kept").
+    assert not any("refine/changed_token_frac" in entry for entry in refine_logs)
+
+
+@needs_trl
 @pytest.mark.parametrize("setup", ["dapo-copy", "grpo-kl-lora"])
 def test_trainer_trains_with_refiner(setup, finished_refiner, model_dir, tmp_path):
     # The plain greedy path, whose generate() the fixture finishes; the draft path is checked below.

@@ -445,11 +445,12 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         samples = max(1, total[0])
         self._metrics[mode]["refine/rate"].append(total[1] / samples)
         self._metrics[mode]["refine/failed"].append(total[2] / samples)
-        self._metrics[mode]["refine/changed_token_frac"].append(total[3] / max(1, total[4]))
+        if total[4]:   # a batch whose refinements all failed measured no token: no value, not 0
+            self._metrics[mode]["refine/changed_token_frac"].append(total[3] / total[4])
         self._metrics[mode]["refine/passes"].append(total[6] / self.accelerator.num_processes)
         self._metrics[mode]["refine/copied"].append(total[9] / samples)
-        if self.refine_draft:
-            self._metrics[mode]["refine/draft_accepted"].append(total[8] / max(1, total[7]))
+        if self.refine_draft and total[7]:
+            self._metrics[mode]["refine/draft_accepted"].append(total[8] / total[7])
         return {"refined_ids": refined_ids.to(device), "refined_mask": refined_mask.to(device),
                 "refined_weights": refined_weights.to(device),
                 # the weighted refined tokens of the generation batch over all processes (dapo's normaliser)
