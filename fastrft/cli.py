@@ -38,6 +38,10 @@ def _train(args) -> int:
         run_dir = RunDir(args.resume)
         if not run_dir.holds_run():
             raise SystemExit(f"{run_dir.path} is not a fastrft run directory (no {run_dir.config.name})")
+        moved = next((item for item in args.overrides if item.partition("=")[0] == "output_dir"), None)
+        if moved:
+            raise ValueError(f"override {moved!r}: --resume continues {run_dir.path} in its own folder; to continue "
+                             f"it elsewhere, copy the folder and resume the copy")
         cfg = load_config(run_dir.config, args.overrides, output_dir=str(run_dir.path))
     else:
         cfg = load_config(args.config, args.overrides)

@@ -140,10 +140,11 @@ class TrainConfig:
         self._check_numbers()
         if self.device != "auto":
             try:
-                torch.device(self.device)
+                kind = torch.device(self.device).type
             except (RuntimeError, ValueError):
-                raise ConfigError("device", f"device must be auto, cpu, cuda or cuda:N (a torch device), got "
-                                            f"{self.device!r}") from None
+                kind = None
+            if kind not in ("cpu", "cuda"):   # fastrft's kernels and its memory paths are CUDA's or the CPU's
+                raise ConfigError("device", f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.refine_template is not None:
             try:
                 check_refine_template(self.refine_template)
@@ -241,6 +242,7 @@ _RANGES = (
     (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
     (("clip_low",), lambda v: 0 <= v < 1, "in [0, 1) (the ratio is clipped at 1 - clip_low)"),
     (("min_lr_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("seed",), lambda v: 0 <= v < 2**32, "in [0, 2**32)"),   # numpy's range; torch's ends at 2**64 - 1
 )
 
 
@@ -330,7 +332,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         merged.update(data)
         where.update({key: f"{path}:{lines[str(key)]}" if str(key) in lines else str(path) for key in data})
     merged.update(values)
-    for item in overrides:
+    for item in overrides:   # a later one wins: scripts append to a list of common overrides
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like key=value")
@@ -341,7 +343,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             except yaml.YAMLError as e:
                 raise ValueError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") \
                     from None
-            merged["extra"] = {**merged.get("extra", {}), key[len("extra."):]: option}
+            options = merged.get("extra", {})
+            if not isinstance(options, dict):
+                # As the file's own value would be refused: where it was set, not a TypeError here.
+                raise _located(ValueError(f"config key 'extra' must be a mapping, got {options!r}"),
+                               where.get("extra"))
+            merged["extra"] = {**options, key[len("extra."):]: option}
             continue
         merged[key] = value
         where[key] = f"override {item!r}"
@@ -393,9 +400,23 @@ def _read_yaml_mapping(path: Path) -> tuple[dict, dict[str, int]]:
     return data, lines
 
 
+# The keys of fastrft's first release: every config save_config has written holds them (it writes every key; a run
+# saved before a later key was added lacks only that one), a config a user wrote, of the keys it sets, hardly ever.
+_FIRST_RELEASE_KEYS = frozenset((
+    "model", "ref_model", "task", "dataset", "eval_dataset", "output_dir", "seed", "device", "steps",
+    "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p", "generation_batch_size",
+    "scale_rewards", "dynamic_sampling", "max_resample_rounds", "overlong", "overlong_buffer", "overlong_penalty",
+    "constraint", "kl_coef", "kl_estimator", "refine_coef", "refine_kept_weight", "refine_context",
+    "refine_max_new_tokens", "refine_template", "lr", "weight_decay", "warmup_steps", "lr_schedule", "min_lr_ratio",
+    "grad_clip", "clip_low", "clip_high", "entropy_coef", "ppo_epochs", "minibatches", "optimizer", "dtype",
+    "gradient_checkpointing", "packing", "liger", "ref_quantization", "eval_every", "eval_size", "save_every",
+    "progress", "plots", "extra"))
+
+
 def is_saved_config(path: Path) -> bool:
-    """Whether path holds a config as save_config writes it: a YAML mapping of TrainConfig keys (all of them; a run
-    saved before a key was added lacks it)."""
+    """Whether path holds a config as save_config writes it: a YAML mapping of every TrainConfig key (a run saved
+    before a key was added lacks that one). A config of the user's own, which sets some keys, is not: --overwrite
+    never replaces it."""
     import yaml
 
     if not path.is_file():
@@ -404,7 +425,7 @@ def is_saved_config(path: Path) -> bool:
         saved = yaml.safe_load(path.read_bytes())
     except yaml.YAMLError:
         return False
-    return isinstance(saved, dict) and bool(saved) and set(saved) <= set(_field_types())
+    return isinstance(saved, dict) and _FIRST_RELEASE_KEYS <= set(saved) <= set(_field_types())
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -116,9 +116,13 @@ class RunDir:
 
         if path == self.config:
             return None if is_saved_config(path) else \
-                (path, "not the config fastrft saves, a YAML mapping of TrainConfig keys")
-        if path in (self.metrics, self.summary):
-            return None if path.is_file() else (path, "not a file")
+                (path, "not the config fastrft saves, a YAML mapping of every TrainConfig key")
+        if path == self.metrics:
+            return None if _is_metrics_log(path) else \
+                (path, "not the metrics fastrft logs, one JSON object of a step per line")
+        if path == self.summary:
+            return None if _is_summary(path) else \
+                (path, "not the summary fastrft writes, a JSON object of the run's steps")
         if not path.is_dir():
             return path, "not a folder"
         is_own, what = ((_is_plot, "not a plot fastrft draws") if path == self.plots else
@@ -218,6 +222,33 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         write_atomically(self.summary, (json.dumps(json_safe(summary), indent=1) + "\n").encode())
+
+
+def _is_metrics_log(path: Path) -> bool:
+    """A metrics.jsonl as fastrft logs it: a JSON object per line, its step first (the last line may be torn: a crash
+    while it was written)."""
+    if not path.is_file():
+        return False
+    lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines) and line.startswith(b'{"step": '):
+                continue
+            return False
+        if not (isinstance(record, dict) and "step" in record):
+            return False
+    return True
+
+
+def _is_summary(path: Path) -> bool:
+    """A summary.json as fastrft writes it: a JSON object of the run's steps, among others."""
+    try:
+        summary = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and "steps" in summary
 
 
 def _is_plot(entry: Path) -> bool:

@@ -102,6 +102,41 @@ def test_a_folder_with_files_fastrft_did_not_write_is_refused_not_overwritten(ti
     assert sorted(p.name for p in proj.rglob("*")) == ["checkpoints", "my_model.bin", "notes.txt"]
 
 
+@pytest.mark.parametrize("name, content", [
+    ("config.yaml", "# my experiment, keep it\nmodel: MODEL\nsteps: 1\noutput_dir: PROJ\n"),   # TrainConfig keys
+    ("metrics.jsonl", "my notes\n"),
+    ("metrics.jsonl", '{"loss": 1}\n'),
+    ("summary.json", '{"best": 1}'),
+])
+def test_a_users_own_file_under_a_runs_names_is_not_taken_for_a_run(name, content, tiny_model, tmp_path, capsys):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    mine = proj / name
+    mine.write_text(content.replace("MODEL", str(tiny_model)).replace("PROJ", str(proj)))
+    before = mine.read_text()
+    for args in (["train", f"model={tiny_model}", f"output_dir={proj}", *FAST, "steps=1", "--overwrite"],
+                 ["train", "--resume", str(proj)]):
+        if name != "config.yaml" and "--resume" in args:
+            continue   # no config.yaml: not a run to resume, said before anything else
+        assert main(args) == 2
+        assert f"{mine} was not written by fastrft" in capsys.readouterr().err
+        assert mine.read_text() == before and sorted(p.name for p in proj.iterdir()) == [name]
+    if name == "config.yaml":   # the user's config, passed as --config, in the folder it names
+        assert main(["train", "--config", str(mine), *FAST, "--overwrite"]) == 2
+        assert f"{mine} was not written by fastrft" in capsys.readouterr().err
+        assert mine.read_text() == before
+
+
+def test_resume_continues_the_run_in_its_own_folder(tiny_model, tmp_path, capsys):
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    assert main(["train", f"model={tiny_model}", f"output_dir={run_dir}", *FAST, "steps=1", "plots=false"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), f"output_dir={other}", "steps=2"]) == 2
+    assert f"override 'output_dir={other}': --resume continues {run_dir} in its own folder" in \
+        capsys.readouterr().err
+    assert not other.exists()
+
+
 def test_overwrite_replaces_only_the_runs_own_files(tiny_model, tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = ["train", f"model={tiny_model}", f"output_dir={run_dir}", *FAST, "steps=1"]

@@ -163,6 +163,28 @@ def test_refiner_failures_are_counted_and_cost_nothing(tiny_model, tmp_path):
     record = read_metrics(tmp_path / "run")[-1]
     assert record["refine_failed"] == run.cfg.prompts_per_step * run.cfg.group_size
     assert record["refine_rate"] == 0 and record["sft_loss"] == 0
+    assert record["changed_token_frac"] is None   # no refinement, no token measured: not "every token kept"
+
+
+@pytest.mark.parametrize("constraint", ["none", "kl"])
+def test_a_step_whose_samples_carry_no_loss_token_makes_no_optimizer_step(tiny_model, tmp_path, constraint):
+    # Every sample cut at max_new_tokens: overlong=mask drops each from the loss.
+    run = make_run(config(tiny_model, tmp_path, "steps=2", "overlong=mask", f"constraint={constraint}"))
+    varied_rewards(run)
+    real_generate = run.generate
+
+    def generate(*args, **kwargs):
+        samples = real_generate(*args, **kwargs)
+        samples.truncated = [True] * len(samples.truncated)
+        return samples
+
+    run.generate = generate
+    before = weights(run.policy)
+    train_run(run)
+    assert all(torch.equal(before[k], v) for k, v in run.policy.state_dict().items()), "AdamW's momentum moved them"
+    for record in read_metrics(tmp_path / "run")[1:]:
+        assert record["skipped_steps"] == record["step"]
+        assert record["loss"] is None and record["grad_norm"] is None and record["pg_loss"] is None
 
 
 def test_resume_gives_the_same_weights(tiny_model, tmp_path):
@@ -306,6 +328,8 @@ def test_config_override_errors_name_the_key(override, message):
     ("min_lr_ratio=2", "min_lr_ratio must be in \\[0, 1\\]"), ("warmup_steps=-1", "warmup_steps must be >= 0"),
     ("grad_clip=nan", "grad_clip must be a finite number"), ("refine_context=-2", "refine_context must be >= 0"),
     ("group_size=1", "group_size must be >= 2"), ("eval_size=0", "eval_size must be >= 1"),
+    ("seed=18446744073709551616", "override 'seed=18446744073709551616': seed must be in \\[0, 2\\*\\*32\\)"),
+    ("seed=-1", "seed must be in"),
     ("extra.n_eval=[1,", "override 'extra.n_eval=\\[1,': the value is not valid YAML")])
 def test_every_numeric_key_is_checked_for_its_range(override, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -344,6 +368,8 @@ def test_config_file_errors_name_the_file_and_line(tmp_path, content, message):
     ("model: [a]\n", ":1: config key 'model' must be a string, got \\['a'\\]"),
     ("steps: 1\nlr: 1e-4\nsteps: 2\n", ":3: 'steps' is set twice \\(first on line 1\\)"),
     ("device: gpu\n", ":1: device must be auto, cpu, cuda or cuda:N"),
+    ("device: mps\n", ":1: device must be auto, cpu, cuda or cuda:N, got 'mps'"),   # torch's, not fastrft's
+    ("device: meta\n", ":1: device must be auto, cpu, cuda or cuda:N, got 'meta'"),
     ("refine_template: 'fix {prompt}{resp}>'\n", ":1: refine_template must be a str.format template whose fields "
                                                   "are {prompt} \\(optional\\) and {response}, got the fields "
                                                   "\\['prompt', 'resp'\\]"),
@@ -356,6 +382,14 @@ def test_config_values_of_the_wrong_type_are_refused_where_they_were_set(tmp_pat
     path.write_text(content)
     with pytest.raises(ValueError, match=f"{path}{message}"):
         load_config(path)
+
+
+@pytest.mark.parametrize("value", ["null", "[1]"])
+def test_a_task_option_on_the_command_line_over_a_file_whose_extra_is_no_mapping(tmp_path, value):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"steps: 1\nextra: {value}\n")
+    with pytest.raises(ValueError, match=f"{path}:2: config key 'extra' must be a mapping"):
+        load_config(path, ["extra.n_eval=3"])
 
 
 def test_config_values_yaml_types_that_mean_the_same_are_taken(tmp_path):
@@ -409,6 +443,16 @@ def test_bfloat16_run(tiny_model, tmp_path):
     train(config(tiny_model, tmp_path, "steps=1", "dtype=bfloat16", "constraint=kl+refiner"))
     record = read_metrics(tmp_path / "run")[-1]
     assert math.isfinite(record["pg_loss"]) and record["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("key", ["dataset", "eval_dataset"])
+def test_a_dataset_file_that_is_missing_or_empty_is_named_by_its_key(tiny_model, tmp_path, key):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for path, problem in ((tmp_path / "missing.jsonl", "does not exist"), (empty, "holds no rows")):
+        with pytest.raises(ValueError, match=f"^{key} {path} {problem}"):
+            train(config(tiny_model, tmp_path, f"{key}={path}", "steps=1"))
+        assert not (tmp_path / "run").exists()
 
 
 def test_the_cpu_optimizer_is_the_fused_adamw_with_the_loops_numbers():

@@ -351,19 +351,20 @@ def _check_row(row, where: str, required: tuple[str, ...], types: dict[str, tupl
     return row
 
 
-def load_rows(path, required: tuple[str, ...] = (), types: dict[str, tuple[type, ...]] | None = None) -> list[dict]:
+def load_rows(path, required: tuple[str, ...] = (), types: dict[str, tuple[type, ...]] | None = None,
+              key: str = "dataset") -> list[dict]:
     """Rows of a local ``.jsonl`` (one JSON object per line, blank lines skipped) or ``.parquet`` file.
 
     Every row needs a "prompt" (a string, or chat messages: [{"role": ..., "content": ...}, ...]) and each
     `required` column (a task's ``required_columns()``), each column of `types` (a task's ``column_types()``) a value
     of those types; its other fields become reward-function columns too. Errors name the file and the (1-based) line,
-    or row for Parquet; a file without rows is an error.
+    or row for Parquet; a file without rows is an error. key: the setting that named the file, in errors about it.
     """
     path = Path(path)
     if path.suffix not in (".jsonl", ".parquet"):
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
+        raise ValueError(f"{key} {path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
     if not path.is_file():
-        raise ValueError(f"dataset {path} does not exist")
+        raise ValueError(f"{key} {path} does not exist")
     if path.suffix == ".jsonl":
         rows = [_check_row(row, f"{path}:{line_number}", required, types or {})
                 for line_number, row in read_jsonl(path)]
@@ -375,5 +376,5 @@ def load_rows(path, required: tuple[str, ...] = (), types: dict[str, tuple[type,
         records = pq.read_table(path).to_pylist()
         rows = [_check_row(row, f"{path}:{i}", required, types or {}) for i, row in enumerate(records, start=1)]
     if not rows:
-        raise ValueError(f"dataset {path} holds no rows")
+        raise ValueError(f"{key} {path} holds no rows")
     return rows

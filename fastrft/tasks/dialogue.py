@@ -178,7 +178,7 @@ def dialogue_task(reward_model: str, dataset: str | None = None, *, n_eval: int 
         raise ValueError(f"dialogue_task: device must be a torch device (cpu, cuda, cuda:N), got {device!r}") from None
     if scoring_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"dialogue_task: device={device!r} but CUDA is not available")
-    rows = load_rows(dataset) if dataset else [{"prompt": p} for p in DEFAULT_PROMPTS]
+    rows = load_rows(dataset, key="extra.dataset") if dataset else [{"prompt": p} for p in DEFAULT_PROMPTS]
     if not 0 <= n_eval < len(rows):
         raise ValueError(f"dialogue_task: n_eval={n_eval} must leave training rows out of {len(rows)}")
     scorer = RewardModelScorer(reward_model, device=device, batch_size=batch_size, max_length=max_length)
