@@ -33,11 +33,12 @@ large checkpoint's hashing takes 1/N of the time and no rank waits on another's 
 the same choice of checkpoint. The run directory must be one filesystem that every rank sees (a shared filesystem
 across nodes).
 
-Simplified: one job per run directory (no locking); the .pt files are loaded with torch.load(weights_only=True), so a
+Simplified: one job per run directory (the trainer locks it: RunDir.lock); the .pt files are loaded with torch.load(weights_only=True), so a
 scheduler whose state holds arbitrary Python objects cannot be restored.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -61,14 +62,24 @@ LATEST_FILE = "latest"
 MANIFEST_FILE = "checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 WEIGHTS_DIR = "weights"
+_FULL_DISK_BYTES = 64 << 20   # free space under which a failed save is said to be the disk's being full
 
 
 def is_checkpoint_entry(entry: Path) -> bool:
     """Whether entry, in a run's checkpoints folder, is this module's: a checkpoint, the pointer to the newest one,
-    or what a crashed save left behind."""
+    or what a crashed save or prune left behind."""
     return ((entry.name == LATEST_FILE and entry.is_file())
-            or (_STEP_DIR.match(entry.name) is not None and (entry / MANIFEST_FILE).is_file())
+            or (_STEP_DIR.match(entry.name) is not None and ((entry / MANIFEST_FILE).is_file()
+                                                              or _is_pruned_remains(entry)))
             or entry.name.startswith(TMP_PREFIX))
+
+
+def _is_pruned_remains(entry: Path) -> bool:
+    """A step_* folder without its manifest, holding nothing but a checkpoint's files: what a prune that was killed
+    mid-delete left before fastrft pruned by renaming first (a save names a folder step_* only once it is whole)."""
+    names = {MANIFEST_FILE, "state.json", "scheduler.pt", "model.pt", "optimizer.pt", WEIGHTS_DIR}
+    return entry.is_dir() and not (entry / MANIFEST_FILE).exists() and all(
+        child.name in names or re.fullmatch(r"rng(_\d+)?\.pt", child.name) for child in entry.iterdir())
 
 
 def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=None, scheduler=None,
@@ -133,9 +144,14 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
             else:
                 os.replace(tmp_dir, final_dir)
             fsync_dir(ckpt_root)
-    except BaseException:
+    except BaseException as error:
+        full = isinstance(error, Exception) and shutil.disk_usage(ckpt_root).free < _FULL_DISK_BYTES
         if world.is_main:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+        if full:   # torch's own writers say it as "unexpected pos ..."
+            raise OSError(errno.ENOSPC, f"no space left on the device to save step {step}'s checkpoint "
+                                        f"({type(error).__name__}: {error}); the previous checkpoint stays the latest",
+                          str(ckpt_root)) from error
         raise
 
     if world.is_main:
@@ -533,9 +549,9 @@ def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
 
 
 def _remove_leftovers(ckpt_root: Path) -> None:
-    """Temporary directories and pointer files left by a save that crashed."""
+    """Temporary directories and pointer files left by a save or a prune that crashed."""
     for entry in ckpt_root.iterdir():
-        if entry.name.startswith(TMP_PREFIX):
+        if entry.name.startswith(TMP_PREFIX) or (_STEP_DIR.match(entry.name) and _is_pruned_remains(entry)):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -549,7 +565,11 @@ def _prune(ckpt_root: Path, keep: int, protect: set[str]) -> None:
     complete = [d for _, d in _step_dirs(ckpt_root) if (d / MANIFEST_FILE).is_file()]
     for ckpt_dir in complete[:-keep]:
         if ckpt_dir.name not in protect:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            # Renamed out of the layout first: a delete killed midway leaves a temporary folder, which the next save
+            # removes, never a step_* folder without its manifest.
+            doomed = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}pruned-{ckpt_dir.name}-", dir=ckpt_root))
+            os.replace(ckpt_dir, doomed / ckpt_dir.name)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _rng_state() -> dict:

@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         status = args.func(args)
         end_world(exit_status=status or 0)   # under torchrun the process ends here
         return status
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+    except (ValueError, OSError, FloatingPointError) as exc:   # OSError: a full disk, a folder it may not write
         rank = f" (rank {launched_rank()})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"fastrft {args.command}: error{rank}: {exc}", file=sys.stderr)
         return 2

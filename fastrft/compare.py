@@ -47,7 +47,7 @@ from pathlib import Path
 
 from fastrft.config import CONSTRAINTS, TrainConfig, load_config
 from fastrft.distributed import launched_rank
-from fastrft.jsonl import finite_number, json_safe
+from fastrft.jsonl import finite_number, json_safe, read_jsonl
 from fastrft.machine import describe_machine
 from fastrft.rundir import RunDir, check_writable_dir, write_atomically
 
@@ -673,16 +673,18 @@ def _checkpoint_world_size(checkpoint: Path | None) -> int | None:
 
 
 def _append_call(out_dir: Path, call: dict) -> list[dict]:
-    """Every call that wrote out_dir (CALLS_FILE, one JSON line each, this one appended), oldest first; a directory
-    from before the ledger starts it with the calls its comparison.json holds."""
+    """Every call that wrote out_dir (CALLS_FILE, one JSON line each, rewritten atomically with this one added),
+    oldest first; a directory from before the ledger starts it with the calls its comparison.json holds."""
     ledger = out_dir / CALLS_FILE
-    if not ledger.is_file():
+    if ledger.is_file():
+        # A torn last line (a call killed, or a full disk, while it wrote its own) is dropped, with a warning.
+        earlier = [c for _, c in read_jsonl(ledger, torn_end_ok=True)]
+    else:
         report = out_dir / "comparison.json"
         earlier = json.loads(report.read_text()).get("calls", []) if report.is_file() else []
-        ledger.write_text("".join(json.dumps(c) + "\n" for c in earlier))
-    with ledger.open("a") as f:
-        f.write(json.dumps(json_safe(call)) + "\n")
-    return [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+    calls = [*earlier, json_safe(call)]
+    write_atomically(ledger, "".join(json.dumps(c) + "\n" for c in calls).encode())
+    return calls
 
 
 def _loadavg() -> list[float] | None:

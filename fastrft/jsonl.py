@@ -4,28 +4,35 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 
-def read_jsonl(path) -> list[tuple[int, dict]]:
-    """(1-based line number, object) for each non-blank line of path."""
+def read_jsonl(path, torn_end_ok: bool = False) -> list[tuple[int, dict]]:
+    """(1-based line number, object) for each non-blank line of path. torn_end_ok: a last line that is no JSON
+    object (a crash or a full disk while fastrft appended it) is dropped with a warning, not an error; a bad line
+    elsewhere still is one."""
     path = Path(path)
+    lines = [(number, raw) for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1) if raw.strip()]
     records = []
-    with path.open("rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not UTF-8 text (byte {e.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: malformed JSON ({e.msg}): {line.strip()[:80]!r}") from e
+    for line_number, raw in lines:
+        try:
+            record = json.loads(raw.decode("utf-8"))
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            records.append((line_number, record))
+                raise TypeError(f"expected a JSON object, got {type(record).__name__}")
+        except (ValueError, TypeError) as e:
+            if torn_end_ok and line_number == lines[-1][0]:
+                warnings.warn(f"{path}:{line_number}: dropped a torn last line (a crash while it was written): "
+                              f"{raw[:60]!r}", stacklevel=2)
+                continue
+            if isinstance(e, UnicodeDecodeError):
+                raise ValueError(f"{path}:{line_number}: not UTF-8 text (byte {e.start} of the line)") from None
+            if isinstance(e, json.JSONDecodeError):
+                where = " in the middle of the file" if torn_end_ok else ""
+                raise ValueError(f"{path}:{line_number}: malformed JSON{where} ({e.msg}): "
+                                 f"{raw.decode('utf-8', 'replace').strip()[:80]!r}") from None
+            raise ValueError(f"{path}:{line_number}: {e}") from None
+        records.append((line_number, record))
     return records
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -28,6 +29,8 @@ PLOTS_DIR = "plots"
 CHECKPOINTS_DIR = "checkpoints"
 PLOT_STEMS = ("reward", "constraint", "losses", "policy", "throughput", "other")
 TMP_PREFIX = ".tmp-"   # temporary files and folders, renamed once whole (write_atomically, checkpoint saves)
+LOCK_FILE = ".fastrft-lock"   # held (flock) by the process that writes the run; the kernel lets go when it ends
+_HELD_LOCKS: dict[Path, object] = {}   # folder -> the open lock file, for this process's life or until unlock
 
 
 def read_metrics(path) -> list[dict]:
@@ -164,6 +167,44 @@ class RunDir:
                              f"{', '.join(map(str, blind))}: every rank writes checkpoints there, so it must be one "
                              f"folder on a filesystem that every node mounts")
 
+    def lock(self) -> None:
+        """Takes the folder for this process until unlock (or the process's end, a kill included): a ValueError
+        naming the process that holds it, so that two runs never write one folder at once (their records and
+        checkpoints would mix). Taking it again in the process that holds it is a no-op (fastrft compare, a run
+        made again). A filesystem without locks is said once and not locked."""
+        key = self.path.resolve()
+        if key in _HELD_LOCKS:
+            return
+        try:
+            import fcntl
+        except ImportError:   # not a POSIX system
+            return
+        f = open(self.path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ValueError(f"{self.path} is being written by another fastrft run ({holder}): two runs into one "
+                             f"folder would mix their records and checkpoints; wait for it to end, or choose another "
+                             f"output_dir (nothing was changed)") from None
+        except OSError as e:
+            f.close()
+            warnings.warn(f"{self.path} cannot be locked ({e.strerror}): a second run started into it at the same "
+                          f"time would not be refused", stacklevel=2)
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        _HELD_LOCKS[key] = f
+
+    def unlock(self) -> None:
+        f = _HELD_LOCKS.pop(self.path.resolve(), None)
+        if f is not None:
+            f.close()
+
     def clear(self) -> None:
         """Remove the run's own files, nothing else the folder holds: ValueError (from run_files), with nothing
         removed, when the layout's names hold something fastrft did not write."""
@@ -172,24 +213,12 @@ class RunDir:
 
     def read_metrics(self, torn_end_ok: bool = False) -> list[dict]:
         """The run's metrics records; torn_end_ok: a torn last line (a crash mid-write) is dropped with a warning,
-        not an error (a bad line elsewhere still is)."""
+        not an error (a bad line elsewhere still is); no file: none."""
         if not torn_end_ok:
             return read_metrics(self.metrics)
-        records = []
-        if self.metrics.is_file():
-            lines = self.metrics.read_bytes().split(b"\n")
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    if any(rest.strip() for rest in lines[number:]):
-                        raise ValueError(f"{self.metrics}:{number}: malformed JSON in the middle of the file") \
-                            from None
-                    warnings.warn(f"{self.metrics}:{number}: dropped a torn last line (a crash while it was "
-                                  f"written): {line[:60]!r}", stacklevel=3)
-        return records
+        if not self.metrics.is_file():
+            return []
+        return [record for _, record in read_jsonl(self.metrics, torn_end_ok=True)]
 
     def metrics_to_resume(self, step: int) -> list[dict]:
         """The records of steps up to `step` (a checkpoint's), to rewrite metrics.jsonl with when resuming from it.

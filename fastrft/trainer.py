@@ -416,13 +416,7 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     check_same_settings(cfg, resume, overwrite, world)
     run_dir = RunDir(cfg.output_dir)
     run_dir.check_writable()
-    if resume and not run_dir.holds_run():
-        raise ValueError(f"{run_dir.path} holds no run to resume (no {run_dir.config.name})")
-    held = run_dir.run_files()   # refuses files of the run's layout that fastrft did not write, whatever the flags
-    if not resume and not overwrite and held:
-        raise ValueError(f"{run_dir.path} already holds a run ({', '.join(p.name for p in held)}): "
-                         f"continue it with `fastrft train --resume {run_dir.path}`, or start a new one in another "
-                         f"output_dir (output_dir=PATH), or replace it with --overwrite")
+    check_run_folder(run_dir, resume, overwrite)
     device = resolve_device(cfg.device, world)
     fsdp = cfg.fsdp if cfg.fsdp is not None else world.size > 1
     ref_sharding = cfg.ref_sharding or ("shard" if fsdp else "replicate")
@@ -523,9 +517,11 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     # Everything has loaded: only now does the run folder change (rank 0 writes it).
     run_dir.check_shared(world)
     if world.is_main:
+        run_dir.create()
+        run_dir.lock()   # until train_run ends
+        check_run_folder(run_dir, resume, overwrite)   # again: another run may have written it while this one loaded
         if overwrite:
             run_dir.clear()
-        run_dir.create()
         if start_step < cfg.steps or not resume:
             save_config(cfg.with_absolute_paths(), run_dir.config)
         run_dir.write_metrics(metrics)
@@ -637,7 +633,9 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
     if cfg.lora_r:
         merge_lora(model)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)   # models/my_model in a fresh checkout
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.absolute().parent))
+    stage_prefix = f".{out.name}.export-"
+    _remove_dead_stagings(out.absolute().parent, stage_prefix)
+    staging = Path(tempfile.mkdtemp(prefix=f"{stage_prefix}{os.getpid()}-", dir=out.absolute().parent))
     as_made(staging, directory=True)
     try:
         model.save_pretrained(staging)
@@ -657,6 +655,21 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
     return out, step
 
 
+def _remove_dead_stagings(parent: Path, prefix: str) -> None:
+    """The staging folders (prefix, then the pid of the export that made it) that an export killed midway (SIGKILL,
+    SIGTERM) left beside its OUT_DIR: a whole model each. Those of a live process stay."""
+    for entry in parent.iterdir():
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if not (entry.name.startswith(prefix) and entry.is_dir() and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:   # alive, another user's
+            pass
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -673,7 +686,29 @@ def run_world(cfg: TrainConfig) -> World:
     return init_world(cfg.dist_timeout_s, cuda=resolve_device(cfg.device).type == "cuda")
 
 
+def check_run_folder(run_dir: RunDir, resume: bool, overwrite: bool) -> None:
+    """A ValueError unless run_dir may take this run: a run to resume, or what --overwrite replaces, or nothing; never
+    files of a run's names that fastrft did not write, whatever the flags."""
+    if resume and not run_dir.holds_run():
+        raise ValueError(f"{run_dir.path} holds no run to resume (no {run_dir.config.name})")
+    held = run_dir.run_files()
+    if not resume and not overwrite and held:
+        raise ValueError(f"{run_dir.path} already holds a run ({', '.join(p.name for p in held)}): "
+                         f"continue it with `fastrft train --resume {run_dir.path}`, or start a new one in another "
+                         f"output_dir (output_dir=PATH), or replace it with --overwrite")
+
+
 def train_run(run: Run) -> dict:
+    """The run's steps, evaluations and checkpoints, then its summary; the run folder is let go at the end (taken
+    by make_run)."""
+    try:
+        return _train_steps(run)
+    finally:
+        if run.world.is_main:
+            run.run_dir.unlock()
+
+
+def _train_steps(run: Run) -> dict:
     cfg, world = run.cfg, run.world
     if run.start_step == 0 and run.eval_rows:
         eval_metrics = evaluate(run)
@@ -704,21 +739,23 @@ def train_run(run: Run) -> dict:
                 progress.update(1)
                 progress.set_postfix(reward=_shown(_mean(record.rollout.rewards, None)),
                                      **({"eval": _shown(record.eval["eval_reward"])} if record.eval else {}))
-    if progress is not None:
-        progress.close()
+        if progress is not None:
+            progress.close()
+        summary = None
+        if world.is_main:
+            # Still under the stop guard: a signal while the plots are drawn stops the run as one in its last step
+            # would (its checkpoint is saved), with its summary written, not a traceback and a run left unfinished.
+            if cfg.plots:   # before the summary, which marks the run finished (fastrft compare keeps such a run)
+                try:
+                    from fastrft.plots import plot_run
 
-    summary = None
-    if world.is_main:
-        summary = summarize(run.run_dir, run.skipped_steps, step,
-                            (stop.signal_name or "SIGTERM") if stop_requested else None, world.size)
-        if cfg.plots:   # before the summary, which marks the run finished (fastrft compare keeps such a run)
-            try:
-                from fastrft.plots import plot_run
-
-                plot_run(run.run_dir.path)
-            except ImportError as exc:
-                note_once(f"plots skipped: {exc}")
-        run.run_dir.write_summary(summary)
+                    plot_run(run.run_dir.path)
+                except ImportError as exc:
+                    note_once(f"plots skipped: {exc}")
+            summary = summarize(run.run_dir, run.skipped_steps, step,
+                                (stop.signal_name or "SIGTERM") if stop_requested or stop.requested else None,
+                                world.size)
+            run.run_dir.write_summary(summary)
     return world.broadcast(summary)
 
 

@@ -7,17 +7,19 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from fastrft import checkpoint
-from fastrft.checkpoint import StopSignal, latest_checkpoint, load_checkpoint, save_checkpoint
+from fastrft.checkpoint import MANIFEST_FILE, StopSignal, latest_checkpoint, load_checkpoint, save_checkpoint
 
 SHARD = "weights/__0_0.distcp"   # the weights' DCP shard written by a single process
 DATA = torch.linspace(-1.0, 1.0, 40 * 6, dtype=torch.float64).reshape(40, 6).float()  # fixed dataset, 40 rows
@@ -251,6 +253,56 @@ def test_keep_prunes_oldest(tmp_path):
     assert len(list((tmp_path / "checkpoints").glob("step_*"))) == 5
     with pytest.raises(ValueError, match="keep"):
         save_checkpoint(tmp_path, 13, model=model, keep=0)
+
+
+def test_a_prune_killed_midway_leaves_a_run_that_resumes_and_saves(tmp_path, monkeypatch):
+    from fastrft.rundir import RunDir
+
+    model, optimizer, scheduler = _make()
+    for step in (2, 4):
+        save_checkpoint(tmp_path, step, model=model, optimizer=optimizer, scheduler=scheduler, keep=2)
+    root = tmp_path / "checkpoints"
+    # Killed while deleting step 2 (the prune of step 6's save), its manifest gone first.
+
+    def killed_midway(path, *args, **kwargs):
+        next(Path(path).rglob(MANIFEST_FILE)).unlink()
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(SystemExit):
+        save_checkpoint(tmp_path, 6, model=model, optimizer=optimizer, scheduler=scheduler, keep=2)
+    monkeypatch.undo()
+    # Pruned by renaming first: no step_* folder without its manifest, a temporary one instead.
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert RunDir(tmp_path).run_files()   # fastrft's own leftovers: neither foreign nor in the way
+    # A run left so by an earlier fastrft (the step_* folder itself half deleted) is fastrft's too.
+    remains = root / "step_00000001"
+    shutil.copytree(root / "step_00000004", remains)
+    (remains / MANIFEST_FILE).unlink()
+    assert RunDir(tmp_path).run_files()
+    assert load_checkpoint(tmp_path, model=model)[0] == 6
+    save_checkpoint(tmp_path, 8, model=model, optimizer=optimizer, scheduler=scheduler, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000006", "step_00000008"]
+
+
+def test_a_save_that_fails_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    import errno
+    from collections import namedtuple
+
+    model = Tiny()
+    save_checkpoint(tmp_path, 1, model=model)
+
+    def full(path, obj):   # how torch.save fails at ENOSPC
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoint, "_write_torch", full)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(1, 1, 0))
+    with pytest.raises(OSError, match="no space left on the device to save step 2's checkpoint") as failure:
+        save_checkpoint(tmp_path, 2, model=model)
+    assert failure.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001"]
 
 
 def test_resave_same_step_overwrites(tmp_path):

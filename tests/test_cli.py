@@ -175,6 +175,23 @@ def test_plot_of_a_file_or_of_a_run_without_steps_is_an_error_naming_it(tmp_path
     assert f"nothing to plot: {tmp_path / 'run' / 'metrics.jsonl'} logs no step's metrics" in capsys.readouterr().err
 
 
+def test_an_os_error_is_one_line_naming_it_not_a_traceback(tiny_model, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import fastrft.plots
+
+    run_dir = tmp_path / "run"
+    assert main(["train", f"model={tiny_model}", f"output_dir={run_dir}", *FAST, "steps=1", "plots=false"]) == 0
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path / "plots"))
+
+    monkeypatch.setattr(fastrft.plots, "plot_run", read_only)
+    capsys.readouterr()
+    assert main(["plot", str(run_dir)]) == 2
+    assert f"fastrft plot: error: [Errno 30] Read-only file system: '{run_dir / 'plots'}'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["train", "demo"])
 def test_sigint_saves_a_checkpoint_then_exits_130(command, tiny_model, tmp_path):
     run_dir = tmp_path / "run"

@@ -196,6 +196,14 @@ def test_a_stop_signal_ends_the_comparison_after_the_current_run(tiny_model, tmp
     assert [(c["outcome"], c["runs_trained"]) for c in result["calls"]] == [("stopped by SIGINT", ["none_seed0"]),
                                                                           ("finished", ["none_seed0"])]
     assert "| stopped by SIGINT |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    # A call killed (or out of disk) while it wrote its line leaves it torn: dropped with a warning, not an error
+    # that every later call on the folder would meet.
+    with (tmp_path / "cmp" / "calls.jsonl").open("a") as f:
+        f.write('{"command": "fastrft compa')
+    with pytest.warns(UserWarning, match=r"calls\.jsonl:3: dropped a torn last line"):
+        result = compare(base, modes=["none"], seeds=1, out_dir=tmp_path / "cmp", train_fn=train)
+    assert [c["outcome"] for c in result["calls"]] == ["stopped by SIGINT", "finished", "finished"]
+    assert len((tmp_path / "cmp" / "calls.jsonl").read_text().splitlines()) == 3
 
 
 def test_sigterm_between_runs_steps_is_a_recorded_stop_with_its_status(tiny_model, tmp_path, capsys,

@@ -237,6 +237,19 @@ def test_full_fine_tuning_runs_export_too(tiny_model, tmp_path):
     (tmp_path / "a_file").write_text("mine")
     with pytest.raises(ValueError, match=f"OUT_DIR='{tmp_path / 'a_file' / 'sub'}': {tmp_path / 'a_file'} is a file"):
         export_model(tmp_path / "run", tmp_path / "a_file" / "sub")
+    # An export killed midway (SIGKILL: no cleanup) left its staging folder, a whole model; the next export into that
+    # folder removes it, not a live export's, nor anything else.
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    models = tmp_path / "models"
+    left, live, mine = (models / f".again.export-{dead.stdout.strip()}-abc", models / f".again.export-{os.getpid()}-x",
+                        models / ".again.export-notes")
+    for folder in (left, live, mine):
+        folder.mkdir()
+    export_model(tmp_path / "run", models / "again")
+    assert sorted(p.name for p in models.iterdir()) == sorted(["exported", "again", live.name, mine.name])
 
 
 def test_an_moe_model_s_fused_experts_are_said_to_stay_frozen(capsys):

@@ -493,6 +493,24 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_model, tmp_path):
     assert latest_checkpoint(tmp_path / "run").name == "step_00000002"
 
 
+def test_sigterm_while_the_plots_are_drawn_still_writes_the_summary(tiny_model, tmp_path, monkeypatch):
+    import fastrft.plots
+
+    run = make_run(config(tiny_model, tmp_path, "steps=1", "plots=true"))
+    real_plot = fastrft.plots.plot_run
+
+    def plot_then_sigterm(path):
+        os.kill(os.getpid(), signal.SIGTERM)   # the default action would end the process here
+        return real_plot(path)
+
+    monkeypatch.setattr(fastrft.plots, "plot_run", plot_then_sigterm)
+    summary = train_run(run)
+    assert summary["steps"] == 1 and summary["stopped_by"] == "SIGTERM"
+    assert RunDir(tmp_path / "run").read_summary() == summary
+    assert (tmp_path / "run" / "plots" / "reward.png").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the guard ends with the run
+
+
 def test_static_cache_generates_what_the_dynamic_cache_does(tiny_model, monkeypatch):
     """The static KV cache (what rollouts use on CUDA) gives the same greedy completions as the dynamic one, with
     left-padded prompts of different lengths in one batch."""
@@ -539,6 +557,30 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tiny_mo
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_00000001"]
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"   # only the run's own files were replaced
+
+
+def test_a_folder_another_run_is_writing_is_refused_until_that_run_ends(tiny_model, tmp_path):
+    """Two runs started into one folder at once: the one that reaches the folder second (here, after another process
+    took it) is refused before it writes anything; once the other process is gone, even killed, the folder is free."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from fastrft.rundir import RunDir; RunDir({str(run_dir)!r}).lock(); print('held', "
+                               f"flush=True); import time; time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"being written by another fastrft run \\(pid {holder.pid} on "):
+            make_run(config(tiny_model, tmp_path, "steps=1"))
+        assert sorted(p.name for p in run_dir.iterdir()) == [".fastrft-lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    train_run(make_run(config(tiny_model, tmp_path, "steps=1")))
+    assert (run_dir / "summary.json").is_file()
 
 
 def test_a_failed_resume_changes_nothing_on_disk(tiny_model, tmp_path):
