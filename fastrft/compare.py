@@ -45,7 +45,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from fastrft.config import CONSTRAINTS, TrainConfig, load_config
+from fastrft.config import CONSTRAINTS, REFINER_CONSTRAINTS, TrainConfig, load_config
 from fastrft.distributed import launched_rank
 from fastrft.jsonl import finite_number, json_safe, read_jsonl
 from fastrft.machine import describe_machine
@@ -293,16 +293,19 @@ def run_numbers(records: list[dict]) -> dict:
     if evals:
         rewards = [v for _, _, v in evals]
         initial = rewards[0] if evals[0][0] == 0 else None
+        # The last evaluation's, null where it scored nothing: never an earlier evaluation's in its place.
+        last = [r for r in records if "eval_reward" in r][-1]
+        final = last["eval_reward"] if finite_number(last["eval_reward"]) else None
         best_so_far, max_drop, drop_step = -math.inf, 0.0, None
         for step, _, value in evals:
             best_so_far = max(best_so_far, value)
             if best_so_far - value > max_drop:
                 max_drop, drop_step = best_so_far - value, step
-        out.update(eval_reward_initial=initial, eval_reward_final=rewards[-1], eval_reward_best=max(rewards),
+        out.update(eval_reward_initial=initial, eval_reward_final=final, eval_reward_best=max(rewards),
                    max_drop=max_drop, max_drop_step=drop_step)
-        if initial is not None:
+        if initial is not None and final is not None:
             gain = max(rewards) - initial
-            out["collapsed"] = rewards[-1] < initial or max_drop > COLLAPSE_FRACTION * gain
+            out["collapsed"] = final < initial or max_drop > COLLAPSE_FRACTION * gain
     gold = [r["eval_gold"] for r in records if finite_number(r.get("eval_gold"))]
     if gold:   # a task trained on a proxy reward: its gold reward, evaluated alongside
         out.update(eval_gold_initial=gold[0], eval_gold_final=gold[-1], eval_gold_best=max(gold))
@@ -381,11 +384,15 @@ def paired_test(a: dict, b: dict) -> dict | None:
     differences = [a[seed] - b[seed] for seed in seeds]
     n, mean = len(differences), statistics.fmean(differences)
     std = statistics.stdev(differences)
-    if std == 0:   # every seed moved by the same amount: certain, unless that amount is 0
-        t = math.copysign(math.inf, mean) if mean else 0.0
-    else:
-        t = mean / (std / math.sqrt(n))
-    p = student_t_two_sided_p(t, n - 1) if mean else 1.0
+    if std <= 1e-12 * max(1.0, abs(mean)) and mean:
+        # Every seed moved by the same amount (discrete rewards, few seeds): the spread is unknown, not zero, and the
+        # test says nothing (t, p and significant are null). (No difference at all is p = 1.)
+        return {"mean_difference": mean, "ci95": None, "t": None, "p": None, "significant": None, "n": n}
+    if not mean:
+        return {"mean_difference": 0.0, "ci95": student_t_quantile(0.975, n - 1) * std / math.sqrt(n), "t": 0.0,
+                "p": 1.0, "significant": False, "n": n}
+    t = mean / (std / math.sqrt(n))
+    p = student_t_two_sided_p(t, n - 1)
     return {"mean_difference": mean, "ci95": student_t_quantile(0.975, n - 1) * std / math.sqrt(n), "t": t, "p": p,
             "significant": p < SIGNIFICANCE_LEVEL, "n": n}
 
@@ -436,13 +443,16 @@ def aggregate(base_cfg: TrainConfig, variants: list[Variant], seeds: list[int], 
     for variant, runs in per_variant:
         for run in runs:
             run["eval_reward_at_equal_time"] = eval_at_time(run["evals"], budget_s)
-        summary = {key: mean_std(run.get(key) for run in runs) for key in SCALARS}
+        # A mode without the refiner logs refine_rate 0: not a measurement, left out (n/a, no curve).
+        measured = [key for key in SCALARS if variant.constraint in REFINER_CONSTRAINTS or not key.startswith("refine_")]
+        summary = {key: mean_std(run.get(key) for run in runs) if key in measured else mean_std([])
+                   for key in SCALARS}
         flags = [run["collapsed"] for run in runs if "collapsed" in run]
         summary["collapsed"] = {"count": sum(flags), "n": len(flags)}
         variants_out.append({
             "name": variant.name, "constraint": variant.constraint,
             "kl_coef": variant.kl_coef if variant.constraint in ("kl", "kl+refiner") else None,
-            "summary": summary, "curves": _mean_curves(runs),
+            "summary": summary, "curves": _mean_curves(runs, refines=variant.constraint in REFINER_CONSTRAINTS),
             "runs": [{k: v for k, v in run.items() if k not in ("curves", "evals")} for run in runs],
         })
     config = base_cfg.to_dict()
@@ -475,12 +485,15 @@ def aggregate(base_cfg: TrainConfig, variants: list[Variant], seeds: list[int], 
     }
 
 
-def _mean_curves(runs: list[dict]) -> dict:
-    """key -> {"step": [...], "mean": [...], "std": [...], "n": [...]} over the seeds that logged each step."""
+def _mean_curves(runs: list[dict], refines: bool = True) -> dict:
+    """key -> {"step": [...], "mean": [...], "std": [...], "n": [...]} at the steps that every seed which logged
+    the key logged a value at: a mean over another subset of seeds at some steps would draw moves no seed made.
+    refines: whether the runs' mode refines (else refine_rate has no curve)."""
     curves = {}
     for key in CURVE_KEYS:
-        steps = sorted({s for run in runs for s in run["curves"][key]})
-        rows = [mean_std(run["curves"][key][s] for run in runs if s in run["curves"][key]) for s in steps]
+        logged = [run["curves"][key] for run in runs if run["curves"][key] and (refines or key != "refine_rate")]
+        steps = sorted(set.intersection(*(set(curve) for curve in logged))) if logged else []
+        rows = [mean_std(curve[s] for curve in logged) for s in steps]
         curves[key] = {"step": steps, "mean": [r["mean"] for r in rows], "std": [r["std"] for r in rows],
                        "n": [r["n"] for r in rows]}
     return curves
@@ -499,20 +512,23 @@ TABLE = (  # (column, summary key, digits); a column no variant has a value for 
     ("entropy (end)", "entropy_end", 3),
     ("max drop", "max_drop", 3),
     ("collapsed", "collapsed", 0),
-    ("train time (s)", "train_time_s", 0),
+    ("train time (s)", "train_time_s", 1),
 )
 
 
-def _cell(summary: dict, key, digits: int) -> str:
+def _cell(summary: dict, key, digits: int, seeds: int) -> str:
+    """A summary's mean ± ci95, "n/a" where no seed measured it, and its number of seeds where some did not."""
     if isinstance(key, tuple):
-        return " -> ".join(_cell(summary, k, digits) for k in key)
+        return " -> ".join(_cell(summary, k, digits, seeds) for k in key)
     if key == "collapsed":
-        return f"{summary[key]['count']}/{summary[key]['n']}"
+        flags = summary[key]
+        return "n/a" if not flags["n"] else f"{flags['count']}/{flags['n']}"
     stat = summary[key]
     if stat["mean"] is None:
         return "n/a"
     text = f"{stat['mean']:.{digits}f}"
-    return text if stat["ci95"] is None else f"{text} ± {stat['ci95']:.{digits}f}"
+    text = text if stat["ci95"] is None else f"{text} ± {stat['ci95']:.{digits}f}"
+    return text if stat["n"] == seeds else f"{text} (n={stat['n']})"
 
 
 def markdown(result: dict) -> str:
@@ -522,30 +538,44 @@ def markdown(result: dict) -> str:
     if result.get("command"):
         lines += ["```", result["command"], "```", ""]
     initial = result["variants"][0]["summary"]["eval_reward_initial"]["mean"]
-    lines += [f"{len(result['variants'])} variants x {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
+    lines += [f"{len(result['variants'])} variants x {len(seeds)} seed{'s' if len(seeds) != 1 else ''} "
+              f"({', '.join(map(str, seeds))}), "
               f"{result['config']['steps']} steps each; mean ± the half-width of its 95% confidence interval over "
-              f"seeds (Student's t; the std is in comparison.json). Held-out reward of the reference (step 0): "
+              f"seeds (Student's t; the std is in comparison.json), (n=k) where only k seeds measured it; n/a where "
+              f"none did or the mode has no such thing. Held-out reward of the reference (step 0): "
               f"{'n/a' if initial is None else f'{initial:.3f}'}. Equal time = "
               f"{result['equal_time']['budget_s']:.1f} s of training (median of the fastest variant, "
               f"{result['equal_time']['variant']}).", ""]
+    n_seeds = len(seeds)
     columns = [(col, key, digits) for col, key, digits in TABLE
-               if any(_cell(v["summary"], key, digits) not in ("n/a", "n/a -> n/a") for v in result["variants"])]
+               if any(_cell(v["summary"], key, digits, n_seeds) not in ("n/a", "n/a -> n/a")
+                      for v in result["variants"])]
     lines.append("| variant | " + " | ".join(col for col, _, _ in columns) + " |")
     lines.append("|---|" + "---|" * len(columns))
     for v in result["variants"]:
         name = v["name"] if v["kl_coef"] is None or "@" in v["name"] else f"{v['name']} (kl_coef {v['kl_coef']:g})"
-        lines.append(f"| {name} | " + " | ".join(_cell(v["summary"], k, d) for _, k, d in columns) + " |")
-    if result.get("significance"):
+        lines.append(f"| {name} | " + " | ".join(_cell(v["summary"], k, d, n_seeds) for _, k, d in columns) + " |")
+    tests = result.get("significance")
+    if tests:
         lines += ["", "## Differences (paired t-test over seeds)", "",
-                  "| variant - against | metric | mean difference | 95% CI | t | p | significant |",
-                  "|---|---|---:|---:|---:|---:|---|"]
+                  f"Each test on its own at p < {SIGNIFICANCE_LEVEL}, with no correction for the {len(tests)} tests "
+                  f"here (by chance alone about {SIGNIFICANCE_LEVEL * len(tests):.1f} would read significant); the "
+                  f"KL variant `refiner` is tested against is the one with the best mean final reward in these same "
+                  f"runs, picked after the fact. n/a: every seed moved by the same amount, so there is no spread to "
+                  f"test against.", "",
+                  "| variant - against | metric | mean difference | 95% CI | t | p | significant | seeds |",
+                  "|---|---|---:|---:|---:|---:|---|---:|"]
         lines += [f"| {s['variant']} - {s['against']} | {s['metric']} | {s['mean_difference']:+.3f} | "
-                  f"± {s['ci95']:.3f} | {s['t']:.2f} | {s['p']:.3g} | {'yes' if s['significant'] else 'no'} |"
-                  for s in result["significance"]]
+                  + (f"± {s['ci95']:.3f} | {s['t']:.2f} | {s['p']:.3g} | {'yes' if s['significant'] else 'no'} |"
+                     if s["p"] is not None else "n/a | n/a | n/a | n/a |") + f" {s['n']} |"
+                  for s in tests]
     lines += ["", "![held-out reward](reward.png)", ""]
     if _has_gold(result["variants"]):
         lines += [f"![proxy and gold reward]({GOLD_PLOT})", ""]
-    lines += ["![refine rate](refine_rate.png) ![KL to the reference](kl_ref.png)", "", "## Definitions", ""]
+    drawn = [f"![{title}]({name})" for name, title in (("refine_rate.png", "refine rate"),
+                                                        ("kl_ref.png", "KL to the reference"))
+             if _logged(result["variants"], name.removesuffix(".png"))]
+    lines += [" ".join(drawn), "", "## Definitions", ""] if drawn else ["## Definitions", ""]
     lines += [f"- `{k}`: {text}" for k, text in result["definitions"].items()]
     defaults = TrainConfig().to_dict()
     varied = ", ".join(result["varied"])
@@ -628,7 +658,11 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
         finish(fig, (proxy_ax, gold_ax), "Proxy and gold reward", GOLD_PLOT)
 
     for key, label, name in (("refine_rate", "refine rate (share of samples changed)", "refine_rate.png"),
-                             ("kl_ref", "KL(policy || reference), k3, log scale", "kl_ref.png")):
+                             ("kl_ref", "KL(policy || reference), k3", "kl_ref.png")):
+        stale = out_dir / name
+        if not _logged(result["variants"], key):   # no variant has it: no empty axes (nor an earlier call's plot)
+            stale.unlink(missing_ok=True)
+            continue
         fig = Figure(figsize=(7, 3.5), layout="constrained")
         ax = fig.add_subplot()
         floor = None
@@ -639,8 +673,10 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
             if positive:
                 floor = min(positive) / 10
                 ax.set_yscale("log")
+                label += ", log scale"
         for v in result["variants"]:
-            band(ax, v["curves"][key]["step"], v["curves"][key], v["name"], floor=floor)
+            if v["curves"][key]["step"]:   # (a variant without it: not in the legend either)
+                band(ax, v["curves"][key]["step"], v["curves"][key], v["name"], floor=floor)
         ax.set(xlabel="step", ylabel=label)
         finish(fig, (ax,), label, name)
 
@@ -655,6 +691,11 @@ def plot_comparison(result: dict, out_dir: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+def _logged(variants: list[dict], key: str) -> bool:
+    """Whether any variant has a curve of key."""
+    return any(v["curves"][key]["step"] for v in variants)
+
 
 def _has_gold(variants: list[dict]) -> bool:
     """Whether the runs are of a task trained on a proxy reward (a gold reward was evaluated)."""

@@ -22,6 +22,7 @@ from fastrft.refiner import check_refine_template
 from fastrft.rundir import write_atomically
 
 CONSTRAINTS = ("none", "kl", "refiner", "kl+refiner")
+REFINER_CONSTRAINTS = ("refiner", "kl+refiner")   # the modes whose refiner writes corrections
 OVERLONG = ("none", "mask", "penalty")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -213,7 +214,7 @@ class TrainConfig:
 
     @property
     def uses_refiner(self) -> bool:
-        return self.constraint in ("refiner", "kl+refiner")
+        return self.constraint in REFINER_CONSTRAINTS
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

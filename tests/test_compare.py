@@ -9,8 +9,9 @@ import torch
 
 from fastrft import compare as compare_module
 from fastrft.cli import main
-from fastrft.compare import Variant, compare, expand_variants, run_config, run_state
+from fastrft.compare import Variant, compare, expand_variants, run_config, run_numbers, run_state
 from fastrft.config import load_config, save_config
+from fastrft.rundir import RunDir
 from fastrft.trainer import train
 
 FAST = ["steps=2", "prompts_per_step=2", "group_size=4", "eval_size=4", "eval_every=1", "save_every=1",
@@ -98,8 +99,8 @@ def test_cli_end_to_end_layout_and_rerun_skips(tiny_model, tmp_path, capsys):
     assert main(argv) == 0
     names = [f"{v}_seed{s}" for v in ("none", "kl@0.01", "kl@0.1") for s in (0, 1)]
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(names)
-    assert {p.name for p in out.iterdir()} >= {"comparison.json", "comparison.md", "reward.png", "refine_rate.png",
-                                               "kl_ref.png", "policy.png"}
+    assert {p.name for p in out.iterdir()} >= {"comparison.json", "comparison.md", "reward.png", "kl_ref.png",
+                                               "policy.png"}
 
     # Identical settings apart from constraint, kl_coef, seed (and the directory).
     configs = {n: load_config(out / "runs" / n / "config.yaml").to_dict() for n in names}
@@ -329,10 +330,13 @@ def test_aggregation_on_hand_written_metrics(tmp_path):
         assert summary[key]["mean"] == pytest.approx(m), key
         assert summary[key]["std"] == pytest.approx(s, abs=1e-12), key
         assert summary[key]["n"] == 2
+    # The refine rate's windows, per run; a mode without the refiner (whose runs log 0) has none: n/a, no curve.
+    k0_numbers = run_numbers(RunDir(tmp_path / "runs" / "kl@0.1_seed0").read_steps())
+    assert (k0_numbers["refine_rate_first"], k0_numbers["refine_rate_last"]) == pytest.approx((0.9, 0.0))
+    assert k0_numbers["refine_rate_mean"] == pytest.approx(0.45)
     ks = by_name["kl@0.1"]["summary"]
-    assert ks["refine_rate_first"]["mean"] == pytest.approx((0.9 + 0.5) / 2)     # step 1
-    assert ks["refine_rate_last"]["mean"] == pytest.approx((0.0 + 0.5) / 2)      # step 10
-    assert ks["refine_rate_mean"]["mean"] == pytest.approx((0.45 + 0.5) / 2)
+    assert all(ks[key]["mean"] is None for key in ("refine_rate_first", "refine_rate_last", "refine_rate_mean"))
+    assert by_name["kl@0.1"]["curves"]["refine_rate"]["step"] == []
     assert by_name["kl@0.1"]["kl_coef"] == 0.1 and by_name["none"]["kl_coef"] is None
 
     # Curves: per step mean over seeds; training time accumulates step_time_s.
@@ -364,8 +368,29 @@ def test_aggregation_on_hand_written_metrics(tmp_path):
     assert "| none | 0.500 ± 2.541 | 0.850 ± 0.635 | 0.800 ± 1.271 |" in md   # 95% intervals: 8.985 std
     assert "| 1/2 |" in md and "| kl@0.1 |" in md
     assert "| kl@0.1 - none | eval_reward_final | +0.350 |" in md
-    for name in compare_module.PLOT_FILES:
+    # No refine rate in a comparison without the refiner: no empty plot of it, nor a link to one.
+    assert not (tmp_path / "refine_rate.png").exists() and "refine_rate.png" not in md
+    for name in set(compare_module.PLOT_FILES) - {"refine_rate.png"}:
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_missing_values_are_shown_missing_never_filled_in():
+    records = [{"step": 0, "eval_reward": 0.5}, {"step": 1, "step_time_s": 1.0, "eval_reward": 0.9},
+               {"step": 2, "step_time_s": 1.0, "eval_reward": None}]   # the last evaluation scored nothing
+    numbers = run_numbers(records)
+    assert numbers["eval_reward_final"] is None and "collapsed" not in numbers   # not step 1's 0.9, nor "stable"
+    # A constant paired difference has no spread to test against: no t, p or verdict (p = 0 read "certain").
+    assert compare_module.paired_test({0: 0.5, 1: 0.6}, {0: 0.4375, 1: 0.5375}) | {"mean_difference": 0} == \
+        {"mean_difference": 0, "ci95": None, "t": None, "p": None, "significant": None, "n": 2}
+    # Curves: only the steps every seed logged (seed 0's missing step-5 evaluation would draw a dip to seed 1's).
+    runs = [{"curves": {key: {} for key in compare_module.CURVE_KEYS}} for _ in range(2)]
+    runs[0]["curves"]["eval_reward"] = {0: 0.5, 10: 0.9}
+    runs[1]["curves"]["eval_reward"] = {0: 0.5, 5: 0.2, 10: 0.3}
+    assert compare_module._mean_curves(runs)["eval_reward"]["step"] == [0, 10]
+    # A mean over fewer seeds than the comparison's says so.
+    stat = compare_module.mean_std([0.1, None, 0.3])
+    assert compare_module._cell({"kl_ref_end": stat}, "kl_ref_end", 3, seeds=3) == "0.200 ± 1.271 (n=2)"
+    assert compare_module._cell({"collapsed": {"count": 0, "n": 0}}, "collapsed", 0, seeds=3) == "n/a"
 
 
 def test_one_seed_has_no_std(tmp_path):
