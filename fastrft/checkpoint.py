@@ -33,14 +33,15 @@ large checkpoint's hashing takes 1/N of the time and no rank waits on another's 
 the same choice of checkpoint. The run directory must be one filesystem that every rank sees (a shared filesystem
 across nodes).
 
-Simplified: one job per run directory (the trainer locks it: RunDir.lock); the .pt files are loaded with torch.load(weights_only=True), so a
-scheduler whose state holds arbitrary Python objects cannot be restored.
+Simplified: one job per run directory (the trainer locks it); the .pt files are loaded with
+torch.load(weights_only=True), so a scheduler whose state holds arbitrary Python objects cannot be restored.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -77,7 +78,7 @@ def is_checkpoint_entry(entry: Path) -> bool:
 def _is_pruned_remains(entry: Path) -> bool:
     """A step_* folder without its manifest, holding nothing but a checkpoint's files: what a prune that was killed
     mid-delete left before fastrft pruned by renaming first (a save names a folder step_* only once it is whole)."""
-    names = {MANIFEST_FILE, "state.json", "scheduler.pt", "model.pt", "optimizer.pt", WEIGHTS_DIR}
+    names = {"state.json", "scheduler.pt", "model.pt", "optimizer.pt", WEIGHTS_DIR}
     return entry.is_dir() and not (entry / MANIFEST_FILE).exists() and all(
         child.name in names or re.fullmatch(r"rng(_\d+)?\.pt", child.name) for child in entry.iterdir())
 
@@ -145,7 +146,7 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
                 os.replace(tmp_dir, final_dir)
             fsync_dir(ckpt_root)
     except BaseException as error:
-        full = isinstance(error, Exception) and shutil.disk_usage(ckpt_root).free < _FULL_DISK_BYTES
+        full = isinstance(error, (OSError, RuntimeError)) and _free_bytes(ckpt_root) < _FULL_DISK_BYTES
         if world.is_main:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         if full:   # torch's own writers say it as "unexpected pos ..."
@@ -536,6 +537,13 @@ def read_manifest(ckpt_dir: Path) -> dict:
     return {"step": step, "files": files, "sha256": sha256, "weights": weights, "optimizer": optimizer,
             "optimizer_fresh": bool(manifest.get("optimizer_fresh", False)),
             "world_size": manifest.get("world_size", 1)}   # written by every version with data parallelism
+
+
+def _free_bytes(path: Path) -> float:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return math.inf
 
 
 def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:

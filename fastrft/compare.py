@@ -306,9 +306,13 @@ def run_numbers(records: list[dict]) -> dict:
         if initial is not None and final is not None:
             gain = max(rewards) - initial
             out["collapsed"] = final < initial or max_drop > COLLAPSE_FRACTION * gain
-    gold = [r["eval_gold"] for r in records if finite_number(r.get("eval_gold"))]
-    if gold:   # a task trained on a proxy reward: its gold reward, evaluated alongside
-        out.update(eval_gold_initial=gold[0], eval_gold_final=gold[-1], eval_gold_best=max(gold))
+    gold_evals = [r for r in records if "eval_gold" in r]
+    gold = [r["eval_gold"] for r in gold_evals if finite_number(r["eval_gold"])]
+    if gold:   # a task trained on a proxy reward: its gold reward, evaluated alongside (first and last as logged)
+        first, last = gold_evals[0], gold_evals[-1]
+        out.update(eval_gold_initial=first["eval_gold"] if first["step"] == 0 and finite_number(first["eval_gold"])
+                   else None, eval_gold_final=last["eval_gold"] if finite_number(last["eval_gold"]) else None,
+                   eval_gold_best=max(gold))
     out["curves"] = {key: {r["step"]: r[key] for r in records if finite_number(r.get(key))}
                      for key in CURVE_KEYS if key != "train_time_s"}
     out["curves"]["train_time_s"] = time_at
@@ -444,7 +448,8 @@ def aggregate(base_cfg: TrainConfig, variants: list[Variant], seeds: list[int], 
         for run in runs:
             run["eval_reward_at_equal_time"] = eval_at_time(run["evals"], budget_s)
         # A mode without the refiner logs refine_rate 0: not a measurement, left out (n/a, no curve).
-        measured = [key for key in SCALARS if variant.constraint in REFINER_CONSTRAINTS or not key.startswith("refine_")]
+        refines = variant.constraint in REFINER_CONSTRAINTS
+        measured = [key for key in SCALARS if refines or not key.startswith("refine_")]
         summary = {key: mean_std(run.get(key) for run in runs) if key in measured else mean_std([])
                    for key in SCALARS}
         flags = [run["collapsed"] for run in runs if "collapsed" in run]
@@ -452,7 +457,7 @@ def aggregate(base_cfg: TrainConfig, variants: list[Variant], seeds: list[int], 
         variants_out.append({
             "name": variant.name, "constraint": variant.constraint,
             "kl_coef": variant.kl_coef if variant.constraint in ("kl", "kl+refiner") else None,
-            "summary": summary, "curves": _mean_curves(runs, refines=variant.constraint in REFINER_CONSTRAINTS),
+            "summary": summary, "curves": _mean_curves(runs, refines=refines),
             "runs": [{k: v for k, v in run.items() if k not in ("curves", "evals")} for run in runs],
         })
     config = base_cfg.to_dict()
@@ -559,10 +564,11 @@ def markdown(result: dict) -> str:
     if tests:
         lines += ["", "## Differences (paired t-test over seeds)", "",
                   f"Each test on its own at p < {SIGNIFICANCE_LEVEL}, with no correction for the {len(tests)} tests "
-                  f"here (by chance alone about {SIGNIFICANCE_LEVEL * len(tests):.1f} would read significant); the "
-                  f"KL variant `refiner` is tested against is the one with the best mean final reward in these same "
-                  f"runs, picked after the fact. n/a: every seed moved by the same amount, so there is no spread to "
-                  f"test against.", "",
+                  f"here (by chance alone about {SIGNIFICANCE_LEVEL * len(tests):.1f} would read significant)"
+                  + ("; the KL variant `refiner` is tested against is the one with the best mean final reward in "
+                     "these same runs, picked after the fact"
+                     if any(t["variant"] == "refiner" and t["against"] != "none" for t in tests) else "")
+                  + ". n/a: every seed moved by the same amount, so there is no spread to test against.", "",
                   "| variant - against | metric | mean difference | 95% CI | t | p | significant | seeds |",
                   "|---|---|---:|---:|---:|---:|---|---:|"]
         lines += [f"| {s['variant']} - {s['against']} | {s['metric']} | {s['mean_difference']:+.3f} | "

@@ -263,7 +263,7 @@ def _is_metrics_log(path: Path) -> bool:
         try:
             record = json.loads(line)
         except ValueError:
-            if number == len(lines) and line.startswith(b'{"step": '):
+            if number == len(lines) and (line.startswith(b'{"step": ') or b'{"step": '.startswith(line)):
                 continue
             return False
         if not (isinstance(record, dict) and "step" in record):

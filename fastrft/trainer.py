@@ -41,6 +41,7 @@ import os
 import random
 import resource
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -506,6 +507,8 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         metrics = run_dir.metrics_to_resume(start_step)
         for group in optimizer.param_groups:   # the optimizer's state from the checkpoint, its settings from these
             group["weight_decay"] = cfg.weight_decay
+            if "fused" in optimizer.defaults:   # (a checkpoint of the per-tensor loop: the fused one from now on)
+                group.update(fused=optimizer.defaults["fused"], foreach=optimizer.defaults["foreach"])
         note_schedule_change(load_config(run_dir.config), cfg, start_step)
     elif world.size > 1:
         # The same weights on every rank (the seed above); a sampling stream of its own for each.
@@ -519,12 +522,16 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if world.is_main:
         run_dir.create()
         run_dir.lock()   # until train_run ends
-        check_run_folder(run_dir, resume, overwrite)   # again: another run may have written it while this one loaded
-        if overwrite:
-            run_dir.clear()
-        if start_step < cfg.steps or not resume:
-            save_config(cfg.with_absolute_paths(), run_dir.config)
-        run_dir.write_metrics(metrics)
+        try:
+            check_run_folder(run_dir, resume, overwrite)   # again: another run may have written it meanwhile
+            if overwrite:
+                run_dir.clear()
+            if start_step < cfg.steps or not resume:
+                save_config(cfg.with_absolute_paths(), run_dir.config)
+            run_dir.write_metrics(metrics)
+        except BaseException:
+            run_dir.unlock()
+            raise
     world.barrier()
     return Run(cfg=cfg, run_dir=run_dir, device=device, tokenizer=tokenizer, policy=policy, ref=ref, task=task,
                stream=stream,
@@ -633,7 +640,7 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
     if cfg.lora_r:
         merge_lora(model)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)   # models/my_model in a fresh checkout
-    stage_prefix = f".{out.name}.export-"
+    stage_prefix = f".{out.name}.export-{socket.gethostname()}-"   # the host: a shared filesystem's other nodes
     _remove_dead_stagings(out.absolute().parent, stage_prefix)
     staging = Path(tempfile.mkdtemp(prefix=f"{stage_prefix}{os.getpid()}-", dir=out.absolute().parent))
     as_made(staging, directory=True)
@@ -656,8 +663,8 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
 
 
 def _remove_dead_stagings(parent: Path, prefix: str) -> None:
-    """The staging folders (prefix, then the pid of the export that made it) that an export killed midway (SIGKILL,
-    SIGTERM) left beside its OUT_DIR: a whole model each. Those of a live process stay."""
+    """The staging folders (prefix, with this host's name, then the pid of the export that made it) that an export
+    killed midway (SIGKILL, SIGTERM) left beside its OUT_DIR: a whole model each. Those of a live process stay."""
     for entry in parent.iterdir():
         pid = entry.name[len(prefix):].split("-", 1)[0]
         if not (entry.name.startswith(prefix) and entry.is_dir() and pid.isdigit()):

@@ -127,6 +127,14 @@ def test_a_users_own_file_under_a_runs_names_is_not_taken_for_a_run(name, conten
         assert mine.read_text() == before
 
 
+@pytest.mark.parametrize("torn", ['{"st', '{', '{"step": 3, "rew'])
+def test_a_metrics_log_torn_anywhere_in_its_last_line_is_still_the_runs(tmp_path, torn):
+    from fastrft.rundir import RunDir
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval_reward": 0.5}\n' + torn)
+    assert RunDir(tmp_path).run_files() == [tmp_path / "metrics.jsonl"]   # a run to resume, not a user's file
+
+
 def test_resume_continues_the_run_in_its_own_folder(tiny_model, tmp_path, capsys):
     run_dir, other = tmp_path / "run", tmp_path / "other"
     assert main(["train", f"model={tiny_model}", f"output_dir={run_dir}", *FAST, "steps=1", "plots=false"]) == 0

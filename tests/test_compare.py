@@ -379,6 +379,8 @@ def test_missing_values_are_shown_missing_never_filled_in():
                {"step": 2, "step_time_s": 1.0, "eval_reward": None}]   # the last evaluation scored nothing
     numbers = run_numbers(records)
     assert numbers["eval_reward_final"] is None and "collapsed" not in numbers   # not step 1's 0.9, nor "stable"
+    gold = run_numbers([{**r, "eval_gold": r["eval_reward"]} for r in records])   # the gold reward likewise
+    assert (gold["eval_gold_initial"], gold["eval_gold_final"], gold["eval_gold_best"]) == (0.5, None, 0.9)
     # A constant paired difference has no spread to test against: no t, p or verdict (p = 0 read "certain").
     assert compare_module.paired_test({0: 0.5, 1: 0.6}, {0: 0.4375, 1: 0.5375}) | {"mean_difference": 0} == \
         {"mean_difference": 0, "ci95": None, "t": None, "p": None, "significant": None, "n": 2}

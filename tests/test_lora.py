@@ -239,13 +239,15 @@ def test_full_fine_tuning_runs_export_too(tiny_model, tmp_path):
         export_model(tmp_path / "run", tmp_path / "a_file" / "sub")
     # An export killed midway (SIGKILL: no cleanup) left its staging folder, a whole model; the next export into that
     # folder removes it, not a live export's, nor anything else.
+    import socket
     import subprocess
     import sys
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     models = tmp_path / "models"
-    left, live, mine = (models / f".again.export-{dead.stdout.strip()}-abc", models / f".again.export-{os.getpid()}-x",
-                        models / ".again.export-notes")
+    host = socket.gethostname()
+    left, live, mine = (models / f".again.export-{host}-{dead.stdout.strip()}-abc",
+                        models / f".again.export-{host}-{os.getpid()}-x", models / ".again.export-notes")
     for folder in (left, live, mine):
         folder.mkdir()
     export_model(tmp_path / "run", models / "again")

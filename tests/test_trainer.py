@@ -583,6 +583,36 @@ def test_a_folder_another_run_is_writing_is_refused_until_that_run_ends(tiny_mod
     assert (run_dir / "summary.json").is_file()
 
 
+def test_a_start_that_fails_once_it_holds_the_folder_lets_it_go(tiny_model, tmp_path, monkeypatch):
+    import fastrft.trainer
+    from fastrft import rundir
+
+    def full_disk(cfg, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(fastrft.trainer, "save_config", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        make_run(config(tiny_model, tmp_path, "steps=1"))
+    assert (tmp_path / "run").resolve() not in rundir._HELD_LOCKS   # another process may take it now
+
+
+def test_a_checkpoint_of_the_per_tensor_adamw_resumes_with_the_fused_one(tiny_model, tmp_path, monkeypatch):
+    import fastrft.trainer
+
+    real = fastrft.trainer.make_optimizer
+
+    def per_tensor(cfg, model, device):   # what fastrft built on the CPU before
+        optimizer = real(cfg, model, device)
+        return torch.optim.AdamW(optimizer.param_groups[0]["params"], lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    monkeypatch.setattr(fastrft.trainer, "make_optimizer", per_tensor)
+    train_run(make_run(config(tiny_model, tmp_path, "steps=1")))
+    monkeypatch.undo()
+    run = make_run(config(tiny_model, tmp_path, "steps=2"), resume=True)
+    assert all(group["fused"] for group in run.optimizer.param_groups)   # the checkpoint's groups said False
+    train_run(run)
+
+
 def test_a_failed_resume_changes_nothing_on_disk(tiny_model, tmp_path):
     train(config(tiny_model, tmp_path, "steps=2"))
     run_dir = tmp_path / "run"
