@@ -59,7 +59,7 @@ def _demo(args) -> int:
         print("fastrft demo: reference model (trained once by fastrft.tasks.demo, then cached)", flush=True)
     cfg = _demo_config(args)
     if not args.overwrite and not any(item.startswith("output_dir=") for item in args.overrides):
-        cfg.output_dir = str(_free_run_dir(Path(cfg.output_dir)))
+        cfg.output_dir = str(_free_run_dir(Path(cfg.output_dir), cfg))
     summary = train(cfg, overwrite=args.overwrite)
     total_s = time.perf_counter() - t0
     if launched_rank() != 0:
@@ -98,17 +98,31 @@ def _exit_status(summary: dict, command: str, output_dir: str) -> int:
     return 128 + signal.Signals[summary["stopped_by"]]
 
 
-def _free_run_dir(path: Path) -> Path:
+def _free_run_dir(path: Path, cfg) -> Path:
     """path, or when it holds a run the first of path-2, path-3, ... that does not (said once): a second
-    `fastrft demo` keeps the first one's run."""
-    candidate, k = path, 1
-    while RunDir(candidate).run_files():
-        k += 1
-        candidate = path.with_name(f"{path.name}-{k}")
-    if candidate != path and launched_rank() == 0:
-        print(f"fastrft demo: {path} holds an earlier run (kept); this one goes to {candidate} "
-              f"(--overwrite replaces {path} instead)", flush=True)
-    return candidate
+    `fastrft demo` keeps the first one's run. The folder is taken (RunDir.lock) as it is chosen, so that a demo
+    started at the same moment goes on to the next one. Under torchrun rank 0 chooses."""
+    from fastrft.trainer import run_world
+
+    world = run_world(cfg)
+    candidate = None
+    if world.is_main:
+        candidate, k = path, 1
+        while True:
+            run_dir = RunDir(candidate)
+            if not run_dir.run_files():
+                try:
+                    run_dir.create()
+                    run_dir.lock()
+                    break
+                except ValueError:   # another demo's, still loading
+                    pass
+            k += 1
+            candidate = path.with_name(f"{path.name}-{k}")
+        if candidate != path:
+            print(f"fastrft demo: {path} holds an earlier run (kept); this one goes to {candidate} "
+                  f"(--overwrite replaces {path} instead)", flush=True)
+    return Path(world.broadcast(None if candidate is None else str(candidate)))
 
 
 def _plot(args) -> int:

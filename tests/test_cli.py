@@ -72,6 +72,20 @@ def test_a_second_demo_keeps_the_first_run(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "runs" / "demo" / "metrics.jsonl").read_bytes() == first
     assert json.loads((tmp_path / "runs" / "demo-2" / "summary.json").read_text())["steps"] == 1
     assert main([*args, "--overwrite"]) == 0 and not (tmp_path / "runs" / "demo-3").exists()
+    # A demo started at the same moment as another, which has taken runs/demo-3 and is still loading: the next one.
+    (tmp_path / "runs" / "demo-3").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "from fastrft.rundir import RunDir; RunDir('runs/demo-3').lock(); "
+                               "print('held', flush=True); import time; time.sleep(60)"], stdout=subprocess.PIPE,
+                              text=True, cwd=tmp_path)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main(args) == 0
+        assert "this one goes to runs/demo-4" in capsys.readouterr().out
+        assert (tmp_path / "runs" / "demo-4" / "summary.json").is_file()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_train_into_a_run_folder_needs_resume_or_overwrite(tiny_model, tmp_path, capsys):
