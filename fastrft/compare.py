@@ -292,10 +292,7 @@ def run_numbers(records: list[dict]) -> dict:
            "reward_mean_end": _mean_of(tail, "reward_mean")}
     if evals:
         rewards = [v for _, _, v in evals]
-        initial = rewards[0] if evals[0][0] == 0 else None
-        # The last evaluation's, null where it scored nothing: never an earlier evaluation's in its place.
-        last = [r for r in records if "eval_reward" in r][-1]
-        final = last["eval_reward"] if finite_number(last["eval_reward"]) else None
+        initial, final = _logged_ends(records, "eval_reward")
         best_so_far, max_drop, drop_step = -math.inf, 0.0, None
         for step, _, value in evals:
             best_so_far = max(best_so_far, value)
@@ -306,18 +303,24 @@ def run_numbers(records: list[dict]) -> dict:
         if initial is not None and final is not None:
             gain = max(rewards) - initial
             out["collapsed"] = final < initial or max_drop > COLLAPSE_FRACTION * gain
-    gold_evals = [r for r in records if "eval_gold" in r]
-    gold = [r["eval_gold"] for r in gold_evals if finite_number(r["eval_gold"])]
-    if gold:   # a task trained on a proxy reward: its gold reward, evaluated alongside (first and last as logged)
-        first, last = gold_evals[0], gold_evals[-1]
-        out.update(eval_gold_initial=first["eval_gold"] if first["step"] == 0 and finite_number(first["eval_gold"])
-                   else None, eval_gold_final=last["eval_gold"] if finite_number(last["eval_gold"]) else None,
-                   eval_gold_best=max(gold))
+    gold = [r["eval_gold"] for r in records if finite_number(r.get("eval_gold"))]
+    if gold:   # a task trained on a proxy reward: its gold reward, evaluated alongside
+        initial, final = _logged_ends(records, "eval_gold")
+        out.update(eval_gold_initial=initial, eval_gold_final=final, eval_gold_best=max(gold))
     out["curves"] = {key: {r["step"]: r[key] for r in records if finite_number(r.get(key))}
                      for key in CURVE_KEYS if key != "train_time_s"}
     out["curves"]["train_time_s"] = time_at
     out["evals"] = evals
     return out
+
+
+def _logged_ends(records: list[dict], key: str) -> tuple[float | None, float | None]:
+    """key's value at step 0 and at its last evaluation, each None where it was null (nothing scored) or not logged:
+    never another evaluation's value in its place."""
+    logged = [r for r in records if key in r]
+    first = logged[0][key] if logged and logged[0]["step"] == 0 else None
+    last = logged[-1][key] if logged else None
+    return tuple(value if finite_number(value) else None for value in (first, last))
 
 
 def eval_at_time(evals: list[tuple[int, float, float]], budget_s: float) -> float | None:
@@ -388,15 +391,12 @@ def paired_test(a: dict, b: dict) -> dict | None:
     differences = [a[seed] - b[seed] for seed in seeds]
     n, mean = len(differences), statistics.fmean(differences)
     std = statistics.stdev(differences)
-    if std <= 1e-12 * max(1.0, abs(mean)) and mean:
+    if mean and std <= 1e-12 * max(1.0, abs(mean)):
         # Every seed moved by the same amount (discrete rewards, few seeds): the spread is unknown, not zero, and the
         # test says nothing (t, p and significant are null). (No difference at all is p = 1.)
         return {"mean_difference": mean, "ci95": None, "t": None, "p": None, "significant": None, "n": n}
-    if not mean:
-        return {"mean_difference": 0.0, "ci95": student_t_quantile(0.975, n - 1) * std / math.sqrt(n), "t": 0.0,
-                "p": 1.0, "significant": False, "n": n}
-    t = mean / (std / math.sqrt(n))
-    p = student_t_two_sided_p(t, n - 1)
+    t = mean / (std / math.sqrt(n)) if mean else 0.0
+    p = student_t_two_sided_p(t, n - 1) if mean else 1.0
     return {"mean_difference": mean, "ci95": student_t_quantile(0.975, n - 1) * std / math.sqrt(n), "t": t, "p": p,
             "significant": p < SIGNIFICANCE_LEVEL, "n": n}
 
@@ -449,8 +449,7 @@ def aggregate(base_cfg: TrainConfig, variants: list[Variant], seeds: list[int], 
             run["eval_reward_at_equal_time"] = eval_at_time(run["evals"], budget_s)
         # A mode without the refiner logs refine_rate 0: not a measurement, left out (n/a, no curve).
         refines = variant.constraint in REFINER_CONSTRAINTS
-        measured = [key for key in SCALARS if refines or not key.startswith("refine_")]
-        summary = {key: mean_std(run.get(key) for run in runs) if key in measured else mean_std([])
+        summary = {key: mean_std(run.get(key) for run in runs if refines or not key.startswith("refine_"))
                    for key in SCALARS}
         flags = [run["collapsed"] for run in runs if "collapsed" in run]
         summary["collapsed"] = {"count": sum(flags), "n": len(flags)}
