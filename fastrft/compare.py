@@ -45,7 +45,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from fastrft.config import CONSTRAINTS, REFINER_CONSTRAINTS, TrainConfig, load_config
+from fastrft.config import CONSTRAINTS, REFINER_CONSTRAINTS, SEED_END, TrainConfig, load_config
 from fastrft.distributed import launched_rank
 from fastrft.jsonl import finite_number, json_safe, read_jsonl
 from fastrft.machine import describe_machine
@@ -108,14 +108,20 @@ def expand_variants(modes, kl_coefs=None, default_kl_coef: float = 0.05) -> list
 
 
 def seed_list(base_seed: int, seeds) -> list[int]:
-    """seeds: a count (base_seed, base_seed + 1, ...) or explicit seeds."""
+    """seeds: a count (base_seed, base_seed + 1, ...) or explicit seeds; each a seed the trainer takes."""
     if isinstance(seeds, int):
         if seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {seeds}")
+        if base_seed + seeds > SEED_END:
+            raise ValueError(f"seed={base_seed} with {seeds} seeds would run seeds up to {base_seed + seeds - 1}, "
+                             f"past the last one there is ({SEED_END - 1}): start from a lower seed")
         return [base_seed + k for k in range(seeds)]
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds}")
+    outside = [s for s in seeds if not 0 <= s < SEED_END]
+    if outside:
+        raise ValueError(f"seeds must be in [0, 2**32), got {outside[0]}")
     return seeds
 
 

@@ -229,6 +229,8 @@ class ConfigError(ValueError):
         self.key = key
 
 
+SEED_END = 2**32   # seeds are in [0, SEED_END): numpy's range; torch's ends at 2**64 - 1
+
 # (keys, test, what the test asks), checked after the types; None (unset) passes.
 _RANGES = (
     (("steps", "prompts_per_step", "generation_batch_size", "ppo_epochs", "minibatches", "eval_every", "save_every",
@@ -243,7 +245,7 @@ _RANGES = (
     (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
     (("clip_low",), lambda v: 0 <= v < 1, "in [0, 1) (the ratio is clipped at 1 - clip_low)"),
     (("min_lr_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),
-    (("seed",), lambda v: 0 <= v < 2**32, "in [0, 2**32)"),   # numpy's range; torch's ends at 2**64 - 1
+    (("seed",), lambda v: 0 <= v < SEED_END, "in [0, 2**32)"),
 )
 
 

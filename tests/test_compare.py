@@ -9,7 +9,7 @@ import torch
 
 from fastrft import compare as compare_module
 from fastrft.cli import main
-from fastrft.compare import Variant, compare, expand_variants, run_config, run_numbers, run_state
+from fastrft.compare import Variant, compare, expand_variants, run_config, run_numbers, run_state, seed_list
 from fastrft.config import load_config, save_config
 from fastrft.rundir import RunDir
 from fastrft.trainer import train
@@ -64,6 +64,19 @@ def test_kl_coefficients_expand_each_kl_mode():
 def test_bad_modes_are_errors(modes, kl_coefs, message):
     with pytest.raises(ValueError, match=message):
         expand_variants(modes, kl_coefs)
+
+
+@pytest.mark.parametrize("base_seed, seeds, message", [
+    (2**32 - 2, 3, r"seed=4294967294 with 3 seeds would run seeds up to 4294967296, past the last one there is "
+                   r"\(4294967295\)"),
+    (0, [5, -1], r"seeds must be in \[0, 2\*\*32\), got -1"),
+    (0, [2**32], r"got 4294967296"),
+    (0, 0, "seeds must be >= 1"),
+])
+def test_seeds_past_the_seed_range_are_errors(base_seed, seeds, message):
+    with pytest.raises(ValueError, match=message):
+        seed_list(base_seed, seeds)
+    assert seed_list(2**32 - 2, 2) == [2**32 - 2, 2**32 - 1]   # the last seeds there are
 
 
 def test_cli_errors(tiny_model, tmp_path, capsys):
