@@ -409,7 +409,19 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     """Everything a run needs, from cfg; resume restores the last good checkpoint of cfg.output_dir, overwrite
     replaces the run that folder holds. Bad input (config, data, model directories) fails before any model loads,
     and the run folder is written only once everything has loaded: a failed start or resume changes nothing there.
-    Every rank of a data-parallel job calls it with its World (init_world)."""
+    The run holds its folder's lock (rank 0) from the moment it writes there, a resume from before it reads the
+    checkpoint and the records: a run that wrote them meanwhile (and ended) would leave it a stale copy to continue
+    over the newer steps. A start or resume that fails lets the folder go. Every rank of a data-parallel job calls
+    it with its World (init_world)."""
+    try:
+        return _load_run(cfg, resume, overwrite, world)
+    except BaseException:
+        if cfg.output_dir:
+            RunDir(cfg.output_dir).unlock()   # a no-op where this process holds no lock on it
+        raise
+
+
+def _load_run(cfg: TrainConfig, resume: bool, overwrite: bool, world: World) -> Run:
     if not cfg.model:
         raise ValueError("model is not set: give the local path of the policy's initial weights (model=PATH)")
     if resume and overwrite:
@@ -418,6 +430,8 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     run_dir = RunDir(cfg.output_dir)
     run_dir.check_writable()
     check_run_folder(run_dir, resume, overwrite)
+    if resume and world.is_main:
+        run_dir.lock()   # until train_run ends
     device = resolve_device(cfg.device, world)
     fsdp = cfg.fsdp if cfg.fsdp is not None else world.size > 1
     ref_sharding = cfg.ref_sharding or ("shard" if fsdp else "replicate")
@@ -522,16 +536,12 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if world.is_main:
         run_dir.create()
         run_dir.lock()   # until train_run ends
-        try:
-            check_run_folder(run_dir, resume, overwrite)   # again: another run may have written it meanwhile
-            if overwrite:
-                run_dir.clear()
-            if start_step < cfg.steps or not resume:
-                save_config(cfg.with_absolute_paths(), run_dir.config)
-            run_dir.write_metrics(metrics)
-        except BaseException:
-            run_dir.unlock()
-            raise
+        check_run_folder(run_dir, resume, overwrite)   # again: another run may have written it meanwhile
+        if overwrite:
+            run_dir.clear()
+        if start_step < cfg.steps or not resume:
+            save_config(cfg.with_absolute_paths(), run_dir.config)
+        run_dir.write_metrics(metrics)
     world.barrier()
     return Run(cfg=cfg, run_dir=run_dir, device=device, tokenizer=tokenizer, policy=policy, ref=ref, task=task,
                stream=stream,

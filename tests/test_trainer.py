@@ -583,6 +583,42 @@ def test_a_folder_another_run_is_writing_is_refused_until_that_run_ends(tiny_mod
     assert (run_dir / "summary.json").is_file()
 
 
+def test_a_resume_takes_the_folder_before_it_reads_the_checkpoint(tiny_model, tmp_path, monkeypatch):
+    """A resume started while the run is still being written is refused at once, before it loads anything: had it
+    read the checkpoint and the records first, a run that went on writing them (and ended) would have left it a
+    stale copy to continue over the newer steps. A resume that fails lets the folder go."""
+    import subprocess
+    import sys
+
+    import fastrft.trainer
+    from fastrft import rundir
+
+    train(config(tiny_model, tmp_path, "steps=1"))
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from fastrft.rundir import RunDir; RunDir({str(run_dir)!r}).lock(); print('held', "
+                               f"flush=True); import time; time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+
+        def no_loading(*args, **kwargs):
+            raise AssertionError("a resume of a folder another run holds loaded its models")
+
+        monkeypatch.setattr(fastrft.trainer, "load_models", no_loading)
+        with pytest.raises(ValueError, match=f"being written by another fastrft run \\(pid {holder.pid} on "):
+            make_run(config(tiny_model, tmp_path, "steps=2"), resume=True)
+        monkeypatch.undo()
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(ValueError, match="ref_model='/nonexistent/model': no such directory"):
+        make_run(config(tiny_model, tmp_path, "steps=2", "ref_model=/nonexistent/model"), resume=True)
+    assert run_dir.resolve() not in rundir._HELD_LOCKS
+    train_run(make_run(config(tiny_model, tmp_path, "steps=2"), resume=True))
+    assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2]
+
+
 def test_a_start_that_fails_once_it_holds_the_folder_lets_it_go(tiny_model, tmp_path, monkeypatch):
     import fastrft.trainer
     from fastrft import rundir
