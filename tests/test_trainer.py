@@ -1,6 +1,7 @@
 """The RFT loop on the CPU with a tiny model built from a config and saved locally: real steps in every constraint
 mode, constraints that act, resume, non-finite skip, refiner failure, dynamic sampling, configuration errors.
 Fakes plug in at the Run's seams (its task, its models, its generate), never at module globals."""
+import contextlib
 import dataclasses
 import json
 import math
@@ -559,26 +560,33 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tiny_mo
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"   # only the run's own files were replaced
 
 
-def test_a_folder_another_run_is_writing_is_refused_until_that_run_ends(tiny_model, tmp_path):
-    """Two runs started into one folder at once: the one that reaches the folder second (here, after another process
-    took it) is refused before it writes anything; once the other process is gone, even killed, the folder is free."""
+@contextlib.contextmanager
+def folder_held_by_another_process(run_dir):
+    """A process holding run_dir's lock (as a run writing it does) for the block; yields its pid; killed after."""
     import subprocess
     import sys
 
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
     holder = subprocess.Popen(
         [sys.executable, "-c", f"from fastrft.rundir import RunDir; RunDir({str(run_dir)!r}).lock(); print('held', "
                                f"flush=True); import time; time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+        stdout=subprocess.PIPE, text=True, cwd=run_dir)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ValueError, match=f"being written by another fastrft run \\(pid {holder.pid} on "):
-            make_run(config(tiny_model, tmp_path, "steps=1"))
-        assert sorted(p.name for p in run_dir.iterdir()) == [".fastrft-lock"]
+        yield holder.pid
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_folder_another_run_is_writing_is_refused_until_that_run_ends(tiny_model, tmp_path):
+    """Two runs started into one folder at once: the one that reaches the folder second (here, after another process
+    took it) is refused before it writes anything; once the other process is gone, even killed, the folder is free."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with folder_held_by_another_process(run_dir) as pid:
+        with pytest.raises(ValueError, match=f"being written by another fastrft run \\(pid {pid} on "):
+            make_run(config(tiny_model, tmp_path, "steps=1"))
+        assert sorted(p.name for p in run_dir.iterdir()) == [".fastrft-lock"]
     train_run(make_run(config(tiny_model, tmp_path, "steps=1")))
     assert (run_dir / "summary.json").is_file()
 
@@ -587,31 +595,19 @@ def test_a_resume_takes_the_folder_before_it_reads_the_checkpoint(tiny_model, tm
     """A resume started while the run is still being written is refused at once, before it loads anything: had it
     read the checkpoint and the records first, a run that went on writing them (and ended) would have left it a
     stale copy to continue over the newer steps. A resume that fails lets the folder go."""
-    import subprocess
-    import sys
-
     import fastrft.trainer
     from fastrft import rundir
 
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a resume of a folder another run holds loaded its models")
+
     train(config(tiny_model, tmp_path, "steps=1"))
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"from fastrft.rundir import RunDir; RunDir({str(run_dir)!r}).lock(); print('held', "
-                               f"flush=True); import time; time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, cwd=tmp_path)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-
-        def no_loading(*args, **kwargs):
-            raise AssertionError("a resume of a folder another run holds loaded its models")
-
+    with folder_held_by_another_process(run_dir) as pid:
         monkeypatch.setattr(fastrft.trainer, "load_models", no_loading)
-        with pytest.raises(ValueError, match=f"being written by another fastrft run \\(pid {holder.pid} on "):
+        with pytest.raises(ValueError, match=f"being written by another fastrft run \\(pid {pid} on "):
             make_run(config(tiny_model, tmp_path, "steps=2"), resume=True)
         monkeypatch.undo()
-    finally:
-        holder.kill()
-        holder.wait()
     with pytest.raises(ValueError, match="ref_model='/nonexistent/model': no such directory"):
         make_run(config(tiny_model, tmp_path, "steps=2", "ref_model=/nonexistent/model"), resume=True)
     assert run_dir.resolve() not in rundir._HELD_LOCKS
