@@ -45,7 +45,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from fastrft.config import CONSTRAINTS, REFINER_CONSTRAINTS, SEED_END, TrainConfig, load_config
+from fastrft.config import CONSTRAINTS, REFINER_CONSTRAINTS, SEED_END, SEED_RANGE, TrainConfig, load_config
 from fastrft.distributed import launched_rank
 from fastrft.jsonl import finite_number, json_safe, read_jsonl
 from fastrft.machine import describe_machine
@@ -121,7 +121,7 @@ def seed_list(base_seed: int, seeds) -> list[int]:
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds}")
     outside = [s for s in seeds if not 0 <= s < SEED_END]
     if outside:
-        raise ValueError(f"seeds must be in [0, 2**32), got {outside[0]}")
+        raise ValueError(f"seeds must be in {SEED_RANGE}, got {outside[0]}")
     return seeds
 
 

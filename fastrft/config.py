@@ -230,6 +230,7 @@ class ConfigError(ValueError):
 
 
 SEED_END = 2**32   # seeds are in [0, SEED_END): numpy's range; torch's ends at 2**64 - 1
+SEED_RANGE = "[0, 2**32)"   # SEED_END's range, as messages say it
 
 # (keys, test, what the test asks), checked after the types; None (unset) passes.
 _RANGES = (
@@ -245,7 +246,7 @@ _RANGES = (
     (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
     (("clip_low",), lambda v: 0 <= v < 1, "in [0, 1) (the ratio is clipped at 1 - clip_low)"),
     (("min_lr_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),
-    (("seed",), lambda v: 0 <= v < SEED_END, "in [0, 2**32)"),
+    (("seed",), lambda v: 0 <= v < SEED_END, f"in {SEED_RANGE}"),
 )
 
 

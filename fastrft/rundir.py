@@ -30,7 +30,8 @@ CHECKPOINTS_DIR = "checkpoints"
 PLOT_STEMS = ("reward", "constraint", "losses", "policy", "throughput", "other")
 TMP_PREFIX = ".tmp-"   # temporary files and folders, renamed once whole (write_atomically, checkpoint saves)
 LOCK_FILE = ".fastrft-lock"   # held (flock) by the process that writes the run; the kernel lets go when it ends
-_HELD_LOCKS: dict[Path, object] = {}   # folder -> the open lock file, for this process's life or until unlock
+# folder -> the open lock file (None: a filesystem without locks, said once), for this process's life or until unlock
+_HELD_LOCKS: dict[Path, object] = {}
 
 
 def read_metrics(path) -> list[dict]:
@@ -193,6 +194,7 @@ class RunDir:
             f.close()
             warnings.warn(f"{self.path} cannot be locked ({e.strerror}): a second run started into it at the same "
                           f"time would not be refused", stacklevel=2)
+            _HELD_LOCKS[key] = None
             return
         f.seek(0)
         f.truncate()
@@ -204,6 +206,10 @@ class RunDir:
         f = _HELD_LOCKS.pop(self.path.resolve(), None)
         if f is not None:
             f.close()
+
+    def locked(self) -> bool:
+        """Whether this process holds the folder (lock; a filesystem without locks counts as held once said)."""
+        return self.path.resolve() in _HELD_LOCKS
 
     def clear(self) -> None:
         """Remove the run's own files, nothing else the folder holds: ValueError (from run_files), with nothing

@@ -408,16 +408,20 @@ class StepRecord:
 def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, world: World = SINGLE) -> Run:
     """Everything a run needs, from cfg; resume restores the last good checkpoint of cfg.output_dir, overwrite
     replaces the run that folder holds. Bad input (config, data, model directories) fails before any model loads,
-    and the run folder is written only once everything has loaded: a failed start or resume changes nothing there.
+    and the run folder is written only once everything has loaded: a failed start or resume changes nothing there
+    (a resume's lock file aside).
     The run holds its folder's lock (rank 0) from the moment it writes there, a resume from before it reads the
     checkpoint and the records: a run that wrote them meanwhile (and ended) would leave it a stale copy to continue
-    over the newer steps. A start or resume that fails lets the folder go. Every rank of a data-parallel job calls
-    it with its World (init_world)."""
+    over the newer steps. A start or resume that fails lets the folder go, unless this process held it before (a
+    Run made earlier, fastrft demo's choice of folder). Every rank of a data-parallel job calls it with its World
+    (init_world)."""
+    run_dir = RunDir(cfg.output_dir) if cfg.output_dir else None
+    held_before = run_dir is not None and run_dir.locked()
     try:
         return _load_run(cfg, resume, overwrite, world)
     except BaseException:
-        if cfg.output_dir:
-            RunDir(cfg.output_dir).unlock()   # a no-op where this process holds no lock on it
+        if run_dir is not None and not held_before:
+            run_dir.unlock()
         raise
 
 

@@ -628,6 +628,35 @@ def test_a_start_that_fails_once_it_holds_the_folder_lets_it_go(tiny_model, tmp_
     assert (tmp_path / "run").resolve() not in rundir._HELD_LOCKS   # another process may take it now
 
 
+def test_a_start_that_fails_keeps_the_lock_a_run_of_the_same_process_holds(tiny_model, tmp_path):
+    """A second make_run into the folder of a Run this process made (and has not trained yet) fails, and the first
+    Run keeps its hold: another process is still refused the folder."""
+    first = make_run(config(tiny_model, tmp_path, "steps=1"))
+    with pytest.raises(ValueError, match="already holds a run"):
+        make_run(config(tiny_model, tmp_path, "steps=1"))
+    assert RunDir(tmp_path / "run").locked()
+    train_run(first)
+    assert not RunDir(tmp_path / "run").locked()   # train_run lets it go
+
+
+def test_a_folder_that_cannot_be_locked_is_said_once_per_run(tiny_model, tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import warnings
+
+    train(config(tiny_model, tmp_path, "steps=1"))
+
+    def no_locks(f, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_run(make_run(config(tiny_model, tmp_path, "steps=2"), resume=True))
+    said = [w for w in caught if "cannot be locked" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in said]
+
+
 def test_a_checkpoint_of_the_per_tensor_adamw_resumes_with_the_fused_one(tiny_model, tmp_path, monkeypatch):
     import fastrft.trainer
 
