@@ -112,7 +112,8 @@ def check_refinable(prompts: list, source: str) -> None:
     if prefilled is not None:
         raise ValueError(f"{source}: the prompt {prefilled!r:.120} ends with an assistant message (an answer's "
                          f"beginning): the refiner rewrites whole answers and cannot refine its continuation; drop "
-                         f"the refiner (constraint without refiner, refine_coef=0) or the prefilled message")
+                         f"the refiner (constraint=none or kl: it refines at refine_coef=0 too, for its metrics) or "
+                         f"the prefilled message")
 
 
 def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, completions: list[str],
@@ -142,9 +143,7 @@ def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, complet
     else:
         written = (generate or rollout.generate)(ref_model, tokenizer, template_ids, max_new_tokens=max_new_tokens,
                                                  greedy=True, batch_size=batch_size, stop_ids=stops)
-        # generate() runs each batch until its longest completion ends: one pass per token of it.
-        result.passes = sum(max(map(len, written.completion_ids[i:i + batch_size]))
-                            for i in range(0, len(unique), batch_size))
+        result.passes = rollout.generate_passes(written.completion_ids, batch_size)
     # What became of each unique sample: a failure's reason, or (its refinement or None where it changed nothing,
     # its tokens, the tokens changed).
     outcomes: dict[int, str | tuple[Refinement | None, int, int]] = {}

@@ -82,6 +82,13 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys([eos, *configured]))
 
 
+def generate_passes(completion_ids: list[list[int]], batch_size: int) -> int:
+    """The forward passes generate() made to write completion_ids (in its order, batch_size rows a batch): one per
+    token of each batch's longest completion."""
+    return sum(max(map(len, completion_ids[i:i + batch_size]), default=0)
+               for i in range(0, len(completion_ids), batch_size))
+
+
 def _ended(ids: list[int], stops) -> list[int]:
     """ids up to and including the first stop id (all of them where none comes)."""
     end = next((j for j, token in enumerate(ids) if token in stops), None)
@@ -243,6 +250,8 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
     Samples) and what the drafts saved (DraftStats)."""
     if len(prompt_ids) != len(drafts):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(drafts)} drafts")
+    if max_new_tokens < 1:   # (generate() refuses it too: a row would never reach its limit)
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     empty = [i for i, ids in enumerate(prompt_ids) if not ids]
     if empty:
         raise ValueError(f"prompt {empty[0]} is empty ({len(empty)} empty prompts): greedy decoding continues a "
@@ -262,6 +271,7 @@ def greedy_from_drafts(model, tokenizer, prompt_ids: list[list[int]], drafts: li
                 for i, ids in zip(batch, plain.completion_ids):
                     completions[i] = ids
                 stats.plain_rows += len(batch)
+                stats.passes += generate_passes(plain.completion_ids, batch_size)
                 continue
             for i, ids in zip(batch, _verify_batch(model, [prompt_ids[i] for i in batch],
                                                    [drafts[i][:max_new_tokens] for i in batch], frozenset(stops),

@@ -53,7 +53,7 @@ from typing import Any, Callable
 import torch
 
 # Batch, build_batch and final_hidden stay importable from here, where they used to live.
-from fastrft.batch import (AttentionPath, Batch, Row, accumulate_gradients, build_batch,  # noqa: F401
+from fastrft.batch import (EAGER, SDPA, AttentionPath, Batch, Row, accumulate_gradients, build_batch,  # noqa: F401
                            check_head_matches_model, check_vocabularies, choose_attention, final_hidden, note_once,
                            rft_loss, router_loss_coef, sequence_logprobs, with_refinements)
 from fastrft.checkpoint import StopSignal, latest_checkpoint, latest_state, load_checkpoint, save_checkpoint
@@ -149,7 +149,7 @@ def _load_model(path: str, key: str, dtype, device: torch.device, quantization: 
     is; elsewhere a note, and unquantized."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=dtype, attn_implementation="sdpa")
+    kwargs = dict(dtype=dtype, attn_implementation=_loading_attention(path))
     if quantization != "none" and device.type != "cuda":
         note_once(f"{quantization_key} asks for {quantization} weights, which need bitsandbytes on CUDA: they stay in "
                   f"{str(dtype).removeprefix('torch.')}")
@@ -163,6 +163,20 @@ def _load_model(path: str, key: str, dtype, device: torch.device, quantization: 
         kwargs["device_map"] = {"": torch.cuda.current_device() if device.index is None else device.index}
     model = _load_pretrained(AutoModelForCausalLM, path, key, **kwargs)
     return model if "device_map" in kwargs else model.to(device)
+
+
+def _loading_attention(path: str) -> str:
+    """The attention a model loads with: SDPA where its architecture has it, else eager (Gemma 2, GPT-OSS, Bloom),
+    never a flash-attn setting saved in its config (flash-attn may be missing here; choose_attention picks the
+    kernel that packs). An architecture transformers does not map to a causal LM gets SDPA, and its own error."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path))]
+    except (KeyError, OSError, ValueError):
+        return SDPA
+    return SDPA if getattr(model_class, "_supports_sdpa", True) else EAGER
 
 
 def _load_pretrained(auto_class, path: str, key: str, **kwargs):

@@ -657,6 +657,30 @@ def test_a_folder_that_cannot_be_locked_is_said_once_per_run(tiny_model, tmp_pat
     assert len(said) == 1, [str(w.message) for w in said]
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "bloom"])
+def test_a_model_without_sdpa_attention_trains_and_exports(tiny_model, tmp_path, model_type):
+    """Architectures that transformers gives no SDPA attention load with eager attention (the loader asked every
+    model for SDPA, and transformers refused them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from fastrft.trainer import export_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, n_layer=1, num_attention_heads=2,
+                 n_head=2, num_key_value_heads=1, head_dim=16)
+    model_config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                        **sizes)
+    path = tmp_path / model_type
+    AutoModelForCausalLM.from_config(model_config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    run = make_run(config(str(path), tmp_path, "steps=1", "constraint=kl"))
+    assert run.policy.config._attn_implementation == "eager"
+    train_run(run)
+    out, step = export_model(tmp_path / "run", tmp_path / "exported")
+    assert step == 1 and (out / "config.json").is_file()
+
+
 def test_a_checkpoint_of_the_per_tensor_adamw_resumes_with_the_fused_one(tiny_model, tmp_path, monkeypatch):
     import fastrft.trainer
 
