@@ -88,6 +88,8 @@ class TrainConfig:
     ppo_epochs: int = 1                    # passes over each rollout
     minibatches: int = 1                   # optimizer steps per pass; > 1 (or ppo_epochs > 1) stores old log-probs
     optimizer: str = "adamw"               # "adamw" (torch's fused one on CUDA) | "adamw8bit" (bitsandbytes, CUDA)
+    disable_dropout: bool = True           # the model's own dropout off in training (lora_dropout stays): the
+                                           # rollout, the old log-probs and the reference run without it
 
     # Memory.
     dtype: str = "float32"

@@ -112,7 +112,11 @@ def load_models(cfg: TrainConfig, device: torch.device, policy_dtype: torch.dtyp
     dtype = getattr(torch, cfg.dtype)
     policy = _load_model(cfg.model, "model", policy_dtype or dtype, device, "4bit" if cfg.load_in_4bit else "none",
                          "load_in_4bit")
-    if cfg.lora_r:
+    if cfg.disable_dropout and disable_dropout(policy):
+        note_once(f"{cfg.model}'s dropout is off in training (disable_dropout=true): its rollout, its old log-probs "
+                  f"and the reference run without it, so with it the KL to the reference and the PPO ratio would "
+                  f"measure dropout's noise; disable_dropout=false keeps it")
+    if cfg.lora_r:   # (after: lora_dropout is the adapters' own setting)
         add_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                  target_modules=cfg.lora_target_modules)
     # One mode for every module (new adapters' dropout included): rollout and evaluation switch the whole policy to
@@ -142,6 +146,21 @@ def load_models(cfg: TrainConfig, device: torch.device, policy_dtype: torch.dtyp
         else:
             note_once("liger=true needs CUDA: Liger-Kernel's layer kernels are not applied")
     return policy, ref
+
+
+def disable_dropout(model) -> int:
+    """Zeroes model's dropout: its dropout modules' rates and the rates its attention modules hand their kernels as
+    floats (a `*dropout*` attribute: Llama's attention_dropout, OPT's dropout). How many it zeroed."""
+    zeroed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p:
+            module.p = 0.0
+            zeroed += 1
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and value:
+                setattr(module, name, 0.0)
+                zeroed += 1
+    return zeroed
 
 
 def _load_model(path: str, key: str, dtype, device: torch.device, quantization: str, quantization_key: str):

@@ -681,6 +681,30 @@ def test_a_model_without_sdpa_attention_trains_and_exports(tiny_model, tmp_path,
     assert step == 1 and (out / "config.json").is_file()
 
 
+def test_the_policy_trains_without_its_dropout_unless_asked(tiny_model, tmp_path):
+    """A model with dropout (GPT-2's 0.1): at the first step the policy is the reference, and its KL to it reads 0
+    only where the update's forward runs without dropout, as the reference's does (disable_dropout, the default);
+    disable_dropout=false keeps the model's own, and the KL then measures its noise."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model_config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2,
+                                        n_positions=128, pad_token_id=tokenizer.pad_token_id,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                        resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)
+    path = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(model_config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    kl_ref = {}
+    for disable in (True, False):
+        run = make_run(config(str(path), tmp_path, "steps=1", "constraint=kl",
+                              f"disable_dropout={str(disable).lower()}", f"output_dir={tmp_path / f'run_{disable}'}"))
+        assert run.policy.config.resid_pdrop == 0.3   # the model's config, as exported, keeps its rates
+        train_run(run)
+        kl_ref[disable] = read_metrics(tmp_path / f"run_{disable}")[1]["kl_ref"]
+    assert abs(kl_ref[True]) < 1e-5 < abs(kl_ref[False]), kl_ref
+
+
 def test_a_checkpoint_of_the_per_tensor_adamw_resumes_with_the_fused_one(tiny_model, tmp_path, monkeypatch):
     import fastrft.trainer
 
