@@ -29,7 +29,7 @@ DEMO_DEFAULTS = dict(task="demo", device="cpu", steps=100, prompts_per_step=16, 
 
 
 def _train(args) -> int:
-    from fastrft.config import load_config
+    from fastrft.config import load_config, load_saved_config
     from fastrft.trainer import train
 
     if args.resume:
@@ -42,7 +42,7 @@ def _train(args) -> int:
         if moved:
             raise ValueError(f"override {moved!r}: --resume continues {run_dir.path} in its own folder; to continue "
                              f"it elsewhere, copy the folder and resume the copy")
-        cfg = load_config(run_dir.config, args.overrides, output_dir=str(run_dir.path))
+        cfg = load_saved_config(run_dir.config, args.overrides, output_dir=str(run_dir.path))
     else:
         cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)

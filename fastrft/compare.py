@@ -45,7 +45,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from fastrft.config import CONSTRAINTS, REFINER_CONSTRAINTS, SEED_END, SEED_RANGE, TrainConfig, load_config
+from fastrft.config import CONSTRAINTS, REFINER_CONSTRAINTS, SEED_END, SEED_RANGE, TrainConfig, load_saved_config
 from fastrft.distributed import launched_rank
 from fastrft.jsonl import finite_number, json_safe, read_jsonl
 from fastrft.machine import describe_machine
@@ -142,7 +142,7 @@ def run_state(cfg: TrainConfig, world_size: int = 1) -> str:
 
     run_dir = RunDir(cfg.output_dir)
     if run_dir.holds_run():
-        saved = load_config(run_dir.config).with_absolute_paths().to_dict()
+        saved = load_saved_config(run_dir.config).with_absolute_paths().to_dict()
         wanted = cfg.with_absolute_paths().to_dict()
         differ = sorted(k for k in wanted if k not in _MAY_DIFFER and k != "steps" and saved.get(k) != wanted[k])
         if differ:

@@ -89,7 +89,8 @@ class TrainConfig:
     minibatches: int = 1                   # optimizer steps per pass; > 1 (or ppo_epochs > 1) stores old log-probs
     optimizer: str = "adamw"               # "adamw" (torch's fused one on CUDA) | "adamw8bit" (bitsandbytes, CUDA)
     disable_dropout: bool = True           # the model's own dropout off in training (lora_dropout stays): the
-                                           # rollout, the old log-probs and the reference run without it
+                                           # rollout, the old log-probs and the reference run without it; a run
+                                           # saved before this key: false, as it ran (load_saved_config)
 
     # Memory.
     dtype: str = "float32"
@@ -417,6 +418,21 @@ _FIRST_RELEASE_KEYS = frozenset((
     "grad_clip", "clip_low", "clip_high", "entropy_coef", "ppo_epochs", "minibatches", "optimizer", "dtype",
     "gradient_checkpointing", "packing", "liger", "ref_quantization", "eval_every", "eval_size", "save_every",
     "progress", "plots", "extra"))
+
+
+# Keys added since runs were first saved: the value a run saved without one trained under (load_saved_config).
+_AS_RAN_WITHOUT = {"disable_dropout": False}
+
+
+def load_saved_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), **values) -> TrainConfig:
+    """A run's config.yaml as load_config reads it, a key added since it was saved taken as the run trained without
+    it (its model's dropout on: a resume goes on as it ran, fastrft compare tells it from a run of today's
+    defaults)."""
+    import yaml
+
+    saved = yaml.safe_load(Path(path).read_bytes())
+    as_ran = {key: value for key, value in _AS_RAN_WITHOUT.items() if isinstance(saved, dict) and key not in saved}
+    return load_config(path, overrides, **{**as_ran, **values})
 
 
 def is_saved_config(path: Path) -> bool:

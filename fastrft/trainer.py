@@ -57,7 +57,7 @@ from fastrft.batch import (EAGER, SDPA, AttentionPath, Batch, Row, accumulate_gr
                            check_head_matches_model, check_vocabularies, choose_attention, final_hidden, note_once,
                            rft_loss, router_loss_coef, sequence_logprobs, with_refinements)
 from fastrft.checkpoint import StopSignal, latest_checkpoint, latest_state, load_checkpoint, save_checkpoint
-from fastrft.config import TrainConfig, load_config, save_config
+from fastrft.config import TrainConfig, load_saved_config, save_config
 from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world, local_tensor, shard_frozen,
                                  shard_policy)
 from fastrft.jsonl import finite_number
@@ -149,9 +149,19 @@ def load_models(cfg: TrainConfig, device: torch.device, policy_dtype: torch.dtyp
 
 
 def disable_dropout(model) -> int:
-    """Zeroes model's dropout: its dropout modules' rates and the rates its attention modules hand their kernels as
-    floats (a `*dropout*` attribute: Llama's attention_dropout, OPT's dropout). How many it zeroed."""
+    """Zeroes model's dropout: its dropout modules' rates, the rates its attention modules hand their kernels as
+    floats (a `*dropout*` attribute: Llama's attention_dropout, OPT's dropout) and the rates its config holds, which
+    some forwards read there (Falcon's, Persimmon's; `*drop*`: layerdrop too). The loaded model's config only: an
+    export reloads the model directory's. How many it zeroed."""
+    from transformers import PretrainedConfig
+
     zeroed = 0
+    configs = [model.config, *(v for v in vars(model.config).values() if isinstance(v, PretrainedConfig))]
+    for config in configs:
+        for name, value in vars(config).items():
+            if "drop" in name and isinstance(value, float) and value:
+                setattr(config, name, 0.0)
+                zeroed += 1
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p:
             module.p = 0.0
@@ -560,7 +570,7 @@ def _load_run(cfg: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
             group["weight_decay"] = cfg.weight_decay
             if "fused" in optimizer.defaults:   # (a checkpoint of the per-tensor loop: the fused one from now on)
                 group.update(fused=optimizer.defaults["fused"], foreach=optimizer.defaults["foreach"])
-        note_schedule_change(load_config(run_dir.config), cfg, start_step)
+        note_schedule_change(load_saved_config(run_dir.config), cfg, start_step)
     elif world.size > 1:
         # The same weights on every rank (the seed above); a sampling stream of its own for each.
         seed = cfg.seed + 1_000_003 * world.rank
@@ -666,7 +676,7 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
         raise ValueError(f"{out} already exists and is not an empty directory: export never overwrites, give a new "
                          f"OUT_DIR")
     check_writable_dir(out, "OUT_DIR")
-    cfg = load_config(run.config, output_dir=str(run.path))
+    cfg = load_saved_config(run.config, output_dir=str(run.path))
     # The adapters as the newest checkpoint trained them (config.yaml may hold a resume's settings that no
     # checkpoint has reached yet).
     cfg = dataclasses.replace(cfg, **(latest_state(run.path).get("lora") or {}))

@@ -275,6 +275,24 @@ def test_a_run_directory_with_other_settings_is_refused(tiny_model, tmp_path):
         compare(base, modes=["none"], seeds=1, out_dir=tmp_path, train_fn=Spy(lambda *a, **k: pytest.fail()))
 
 
+def test_a_run_saved_before_disable_dropout_is_taken_as_it_ran(tiny_model, tmp_path):
+    """A config.yaml written before the key existed: its run trained with its model's dropout. Resumed, it goes on
+    so (unless told otherwise); compared with runs of today's default, it is refused as a run of other settings."""
+    from fastrft.config import load_saved_config
+
+    base = load_config(None, FAST, model=tiny_model)
+    cfg = run_config(base, Variant("none", "none", 0.05), 0, tmp_path)
+    path = tmp_path / "runs" / "none_seed0" / "config.yaml"
+    path.parent.mkdir(parents=True)
+    save_config(cfg, path)
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if not line.startswith("disable_dropout:")))
+    assert load_saved_config(path).disable_dropout is False
+    assert load_saved_config(path, ["disable_dropout=true"]).disable_dropout is True
+    with pytest.raises(ValueError, match="other settings.*disable_dropout: False there"):
+        compare(base, modes=["none"], seeds=1, out_dir=tmp_path, train_fn=Spy(lambda *a, **k: pytest.fail()))
+
+
 # ----------------------------------------------------------------------------------------------- aggregation
 
 def _write_run(out, base, variant, seed, step_time_s, evals, kl, refine, degenerate, gold=None):

@@ -687,6 +687,8 @@ def test_the_policy_trains_without_its_dropout_unless_asked(tiny_model, tmp_path
     disable_dropout=false keeps the model's own, and the KL then measures its noise."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from fastrft.trainer import export_model
+
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model_config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2,
                                         n_positions=128, pad_token_id=tokenizer.pad_token_id,
@@ -697,12 +699,32 @@ def test_the_policy_trains_without_its_dropout_unless_asked(tiny_model, tmp_path
     tokenizer.save_pretrained(path)
     kl_ref = {}
     for disable in (True, False):
-        run = make_run(config(str(path), tmp_path, "steps=1", "constraint=kl",
-                              f"disable_dropout={str(disable).lower()}", f"output_dir={tmp_path / f'run_{disable}'}"))
-        assert run.policy.config.resid_pdrop == 0.3   # the model's config, as exported, keeps its rates
-        train_run(run)
+        train(config(str(path), tmp_path, "steps=1", "constraint=kl", f"disable_dropout={str(disable).lower()}",
+                     f"output_dir={tmp_path / f'run_{disable}'}"))
         kl_ref[disable] = read_metrics(tmp_path / f"run_{disable}")[1]["kl_ref"]
     assert abs(kl_ref[True]) < 1e-5 < abs(kl_ref[False]), kl_ref
+    out, _ = export_model(tmp_path / "run_True", tmp_path / "exported")
+    assert AutoConfig.from_pretrained(out).resid_pdrop == 0.3   # the model's own rates, as its directory has them
+
+
+@pytest.mark.parametrize("model_type, rates", [
+    ("llama", dict(attention_dropout=0.5)),   # a float its attention hands the kernel
+    ("falcon", dict(attention_dropout=0.5, hidden_dropout=0.5)),   # read from the config in the forward
+    ("gpt2", dict(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)),   # dropout modules
+])
+def test_disable_dropout_leaves_training_forwards_deterministic(model_type, rates):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fastrft.trainer import disable_dropout
+
+    model_config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, n_embd=32, intermediate_size=64,
+                                        num_hidden_layers=1, n_layer=1, num_attention_heads=2, n_head=2,
+                                        num_key_value_heads=2, **rates)
+    model = AutoModelForCausalLM.from_config(model_config, attn_implementation="eager").train()
+    ids = torch.randint(0, 64, (2, 12))
+    assert not torch.equal(model(ids).logits, model(ids).logits)   # the rates are in effect
+    assert disable_dropout(model) > 0
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_a_checkpoint_of_the_per_tensor_adamw_resumes_with_the_fused_one(tiny_model, tmp_path, monkeypatch):
