@@ -568,18 +568,21 @@ def check_head_matches_model(model, key: str, fused_logprobs=None, temperature: 
                          f"softcap={transform['softcap']}); this architecture is not supported")
 
 
-def check_vocabularies(tokenizer, policy, ref, *, policy_name: str, ref_name: str) -> None:
-    """The policy and the reference (or refiner) score the same token ids: same number of LM-head rows, and every id
-    the tokenizer can produce has one; names say which model is which in the error."""
+def check_vocabularies(tokenizer, policy, ref, *, policy_name: str, ref_name: str, ref_scores: bool = True) -> None:
+    """Every id the tokenizer can produce has an LM-head row in both models; where the reference's log-probs are
+    compared with the policy's (ref_scores: the KL term), the same rows. A refiner alone (decoded, read back through
+    the tokenizer) may have more: a padded vocabulary (Qwen2.5-7B's head for 0.5B's tokenizer). Names say which
+    model is which in the error."""
     rows = {policy_name: _head_rows(policy), ref_name: _head_rows(ref)}
-    if rows[policy_name] != rows[ref_name]:
+    if ref_scores and rows[policy_name] != rows[ref_name]:
         raise ValueError(f"the policy ({policy_name}) has {rows[policy_name]} vocabulary rows but the reference "
                          f"({ref_name}) has {rows[ref_name]}: the KL term and the refiner compare the two models' "
                          f"log-probs of the same token ids, so their vocabularies must match")
     largest_id = max([len(tokenizer) - 1, tokenizer.eos_token_id or 0, tokenizer.pad_token_id or 0])
-    if largest_id >= rows[policy_name]:
-        raise ValueError(f"the tokenizer of {policy_name} has ids up to {largest_id} but the model's LM head has only "
-                         f"{rows[policy_name]} rows")
+    for name, count in rows.items():
+        if largest_id >= count:
+            raise ValueError(f"the tokenizer has ids up to {largest_id} but the LM head of {name} has only {count} "
+                             f"rows")
 
 
 def _head_rows(model) -> int:

@@ -176,17 +176,22 @@ def _shared_prompts_cache(model, cache, batch: list[list[int]], input_ids: torch
 
 @contextmanager
 def eval_mode(model):
-    """model in eval mode for the block, back in training mode after where it was training. Only then: transformers'
-    train() is not free (it re-selects the hub kernels' mode), and a frozen reference is always in eval mode. The
-    model's modules are taken to share its mode (fastrft.trainer.load_models sets it on the whole policy)."""
-    was_training = model.training
-    if was_training:
+    """model in eval mode for the block, every module of it: after, the modules that were training train again (all
+    of them through model.train(), which transformers' models need: it re-selects the hub kernels' mode). A model
+    in eval mode whose adapters train (PEFT injects them training into a base model in eval mode) is not in eval
+    mode: their dropout would draw. A frozen reference, all in eval mode, passes through."""
+    modules = list(model.modules())
+    training = [m for m in modules if m.training]
+    if training:
         model.eval()
     try:
         yield model
     finally:
-        if was_training:
+        if len(training) == len(modules):
             model.train()
+        else:
+            for module in training:
+                module.training = True
 
 
 def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -512,7 +512,8 @@ def _load_run(cfg: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
         if rows is task.train_rows or rows is task.eval_rows:   # a dataset file's rows were checked as read
             check_columns(rows, source, columns, types)
         if cfg.uses_refiner and rows is train_rows:   # (evaluation does not refine)
-            check_refinable([row["prompt"] for row in rows], source)
+            check_refinable([row["prompt"] for row in rows], source,
+                            without_refiner="constraint=none or kl: at refine_coef=0 it still runs, for its metrics")
 
     tokenizer = load_tokenizers(cfg.model, cfg.ref_model or cfg.model)
     # Said now, not mid-run: a blank prompt may encode to nothing (no BOS), chat messages need a chat template.

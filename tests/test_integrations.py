@@ -283,6 +283,18 @@ def test_unsupported_models_fail_at_construction(tmp_path):
 
 
 @needs_trl
+def test_an_adapter_with_dropout_and_weights_passes_the_construction_probe(tmp_path):
+    """Adapters that change the output (B not zero: a trained adapter, here initialised so) with lora_dropout: PEFT
+    injects them training into the base model in eval mode, and the probe's two forwards drew different dropout
+    masks, refusing the model as unsupported."""
+    pytest.importorskip("peft", reason="peft is not installed (pip install 'fastrft[integrations]')")
+    from peft import LoraConfig
+
+    adapter = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.5, init_lora_weights=False)
+    make_trainer(tiny_llama(), tmp_path, peft_config=adapter)
+
+
+@needs_trl
 def test_a_model_whose_logits_fastrft_cannot_reproduce_is_refused(tmp_path, monkeypatch):
     """A logit transform fastrft does not know (here: model_logit_transform made to miss Cohere 2's scale) is
     caught by the probe at construction, before any training."""
@@ -658,16 +670,26 @@ def test_refiner_options_fail_at_construction(refiner, message, model_dir, tmp_p
 
 
 @needs_trl
-@pytest.mark.parametrize("vocab_size", [3, 40])
-def test_a_refiner_of_another_vocabulary_fails_at_construction(vocab_size, model_dir, tmp_path):
-    """Too few rows for the tokenizer's ids failed at the first step (an IndexError); more made every refinement
-    fail. Either is the vocabulary check fastrft train makes."""
+def test_a_refiner_without_rows_for_the_tokenizers_ids_fails_at_construction(model_dir, tmp_path):
+    """Too few rows for the tokenizer's ids failed at the first step (an IndexError)."""
     refiner = tiny_llama()
-    refiner.resize_token_embeddings(vocab_size)
-    with pytest.raises(ValueError, match=r"the policy \(the policy\) has \d+ vocabulary rows but the reference "
-                                         r"\(refiner_model LlamaForCausalLM\) has " + str(vocab_size)):
+    refiner.resize_token_embeddings(3)
+    with pytest.raises(ValueError, match=r"the tokenizer has ids up to \d+ but the LM head of refiner_model "
+                                         r"LlamaForCausalLM has only 3 rows"):
         make_trainer(model_dir, tmp_path, refiner=dict(refine_coef=0.5, refine_template=REFINE_TEMPLATE,
                                                        refiner_model=refiner))
+
+
+@needs_trl
+def test_a_refiner_with_a_padded_vocabulary_trains(model_dir, tmp_path):
+    """A refiner of the policy's tokenizer whose head has more rows (a padded vocabulary, as Qwen2.5-7B's against
+    0.5B's) is only decoded and read back through the tokenizer: it was refused as another vocabulary."""
+    refiner = tiny_llama()
+    refiner.resize_token_embeddings(refiner.config.vocab_size + 16)
+    trainer = make_trainer(model_dir, tmp_path, max_steps=1, refiner=dict(refine_coef=0.5,
+                                                                         refine_template=REFINE_TEMPLATE,
+                                                                         refiner_model=refiner))
+    trainer.train()
 
 
 @needs_trl

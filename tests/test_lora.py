@@ -144,6 +144,20 @@ def test_every_module_of_a_lora_policy_shares_its_mode(tiny_model, tmp_path):
     assert all(module.training for module in run.policy.modules())
 
 
+def test_eval_mode_reaches_modules_training_inside_a_model_in_eval_mode(tiny_model):
+    """PEFT injects new adapters training into a base model in eval mode (the TRL adapter's case): eval_mode turns
+    them off too, and after the block each module is back in the mode it had."""
+    from fastrft.rollout import eval_mode
+
+    model = base_model(tiny_model).eval()
+    add_lora(model, r=4, alpha=32.0, dropout=0.5, target_modules=[])
+    training = {name for name, module in model.named_modules() if module.training}
+    assert training and not model.training
+    with eval_mode(model):
+        assert not any(module.training for module in model.modules())
+    assert {name for name, module in model.named_modules() if module.training} == training
+
+
 def test_lora_resume_equals_the_uninterrupted_run(tiny_model, tmp_path):
     train(config(tiny_model, tmp_path / "a", "steps=4", "save_every=2"))
     train(config(tiny_model, tmp_path / "b", "steps=2", "save_every=2"))

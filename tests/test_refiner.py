@@ -571,17 +571,18 @@ def test_a_prompt_that_begins_the_answer_cannot_be_refined(tiny_model, chat_mode
     from fastrft.trainer import train
 
     with pytest.raises(ValueError, match=r"rows: the prompt .* ends with an assistant message \(an answer's "
-                                         r"beginning\): the refiner rewrites whole answers"):
+                                         r"beginning\): the refiner rewrites whole answers .*; train without the "
+                                         r"refiner \(refine_coef=0\) or drop the prefilled message"):
         check_refinable(["sort 21=", [{"role": "user", "content": "sort 21"}, {"role": "assistant", "content": "1"}]],
-                        "rows")
-    check_refinable(["sort 21=", [{"role": "user", "content": "sort 21"}]], "rows")
+                        "rows", without_refiner="refine_coef=0")
+    check_refinable(["sort 21=", [{"role": "user", "content": "sort 21"}]], "rows", without_refiner="refine_coef=0")
     data = tmp_path / "prefilled.jsonl"
     data.write_text(json.dumps({"prompt": [{"role": "user", "content": "sort 21"}, {"role": "assistant",
                                                                                    "content": "1"}],
                                 "answer": "12"}) + "\n")
     cfg = load_config(None, ["steps=1", "constraint=kl+refiner", f"dataset={data}", "progress=false"],
                       model=tiny_model, output_dir=str(tmp_path / "run"))
-    with pytest.raises(ValueError, match=f"{data}: the prompt"):
+    with pytest.raises(ValueError, match=f"{data}: the prompt.*train without the refiner \\(constraint=none or kl"):
         train(cfg)
     assert not (tmp_path / "run").exists()
     # Evaluation does not refine: such prompts may be held out (by a model with a chat template).

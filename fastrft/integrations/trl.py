@@ -342,7 +342,8 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         if not isinstance(refiner_model, nn.Module) or not hasattr(refiner_model, "generate"):
             raise ValueError(f"refiner_model must be a causal LM (with generate) or a model path, got "
                              f"{type(refiner_model).__name__}")
-        check_vocabularies(self._tokenizer, self._causal_lm(self.model), refiner_model, policy_name="the policy",
+        check_vocabularies(self._tokenizer, self._causal_lm(self.model), refiner_model, ref_scores=False,
+                           policy_name=f"the policy {type(self._causal_lm(self.model)).__name__}",
                            ref_name=f"refiner_model {type(refiner_model).__name__}")
         refiner_model.requires_grad_(False)
         refiner_model.eval()
@@ -414,7 +415,7 @@ class FastRFTGRPOTrainer(GRPOTrainer):
         device = self.accelerator.device
         tokenizer = self._tokenizer
         completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        check_refinable(prompts, "FastRFTGRPOTrainer with refine_coef > 0")
+        check_refinable(prompts, "FastRFTGRPOTrainer with refine_coef > 0", without_refiner="refine_coef=0")
         with self._refiner() as refiner_model:
             result = refine(refiner_model, tokenizer, template=self.refine_template, parse=self.parse_refinement,
                             prompts=prompts, completions=completions, completion_ids=completion_ids,
