@@ -166,8 +166,14 @@ def save_checkpoint(run_dir, step: int, *, model: torch.nn.Module, optimizer=Non
     return final_dir
 
 
+# What a resume can do about weights that load narrower than they were saved (load_checkpoint's narrowed_note).
+RESUME_NARROWED_NOTE = "an FSDP2 mixed-precision run keeps float32 master weights; resume it with the same engine, " \
+                       "or dtype=float32, to keep them"
+
+
 def load_checkpoint(run_dir, *, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    map_location="cpu", world: World = SINGLE) -> tuple[int, dict]:
+                    map_location="cpu", world: World = SINGLE,
+                    narrowed_note: str = RESUME_NARROWED_NOTE) -> tuple[int, dict]:
     """Restore model, optimizer, scheduler and RNG states from the newest good checkpoint; return (step, state).
     Every rank of a data-parallel job calls it (collectively) with its World; the checkpoint may come from any
     world size.
@@ -177,7 +183,8 @@ def load_checkpoint(run_dir, *, model: torch.nn.Module, optimizer=None, schedule
     run directory a checkpoint with a missing, corrupt or truncated file is skipped with a warning naming it, and
     the previous one is tried; when none is good, the newest one's error is raised (FileNotFoundError for a missing
     file, ValueError for an unreadable one). ValueError too when a good checkpoint does not fit the
-    model/optimizer. Nothing is modified unless every file reads back."""
+    model/optimizer. Nothing is modified unless every file reads back. Weights saved wider than the model holds
+    them (fp32 master weights into a bfloat16 model) are said in a warning ending with narrowed_note."""
     ckpt_dir, manifest, error = _choose_checkpoint(Path(run_dir), optimizer is not None, scheduler is not None,
                                                    world)
     if error is not None:
@@ -191,7 +198,7 @@ def load_checkpoint(run_dir, *, model: torch.nn.Module, optimizer=None, schedule
         if "model.pt" in manifest["files"]:
             _load_torch_save(ckpt_dir, manifest, model, optimizer, map_location, world)
         else:
-            _load_weights(ckpt_dir / WEIGHTS_DIR, manifest, model, optimizer, world)
+            _load_weights(ckpt_dir / WEIGHTS_DIR, manifest, model, optimizer, world, narrowed_note)
         if scheduler is not None:
             scheduler.load_state_dict(scheduler_state)
     except (RuntimeError, KeyError, ValueError, CheckpointException) as e:   # (torch's CheckpointException is a
@@ -296,7 +303,7 @@ def _save_weights(weights: dict, path: Path, world: World) -> None:
         dcp.save(weights, checkpoint_id=str(path), no_dist=world.size == 1)
 
 
-def _load_weights(path: Path, manifest: dict, model, optimizer, world: World) -> None:
+def _load_weights(path: Path, manifest: dict, model, optimizer, world: World, narrowed_note: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -316,8 +323,7 @@ def _load_weights(path: Path, manifest: dict, model, optimizer, world: World) ->
                        if dtype is not None and _bits(dtype) > _bits(template["model"][name].dtype)})
     if narrowed and world.is_main:   # say so: a resumed run otherwise trains on, silently less precise
         warnings.warn(f"{path.parent}: the checkpoint's {', '.join(f'{a} weights load into {b}' for a, b in narrowed)}"
-                      f" (an FSDP2 mixed-precision run keeps float32 master weights; resume it with the same "
-                      f"engine, or dtype=float32, to keep them)", stacklevel=3)
+                      f" ({narrowed_note})", stacklevel=3)
     with _single_process_quiet():
         dcp.load(template, checkpoint_id=str(path), no_dist=world.size == 1)
     options = StateDictOptions(strict=not trainable)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import inspect
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -209,8 +210,10 @@ def shard_policy(policy, world: World, *, fsdp: bool, mixed_precision: torch.dty
         from torch.nn.parallel import DistributedDataParallel
 
         # Buffers (rotary tables) are the same on every rank: broadcasting them each forward would be a collective
-        # for nothing.
-        return DistributedDataParallel(module, broadcast_buffers=False,
+        # for nothing (torch 2.13 names the switch forward_sync_buffers, and warns at the old name).
+        no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in
+                          inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers": False}
+        return DistributedDataParallel(module, **no_buffer_sync,
                                        device_ids=[world.local_rank] if world.comm_device != "cpu" else None)
     from torch.distributed.fsdp import fully_shard
 

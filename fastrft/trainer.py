@@ -689,7 +689,8 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
                  target_modules=cfg.lora_target_modules)
     for attempt in range(3):
         try:
-            step, _ = load_checkpoint(run.path, model=model)
+            step, _ = load_checkpoint(run.path, model=model, narrowed_note=f"the export is written in the run's "
+                                      f"dtype={cfg.dtype}, in which it computed")
             break
         except (ValueError, FileNotFoundError):
             # A live run may prune the checkpoint being read (keep_checkpoints): the newest one then is another.

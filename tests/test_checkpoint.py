@@ -180,10 +180,14 @@ def test_weights_loaded_into_a_narrower_dtype_are_said_once(tmp_path):
         warnings.simplefilter("error")
         load_checkpoint(tmp_path, model=Tiny())
     narrow = Tiny().to(torch.bfloat16)
-    with pytest.warns(UserWarning, match="the checkpoint's torch.float32 weights load into torch.bfloat16") as caught:
+    with pytest.warns(UserWarning, match="the checkpoint's torch.float32 weights load into torch.bfloat16 .*resume "
+                                         "it with the same engine") as caught:
         load_checkpoint(tmp_path, model=narrow)
     assert len(caught) == 1
     _assert_same(_weights(model.to(torch.bfloat16)), _weights(narrow))
+    # The caller's own word on it (an export, where resuming is beside the point):
+    with pytest.warns(UserWarning, match=r"load into torch.bfloat16 \(the export is written in bfloat16\)$"):
+        load_checkpoint(tmp_path, model=Tiny().to(torch.bfloat16), narrowed_note="the export is written in bfloat16")
 
 def _shift(model):
     """Weights other than the saved ones."""
