@@ -169,9 +169,15 @@ def _compare(args) -> int:
         cfg = _demo_config(args)
     else:
         cfg = load_config(args.config, args.overrides)
-    # Every option, the demo's reference too (it decides the model compared): the command reproduces the comparison.
-    source = ["--demo", "--cache-dir", args.cache_dir, "--reference-steps", str(args.reference_steps)] if args.demo \
-        else ["--config", args.config]
+    # Every option, the demo's reference too (it decides the model compared): the command reproduces the comparison,
+    # with the steps the reference it used was trained (a cached one's, not the option's default).
+    if args.demo:
+        from fastrft.tasks.demo import cached_reference_steps
+
+        steps = cached_reference_steps(args.cache_dir) or args.reference_steps
+        source = ["--demo", "--cache-dir", args.cache_dir, "--reference-steps", str(steps)]
+    else:
+        source = ["--config", args.config]
     # Under torchrun the ranks' number is part of the results (each rank samples its share of the prompts).
     launcher = ["torchrun", f"--nproc-per-node={os.environ['WORLD_SIZE']}", "-m"] \
         if os.environ.get("WORLD_SIZE", "1") != "1" else []

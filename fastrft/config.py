@@ -273,7 +273,16 @@ def _convert(key: str, value, annotation):
             return None
         annotation = kind
     if typing.get_origin(annotation) is list:
-        # A YAML list, or a comma-separated string on the command line (q_proj,v_proj).
+        # A YAML list, or on the command line a comma-separated string (q_proj,v_proj) or a YAML flow list
+        # ([q_proj, v_proj]).
+        if isinstance(value, str) and value.strip().startswith("["):
+            import yaml
+
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError(f"config key {key!r}: {value!r} is not a list (write q_proj,v_proj or "
+                                 f"[q_proj, v_proj])") from None
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
             raise ValueError(f"config key {key!r} must be a list of names (or a comma-separated string), got "

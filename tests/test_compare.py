@@ -159,6 +159,12 @@ def test_the_recorded_command_names_the_demos_reference(tiny_model, tmp_path):
                f"model={tiny_model} {' '.join(FAST)}")
     assert json.loads((out / "comparison.json").read_text())["command"] == command
     assert command in (out / "comparison.md").read_text()
+    # A reference cached there already is the one used, whatever --reference-steps says: its own steps recorded.
+    reference.mkdir()
+    (reference / "reference.json").write_text(json.dumps({"steps": 30}))
+    assert main(["compare", "--demo", "--cache-dir", str(reference), "--reference-steps", "7", "--modes", "none",
+                 "--seeds", "1", "--out", str(tmp_path / "again"), f"model={tiny_model}", *FAST]) == 0
+    assert "--reference-steps 30 " in json.loads((tmp_path / "again" / "comparison.json").read_text())["command"]
 
 
 def test_a_training_runs_folder_is_no_comparisons(tiny_model, tmp_path):

@@ -321,6 +321,17 @@ def test_config_override_errors_name_the_key(override, message):
         load_config(None, override.split(" "))
 
 
+def test_a_list_key_takes_a_yaml_list_on_the_command_line_too():
+    """q_proj,v_proj and [q_proj, v_proj] alike ('[q_proj' was taken for a module name); a broken one is named."""
+    for written in ("q_proj,v_proj", "[q_proj, v_proj]", "[q_proj,v_proj]", " [ q_proj , v_proj ] "):
+        assert load_config(None, ["lora_r=2", f"lora_target_modules={written}"]).lora_target_modules == \
+            ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match=r"lora_target_modules.*'\[q_proj, v_proj' is not a list"):
+        load_config(None, ["lora_r=2", "lora_target_modules=[q_proj, v_proj"])
+    with pytest.raises(ValueError, match="must be a list of names"):
+        load_config(None, ["lora_r=2", "lora_target_modules=[1, 2]"])
+
+
 @pytest.mark.parametrize("override,message", [
     ("lr=nan", "lr must be a finite number"), ("lr=inf", "lr must be a finite number"), ("lr=0", "lr must be > 0"),
     ("lr=-1e-4", "lr must be > 0"), ("clip_low=1.0", "clip_low must be in \\[0, 1\\)"),

@@ -324,13 +324,19 @@ def train_reference(out_dir, *, seed: int = 0, max_steps: int = 500, max_seconds
     return stats
 
 
+def cached_reference_steps(cache_dir) -> int | None:
+    """The steps the reference cached in cache_dir was trained; None where none is cached there."""
+    path = Path(cache_dir) / REFERENCE_FILE
+    return json.loads(path.read_text()).get("steps") if path.is_file() else None
+
+
 def ensure_reference(cache_dir, **train_options) -> Path:
     """``cache_dir`` holding a complete reference checkpoint, trained there first unless ``reference.json`` exists."""
     cache_dir = Path(cache_dir)
     if not (cache_dir / REFERENCE_FILE).is_file():
         train_reference(cache_dir, **train_options)
     elif "max_steps" in train_options:
-        trained = json.loads((cache_dir / REFERENCE_FILE).read_text()).get("steps")
+        trained = cached_reference_steps(cache_dir)
         if trained != train_options["max_steps"]:
             from fastrft.batch import note_once
 
