@@ -149,26 +149,21 @@ def load_models(cfg: TrainConfig, device: torch.device, policy_dtype: torch.dtyp
 
 
 def disable_dropout(model) -> int:
-    """Zeroes model's dropout: its dropout modules' rates, the rates its attention modules hand their kernels as
-    floats (a `*dropout*` attribute: Llama's attention_dropout, OPT's dropout) and the rates its config holds, which
-    some forwards read there (Falcon's, Persimmon's; `*drop*`: layerdrop too). The loaded model's config only: an
-    export reloads the model directory's. How many it zeroed."""
+    """Zeroes model's dropout: its dropout modules' rates, and every float `*drop*` rate held by a module (Llama's
+    attention_dropout, OPT's dropout and layerdrop, which their forwards hand their kernels) or by its config (and
+    sub-configs: Falcon's and Persimmon's forwards read theirs there). The loaded model's config only: an export
+    reloads the model directory's. How many it zeroed."""
     from transformers import PretrainedConfig
 
-    zeroed = 0
     configs = [model.config, *(v for v in vars(model.config).values() if isinstance(v, PretrainedConfig))]
-    for config in configs:
-        for name, value in vars(config).items():
-            if "drop" in name and isinstance(value, float) and value:
-                setattr(config, name, 0.0)
-                zeroed += 1
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p:
-            module.p = 0.0
+    zeroed = 0
+    for holder in (*configs, *model.modules()):
+        if isinstance(holder, torch.nn.modules.dropout._DropoutNd) and holder.p:
+            holder.p = 0.0
             zeroed += 1
-        for name, value in vars(module).items():
-            if "dropout" in name and isinstance(value, float) and value:
-                setattr(module, name, 0.0)
+        for name, value in vars(holder).items():
+            if "drop" in name and isinstance(value, float) and value:
+                setattr(holder, name, 0.0)
                 zeroed += 1
     return zeroed
 
