@@ -114,9 +114,10 @@ def floor_pass(model, prompt_ids, refinements):
         input_ids[row, :len(p) + len(r)] = torch.tensor(p + r)
     device = next(model.parameters()).device
     hidden = model.get_decoder()(input_ids=input_ids.to(device)).last_hidden_state
-    return _greedy_tokens(model.get_output_embeddings(), hidden,
-                          [(row, c) for row, (p, r) in enumerate(zip(prompt_ids, refinements))
-                           for c in range(len(p) - 1, len(p) + len(r) - 1)])
+    read_at = torch.zeros(input_ids.shape, dtype=torch.bool)
+    for row, (p, r) in enumerate(zip(prompt_ids, refinements)):
+        read_at[row, len(p) - 1:len(p) + len(r) - 1] = True
+    return _greedy_tokens(model.get_output_embeddings(), hidden[read_at.to(device)])
 
 
 def measure(name, model, lengths, edit_shares, rows: int, prompt_len: int, repeat: int, seed: int) -> list[dict]:
@@ -185,8 +186,8 @@ def measure_shared(name, model, lengths, edit_shares, rows: int, group: int, sha
             rests = torch.tensor([p[shared_len:] + r for p, r in zip(prompt_ids, refinements)])
             hidden = _forward(backbone, cache, rests, torch.ones(rows, shared_len + rests.shape[1]),
                               shared_len + torch.arange(rests.shape[1]).repeat(rows, 1), device)
-            return _greedy_tokens(model.get_output_embeddings(), hidden,
-                                  [(row, c) for row in range(rows) for c in range(prompt_len - 1, rests.shape[1] - 1)])
+            read = hidden[:, prompt_len - 1:rests.shape[1] - 1].flatten(0, 1)   # each row's refinement positions
+            return _greedy_tokens(model.get_output_embeddings(), read)
 
         floor_s, _ = timed(floor, device, repeat)
         tokens = sum(map(len, refinements))

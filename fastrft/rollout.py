@@ -417,8 +417,9 @@ def _verify_batch(model, prompts, drafts, stops, pad_id, max_new_tokens, first_b
         stats.passes += 1
         # The predictions after the prompt's last token and after each block token.
         width = hidden.shape[1]
-        predicted = _greedy_tokens(head, hidden, [(a, c) for a, r in enumerate(bucket)
-                                                  for c in range(width - len(blocks[r]) - 1, width)])
+        block_lengths = torch.tensor([len(blocks[r]) for r in bucket])
+        read_at = torch.arange(width)[None] >= width - 1 - block_lengths[:, None]
+        predicted = _greedy_tokens(head, hidden[read_at.to(hidden.device)]).tolist()
         k = 0
         for a, r in enumerate(bucket):
             b = blocks[r]
@@ -440,7 +441,7 @@ def _verify_batch(model, prompts, drafts, stops, pad_id, max_new_tokens, first_b
     # rows feed masked padding until the next compaction drops them (and the masked slots, where that pays).
     probe_gap = next_probe = probe_every
     while not all(rows[r].done for r in active):
-        drop_rows, drop_slots = _worth_compacting(mask, [rows[r].done for r in active])
+        drop_rows, drop_slots = _worth_compacting([rows[r] for r in active], mask.shape[1])
         if drop_rows or drop_slots:
             keep = torch.tensor([a for a, r in enumerate(active) if not rows[r].done])
             if drop_slots:
@@ -461,21 +462,20 @@ def _verify_batch(model, prompts, drafts, stops, pad_id, max_new_tokens, first_b
         mask = torch.cat([mask, filled.long()], dim=1)
         hidden = _forward(backbone, cache, input_ids, mask, positions, device)
         stats.passes += 1
-        predicted = _greedy_tokens(head, hidden, [(a, c) for a, b in enumerate(blocks) for c in range(len(b))])
-        kept, k = [], 0
-        for r, block in zip(active, blocks):
-            g, proposal = predicted[k:k + len(block)], block[1:]
-            k += len(block)
-            accepted = next((j for j, (x, y) in enumerate(zip(g, proposal)) if x != y), len(proposal))
+        # Each row's predictions after its block's tokens, and how many of its proposed tokens they confirm in a row.
+        predicted = torch.zeros((len(active), size), dtype=torch.long)
+        predicted[filled] = _greedy_tokens(head, hidden[filled.to(hidden.device)])
+        accepted = ((predicted[:, :-1] == input_ids[:, 1:]) & filled[:, 1:]).cumprod(1).sum(1)
+        for r, block, g, a in zip(active, blocks, predicted.tolist(), accepted.tolist()):
             if block:
-                rows[r].write(proposal[:accepted] + [g[accepted]], stops, max_new_tokens)
-                rows[r].verified(len(proposal), accepted, lookahead)
-                rows[r].valid += 1 + accepted
+                proposal = block[1:]
+                rows[r].write(proposal[:a] + [g[a]], stops, max_new_tokens)
+                rows[r].verified(len(proposal), a, lookahead)
+                rows[r].valid += 1 + a
                 stats.offered += len(proposal)
-                stats.accepted += accepted
-            kept.append(1 + accepted if block else 0)
-        # The rejected proposals and the padding leave attention.
-        mask[:, -size:] = torch.arange(size)[None] < torch.tensor(kept)[:, None]
+                stats.accepted += a
+        # The rejected proposals and the padding leave attention: a row keeps its last token and what it accepted.
+        mask[:, -size:] = torch.arange(size)[None] < torch.where(lengths > 0, 1 + accepted, 0)[:, None]
         if probe:   # a probe that won no distrusting row back (its whole probe accepted) waits twice as long
             probe_gap = probe_every if any(rows[r].size >= 2 for r in distrusting) else 2 * probe_gap
             next_probe = stats.passes + probe_gap
@@ -522,11 +522,12 @@ def _fills_blocks(model) -> bool:
     return head <= layers
 
 
-def _worth_compacting(mask: torch.Tensor, done: list[bool], share: float = 0.25) -> tuple[bool, bool]:
+def _worth_compacting(rows: list[_DraftRow], width: int, share: float = 0.25) -> tuple[bool, bool]:
     """Whether to drop the cache's finished rows (a quarter of its rows are) and whether to drop its masked slots
-    too (that would shorten it by a quarter, _compact): both cost every later pass their share of compute."""
-    longest_row = int(mask[[not d for d in done]].sum(1).max()) if not all(done) else 0
-    return sum(done) >= share * len(done), longest_row <= (1 - share) * mask.shape[1]
+    too (that would shorten its `width` by a quarter, _compact): both cost every later pass their share of compute.
+    A row's unmasked slots are its `valid` tokens."""
+    longest_row = max((row.valid for row in rows if not row.done), default=0)
+    return sum(row.done for row in rows) >= share * len(rows), longest_row <= (1 - share) * width
 
 
 def _compact(cache, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -753,13 +754,8 @@ def _cache_argument(backbone_class) -> str:
     return "cache" if "cache" in inspect.signature(backbone_class.forward).parameters else "past_key_values"
 
 
-def _greedy_tokens(head, hidden: torch.Tensor, at: list[tuple[int, int]], chunk_elems: int = 1 << 24) -> list[int]:
-    """argmax of the LM head's logits at the (row, column) positions of hidden, a chunk of positions at a time (at
-    most chunk_elems logits), never the logits of every position."""
-    if not at:
-        return []
-    rows = torch.tensor([r for r, _ in at], device=hidden.device)
-    cols = torch.tensor([c for _, c in at], device=hidden.device)
-    selected = hidden[rows, cols]
+def _greedy_tokens(head, states: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """argmax of the LM head's logits for each of the hidden `states` ([positions, hidden]: the positions whose
+    prediction is read, never every position's), a chunk of positions at a time (at most chunk_elems logits)."""
     chunk = max(1, chunk_elems // head.weight.shape[0])
-    return torch.cat([head(part).argmax(-1) for part in selected.split(chunk)]).tolist()
+    return torch.cat([head(part).argmax(-1) for part in states.split(chunk)]).cpu()

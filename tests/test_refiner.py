@@ -528,6 +528,38 @@ def test_rows_of_unlike_lengths_read_in_buckets(kind, share_prefixes, monkeypatc
     assert buckets == (3 if share_prefixes else 2)
 
 
+@pytest.mark.parametrize("share_prefixes", [True, False])
+def test_every_token_fed_sits_at_the_count_of_the_slots_attention_sees_before_it(share_prefixes, monkeypatch):
+    """In every pass (common beginnings, buckets, decoding with rejected proposals masked, compacted caches), a fed
+    token's position is the number of unmasked cache slots before it: the rows' positions never count a rejected
+    token, and a row's `valid` count, which decides compaction, is its unmasked slots."""
+    import fastrft.rollout as rollout_module
+
+    model, tokenizer = tiny_causal_lm("qwen2-gqa"), IdTokenizer()
+    gen = torch.Generator().manual_seed(5)
+    beginning = torch.randint(3, 48, (12,), generator=gen).tolist()
+    prompt_ids = [beginning + torch.randint(3, 48, (n,), generator=gen).tolist() for n in [1, 3, 9, 30, 31, 44]]
+    truth = generate(model, tokenizer, prompt_ids, max_new_tokens=24, greedy=True).completion_ids
+    drafts = [edited(ids, gen, rate) for ids, rate in zip(truth, [0.0, 0.1, 0.3, 0.5, 1.0, 0.05])]
+    monkeypatch.setattr(rollout_module, "_length_buckets",
+                        functools.partial(rollout_module._length_buckets, min_tokens=0))
+    forward, checked = rollout_module._forward, []
+
+    def checking_forward(backbone, cache, input_ids, mask, positions, device):
+        fed = input_ids.shape[1]
+        seen_before = mask.cumsum(1)[:, -fed:] - mask[:, -fed:]
+        fed_mask = mask[:, -fed:].bool()
+        assert torch.equal(positions[fed_mask], seen_before[fed_mask])
+        checked.append(fed_mask.sum())
+        return forward(backbone, cache, input_ids, mask, positions, device)
+
+    monkeypatch.setattr(rollout_module, "_forward", checking_forward)
+    drafted, stats = greedy_from_drafts(model, tokenizer, prompt_ids, drafts, max_new_tokens=24,
+                                        share_prefixes=share_prefixes)
+    assert drafted.completion_ids == truth
+    assert len(checked) == stats.passes and stats.passes > 4
+
+
 def test_length_buckets():
     """Rows cut into groups of like lengths where a cut saves a quarter of a group's padded tokens and 1024 tokens
     (_length_buckets)."""
