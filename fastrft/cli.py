@@ -34,10 +34,10 @@ def _train(args) -> int:
 
     if args.resume:
         if args.config:
-            raise SystemExit("--resume reads the run's own config.yaml: give --config or --resume, not both")
+            raise ValueError("--resume reads the run's own config.yaml: give --config or --resume, not both")
         run_dir = RunDir(args.resume)
         if not run_dir.holds_run():
-            raise SystemExit(f"{run_dir.path} is not a fastrft run directory (no {run_dir.config.name})")
+            raise ValueError(f"--resume {run_dir.path}: not a fastrft run directory (no {run_dir.config.name})")
         moved = next((item for item in args.overrides if item.partition("=")[0] == "output_dir"), None)
         if moved:
             raise ValueError(f"override {moved!r}: --resume continues {run_dir.path} in its own folder; to continue "
@@ -157,7 +157,7 @@ def _compare(args) -> int:
         if key in ("constraint", "seed", "output_dir"):
             raise ValueError(f"{key} is set by the comparison (--modes, --seeds, --out), not by {item!r}")
     if args.demo == bool(args.config):
-        raise SystemExit("fastrft compare: give --config RUN_YAML or --demo (one of them)")
+        raise ValueError("give --config RUN_YAML or --demo (one of them)")
     try:
         kl_coefs = [float(c) for c in args.kl_coefs.split(",")] if args.kl_coefs else None
     except ValueError:
@@ -232,6 +232,15 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _quiet_deepspeed_without_gpu() -> None:
+    """Without a GPU, DeepSpeed's accelerator is the CPU's, named so it is not guessed: transformers' save_pretrained
+    imports DeepSpeed where it is installed (through accelerate), and its guess warns that a GPU went undetected."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line: its exit status. Under torchrun, a command that returns (no error; a run stopped by a
     signal too) ends the process group and then the process itself with its status (fastrft.distributed.end_world
@@ -276,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    _quiet_deepspeed_without_gpu()
     try:
         status = args.func(args)
         end_world(exit_status=status or 0)   # under torchrun the process ends here

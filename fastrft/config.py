@@ -219,8 +219,17 @@ class TrainConfig:
     def uses_refiner(self) -> bool:
         return self.constraint in REFINER_CONSTRAINTS
 
+    # Where load_config read each key ("run.yaml:7", "override 'lr=1e-4'"; a task option as "extra.NAME"): not a
+    # field, never saved; an error found later (a task's options, checked as the task loads) says where its value
+    # was set (located).
+    origins: typing.ClassVar[dict[str, str]] = {}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def located(self, error: ConfigError) -> ValueError:
+        """error, prefixed with where its key was set where load_config knows it."""
+        return _located(error, self.origins.get(error.key))
 
 
 class ConfigError(ValueError):
@@ -347,6 +356,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data, lines = _read_yaml_mapping(Path(path))
         merged.update(data)
         where.update({key: f"{path}:{lines[str(key)]}" if str(key) in lines else str(path) for key in data})
+        if isinstance(data.get("extra"), dict):   # each task option where it was set, else where extra was
+            where.update({f"extra.{name}": f"{path}:{lines.get(f'extra.{name}', lines.get('extra', '?'))}"
+                          for name in data["extra"]})
     merged.update(values)
     for item in overrides:   # a later one wins: scripts append to a list of common overrides
         key, sep, value = item.partition("=")
@@ -365,6 +377,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 raise _located(ValueError(f"config key 'extra' must be a mapping, got {options!r}"),
                                where.get("extra"))
             merged["extra"] = {**options, key[len("extra."):]: option}
+            where[key] = f"override {item!r}"
             continue
         merged[key] = value
         where[key] = f"override {item!r}"
@@ -377,9 +390,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except ValueError as e:
             raise _located(e, where.get(key)) from None
     try:
-        return TrainConfig(**kwargs)
+        cfg = TrainConfig(**kwargs)
     except ConfigError as e:
         raise _located(e, where.get(e.key)) from None
+    cfg.origins = where
+    return cfg
 
 
 def _located(error: ValueError, place: str | None) -> ValueError:
@@ -408,11 +423,13 @@ def _read_yaml_mapping(path: Path) -> tuple[dict, dict[str, int]]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of keys to values, not a {type(data).__name__}")
     lines: dict[str, int] = {}
-    for key, _ in node.value:
+    for key, value in node.value:
         line = key.start_mark.line + 1
         if str(key.value) in lines:
             raise ValueError(f"{path}:{line}: {key.value!r} is set twice (first on line {lines[str(key.value)]})")
         lines[str(key.value)] = line
+        if key.value == "extra" and isinstance(value, yaml.MappingNode):   # the task options' own lines
+            lines.update({f"extra.{option.value}": option.start_mark.line + 1 for option, _ in value.value})
     return data, lines
 
 

@@ -104,15 +104,17 @@ def prompt_text(prompt) -> str:
                              prompt[-1]["content"]))
 
 
-def check_refinable(prompts: list, source: str, without_refiner: str) -> None:
-    """A ValueError naming source unless the refiner can rewrite each prompt's answer whole: a chat prompt whose last
-    message is the assistant's (an answer's beginning, which the policy continues) cannot be (the refinement would
-    start the answer again after it). without_refiner: the caller's setting that trains without the refiner."""
-    prefilled = next((p for p in prompts if is_prefilled(p)), None)
-    if prefilled is not None:
-        raise ValueError(f"{source}: the prompt {prefilled!r:.120} ends with an assistant message (an answer's "
-                         f"beginning): the refiner rewrites whole answers and cannot refine its continuation; train "
-                         f"without the refiner ({without_refiner}) or drop the prefilled message")
+def check_refinable(prompts: list, source: str, without_refiner: str, places: list[str] | None = None) -> None:
+    """A ValueError naming source (or the prompt's own place, from places: "data.jsonl:12") unless the refiner can
+    rewrite each prompt's answer whole: a chat prompt whose last message is the assistant's (an answer's beginning,
+    which the policy continues) cannot be (the refinement would start the answer again after it). without_refiner:
+    the caller's setting that trains without the refiner."""
+    at = next((i for i, p in enumerate(prompts) if is_prefilled(p)), None)
+    if at is not None:
+        raise ValueError(f"{places[at] if places else source}: the prompt {prompts[at]!r:.120} ends with an "
+                         f"assistant message (an answer's beginning): the refiner rewrites whole answers and cannot "
+                         f"refine its continuation; train without the refiner ({without_refiner}) or drop the "
+                         f"prefilled message")
 
 
 def refine(ref_model, tokenizer, *, template: str, parse, prompts: list, completions: list[str],

@@ -57,7 +57,7 @@ from fastrft.batch import (EAGER, SDPA, AttentionPath, Batch, Row, accumulate_gr
                            check_head_matches_model, check_vocabularies, choose_attention, final_hidden, note_once,
                            rft_loss, router_loss_coef, sequence_logprobs, with_refinements)
 from fastrft.checkpoint import StopSignal, latest_checkpoint, latest_state, load_checkpoint, save_checkpoint
-from fastrft.config import TrainConfig, load_saved_config, save_config
+from fastrft.config import ConfigError, TrainConfig, load_saved_config, save_config
 from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world, local_tensor, shard_frozen,
                                  shard_policy)
 from fastrft.jsonl import finite_number
@@ -483,7 +483,10 @@ def _load_run(cfg: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
     check_model_dir(cfg.ref_model or cfg.model, "ref_model")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    task = load_task(cfg.task, **cfg.extra)
+    try:
+        task = load_task(cfg.task, **cfg.extra)
+    except ConfigError as e:   # an option the task does not take, or of the wrong type: where it was set
+        raise cfg.located(e) from None
     refine_template = cfg.refine_template or task.refine_template
     if cfg.uses_refiner and cfg.refine_template is None:   # the task's own: the config checks one it is given
         check_refine_template(refine_template)
@@ -491,7 +494,9 @@ def _load_run(cfg: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
         raise ValueError(f"task {cfg.task!r}: Task.parse_refinement must be a callable str -> str | None, got "
                          f"{task.parse_refinement!r}")
     columns, types = task.required_columns(), task.column_types()
-    train_rows = load_rows(cfg.dataset, required=columns, types=types) if cfg.dataset else task.train_rows
+    train_places: list[str] = []   # a dataset file's rows' lines, for the refiner's refusal of a row
+    train_rows = load_rows(cfg.dataset, required=columns, types=types, places=train_places) if cfg.dataset \
+        else task.train_rows
     eval_rows = load_rows(cfg.eval_dataset, required=columns, types=types, key="eval_dataset") if cfg.eval_dataset \
         else task.eval_rows
     max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
@@ -508,7 +513,8 @@ def _load_run(cfg: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
             check_columns(rows, source, columns, types)
         if cfg.uses_refiner and rows is train_rows:   # (evaluation does not refine)
             check_refinable([row["prompt"] for row in rows], source,
-                            without_refiner="constraint=none or kl: at refine_coef=0 it still runs, for its metrics")
+                            without_refiner="constraint=none or kl: at refine_coef=0 it still runs, for its metrics",
+                            places=train_places)
 
     tokenizer = load_tokenizers(cfg.model, cfg.ref_model or cfg.model)
     # Said now, not mid-run: a blank prompt may encode to nothing (no BOS), chat messages need a chat template.

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from fastrft.cli import main
 
@@ -45,9 +46,15 @@ def test_overrides_may_come_after_a_flag(tiny_model, tmp_path, capsys):
     assert "unrecognized arguments: stray" in capsys.readouterr().err
 
 
-def test_resume_needs_a_run_directory(tmp_path):
-    with pytest.raises(SystemExit, match="not a fastrft run directory"):
-        main(["train", "--resume", str(tmp_path)])
+def test_resume_needs_a_run_directory(tmp_path, capsys):
+    """Usage errors of --resume (and of compare's --config/--demo) read as every other error: status 2, named."""
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert f"fastrft train: error: --resume {tmp_path}: not a fastrft run directory" in capsys.readouterr().err
+    (tmp_path / "run.yaml").write_text("steps: 1\n")
+    assert main(["train", "--resume", str(tmp_path), "--config", str(tmp_path / "run.yaml")]) == 2
+    assert "fastrft train: error: --resume reads the run's own config.yaml" in capsys.readouterr().err
+    assert main(["compare", "--modes", "kl"]) == 2
+    assert "fastrft compare: error: give --config RUN_YAML or --demo" in capsys.readouterr().err
 
 
 def test_demo_end_to_end_with_a_short_budget(tmp_path, capsys):
@@ -258,6 +265,20 @@ def test_lora_train_then_export(tiny_model, tmp_path, capsys):
     assert "never overwrites" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "other")]) == 2
     assert "not a fastrft run directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is DeepSpeed's guess on a machine without a GPU")
+def test_export_on_the_cpu_prints_no_deepspeed_accelerator_warning(tiny_model, tmp_path):
+    """save_pretrained imports DeepSpeed where it is installed; unnamed, its accelerator is guessed with a warning
+    that a GPU went undetected."""
+    pytest.importorskip("deepspeed")
+    run_dir = tmp_path / "run"
+    assert main(["train", f"model={tiny_model}", f"output_dir={run_dir}", *FAST]) == 0
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-m", "fastrft", "export", str(run_dir), str(tmp_path / "model")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "accelerator" not in done.stdout + done.stderr, done.stdout + done.stderr
 
 
 def test_export_under_torchrun_is_written_by_rank_0_alone(tiny_model, tmp_path, monkeypatch):

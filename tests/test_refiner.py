@@ -608,13 +608,14 @@ def test_a_prompt_that_begins_the_answer_cannot_be_refined(tiny_model, chat_mode
         check_refinable(["sort 21=", [{"role": "user", "content": "sort 21"}, {"role": "assistant", "content": "1"}]],
                         "rows", without_refiner="refine_coef=0")
     check_refinable(["sort 21=", [{"role": "user", "content": "sort 21"}]], "rows", without_refiner="refine_coef=0")
-    data = tmp_path / "prefilled.jsonl"
-    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "sort 21"}, {"role": "assistant",
-                                                                                   "content": "1"}],
-                                "answer": "12"}) + "\n")
+    data = tmp_path / "prefilled.jsonl"   # the prefilled row on line 3, after a blank one
+    data.write_text(json.dumps({"prompt": "sort 21=", "answer": "12"}) + "\n\n"
+                    + json.dumps({"prompt": [{"role": "user", "content": "sort 21"}, {"role": "assistant",
+                                                                                     "content": "1"}],
+                                  "answer": "12"}) + "\n")
     cfg = load_config(None, ["steps=1", "constraint=kl+refiner", f"dataset={data}", "progress=false"],
                       model=tiny_model, output_dir=str(tmp_path / "run"))
-    with pytest.raises(ValueError, match=f"{data}: the prompt.*train without the refiner \\(constraint=none or kl"):
+    with pytest.raises(ValueError, match=f"{data}:3: the prompt.*train without the refiner \\(constraint=none or kl"):
         train(cfg)
     assert not (tmp_path / "run").exists()
     # Evaluation does not refine: such prompts may be held out (by a model with a chat template).

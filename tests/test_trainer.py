@@ -396,6 +396,25 @@ def test_config_values_of_the_wrong_type_are_refused_where_they_were_set(tmp_pat
         load_config(path)
 
 
+@pytest.mark.parametrize("content,override,message", [
+    ("steps: 1\n\nextra:\n  n_eval: 4\n  foo: 1\n", None, ":5: task 'demo' takes no option extra.foo"),
+    ("steps: 1\nextra: {n_train: x}\n", None, ":2: task 'demo': extra.n_train must be int, got 'x'"),
+    ("steps: 1\nextra: {n_train: 8}\n", "extra.n_train=y", "override 'extra.n_train=y': task 'demo': extra.n_train "
+                                                           "must be int, got 'y'"),
+    ("steps: 1\n", "extra.bar=2", "override 'extra.bar=2': task 'demo' takes no option extra.bar")])
+def test_task_options_are_refused_where_they_were_set(tiny_model, tmp_path, content, override, message):
+    """The task checks its options as it loads, after the config: its refusal still names the file and line, or the
+    override, and leaves no run folder."""
+    path = tmp_path / "run.yaml"
+    path.write_text(content)
+    overrides = [f"model={tiny_model}", f"output_dir={tmp_path / 'run'}", *([override] if override else [])]
+    cfg = load_config(path, overrides)
+    with pytest.raises(ValueError) as refused:
+        make_run(cfg)
+    assert str(refused.value).startswith(message if override else f"{path}{message}")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("value", ["null", "[1]"])
 def test_a_task_option_on_the_command_line_over_a_file_whose_extra_is_no_mapping(tmp_path, value):
     path = tmp_path / "run.yaml"

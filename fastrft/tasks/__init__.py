@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from fastrft.config import ConfigError
 from fastrft.jsonl import read_jsonl
 
 
@@ -276,8 +277,9 @@ def _check_options(spec: str, factory, options: dict) -> None:
     named = [name for name, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = [name for name in options if name not in named and not takes_any]
     if unknown:
-        raise ValueError(f"task {spec!r} takes no option {', '.join(f'extra.{n}' for n in unknown)}; its options: "
-                         f"{', '.join(f'extra.{n}' for n in named) or 'none'}")
+        raise ConfigError(f"extra.{unknown[0]}",
+                          f"task {spec!r} takes no option {', '.join(f'extra.{n}' for n in unknown)}; its options: "
+                          f"{', '.join(f'extra.{n}' for n in named) or 'none'}")
     missing = [name for name in named if parameters[name].default is inspect.Parameter.empty and name not in options]
     if missing:
         raise ValueError(f"task {spec!r} needs {', '.join(f'extra.{n}=...' for n in missing)}")
@@ -288,7 +290,8 @@ def _check_options(spec: str, factory, options: dict) -> None:
     for name, value in options.items():
         allowed = _plain_types(hints.get(name))
         if allowed is not None and not _is_one_of(value, allowed):
-            raise ValueError(f"task {spec!r}: extra.{name} must be {_type_names(allowed)}, got {value!r}")
+            raise ConfigError(f"extra.{name}",
+                              f"task {spec!r}: extra.{name} must be {_type_names(allowed)}, got {value!r}")
 
 
 def _plain_types(annotation) -> tuple[type, ...] | None:
@@ -352,13 +355,14 @@ def _check_row(row, where: str, required: tuple[str, ...], types: dict[str, tupl
 
 
 def load_rows(path, required: tuple[str, ...] = (), types: dict[str, tuple[type, ...]] | None = None,
-              key: str = "dataset") -> list[dict]:
+              key: str = "dataset", places: list[str] | None = None) -> list[dict]:
     """Rows of a local ``.jsonl`` (one JSON object per line, blank lines skipped) or ``.parquet`` file.
 
     Every row needs a "prompt" (a string, or chat messages: [{"role": ..., "content": ...}, ...]) and each
     `required` column (a task's ``required_columns()``), each column of `types` (a task's ``column_types()``) a value
     of those types; its other fields become reward-function columns too. Errors name the file and the (1-based) line,
     or row for Parquet; a file without rows is an error. key: the setting that named the file, in errors about it.
+    places: a list to fill with each row's place ("data.jsonl:12"), for the caller's own errors about a row.
     """
     path = Path(path)
     if path.suffix not in (".jsonl", ".parquet"):
@@ -366,15 +370,16 @@ def load_rows(path, required: tuple[str, ...] = (), types: dict[str, tuple[type,
     if not path.is_file():
         raise ValueError(f"{key} {path} does not exist")
     if path.suffix == ".jsonl":
-        rows = [_check_row(row, f"{path}:{line_number}", required, types or {})
-                for line_number, row in read_jsonl(path)]
+        placed = [(f"{path}:{line_number}", row) for line_number, row in read_jsonl(path)]
     else:
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError("reading .parquet rows needs pyarrow: pip install pyarrow") from e
-        records = pq.read_table(path).to_pylist()
-        rows = [_check_row(row, f"{path}:{i}", required, types or {}) for i, row in enumerate(records, start=1)]
+        placed = [(f"{path}:{i}", row) for i, row in enumerate(pq.read_table(path).to_pylist(), start=1)]
+    rows = [_check_row(row, where, required, types or {}) for where, row in placed]
     if not rows:
         raise ValueError(f"{key} {path} holds no rows")
+    if places is not None:
+        places[:] = [where for where, _ in placed]
     return rows
