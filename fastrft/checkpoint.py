@@ -413,6 +413,15 @@ def latest_checkpoint(run_dir) -> Path | None:
     return complete[-1] if complete else None
 
 
+def save_traces(run_dir) -> list[Path]:
+    """What completed saves left in run_dir's checkpoints folder, loadable or not: its step folders (newest first) and
+    its latest pointer. A run that never completed a save has none (a save writes a hidden folder first)."""
+    ckpt_root = Path(run_dir) / CHECKPOINTS_DIR
+    if not ckpt_root.is_dir():
+        return []
+    return [d for _, d in reversed(_step_dirs(ckpt_root))] + [p for p in [ckpt_root / LATEST_FILE] if p.is_file()]
+
+
 class StopSignal:
     """While active, SIGINT and SIGTERM set `.requested` (and `.signal_name`) instead of stopping the process.
 

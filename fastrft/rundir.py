@@ -113,8 +113,9 @@ class RunDir:
                                  f"output_dir (nothing was changed)")
         return found
 
-    def _foreign_entry(self, path: Path) -> tuple[Path, str] | None:
-        """(the first thing at or under the layout name `path` that fastrft did not write, why), or None."""
+    def _foreign_entry(self, path: Path) -> tuple[Path | str, str] | None:
+        """(the first thing at or under the layout name `path` that fastrft did not write (a file's line: "file:12"),
+        why), or None."""
         from fastrft.checkpoint import is_checkpoint_entry   # both import this module
         from fastrft.config import is_saved_config
 
@@ -122,8 +123,12 @@ class RunDir:
             return None if is_saved_config(path) else \
                 (path, "not the config fastrft saves, a YAML mapping of every TrainConfig key")
         if path == self.metrics:
-            return None if _is_metrics_log(path) else \
-                (path, "not the metrics fastrft logs, one JSON object of a step per line")
+            if not path.is_file():
+                return path, "not a file"
+            line = _unlogged_line(path)
+            return None if line is None else \
+                (f"{path}:{line}", "not the metrics fastrft logs, one JSON object of a step per line: a line damaged "
+                                   "since, or another program's file")
         if path == self.summary:
             return None if _is_summary(path) else \
                 (path, "not the summary fastrft writes, a JSON object of the run's steps")
@@ -233,8 +238,10 @@ class RunDir:
         records = self.read_metrics(torn_end_ok=True)
         logged = max((r.get("step", 0) for r in records), default=None)
         if step > 0 and (logged is None or logged < step):
-            raise ValueError(f"{self.metrics} holds steps up to {logged} but the checkpoint is at step {step}: the "
-                             f"file was emptied or cut short; restore it before resuming (nothing was changed)")
+            held = "is missing" if not self.metrics.exists() else "holds no step" if logged is None else \
+                f"holds steps up to {logged}"
+            raise ValueError(f"{self.metrics} {held} but the checkpoint is at step {step}: the file was emptied, cut "
+                             f"short or moved; restore it before resuming (nothing was changed)")
         return [r for r in records if r.get("step", 0) <= step]
 
     def write_metrics(self, records: list[dict]) -> None:
@@ -259,22 +266,20 @@ class RunDir:
         write_atomically(self.summary, (json.dumps(json_safe(summary), indent=1) + "\n").encode())
 
 
-def _is_metrics_log(path: Path) -> bool:
-    """A metrics.jsonl as fastrft logs it: a JSON object per line, its step first (the last line may be torn: a crash
-    while it was written)."""
-    if not path.is_file():
-        return False
-    lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
-    for number, line in enumerate(lines, start=1):
+def _unlogged_line(path: Path) -> int | None:
+    """The first line (1-based) of a metrics.jsonl that is not as fastrft logs them, a JSON object of a step (the last
+    line may be torn: a crash while it was written), or None."""
+    lines = [(number, line) for number, line in enumerate(path.read_bytes().split(b"\n"), start=1) if line.strip()]
+    for i, (number, line) in enumerate(lines):
         try:
             record = json.loads(line)
         except ValueError:
-            if number == len(lines) and (line.startswith(b'{"step": ') or b'{"step": '.startswith(line)):
+            if i == len(lines) - 1 and (line.startswith(b'{"step": ') or b'{"step": '.startswith(line)):
                 continue
-            return False
+            return number
         if not (isinstance(record, dict) and "step" in record):
-            return False
-    return True
+            return number
+    return None
 
 
 def _is_summary(path: Path) -> bool:

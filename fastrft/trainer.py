@@ -56,7 +56,8 @@ import torch
 from fastrft.batch import (EAGER, SDPA, AttentionPath, Batch, Row, accumulate_gradients, build_batch,  # noqa: F401
                            check_head_matches_model, check_vocabularies, choose_attention, final_hidden, note_once,
                            rft_loss, router_loss_coef, sequence_logprobs, with_refinements)
-from fastrft.checkpoint import StopSignal, latest_checkpoint, latest_state, load_checkpoint, save_checkpoint
+from fastrft.checkpoint import (StopSignal, latest_checkpoint, latest_state, load_checkpoint, save_checkpoint,
+                                save_traces)
 from fastrft.config import ConfigError, TrainConfig, load_saved_config, save_config
 from fastrft.distributed import (SINGLE, World, full_value, gathered, init_world, local_tensor, shard_frozen,
                                  shard_policy)
@@ -463,6 +464,21 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         raise
 
 
+def _saved_once(run_dir: RunDir) -> str | None:
+    """Where no checkpoint of the run loads: what shows it saved one all the same (what a save leaves, a summary,
+    records past its first save), or None: it stopped before its first save."""
+    traces = save_traces(run_dir.path)
+    if traces:
+        return f"{traces[0]} is left of it"
+    if run_dir.summary.is_file():
+        return f"it ended: {run_dir.summary}"
+    ran = load_saved_config(run_dir.config)
+    first_save = min(ran.save_every, ran.steps)
+    logged = max((r.get("step", 0) for r in run_dir.read_metrics(torn_end_ok=True)), default=0)
+    return f"{run_dir.metrics} logs step {logged}, after its first save at step {first_save}" \
+        if logged > first_save else None
+
+
 def _load_run(cfg: TrainConfig, resume: bool, overwrite: bool, world: World) -> Run:
     if not cfg.model:
         raise ValueError("model is not set: give the local path of the policy's initial weights (model=PATH)")
@@ -544,8 +560,15 @@ def _load_run(cfg: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
     start_step, state, metrics = 0, {"stream": {"epoch": 0, "index": 0}, "skipped_steps": 0}, []
     # A run that stopped before its first checkpoint (a crash in its first steps) has nothing to resume from: it
     # starts again from step 0, its records of those steps dropped, as a resume drops those after its checkpoint.
+    # One that saved a checkpoint since lost or damaged is refused: starting again would rewrite its records.
     restart = resume and not world.broadcast(latest_checkpoint(run_dir.path) is not None if world.is_main else None)
     if restart:
+        saved = world.broadcast(_saved_once(run_dir) if world.is_main else None)
+        if saved:
+            raise ValueError(f"{run_dir.path} holds no checkpoint that loads, but the run saved one ({saved}): "
+                             f"starting it again from step 0 would rewrite the records of its steps; restore its "
+                             f"checkpoints, or train anew (another output_dir, or --overwrite to replace this run) "
+                             f"(nothing was changed)")
         note_once(f"{run_dir.path} holds no checkpoint (the run stopped before its first one was saved): it starts "
                   f"again from step 0")
     if resume and not restart:

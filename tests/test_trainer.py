@@ -1067,9 +1067,45 @@ def test_resume_drops_a_torn_last_line_and_refuses_a_shortened_log(tiny_model, t
 
     for shortened in (b"", whole.split(b"\n", 2)[0] + b"\n"):    # emptied; only step 0 left
         metrics.write_bytes(shortened)
-        with pytest.raises(ValueError, match="was emptied or cut short"):
+        with pytest.raises(ValueError, match="holds (no step|steps up to 0) but the checkpoint is at step 3: the file "
+                                             "was emptied, cut short or moved"):
             train(load_config(run_dir / "config.yaml", ["steps=4"]), resume=True)
         assert metrics.read_bytes() == shortened
+    damaged = whole.replace(b'{"step": 1,', b'{"step": 1, BROKEN', 1)   # a line damaged before the last
+    metrics.write_bytes(damaged)
+    with pytest.raises(ValueError, match=f"{metrics}:2 was not written by fastrft \\(.*a line damaged since"):
+        train(load_config(run_dir / "config.yaml", ["steps=4"]), resume=True)
+    assert metrics.read_bytes() == damaged
+    metrics.unlink()
+    with pytest.raises(ValueError, match="metrics.jsonl is missing but the checkpoint is at step 3"):
+        train(load_config(run_dir / "config.yaml", ["steps=4"]), resume=True)
+
+
+def test_a_run_whose_checkpoints_are_lost_is_not_started_again(tiny_model, tmp_path):
+    """A run that saved checkpoints, none of which loads now (deleted, or their manifests gone): a resume would start
+    it again from step 0 over its records. Refused, nothing changed, on what shows the saves: the step folders left,
+    the summary of a run that ended, records past the first save."""
+    import shutil
+
+    train(config(tiny_model, tmp_path, "steps=3", "save_every=2"))
+    run_dir = tmp_path / "run"
+    files = {p: p.read_bytes() for p in (run_dir / "metrics.jsonl", run_dir / "summary.json", run_dir / "config.yaml")}
+
+    def refused(shown: str):
+        with pytest.raises(ValueError, match=f"holds no checkpoint that loads, but the run saved one \\({shown}\\): "
+                                             "starting it again from step 0 would rewrite"):
+            train(load_config(run_dir / "config.yaml", ["steps=5"]), resume=True)
+        assert {p: p.read_bytes() for p in files if p.exists()} == {p: b for p, b in files.items() if p.exists()}
+
+    for manifest in (run_dir / "checkpoints").glob("step_*/checkpoint.json"):
+        manifest.unlink()
+    with pytest.warns(UserWarning, match="latest names 'step_00000003', which is not a complete checkpoint"):
+        refused(f"{run_dir / 'checkpoints' / 'step_00000003'} is left of it")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000003"]
+    shutil.rmtree(run_dir / "checkpoints")
+    refused(f"it ended: {run_dir / 'summary.json'}")
+    (run_dir / "summary.json").unlink()
+    refused(f"{run_dir / 'metrics.jsonl'} logs step 3, after its first save at step 2")
 
 
 def test_non_finite_weights_stop_the_run_before_a_checkpoint(tiny_model, tmp_path):
