@@ -130,14 +130,15 @@ def run_name(variant: Variant, seed: int) -> str:
 
 
 def run_config(base_cfg: TrainConfig, variant: Variant, seed: int, out_dir: Path) -> TrainConfig:
-    return dataclasses.replace(base_cfg, constraint=variant.constraint, kl_coef=variant.kl_coef, seed=seed,
-                               output_dir=str(out_dir / RUNS_DIR / run_name(variant, seed)))
+    return base_cfg.replaced(constraint=variant.constraint, kl_coef=variant.kl_coef, seed=seed,
+                             output_dir=str(out_dir / RUNS_DIR / run_name(variant, seed)))
 
 
 def run_state(cfg: TrainConfig, world_size: int = 1) -> str:
     """"finished", "resume" (a checkpoint to continue from) or "start"; ValueError when the directory holds a run
-    with other settings, one that went past cfg.steps, or one trained on another number of ranks than world_size
-    (each rank samples its share of the prompts: runs of one comparison are trained alike)."""
+    with other settings, one that went past cfg.steps, one trained on another number of ranks than world_size
+    (each rank samples its share of the prompts: runs of one comparison are trained alike), or one whose checkpoints
+    were lost since it saved one (starting it again would replace its records)."""
     from fastrft.checkpoint import latest_checkpoint
 
     run_dir = RunDir(cfg.output_dir)
@@ -162,6 +163,12 @@ def run_state(cfg: TrainConfig, world_size: int = 1) -> str:
             return "finished"
         if isinstance(done, int) and done > cfg.steps:
             raise ValueError(f"{run_dir.path} already ran {done} steps, more than steps={cfg.steps}")
+    if checkpoint is None and run_dir.holds_run():   # "start" replaces what the folder holds: never a lost run's records
+        from fastrft.trainer import lost_checkpoints_refusal
+
+        refusal = lost_checkpoints_refusal(run_dir, "give another --out")
+        if refusal:
+            raise ValueError(refusal)
     return "resume" if checkpoint is not None else "start"
 
 

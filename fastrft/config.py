@@ -208,8 +208,14 @@ class TrainConfig:
 
         extra = {name: os.path.abspath(value) if isinstance(value, str) and value and os.path.exists(value) else value
                  for name, value in self.extra.items()}
-        return dataclasses.replace(self, extra=extra, task=portable_task_spec(self.task),
-                                   **{key: os.path.abspath(value) for key in PATH_KEYS if (value := getattr(self, key))})
+        return self.replaced(extra=extra, task=portable_task_spec(self.task),
+                             **{key: os.path.abspath(value) for key in PATH_KEYS if (value := getattr(self, key))})
+
+    def replaced(self, **changes) -> TrainConfig:
+        """dataclasses.replace(self, **changes) (checked alike), knowing where the keys it keeps were set."""
+        out = dataclasses.replace(self, **changes)
+        out.origins = {key: place for key, place in self.origins.items() if key.partition(".")[0] not in changes}
+        return out
 
     @property
     def uses_kl(self) -> bool:
@@ -357,8 +363,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         merged.update(data)
         where.update({key: f"{path}:{lines[str(key)]}" if str(key) in lines else str(path) for key in data})
         if isinstance(data.get("extra"), dict):   # each task option where it was set, else where extra was
-            where.update({f"extra.{name}": f"{path}:{lines.get(f'extra.{name}', lines.get('extra', '?'))}"
-                          for name in data["extra"]})
+            where.update({f"extra.{name}": f"{path}:{lines[f'extra.{name}']}" if f"extra.{name}" in lines
+                          else where["extra"] for name in data["extra"]})
     merged.update(values)
     for item in overrides:   # a later one wins: scripts append to a list of common overrides
         key, sep, value = item.partition("=")

@@ -113,9 +113,9 @@ class RunDir:
                                  f"output_dir (nothing was changed)")
         return found
 
-    def _foreign_entry(self, path: Path) -> tuple[Path | str, str] | None:
-        """(the first thing at or under the layout name `path` that fastrft did not write (a file's line: "file:12"),
-        why), or None."""
+    def _foreign_entry(self, path: Path) -> tuple[Path, str] | None:
+        """(the first thing at or under the layout name `path` that fastrft did not write, why), or None; a
+        ValueError naming the line of fastrft's own metrics log that is damaged."""
         from fastrft.checkpoint import is_checkpoint_entry   # both import this module
         from fastrft.config import is_saved_config
 
@@ -125,10 +125,11 @@ class RunDir:
         if path == self.metrics:
             if not path.is_file():
                 return path, "not a file"
-            line = _unlogged_line(path)
-            return None if line is None else \
-                (f"{path}:{line}", "not the metrics fastrft logs, one JSON object of a step per line: a line damaged "
-                                   "since, or another program's file")
+            line, logged = _unlogged_lines(path)
+            if line is not None and logged:   # fastrft's log, a line of it damaged since
+                raise ValueError(f"{path}:{line} is damaged: not the JSON object of a step that fastrft logs on each "
+                                 f"line; repair or delete that line (nothing was changed)")
+            return None if line is None else (path, "not the metrics fastrft logs, one JSON object of a step per line")
         if path == self.summary:
             return None if _is_summary(path) else \
                 (path, "not the summary fastrft writes, a JSON object of the run's steps")
@@ -266,20 +267,23 @@ class RunDir:
         write_atomically(self.summary, (json.dumps(json_safe(summary), indent=1) + "\n").encode())
 
 
-def _unlogged_line(path: Path) -> int | None:
-    """The first line (1-based) of a metrics.jsonl that is not as fastrft logs them, a JSON object of a step (the last
-    line may be torn: a crash while it was written), or None."""
+def _unlogged_lines(path: Path) -> tuple[int | None, bool]:
+    """(the first line (1-based) of a metrics.jsonl that is not as fastrft logs them, a JSON object of a step (the
+    last line may be torn: a crash while it was written), or None; whether any line is one)."""
     lines = [(number, line) for number, line in enumerate(path.read_bytes().split(b"\n"), start=1) if line.strip()]
+    first_bad, logged = None, False
     for i, (number, line) in enumerate(lines):
         try:
             record = json.loads(line)
         except ValueError:
+            record = None
             if i == len(lines) - 1 and (line.startswith(b'{"step": ') or b'{"step": '.startswith(line)):
                 continue
-            return number
-        if not (isinstance(record, dict) and "step" in record):
-            return number
-    return None
+        if isinstance(record, dict) and "step" in record:
+            logged = True
+        elif first_bad is None:
+            first_bad = number
+    return first_bad, logged
 
 
 def _is_summary(path: Path) -> bool:

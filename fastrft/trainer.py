@@ -34,7 +34,6 @@ union of the ranks' splits).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -411,6 +410,7 @@ class StepRecord:
     step_time_s: float
     peak_mem_gb: float
     eval: dict = field(default_factory=dict)
+    resumable_from: int | None = None   # the newest checkpoint's step as the record is logged (None: none yet)
 
     def to_dict(self) -> dict:
         rollout, update = self.rollout, self.update
@@ -438,7 +438,7 @@ class StepRecord:
                       micro_batches=update.micro_batches, skipped_steps=self.skipped_steps, lr=self.lr)
         record.update({f"time_{phase}_s": seconds for phase, seconds in self.times_s.items()})
         record.update(tokens_per_s=self.trained_tokens / max(self.times_s["update"], 1e-9),
-                      step_time_s=self.step_time_s, peak_mem_gb=self.peak_mem_gb)
+                      step_time_s=self.step_time_s, peak_mem_gb=self.peak_mem_gb, resumable_from=self.resumable_from)
         return {**record, **self.eval}
 
 
@@ -464,19 +464,24 @@ def make_run(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         raise
 
 
-def _saved_once(run_dir: RunDir) -> str | None:
-    """Where no checkpoint of the run loads: what shows it saved one all the same (what a save leaves, a summary,
-    records past its first save), or None: it stopped before its first save."""
+def lost_checkpoints_refusal(run_dir: RunDir, remedy: str) -> str | None:
+    """Where no checkpoint of the run in run_dir loads: None if it stopped before its first save (it may start again
+    from step 0), else why it may not, naming what shows it saved one all the same (what a save leaves, the summary
+    of a run that ended, records logged after a save). remedy: the caller's way to train anew."""
     traces = save_traces(run_dir.path)
-    if traces:
-        return f"{traces[0]} is left of it"
-    if run_dir.summary.is_file():
-        return f"it ended: {run_dir.summary}"
+    records = run_dir.read_metrics(torn_end_ok=True)
+    resumable = max((r["resumable_from"] for r in records if r.get("resumable_from")), default=None)
+    # A log written before records named their checkpoint: steps past the first save of the settings it ran under.
     ran = load_saved_config(run_dir.config)
     first_save = min(ran.save_every, ran.steps)
-    logged = max((r.get("step", 0) for r in run_dir.read_metrics(torn_end_ok=True)), default=0)
-    return f"{run_dir.metrics} logs step {logged}, after its first save at step {first_save}" \
-        if logged > first_save else None
+    logged = max((r.get("step", 0) for r in records), default=0)
+    shown = (f"{traces[0]} is left of it" if traces else f"it ended: {run_dir.summary}" if run_dir.summary.is_file()
+             else f"{run_dir.metrics} logs a checkpoint at step {resumable}" if resumable
+             else f"{run_dir.metrics} logs step {logged}, after its first save at step {first_save}"
+             if logged > first_save and not any("resumable_from" in r for r in records) else None)
+    return shown and (f"{run_dir.path} holds no checkpoint that loads, but the run saved one ({shown}): starting it "
+                      f"again from step 0 would rewrite the records of its steps; restore its checkpoints, or "
+                      f"{remedy} (nothing was changed)")
 
 
 def _load_run(cfg: TrainConfig, resume: bool, overwrite: bool, world: World) -> Run:
@@ -563,12 +568,10 @@ def _load_run(cfg: TrainConfig, resume: bool, overwrite: bool, world: World) -> 
     # One that saved a checkpoint since lost or damaged is refused: starting again would rewrite its records.
     restart = resume and not world.broadcast(latest_checkpoint(run_dir.path) is not None if world.is_main else None)
     if restart:
-        saved = world.broadcast(_saved_once(run_dir) if world.is_main else None)
-        if saved:
-            raise ValueError(f"{run_dir.path} holds no checkpoint that loads, but the run saved one ({saved}): "
-                             f"starting it again from step 0 would rewrite the records of its steps; restore its "
-                             f"checkpoints, or train anew (another output_dir, or --overwrite to replace this run) "
-                             f"(nothing was changed)")
+        refusal = world.broadcast(lost_checkpoints_refusal(run_dir, "train anew (another output_dir, or --overwrite "
+                                                                    "to replace this run)") if world.is_main else None)
+        if refusal:
+            raise ValueError(refusal)
         note_once(f"{run_dir.path} holds no checkpoint (the run stopped before its first one was saved): it starts "
                   f"again from step 0")
     if resume and not restart:
@@ -704,7 +707,7 @@ def export_model(run_dir, out_dir) -> tuple[Path, int]:
     cfg = load_saved_config(run.config, output_dir=str(run.path))
     # The adapters as the newest checkpoint trained them (config.yaml may hold a resume's settings that no
     # checkpoint has reached yet).
-    cfg = dataclasses.replace(cfg, **(latest_state(run.path).get("lora") or {}))
+    cfg = cfg.replaced(**(latest_state(run.path).get("lora") or {}))
     check_model_dir(cfg.model, "model")
     tokenizer = load_tokenizers(cfg.model, cfg.model)
     model = _load_model(cfg.model, "model", getattr(torch, cfg.dtype), torch.device("cpu"), "none", "load_in_4bit")
@@ -810,6 +813,7 @@ def _train_steps(run: Run) -> dict:
 
         progress = tqdm(total=cfg.steps, initial=run.start_step, desc="fastrft", unit="step", dynamic_ncols=True)
     step = run.start_step
+    saved = run.start_step or None   # the newest checkpoint's step (a resume's)
     stop_requested = False
     with StopSignal() as stop:
         while step < cfg.steps and not stop_requested:
@@ -817,6 +821,7 @@ def _train_steps(run: Run) -> dict:
             record = run_step(run, step)
             if run.eval_rows and (step % cfg.eval_every == 0 or step == cfg.steps):
                 record.eval = evaluate(run)
+            record.resumable_from = saved
             if world.is_main:
                 run.run_dir.append_metrics(record.to_dict())
             # A signal reaches the ranks at different moments: every rank stops after the same step.
@@ -825,6 +830,7 @@ def _train_steps(run: Run) -> dict:
                 save_checkpoint(run.run_dir.path, step, model=run.policy, optimizer=run.optimizer,
                                 state=run.checkpoint_state(), keep=cfg.keep_checkpoints,
                                 trainable_only=cfg.lora_r > 0, world=world)
+                saved = step
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(reward=_shown(_mean(record.rollout.rewards, None)),

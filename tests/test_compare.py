@@ -197,6 +197,27 @@ def test_interrupted_comparison_resumes_where_it_stopped(tiny_model, tmp_path):
     assert [r["steps"] for r in result["variants"][0]["runs"]] == [2, 2, 2]
 
 
+def test_a_run_whose_checkpoints_are_lost_is_not_trained_again_over_its_records(tiny_model, tmp_path):
+    """A comparison's run stopped after a checkpoint (no summary) whose checkpoints are gone since: "start" would
+    replace its folder, records and all. Refused, naming what shows the save; nothing changed."""
+    import shutil
+
+    out = tmp_path / "cmp"
+    base = load_config(None, FAST, model=tiny_model)   # a checkpoint every step
+    cfg = run_config(base, Variant("refiner", "refiner", 0.05), 0, out)
+    train(cfg)
+    run = out / "runs" / "refiner_seed0"
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints")
+    logged = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=f"{run} holds no checkpoint that loads, but the run saved one \\("
+                                         f"{run / 'metrics.jsonl'} logs a checkpoint at step {cfg.steps - 1}\\)"):
+        run_state(cfg)
+    with pytest.raises(ValueError, match="holds no checkpoint that loads"):
+        compare(base, modes=["refiner"], seeds=1, out_dir=out, train_fn=train)
+    assert (run / "metrics.jsonl").read_bytes() == logged
+
+
 def test_a_stop_signal_ends_the_comparison_after_the_current_run(tiny_model, tmp_path):
     calls = []
 

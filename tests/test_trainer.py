@@ -1073,7 +1073,8 @@ def test_resume_drops_a_torn_last_line_and_refuses_a_shortened_log(tiny_model, t
         assert metrics.read_bytes() == shortened
     damaged = whole.replace(b'{"step": 1,', b'{"step": 1, BROKEN', 1)   # a line damaged before the last
     metrics.write_bytes(damaged)
-    with pytest.raises(ValueError, match=f"{metrics}:2 was not written by fastrft \\(.*a line damaged since"):
+    with pytest.raises(ValueError, match=f"{metrics}:2 is damaged: not the JSON object of a step that fastrft logs "
+                                         "on each line; repair or delete that line \\(nothing was changed\\)"):
         train(load_config(run_dir / "config.yaml", ["steps=4"]), resume=True)
     assert metrics.read_bytes() == damaged
     metrics.unlink()
@@ -1089,6 +1090,9 @@ def test_a_run_whose_checkpoints_are_lost_is_not_started_again(tiny_model, tmp_p
 
     train(config(tiny_model, tmp_path, "steps=3", "save_every=2"))
     run_dir = tmp_path / "run"
+    # Each step's record names the checkpoint a resume would start from as it is logged.
+    assert [(r["step"], r.get("resumable_from")) for r in read_metrics(run_dir)] == [(0, None), (1, None), (2, None),
+                                                                                      (3, 2)]
     files = {p: p.read_bytes() for p in (run_dir / "metrics.jsonl", run_dir / "summary.json", run_dir / "config.yaml")}
 
     def refused(shown: str):
@@ -1105,6 +1109,11 @@ def test_a_run_whose_checkpoints_are_lost_is_not_started_again(tiny_model, tmp_p
     shutil.rmtree(run_dir / "checkpoints")
     refused(f"it ended: {run_dir / 'summary.json'}")
     (run_dir / "summary.json").unlink()
+    refused(f"{run_dir / 'metrics.jsonl'} logs a checkpoint at step 2")   # step 3's record: resumable from step 2
+    # A log from before records named their checkpoint: steps past the first save of the settings it ran under.
+    records = [{k: v for k, v in r.items() if k != "resumable_from"} for r in read_metrics(run_dir)]
+    files[run_dir / "metrics.jsonl"] = "".join(json.dumps(r) + "\n" for r in records).encode()
+    (run_dir / "metrics.jsonl").write_bytes(files[run_dir / "metrics.jsonl"])
     refused(f"{run_dir / 'metrics.jsonl'} logs step 3, after its first save at step 2")
 
 
