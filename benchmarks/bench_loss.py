@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from memory import allocator_env, peak_extra_bytes
-from report import OUT_HELP, check_minimums
+from report import OUT_HELP, check_minimums, say_written
 
 import torch
 
@@ -336,20 +336,30 @@ def write_results(env, rates, rows, out: Path):
              f"torch {env.get('torch')}, triton {env.get('triton')}, python {env['python']}, commit {env['commit']}"
              f"{' (dirty)' if env['dirty'] else ''}, {env['cpu_threads']} CPU threads", "",
              f"Command: `{env['command']}` (shapes done: {env['shapes_done']})", "",
-             "Floor = 6*N*H*V / (measured matmul rate in the same dtype); peak = memory beyond inputs and gradients.",
-             "", "| shape NxHxV | rows | provider | fwd+bwd ms | x floor | peak extra MB | note |",
-             "|---|---|---|---:|---:|---:|---|"]
+             "Floor = 6*N*H*V / (measured matmul rate in the same dtype); peak = memory beyond inputs and gradients; "
+             "x naive = time (peak) over the naive loss's of the same shape and rows in this run.",
+             "", "| shape NxHxV | rows | provider | fwd+bwd ms | x floor | x naive | peak extra MB | peak x naive "
+                 "| note |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    naive = {(r["shape"], r["zero_half"]): r for r in rows if r["provider"] == "naive" and "skipped" not in r}
+
+    def over_naive(r, key):
+        base = naive.get((r["shape"], r["zero_half"]), {}).get(key)
+        return f"{r[key] / base:.2f}" if r.get(key) is not None and base else "-"
+
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['shape']} | {'half zero' if r['zero_half'] else 'all'} | {r['provider']} | - | - | - "
-                         f"| skipped: {r['skipped']} |")
+                         f"| - | - | skipped: {r['skipped']} |")
         else:
             peak = f"{r['peak_extra_mb']:.1f}" if r.get("peak_extra_mb") is not None else "n/a"
             lines.append(f"| {r['shape']} | {'half zero' if r['zero_half'] else 'all'} | {r['provider']} | "
-                         f"{r['ms']:.2f} | {r['x_floor']:.2f} | {peak} | {r['note']} |")
+                         f"{r['ms']:.2f} | {r['x_floor']:.2f} | {over_naive(r, 'ms')} | {peak} | "
+                         f"{over_naive(r, 'peak_extra_mb')} | {r['note']} |")
     lines += ["", "Matmul rate used for the floor (TFLOP/s): "
               + ", ".join(f"{k}: {v:.2f}" for k, v in rates.items())]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    say_written(out)
 
 
 def main():

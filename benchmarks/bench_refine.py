@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import QWEN_WIDTH, qwen_width_description, qwen_width_model  # noqa: E402
-from report import check_minimums  # noqa: E402
+from report import check_minimums, say_written  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
@@ -64,10 +64,8 @@ def load_model(name: str, reference_dir: Path, device: torch.device, dtype: torc
         from fastrft.tasks.demo import ensure_reference
 
         model = AutoModelForCausalLM.from_pretrained(ensure_reference(reference_dir), dtype=dtype)
-    elif name == QWEN_WIDTH:
-        model = qwen_width_model(4, dtype)
     else:
-        raise SystemExit(f"unknown model {name!r}: {', '.join(MODELS)}")
+        model = qwen_width_model(4, dtype)
     return model.to(device).eval()
 
 
@@ -301,6 +299,13 @@ def main():
     if min(rows.values()) < 1 or min(lengths) < 1 or not all(0 <= e <= 1 for e in edits) or args.repeat < 1:
         parser.error("rows, lengths and --repeat must be >= 1 and each share of --edits in [0, 1]")
     check_minimums(parser, args, {"prompt_len": 2})   # prompts of prompt_len/2 to 3*prompt_len/2 tokens
+    # Named before anything is measured, not after the models before them.
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(map(repr, unknown))}; the models: {', '.join(MODELS)}")
+    unknown = [part for part in args.parts.split(",") if part not in ("edits", "shared")]
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(map(repr, unknown))}; the parts: edits, shared")
     payload = {"env": describe_machine(device), "dtype": str(dtype).replace("torch.", ""),
                "prompt_len": args.prompt_len, "repeat": args.repeat, "models": args.models.split(","), "rows": []}
     if "shared" in args.parts.split(",") and not (1 <= args.shared_len and 1 <= args.group):
@@ -308,8 +313,6 @@ def main():
                          f"{args.group}")
     tag = "cuda" if device.type == "cuda" else "cpu"
     for part in args.parts.split(","):
-        if part not in ("edits", "shared"):
-            raise SystemExit(f"unknown part {part!r}: edits, shared")
         stem, render = ("bench_refine", markdown) if part == "edits" else ("bench_refine_shared", markdown_shared)
         part_payload = {**payload, "rows": []}
         if part == "shared":
@@ -328,6 +331,7 @@ def main():
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.with_suffix(".json").write_text(json.dumps(part_payload, indent=1) + "\n")
                 out.with_suffix(".md").write_text(render(part_payload))
+                say_written(out)
             del model
         print(render(part_payload))
         print(json.dumps(part_payload))

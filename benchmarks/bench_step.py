@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import fix_malloc_mmap_threshold, peak_extra_bytes  # noqa: E402
 from models import QWEN_WIDTH, qwen_width_description, qwen_width_model  # noqa: E402
-from report import OUT_HELP, check_minimums, int_list  # noqa: E402
+from report import OUT_HELP, check_minimums, int_list, say_written  # noqa: E402
 
 from fastrft.rollout import greedy_from_drafts as _greedy_from_drafts  # noqa: E402 (the unpatched one)
 
@@ -512,6 +512,7 @@ def main():
             out.parent.mkdir(parents=True, exist_ok=True)
             out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
             out.with_suffix(".md").write_text(text)
+            say_written(out)
         return text
 
     if "demo" in parts:

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from memory import allocator_env, peak_extra_bytes as measure_peak
-from report import OUT_HELP, RESULTS, check_device, check_minimums, int_list
+from report import OUT_HELP, RESULTS, check_device, check_minimums, int_list, say_written
 
 import torch  # noqa: E402
 
@@ -346,6 +346,7 @@ def write_results(payload, out: Path):
               f"stays within {payload['budget_gb']} GB: "
               + ", ".join(f"{p}: {v if v is not None else 'none'}" for p, v in payload["longest"].items()) + "."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    say_written(out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@
 # Each benchmark writes its results as it goes, so a part stopped by its limit keeps what it measured.
 set -euo pipefail
 : "${OUT:?set OUT to the folder for the results}"
+compgen -G ".whl/*.whl" > /dev/null || { echo "no wheels in .whl/: run ../shared/gpu/prepare-wheels.sh first" >&2; exit 2; }
+command -v nvidia-smi > /dev/null || { echo "no nvidia-smi: this script runs on a machine with an NVIDIA GPU" >&2; exit 2; }
 site=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
 # fastrft itself: through pip where the build tools are there, else copied as installed (kernels/ becomes

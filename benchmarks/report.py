@@ -3,7 +3,12 @@ benchmarks/results/."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+from fastrft.machine import quiet_deepspeed_without_gpu
+
+quiet_deepspeed_without_gpu()   # every benchmark that saves a model would print DeepSpeed's guess on the CPU
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT_HELP = ("where to write the results: a path without suffix, which gets .json and .md (default: "
@@ -19,6 +24,12 @@ def publish(payload: dict, text: str, name: str, out: str | None = None) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     path.with_suffix(".md").write_text(text)
+    say_written(path)
+
+
+def say_written(path: Path) -> None:
+    """Where the results went (a quick look with the default path replaces the committed ones: --out elsewhere)."""
+    print(f"written: {path.with_suffix('.json')} and .md", file=sys.stderr)
 
 
 def check_minimums(parser, args, minimums: dict[str, float]) -> None:
@@ -47,6 +58,8 @@ def check_device(parser, name: str):
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {name}: this machine has no CUDA device")

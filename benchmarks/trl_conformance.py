@@ -29,7 +29,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import OUT_HELP, RESULTS  # noqa: E402
+from report import OUT_HELP, RESULTS, say_written  # noqa: E402
 
 from fastrft.machine import describe_machine  # noqa: E402
 
@@ -201,6 +201,7 @@ def main():
               f"{payload['also_passed_with_fastrft']} pass with FastRFTGRPOTrainer."]
     lines += [f"- does not pass with FastRFTGRPOTrainer: `{t}`" for t in regressions]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    say_written(out)
     print("\n".join(lines))
     if args.keep:
         print(f"work folder: {root}")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from fastrft.distributed import end_world, launched_rank
+from fastrft.machine import quiet_deepspeed_without_gpu
 from fastrft.rundir import RunDir
 
 # The embedded demo: RL from the project's own reference model on the synthetic sorting task, on the CPU.
@@ -232,15 +233,6 @@ def _at_least_one(text: str) -> int:
     return value
 
 
-def _quiet_deepspeed_without_gpu() -> None:
-    """Without a GPU, DeepSpeed's accelerator is the CPU's, named so it is not guessed: transformers' save_pretrained
-    imports DeepSpeed where it is installed (through accelerate), and its guess warns that a GPU went undetected."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line: its exit status. Under torchrun, a command that returns (no error; a run stopped by a
     signal too) ends the process group and then the process itself with its status (fastrft.distributed.end_world
@@ -285,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    _quiet_deepspeed_without_gpu()
+    quiet_deepspeed_without_gpu()
     try:
         status = args.func(args)
         end_world(exit_status=status or 0)   # under torchrun the process ends here

@@ -12,6 +12,15 @@ from pathlib import Path
 PACKAGES = ("torch", "triton", "transformers", "trl", "peft", "numpy")
 
 
+def quiet_deepspeed_without_gpu() -> None:
+    """Without a GPU, DeepSpeed's accelerator is the CPU's, named so it is not guessed: transformers' save_pretrained
+    imports DeepSpeed where it is installed (through accelerate), and its guess warns that a GPU went undetected."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def describe_machine(device=None, packages=PACKAGES) -> dict:
     """device (a torch.device, default: CUDA when present) names the accelerator or the CPU; the versions of the
     installed ones of packages; the git commit of this source tree, dirty when tracked files changed."""
