@@ -222,8 +222,9 @@ def _cause(error: BaseException) -> BaseException:
 
 
 def _choose_checkpoint(run_dir: Path, with_optimizer: bool, with_scheduler: bool, world: World = SINGLE):
-    """(directory, manifest, None) of the newest checkpoint whose every file checks out, or (None, None, the newest
-    one's error); the same on every rank (collective: the ranks share the checksums' work)."""
+    """(directory, manifest, None) of the newest checkpoint whose every file checks out, or (None, None, an error of
+    the newest one's type naming each one's problem); the same on every rank (collective: the ranks share the
+    checksums' work)."""
     candidates = [Path(c) for c in world.broadcast([str(c) for c in _checkpoints_newest_first(run_dir)]
                                                    if world.is_main else None)]
     if not candidates:
@@ -239,7 +240,10 @@ def _choose_checkpoint(run_dir: Path, with_optimizer: bool, with_scheduler: bool
             if ckpt_dir is not candidates[-1] and world.is_main:
                 warnings.warn(f"checkpoint {ckpt_dir} is unusable ({e}); falling back to the previous one",
                               stacklevel=3)
-    return None, None, errors[0]
+    if len(errors) == 1:
+        return None, None, errors[0]
+    return None, None, type(errors[0])(f"none of the {len(errors)} checkpoints in {run_dir} loads: "
+                                       + "; ".join(f"{d.name}: {e}" for d, e in zip(candidates, errors)))
 
 
 def _verified_manifest(ckpt_dir: Path, with_optimizer: bool, with_scheduler: bool, world: World = SINGLE) -> dict:

@@ -340,8 +340,9 @@ def test_missing_and_corrupt(tmp_path):
     with pytest.raises(ValueError, match="manifest"):
         load_checkpoint(second, model=model)
     (first / SHARD).write_bytes(b"")
-    with pytest.warns(UserWarning, match="step_00000002 is unusable"):   # and none is good: the newest's error
-        with pytest.raises(ValueError, match="corrupt checkpoint manifest"):
+    with pytest.warns(UserWarning, match="step_00000002 is unusable"):   # and none is good: each one's error
+        with pytest.raises(ValueError, match=f"none of the 2 checkpoints in {tmp_path} loads: step_00000002: "
+                                             f"corrupt checkpoint manifest.*; step_00000001: .*{SHARD}"):
             load_checkpoint(tmp_path, model=model)
     _assert_same(before, _weights(model))
     first = save_checkpoint(tmp_path, 1, model=model, keep=None)
