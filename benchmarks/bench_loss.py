@@ -403,8 +403,7 @@ def main():
     rates, rows = {}, []
     for done, shape in enumerate(shapes, 1):
         rates[shape], shape_rows = bench_shape(shape, providers, dtype, device, args, meter)
-        rows += shape_rows
-        print("\n".join(format_row(r) for r in shape_rows), flush=True)
+        rows += shape_rows   # (each row printed as it is measured; all of them again at the end)
         if not args.no_write:   # after every shape, so that a run stopped by a time limit still leaves its results
             env["shapes_done"] = f"{done} of {len(shapes)}"
             write_results(env, rates, rows, Path(args.out) if args.out else
