@@ -345,7 +345,10 @@ def write_results(env, rates, rows, out: Path):
 
     def over_naive(r, key):
         base = naive.get((r["shape"], r["zero_half"]), {}).get(key)
-        return f"{r[key] / base:.2f}" if r.get(key) is not None and base else "-"
+        if r.get(key) is None or not base:
+            return "-"
+        ratio = r[key] / base
+        return f"{ratio:.2f}" if ratio >= 0.01 else f"{ratio:.1e}"   # a tiny peak reads as one, not as 0.00
 
     for r in rows:
         if "skipped" in r:
