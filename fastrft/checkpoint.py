@@ -182,9 +182,10 @@ def load_checkpoint(run_dir, *, model: torch.nn.Module, optimizer=None, schedule
     checkpoint directory. Every file is checked against the manifest's sha256 before anything is restored. In a
     run directory a checkpoint with a missing, corrupt or truncated file is skipped with a warning naming it, and
     the previous one is tried; when none is good, an error of the newest one's type naming each one's problem is
-    raised (FileNotFoundError for a missing file, ValueError for an unreadable one). ValueError too when a good checkpoint does not fit the
-    model/optimizer. Nothing is modified unless every file reads back. Weights saved wider than the model holds
-    them (fp32 master weights into a bfloat16 model) are said in a warning ending with narrowed_note."""
+    raised (FileNotFoundError for a missing file, ValueError for an unreadable one). ValueError too when a good
+    checkpoint does not fit the model/optimizer. Nothing is modified unless every file reads back. Weights saved
+    wider than the model holds them (fp32 master weights into a bfloat16 model) are said in a warning ending with
+    narrowed_note."""
     ckpt_dir, manifest, error = _choose_checkpoint(Path(run_dir), optimizer is not None, scheduler is not None,
                                                    world)
     if error is not None:

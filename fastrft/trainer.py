@@ -468,20 +468,31 @@ def lost_checkpoints_refusal(run_dir: RunDir, remedy: str) -> str | None:
     """Where no checkpoint of the run in run_dir loads: None if it stopped before its first save (it may start again
     from step 0), else why it may not, naming what shows it saved one all the same (what a save leaves, the summary
     of a run that ended, records logged after a save). remedy: the caller's way to train anew."""
+    shown = _shown_save(run_dir)
+    return shown and (f"{run_dir.path} holds no checkpoint that loads, but the run saved one ({shown}): starting it "
+                      f"again from step 0 would rewrite the records of its steps; restore its checkpoints, or "
+                      f"{remedy} (nothing was changed)")
+
+
+def _shown_save(run_dir: RunDir) -> str | None:
+    """What in run_dir shows that its run completed a save, or None."""
     traces = save_traces(run_dir.path)
+    if traces:
+        return f"{traces[0]} is left of it"
+    if run_dir.summary.is_file():
+        return f"it ended: {run_dir.summary}"
     records = run_dir.read_metrics(torn_end_ok=True)
     resumable = max((r["resumable_from"] for r in records if r.get("resumable_from")), default=None)
+    if resumable:
+        return f"{run_dir.metrics} logs a checkpoint at step {resumable}"
+    if any("resumable_from" in r for r in records):   # records that name their checkpoint: none was saved
+        return None
     # A log written before records named their checkpoint: steps past the first save of the settings it ran under.
     ran = load_saved_config(run_dir.config)
     first_save = min(ran.save_every, ran.steps)
     logged = max((r.get("step", 0) for r in records), default=0)
-    shown = (f"{traces[0]} is left of it" if traces else f"it ended: {run_dir.summary}" if run_dir.summary.is_file()
-             else f"{run_dir.metrics} logs a checkpoint at step {resumable}" if resumable
-             else f"{run_dir.metrics} logs step {logged}, after its first save at step {first_save}"
-             if logged > first_save and not any("resumable_from" in r for r in records) else None)
-    return shown and (f"{run_dir.path} holds no checkpoint that loads, but the run saved one ({shown}): starting it "
-                      f"again from step 0 would rewrite the records of its steps; restore its checkpoints, or "
-                      f"{remedy} (nothing was changed)")
+    return f"{run_dir.metrics} logs step {logged}, after its first save at step {first_save}" \
+        if logged > first_save else None
 
 
 def _load_run(cfg: TrainConfig, resume: bool, overwrite: bool, world: World) -> Run:
